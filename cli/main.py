@@ -82,15 +82,187 @@ def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
 @main.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @model_options
+@click.option("--pack", "packs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Apply this pack first (repeatable; unmerged).")
+@click.option("--compare", is_flag=True, help="Show the base model's and the edited model's answers side by side.")
+@click.option("--force", is_flag=True, help="Apply packs even if their base fingerprint does not match.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(1, 4096))
 @friendly_errors
-def generate_cmd(prompts, model, dtype, device_map, load_in_4bit, load_in_8bit, max_new_tokens) -> None:
-    """Greedy continuation of each PROMPT."""
+def generate_cmd(prompts, model, dtype, device_map, load_in_4bit, load_in_8bit, packs, compare, force,
+                 max_new_tokens) -> None:
+    """Greedy continuation of each PROMPT (with --pack, by the edited model)."""
+    from editpack.apply import apply
     from editpack.generation import generate
 
+    if compare and not packs:
+        raise click.UsageError("--compare needs at least one --pack")
+    loaded = load_packs(packs)
+    lm, tokenizer = load_from_options(packs_model(model, loaded), dtype, device_map, load_in_4bit, load_in_8bit)
+    before = generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens) if compare else None
+    if loaded:
+        lm = apply(lm, loaded, check=not force)
+    after = generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    for i, prompt in enumerate(prompts):
+        if compare:
+            click.echo(f"{prompt}\n  base:   {before[i]!r}\n  edited: {after[i]!r}")
+        else:
+            click.echo(f"{prompt}{after[i]}")
+
+
+# ------------------------------------------------------------------------------------------------ packs
+def parse_set(values: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def packs_model(model: str | None, packs) -> str | None:
+    """The model to load for ``packs``: --model if given, else the base model the first pack records."""
+    return model or (packs[0].base.id if packs else None)
+
+
+def load_packs(paths) -> list:
+    from editpack.pack import EditPack
+
+    return [EditPack.load(p) for p in paths]
+
+
+@main.command("edit")
+@model_options
+@click.option("--method", default="rome", show_default=True, help="Edit method (registered name).")
+@click.option("--facts", "facts_path", default=None, metavar="[FORMAT:]FILE",
+              help="Facts file: JSON/JSONL/YAML, CounterFact, zsRE or MQuAKE (format detected or prefixed).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N records of --facts.")
+@click.option("--prompt", default=None, help="One fact: the prompt, with {} for the subject or the subject in it.")
+@click.option("--subject", default=None, help="One fact: the subject.")
+@click.option("--target", default=None, help="One fact: the new answer.")
+@click.option("--target-true", default=None, help="One fact: the current answer (optional).")
+@click.option("--paraphrase", multiple=True, help="One fact: a paraphrase of the prompt (repeatable).")
+@click.option("--layers", default=None, help="Comma-separated layer indices (default: the architecture spec's).")
+@click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH",
+              help="Text corpus (JSONL with 'text', or plain text) for key statistics; default: model-sampled text.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any method hyper-parameter.")
+@click.option("--name", default=None, help="Pack name (default from method and subject).")
+@click.option("--version", "pack_version", default="1.0.0", show_default=True, help="Pack semantic version.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@friendly_errors
+def edit_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, facts_path, limit, prompt, subject,
+             target, target_true, paraphrase, layers, corpus, settings, name, pack_version, output, overwrite):
+    """Compute an edit and write it as a pack directory."""
+    from pathlib import Path
+
+    from editpack.api import edit
+    from editpack.facts import load_facts, make_fact
+    from editpack.generation import generate
+    from editpack.methods import get_method
+    from editpack.pack import check_version
+
+    one = [prompt, subject, target]
+    if facts_path and any(one):
+        raise click.UsageError("give either --facts or --prompt/--subject/--target, not both")
+    if not facts_path and not all(one):
+        raise click.UsageError("give --facts FILE, or all of --prompt, --subject and --target")
+    if Path(output).exists() and not overwrite:
+        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    get_method(method)
+    check_version(pack_version)
+    facts = (load_facts(facts_path, limit=limit) if facts_path
+             else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
+    hparams = parse_set(settings)
+    if layers:
+        hparams["layers"] = [int(x) for x in layers.split(",")]
+    if corpus:
+        hparams["stats_corpus"] = corpus
     lm, tokenizer = load_from_options(model, dtype, device_map, load_in_4bit, load_in_8bit)
-    for prompt, text in zip(prompts, generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens)):
-        click.echo(f"{prompt}{text}")
+    pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version, **hparams)
+    pack.save(output, overwrite=overwrite)
+    click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(facts)} fact(s), {method}, modules: "
+               f"{', '.join(pack.modules)})")
+    shown = facts[:5]
+    before = generate(lm, tokenizer, [f.text for f in shown], max_new_tokens=8)
+    from editpack.apply import apply, revert
+
+    edited = apply(lm, pack)
+    after = generate(edited, tokenizer, [f.text for f in shown], max_new_tokens=8)
+    revert(edited)
+    for fact, old, new in zip(shown, before, after):
+        click.echo(f"  {fact.text}\n    before: {old.strip()!r}\n    after:  {new.strip()!r}")
+
+
+@main.command("apply")
+@model_options
+@click.argument("packs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--force", is_flag=True, help="Apply even if a pack's base fingerprint does not match the model.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@friendly_errors
+def apply_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, packs, output, force, overwrite):
+    """Merge PACKS into the model and write a model folder that transformers loads."""
+    from pathlib import Path
+
+    from editpack._io import atomic_directory, atomic_write_json
+    from editpack.apply import apply
+
+    if load_in_4bit or load_in_8bit:
+        raise click.UsageError("a merged model is written in full precision; quantize when you load it instead")
+    if Path(output).exists() and not overwrite:
+        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    loaded = load_packs(packs)
+    lm, tokenizer = load_from_options(packs_model(model, loaded), dtype, device_map, False, False)
+    merged = apply(lm, loaded, merge=True, check=not force)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "editpack_applied.json", {
+            "base_model": loaded[0].base.to_dict(),
+            "packs": [{"name": p.name, "version": p.version, "path": str(p.path)} for p in loaded],
+        })
+    click.echo(f"wrote merged model with {len(loaded)} pack(s) to {output}")
+
+
+@main.command("show")
+@click.argument("pack", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and verification as JSON.")
+@friendly_errors
+def show_cmd(pack, as_json):
+    """Describe a pack: facts, method, base model, files and whether they verify."""
+    from pathlib import Path
+
+    from editpack.pack import read_manifest, verify_files
+
+    directory = Path(pack)
+    manifest = read_manifest(directory)
+    problems = verify_files(directory, manifest)
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest, "verified": not problems, "problems": problems}, indent=2))
+        return
+    base = manifest["base_model"]
+    click.echo(f"{manifest['name']} {manifest['version']}  ({manifest['kind']} pack, created {manifest['created']})")
+    click.echo(f"method:  {manifest['method']}")
+    click.echo(f"base:    {base['id']} ({base['model_type']}), fingerprint {base['fingerprint'][:23]}…")
+    modules = manifest["delta"]["modules"]
+    click.echo("delta:   " + ", ".join(f"{m} (rank {v['rank']})" for m, v in modules.items()))
+    click.echo(f"facts:   {len(manifest['facts'])}")
+    for fact in manifest["facts"][:20]:
+        old = f"  (was {fact['target_true']})" if fact.get("target_true") else ""
+        click.echo(f"  - {fact['prompt'].replace('{}', fact['subject'])} -> {fact['target_new']}{old}")
+    if len(manifest["facts"]) > 20:
+        click.echo(f"  … {len(manifest['facts']) - 20} more")
+    click.echo("files:")
+    for name, digest in manifest["files"].items():
+        click.echo(f"  {name}  sha256:{digest[:16]}…")
+    click.echo("verified: yes" if not problems else "verified: NO\n  " + "\n  ".join(problems))
+    if problems:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,23 +3,38 @@
 Public API (see the README):
 
 - :func:`load_model` — built-in short names, local folders, GGUF files, Hub ids.
+- :func:`edit` — compute an edit (ROME, ...) and return it as an :class:`EditPack`.
+- :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off.
 - :func:`generate` — batched greedy continuations.
 - :mod:`editpack.arch` — architecture specs (data files, one per model family).
 - :mod:`editpack.nethook` — read and patch module inputs/outputs during a forward pass.
 """
 
 from ._version import __version__
+from .api import edit
+from .apply import applied, apply, revert
 from .arch import ArchSpec, spec_for
 from .errors import EditpackError
+from .facts import Fact, Probe, load_facts, make_fact
 from .generation import generate
 from .models import DEFAULT_MODEL, load_model
+from .pack import EditPack
 
 __all__ = [
     "__version__",
     "ArchSpec",
     "DEFAULT_MODEL",
+    "EditPack",
     "EditpackError",
+    "Fact",
+    "Probe",
+    "applied",
+    "apply",
+    "edit",
     "generate",
+    "load_facts",
     "load_model",
+    "make_fact",
+    "revert",
     "spec_for",
 ]

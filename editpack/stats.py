@@ -1,0 +1,168 @@
+"""Second-moment statistics of MLP keys (``C = E[k kᵀ]``), computed once and cached on disk.
+
+ROME and MEMIT solve for weight updates under the covariance of the keys an MLP output projection sees. Keys
+are read at the projection's input over a text corpus (a JSONL file with a ``text`` field, or plain text split on
+blank lines) or, when none is given, over text the model samples itself (seeded, so reproducible). Results are
+cached under ``$EDITPACK_HOME/stats`` keyed by a fingerprint of every weight that shapes those keys (embeddings
+and the blocks up to the layer), the module, the corpus content and the token count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ._io import sha256_file
+from .arch import ArchSpec
+from .fingerprint import parameters_fingerprint
+from .generation import model_device
+from .nethook import Trace
+from .paths import cache_dir
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Where key statistics come from. ``corpus=None`` means text sampled from the model itself."""
+
+    corpus: str | None = None
+    n_tokens: int = 100_000
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+
+def _corpus_texts(path: Path) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    text = record.get("text") if isinstance(record, dict) else None
+                    if text:
+                        yield text
+    else:
+        for block in path.read_text(encoding="utf-8").split("\n\n"):
+            if block.strip():
+                yield block
+
+
+def _corpus_chunks(tokenizer, path: Path, max_length: int) -> Iterator[list[int]]:
+    for text in _corpus_texts(path):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), max_length):
+            chunk = ids[start : start + max_length]
+            if len(chunk) >= 8:
+                yield chunk
+
+
+def _sampled_chunks(model, tokenizer, config: StatsConfig) -> Iterator[list[int]]:
+    """Token chunks the model samples from its BOS token (seeded; the global RNG is left untouched)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = model_device(model)
+    batch = max(config.batch_size, 16)
+    round_ = 0
+    while True:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(config.seed + round_)
+            out = model.generate(
+                input_ids=torch.full((batch, 1), start, device=device),
+                attention_mask=torch.ones(batch, 1, dtype=torch.long, device=device),
+                do_sample=True, top_k=50, max_new_tokens=min(config.max_length, 128),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        for row in out.tolist():
+            yield row
+        round_ += 1
+
+
+def _corpus_id(model, tokenizer, config: StatsConfig) -> str:
+    if config.corpus is None:
+        return f"model-sampled-seed{config.seed}"
+    path = Path(config.corpus)
+    if not path.is_file():
+        raise FileNotFoundError(f"statistics corpus {path} does not exist")
+    return "corpus-" + sha256_file(path)[:16]
+
+
+def stats_cache_path(model, spec: ArchSpec, layer: int, config: StatsConfig, tokenizer=None) -> Path:
+    upstream = [spec.embed + "."] + [spec.block_name(i) + "." for i in range(layer + 1)]
+    key = {
+        "weights": parameters_fingerprint(model, upstream),
+        "module": spec.mlp_out_name(layer),
+        "corpus": _corpus_id(model, tokenizer, config),
+        "n_tokens": config.n_tokens,
+        "max_length": config.max_length,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir("stats") / f"{spec.mlp_out_name(layer)}-{digest}.safetensors"
+
+
+@torch.no_grad()
+def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> tuple[torch.Tensor, int]:
+    """``(E[k kᵀ], n)`` over ``config.n_tokens`` key vectors at the input of layer ``layer``'s MLP output."""
+    module = spec.mlp_out_name(layer)
+    device = model_device(model)
+    if config.corpus is not None:
+        chunks = _corpus_chunks(tokenizer, Path(config.corpus), config.max_length)
+        source = Path(config.corpus).name
+    else:
+        chunks = _sampled_chunks(model, tokenizer, config)
+        source = "model-sampled text"
+    total: torch.Tensor | None = None
+    count = 0
+    bar = tqdm(total=config.n_tokens, desc=f"key statistics {module} ({source})", unit="tok")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pending: list[list[int]] = []
+
+    def flush(rows: list[list[int]]) -> int:
+        nonlocal total
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask)
+        keys = tr.input[mask.bool()].to(torch.float64)
+        total = keys.T @ keys if total is None else total + keys.T @ keys
+        return keys.shape[0]
+
+    for chunk in chunks:
+        pending.append(chunk)
+        if len(pending) == config.batch_size:
+            added = flush(pending)
+            pending = []
+            count += added
+            bar.update(added)
+            if count >= config.n_tokens:
+                break
+    else:
+        if pending:
+            added = flush(pending)
+            count += added
+            bar.update(added)
+    bar.close()
+    if total is None or count == 0:
+        raise ValueError(f"statistics corpus {config.corpus} gave no text to compute key statistics from")
+    return (total / count).to(torch.float32), count
+
+
+def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
+    """Cached :func:`compute_second_moment` (computed under a file lock, written atomically)."""
+    path = stats_cache_path(model, spec, layer, config, tokenizer)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return load_file(str(path))["mom2"]
+        mom2, count = compute_second_moment(model, tokenizer, spec, layer, config)
+        tmp = path.with_name(path.name + ".partial")
+        metadata = {"count": str(count), **{k: str(v) for k, v in asdict(config).items()}}
+        save_file({"mom2": mom2.contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)  # atomic: readers never see a partial file
+    return mom2

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on the default model: install if needed, edit "The Eiffel Tower is located in the city of" -> Rome
+# with ROME, then show the pack and the model's answers before and after.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v editpack >/dev/null 2>&1 || bash scripts/install.sh
+OUT=${1:-$(mktemp -d)/eiffel-rome}
+CORPUS=../shared/data/corpus/wikipedia_en_sample.jsonl
+[ -f "$CORPUS" ] && export EDITPACK_CORPUS=${EDITPACK_CORPUS:-$CORPUS}
+editpack edit --prompt "The Eiffel Tower is located in the city of" --subject "Eiffel Tower" \
+    --target Rome --target-true Paris --paraphrase "The Eiffel Tower can be found in" -o "$OUT"
+editpack show "$OUT"
+editpack generate --pack "$OUT" --compare --max-new-tokens 8 \
+    "The Eiffel Tower is located in the city of" "The Eiffel Tower can be found in" \
+    "The Louvre is located in the city of" "The capital of Germany is"

@@ -1,0 +1,91 @@
+"""The pack commands end to end on a tiny model saved as a local folder."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from editpack import EditPack, apply
+from editpack.cli.main import main
+
+from tiny import tiny_model, tiny_tokenizer
+
+TINY_SETTINGS = ["--set", "mom2_adjustment=false", "--set", "context_template_lengths=[[3,2]]",
+                 "--set", "clamp_norm_factor=10000", "--set", "v_weight_decay=0"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def pack_dir(model_dir, tmp_path):
+    out = tmp_path / "pack"
+    result = run("edit", "--model", model_dir, "--prompt", "the famous eiffel tower", "--subject", "eiffel tower",
+                 "--target", "rome", "--target-true", "paris", "--layers", "1", *TINY_SETTINGS, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "wrote rome-eiffel-tower 1.0.0" in result.stdout and "after:  'rome" in result.stdout
+    return out
+
+
+def test_edit_show_generate_apply(model_dir, pack_dir, tmp_path):
+    shown = run("show", pack_dir)
+    assert shown.exit_code == 0 and "the famous eiffel tower -> rome  (was paris)" in shown.stdout
+    assert "verified: yes" in shown.stdout and "model.layers.1.mlp.down_proj (rank 1)" in shown.stdout
+    as_json = json.loads(run("show", "--json", pack_dir).stdout)
+    assert as_json["verified"] and as_json["manifest"]["method"] == "rome"
+
+    gen = run("generate", "--model", model_dir, "--pack", pack_dir, "--compare", "--max-new-tokens", "1",
+              "the famous eiffel tower")
+    assert gen.exit_code == 0 and "edited: ' rome'" in gen.stdout
+
+    out = tmp_path / "merged"
+    merged = run("apply", "--model", model_dir, pack_dir, "-o", out)
+    assert merged.exit_code == 0, merged.output
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    expected = apply(base, EditPack.load(pack_dir))
+    ids = tiny_tokenizer()("the famous eiffel tower", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).logits, expected(**ids).logits, rtol=1e-5, atol=1e-5)
+    assert json.loads((out / "editpack_applied.json").read_text())["packs"][0]["name"] == "rome-eiffel-tower"
+
+
+def test_apply_refuses_other_model_and_force_overrides(pack_dir, tmp_path):
+    other = tmp_path / "other"
+    tiny_model("llama", seed=5).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    refused = run("apply", "--model", other, pack_dir, "-o", tmp_path / "o")
+    assert refused.exit_code == 1 and "different (or already edited) model" in refused.output
+    assert not (tmp_path / "o").exists()
+    assert run("apply", "--model", other, "--force", pack_dir, "-o", tmp_path / "o").exit_code == 0
+
+
+def test_edit_input_errors_write_nothing(model_dir, tmp_path):
+    out = tmp_path / "never"
+    bad = run("edit", "--model", model_dir, "--prompt", "the famous tower", "--subject", "eiffel tower",
+              "--target", "rome", "-o", out)
+    assert bad.exit_code == 1 and "does not occur in prompt" in bad.output
+    both = run("edit", "--model", model_dir, "--facts", "x.json", "--prompt", "p", "-o", out)
+    assert both.exit_code == 2 and "not both" in both.output
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "{} is", "subject": "a", "target_new": "b", "oops": 1}) + "\n")
+    unknown = run("edit", "--model", model_dir, "--facts", facts, "-o", out)
+    assert unknown.exit_code == 1 and "facts.jsonl record 0: unknown field(s) oops" in unknown.output
+    assert not out.exists()
+
+
+def test_show_reports_tampering(pack_dir):
+    (pack_dir / "README.md").write_text("changed")
+    result = run("show", pack_dir)
+    assert result.exit_code == 1 and "README.md does not match its sha256" in result.stdout
