@@ -47,7 +47,7 @@ def test_edit_show_generate_apply(model_dir, pack_dir, tmp_path):
 
     gen = run("generate", "--model", model_dir, "--pack", pack_dir, "--compare", "--max-new-tokens", "1",
               "the famous eiffel tower")
-    assert gen.exit_code == 0 and "edited: ' rome'" in gen.stdout
+    assert gen.exit_code == 0 and "base:   'italy'" in gen.stdout and "edited: 'rome'" in gen.stdout
 
     out = tmp_path / "merged"
     merged = run("apply", "--model", model_dir, pack_dir, "-o", out)

@@ -18,8 +18,8 @@ class ROMEConfig(MethodConfig):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
-    #: Precision of the forward/backward passes that optimise δ: "float32", or "bfloat16" autocast (several
-    #: times faster on CPUs and GPUs with bf16 matrix units). The update itself is always solved in float32.
+    #: Precision of the decoder blocks while δ is optimised: "float32", or "bfloat16" (several times faster
+    #: where bf16 matrix units exist). Keys, the covariance solve and the update stay in float32.
     optimize_dtype: str = "float32"
     #: Context prefixes: (length in tokens, how many), sampled from the model with ``seed``. The resolved
     #: prefixes are recorded in ``context_templates`` so a pack says exactly what it was computed with.

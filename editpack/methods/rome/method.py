@@ -27,6 +27,7 @@ from ...nethook import Trace, TraceDict
 from ...stats import StatsConfig, second_moment
 from ..base import EditMethod, register_method
 from ..delta import LowRankDelta, WeightDelta
+from ..split_batch import split_batch
 from .config import ROMEConfig
 
 
@@ -81,13 +82,58 @@ def head_logits(model, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def autocast(device: torch.device, dtype: str):
-    """Mixed precision for the value optimisation: ``"float32"`` (none) or ``"bfloat16"``."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if dtype != "bfloat16":
-        raise ValueError(f"optimize_dtype must be float32 or bfloat16, not {dtype!r}")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+_OPT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Iterator[None]:
+    """Run with the decoder blocks' floating-point weights cast to ``dtype_name``; originals put back after.
+
+    The original tensors are kept by reference and restored as they were (no round trip), so the model's
+    weights afterwards are bit for bit what they were before. The embedding and LM head keep their dtype: the
+    head is applied to a handful of positions, where a low-precision copy gains nothing.
+    """
+    if dtype_name not in _OPT_DTYPES:
+        raise ValueError(f"optimize_dtype must be one of {', '.join(_OPT_DTYPES)}, not {dtype_name!r}")
+    dtype = _OPT_DTYPES[dtype_name]
+    saved = []
+    blocks = get_module(model, spec.blocks)
+    for tensor in list(blocks.parameters()) + list(blocks.buffers()):
+        if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor.dtype != dtype:
+            saved.append((tensor, tensor.data))
+    if not saved:
+        yield
+        return
+
+    def to(value, target):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(target)
+        if isinstance(value, (tuple, list)):
+            return type(value)(to(v, target) for v in value)
+        return value
+
+    def into_blocks(_module, args, kwargs):  # hidden states, rotary tables, float masks
+        return to(args, dtype), {k: to(v, dtype) for k, v in kwargs.items()}
+
+    final_norm = get_module(model, spec.final_norm)
+    out_dtype = saved[0][1].dtype
+
+    def out_of_blocks(_module, args, kwargs):
+        return to(args, out_dtype), kwargs
+
+    handles = [block.register_forward_pre_hook(into_blocks, with_kwargs=True) for block in blocks]
+    handles.append(final_norm.register_forward_pre_hook(out_of_blocks, with_kwargs=True))
+    cast: dict[int, torch.Tensor] = {}
+    try:
+        for tensor, data in saved:
+            # tied weights share one tensor: cast it once
+            tensor.data = cast.setdefault(id(data), data.to(dtype))
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -123,7 +169,12 @@ class ROME(EditMethod):
         if bad:
             raise ValueError(f"ROME layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
         if cfg.context_templates is None:
-            cfg.context_templates = sample_context_templates(model, tokenizer, cfg.context_template_lengths, cfg.seed)
+            # Remembered on the model object (not globally), so repeated edits of one model sample them once.
+            memo = model.__dict__.setdefault("_editpack_context_templates", {})
+            key = (repr(cfg.context_template_lengths), cfg.seed)
+            if key not in memo:
+                memo[key] = sample_context_templates(model, tokenizer, cfg.context_template_lengths, cfg.seed)
+            cfg.context_templates = list(memo[key])
         return cfg
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec) -> WeightDelta:
@@ -201,18 +252,25 @@ class ROME(EditMethod):
         rewrite_templates = [t.format(fact.prompt) + target_prefix for t in cfg.context_templates]
         kl_templates = ["{} is a"]
         texts, idxs = self._lookups(tokenizer, rewrite_templates + kl_templates, fact)
-        batch = encode(tokenizer, texts, device)
-        lengths = batch["attention_mask"].sum(1).tolist()
         n_rewrite = len(rewrite_templates)
+        # Nothing before the subject's last token depends on δ: cache it once, optimise over the suffixes.
+        batch = split_batch(tokenizer, texts, idxs, device)
+        cols = torch.tensor(batch.edit_columns, device=device)
+        rows = torch.arange(len(texts), device=device)
 
-        # Targets: the new answer's tokens, predicted from the positions just before each of them.
-        targets = torch.full(batch["input_ids"].shape, -100, device=device)
+        # Only some positions need logits: those predicting the new answer's tokens, and the KL lookups.
+        # Projecting just those through the LM head (not every position onto the vocabulary) saves most time.
+        target_rows, target_cols, target_tokens = [], [], []
         for i in range(n_rewrite):
-            end = lengths[i]
-            targets[i, end - len(target_ids) : end] = torch.tensor(target_ids, device=device)
-        positions = torch.zeros(*batch["input_ids"].shape, 1, device=device)
-        for i, idx in enumerate(idxs):
-            positions[i, idx] = 1.0
+            end = batch.suffix_lengths[i]
+            for j, token in enumerate(target_ids):
+                target_rows.append(i)
+                target_cols.append(end - len(target_ids) + j)
+                target_tokens.append(token)
+        target_rows = torch.tensor(target_rows, device=device)
+        target_cols = torch.tensor(target_cols, device=device)
+        target_tokens = torch.tensor(target_tokens, device=device)
+        kl_rows = rows[n_rewrite:]
 
         width = get_module(model, module).weight.shape[1 if spec.mlp_transposed else 0]
         delta = torch.zeros(width, device=device, requires_grad=True)
@@ -223,40 +281,35 @@ class ROME(EditMethod):
         def add_delta(output, _layer):
             nonlocal target_init
             if target_init is None:
-                target_init = output[0, idxs[0]].detach().float().clone()
-            return output + (positions * delta).to(output.dtype)
+                target_init = output[0, batch.edit_columns[0]].detach().float().clone()
+            mask = torch.zeros(output.shape[:2] + (1,), device=output.device, dtype=output.dtype)
+            mask[rows, cols] = 1
+            return output + mask * delta.to(output.dtype)
 
-        # Only some positions need logits: the target positions and the KL lookups. Projecting just those
-        # through the LM head (instead of every position onto the whole vocabulary) is most of the speed.
-        target_rows, target_cols = (targets[:n_rewrite] != -100).nonzero(as_tuple=True)
-        target_tokens = targets[target_rows, target_cols]
-        kl_rows = torch.arange(n_rewrite, len(texts), device=device)
-        kl_cols = torch.tensor(idxs[n_rewrite:], device=device)
-
-        for step in range(cfg.v_num_grad_steps):
-            optimizer.zero_grad()
-            with autocast(device, cfg.optimize_dtype), \
-                    Trace(model, module, retain_output=False, edit_output=add_delta), \
-                    Trace(model, spec.final_norm, retain_output=True) as final:
-                model(**batch, logits_to_keep=1)
-                hidden = final.output
-            kl_log_probs = F.log_softmax(head_logits(model, spec, hidden[kl_rows, kl_cols]), dim=-1)
-            if kl_init is None:
-                kl_init = kl_log_probs.detach().clone()
-            log_probs = F.log_softmax(head_logits(model, spec, hidden[target_rows, target_cols]), dim=-1)
-            picked = log_probs.gather(1, target_tokens.unsqueeze(1)).squeeze(1)
-            nll = -picked.sum() / (len(target_ids) * n_rewrite)
-            kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
-            decay = cfg.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
-            loss = nll + kl + decay
-            if loss.item() < cfg.early_stop_loss or step == cfg.v_num_grad_steps - 1:
-                break
-            loss.backward()
-            optimizer.step()
-            max_norm = cfg.clamp_norm_factor * target_init.norm()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+        with weights_in(model, cfg.optimize_dtype, spec):
+            batch.prime(model)
+            for step in range(cfg.v_num_grad_steps):
+                optimizer.zero_grad()
+                with Trace(model, module, retain_output=False, edit_output=add_delta):
+                    hidden = batch.run(model)  # the final norm's output
+                picked_hidden = torch.cat([hidden[kl_rows, cols[n_rewrite:]], hidden[target_rows, target_cols]])
+                all_log_probs = F.log_softmax(head_logits(model, spec, picked_hidden), dim=-1)  # one pass over the head
+                kl_log_probs, log_probs = all_log_probs[: len(kl_rows)], all_log_probs[len(kl_rows) :]
+                if kl_init is None:
+                    kl_init = kl_log_probs.detach().clone()
+                picked = log_probs.gather(1, target_tokens.unsqueeze(1)).squeeze(1)
+                nll = -picked.sum() / (len(target_ids) * n_rewrite)
+                kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
+                decay = cfg.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
+                loss = nll + kl + decay
+                if loss.item() < cfg.early_stop_loss or step == cfg.v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                optimizer.step()
+                max_norm = cfg.clamp_norm_factor * target_init.norm()
+                with torch.no_grad():
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
 
         # Key k and current value W k at the bare prompt (no prefix), in the model's own precision. The new value
         # is v* = W k + δ, so the update is ΔW = δ uᵀ / (uᵀ k), and (W + ΔW) k = v*.

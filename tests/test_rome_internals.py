@@ -1,0 +1,72 @@
+"""ROME's building blocks on tiny models: the split batch equals plain forwards, weights come back exactly."""
+
+import pytest
+import torch
+
+from editpack.arch import spec_for
+from editpack.methods.rome.method import subject_last_index, weights_in
+from editpack.methods.split_batch import split_batch
+from editpack.nethook import Trace
+
+from tiny import tiny_model, tiny_tokenizer
+
+TEXTS = ["the famous eiffel tower is in paris", "eiffel tower", "a red bridge . the old london bridge is big"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("cuts", [[3, 1, 6], [0, 1, 2]])
+def test_split_batch_matches_unpadded_forwards(model_type, cuts):
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    spec = spec_for(model)
+    batch = split_batch(tok, TEXTS, cuts, torch.device("cpu"))
+    with torch.no_grad():
+        batch.prime(model)
+        hidden = batch.run(model)
+        for row, text in enumerate(TEXTS):
+            ids = tok(text, return_tensors="pt")
+            with Trace(model, spec.final_norm) as tr:
+                model(**ids)
+            full = tr.output[0]
+            start = cuts[row] - batch.edit_columns[row]  # where the suffix starts in the full text
+            n = batch.suffix_lengths[row]
+            torch.testing.assert_close(hidden[row, :n], full[start : start + n], rtol=1e-4, atol=1e-5)
+    if min(cuts) == 0:
+        assert batch.cache is None and batch.edit_columns == cuts
+    else:
+        assert batch.edit_columns == [0, 0, 0]
+
+
+def test_split_index_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="outside the"):
+        split_batch(tiny_tokenizer(), ["eiffel tower"], [9], torch.device("cpu"))
+
+
+def test_subject_last_index_uses_offsets():
+    tok = tiny_tokenizer()
+    text = "the famous eiffel tower is in"
+    start = text.index("eiffel tower")
+    index = subject_last_index(tok, text, start, start + len("eiffel tower"))
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"][index]) == "tower"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_weights_in_bfloat16_restores_the_exact_tensors(model_type):
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    spec = spec_for(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = tok("the famous eiffel tower", return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**ids).logits
+        with weights_in(model, "bfloat16", spec):
+            assert get_dtype(model, spec) == torch.bfloat16
+            approx = model(**ids).logits
+    torch.testing.assert_close(approx, reference, rtol=0.05, atol=0.05)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before)
+    with pytest.raises(ValueError, match="optimize_dtype"):
+        with weights_in(model, "int8", spec):
+            pass
+
+
+def get_dtype(model, spec):
+    return next(model.get_submodule(spec.blocks).parameters()).dtype
