@@ -1,0 +1,71 @@
+"""Key statistics: the right numbers, computed once, cached by what they depend on."""
+
+import json
+
+import pytest
+import torch
+
+import editpack.stats as stats
+from editpack.arch import spec_for
+from editpack.nethook import Trace
+from editpack.stats import StatsConfig, second_moment, stats_cache_path
+
+from tiny import WORDS, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"title": str(i), "text": " ".join(WORDS[i : i + 12])}) for i in range(0, 60, 3)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_second_moment_matches_a_direct_computation(isolated_home, corpus):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = spec_for(model)
+    config = StatsConfig(corpus=str(corpus), n_tokens=10_000, batch_size=4)
+    mom2 = second_moment(model, tok, spec, 1, config)
+    keys = []
+    for line in corpus.read_text().splitlines():
+        ids = tok(json.loads(line)["text"], add_special_tokens=False, return_tensors="pt")
+        with Trace(model, spec.mlp_out_name(1), retain_input=True) as tr:
+            model(**ids)
+        keys.append(tr.input[0])
+    keys = torch.cat(keys).double()
+    torch.testing.assert_close(mom2, (keys.T @ keys / len(keys)).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_cached_result_is_reused_and_keyed_by_weights(isolated_home, corpus, monkeypatch):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    spec = spec_for(model)
+    config = StatsConfig(corpus=str(corpus), n_tokens=200, batch_size=4)
+    first = second_moment(model, tok, spec, 1, config)
+    calls = []
+    real = stats.compute_second_moment
+    monkeypatch.setattr(stats, "compute_second_moment", lambda *a: calls.append(1) or real(*a))
+    torch.testing.assert_close(second_moment(model, tok, spec, 1, config), first, rtol=0, atol=0)
+    assert not calls, "the cached statistics must be read, not recomputed"
+    path = stats_cache_path(model, spec, 1, config)
+    with torch.no_grad():  # a later block does not shape layer 1's keys
+        model.get_submodule(spec.block_name(3)).mlp.c_fc.weight.add_(1.0)
+    assert stats_cache_path(model, spec, 1, config) == path
+    with torch.no_grad():  # an earlier one does
+        model.get_submodule(spec.block_name(0)).mlp.c_fc.weight.add_(1.0)
+    assert stats_cache_path(model, spec, 1, config) != path
+    assert not [p for p in (isolated_home / "stats").iterdir() if p.name.endswith(".partial")]
+
+
+def test_model_sampled_text_is_reproducible(isolated_home):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = spec_for(model)
+    config = StatsConfig(corpus=None, n_tokens=300, batch_size=16, seed=3)
+    a, n = stats.compute_second_moment(model, tok, spec, 0, config)
+    b, _ = stats.compute_second_moment(model, tok, spec, 0, config)
+    assert n >= 300 and torch.equal(a, b)
+
+
+def test_missing_corpus_is_a_clear_error(isolated_home, tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(FileNotFoundError, match="statistics corpus .* does not exist"):
+        second_moment(model, tok, spec_for(model), 0, StatsConfig(corpus=str(tmp_path / "none.jsonl")))
