@@ -265,5 +265,78 @@ def show_cmd(pack, as_json):
         raise SystemExit(1)
 
 
+def protocol_option(func):
+    from editpack.evaluate import PROTOCOLS
+
+    return click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS),
+                        help="Protocol(s) to report (default: all three).")(func)
+
+
+@main.command("eval")
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@model_options
+@click.option("--data", default=None, metavar="[FORMAT:]PATH", help="Evaluate on these facts instead of the pack's.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="First N records of --data.")
+@protocol_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--force", is_flag=True, help="Evaluate even if the pack's base fingerprint does not match.")
+@friendly_errors
+def eval_cmd(pack, model, dtype, device_map, load_in_4bit, load_in_8bit, data, limit, protocols, as_json, force):
+    """Measure PACK before/after, store the results in its manifest and regenerate its card."""
+    from editpack.apply import check_fingerprint
+    from editpack.evaluate import PROTOCOLS, evaluate_pack, format_table
+    from editpack.facts import load_facts
+
+    (loaded,) = load_packs([pack])
+    lm, tokenizer = load_from_options(packs_model(model, [loaded]), dtype, device_map, load_in_4bit, load_in_8bit)
+    if not force:
+        check_fingerprint(lm, loaded)
+    facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
+    result = evaluate_pack(lm, tokenizer, loaded, facts, data=data, protocols=protocols or PROTOCOLS)
+    loaded.evaluation = result
+    loaded.save(loaded.path, overwrite=True)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+    if not as_json:
+        click.echo(f"results written to {loaded.path / 'editpack.json'} and its card README.md")
+
+
+@main.command("bench")
+@model_options
+@click.option("--method", default="rome", show_default=True)
+@click.option("--data", required=True, metavar="[FORMAT:]PATH", help="Facts to edit one at a time.")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH", help="Key-statistics corpus.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameters.")
+@protocol_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@friendly_errors
+def bench_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, data, limit, corpus, settings,
+              protocols, as_json, out):
+    """Edit each record on its own (model restored between) and report all protocols, time and memory."""
+    from editpack._io import atomic_write_json
+    from editpack.api import edit
+    from editpack.evaluate import PROTOCOLS, bench_edits, format_table
+    from editpack.facts import load_facts
+    from editpack.methods import get_method
+
+    get_method(method)
+    hparams = parse_set(settings)
+    if corpus:
+        hparams["stats_corpus"] = corpus
+    facts = load_facts(data, limit=limit, skip_invalid=True)
+    lm, tokenizer = load_from_options(model, dtype, device_map, load_in_4bit, load_in_8bit)
+    result = bench_edits(lm, tokenizer, facts, lambda fact: edit(lm, fact, method, tokenizer=tokenizer, **hparams),
+                         protocols=protocols or PROTOCOLS)
+    result.update({"method": method, "model": lm.editpack_ref.id, "data": data, "hyperparameters": hparams})
+    if out:
+        atomic_write_json(out, result)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(format_table(result))
+        click.echo(f"seconds per edit: {result['seconds_per_edit']['mean']}  peak RSS: {result['peak_rss_mib']} MiB")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -9,7 +9,7 @@ import json
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pack import EditPack
@@ -23,24 +23,71 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def card_data(pack: "EditPack", eval_results: list | None = None) -> ModelCardData:
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def evaluation_markdown(evaluation: dict) -> str:
+    """The card's evaluation section: one table per protocol, before and after, with counts."""
+    lines = [f"## Evaluation", "", f"Measured on {evaluation.get('data', 'the pack facts')} "
+             f"({evaluation['n_facts']} facts); scores in %, means over probes, `n` = number of probes.", ""]
+    for protocol, metrics in evaluation["protocols"].items():
+        lines += [f"### `{protocol}`", "", "| metric | before | after | n |", "|---|---|---|---|"]
+        for metric, row in metrics.items():
+            lines.append(f"| {metric} | {_fmt(row['before'])} | {_fmt(row['after'])} | {row['n']} |")
+        lines.append("")
+    fluency = evaluation.get("fluency") or {}
+    if fluency.get("n"):
+        lines += [f"Fluency (weighted bi/trigram entropy of greedy generations, bits): before "
+                  f"{fluency['before']:.3f}, after {fluency['after']:.3f} (n = {fluency['n']}).", ""]
+    examples = evaluation.get("examples") or []
+    if examples:
+        lines += ["Greedy continuations, before → after:", ""]
+        lines += [f"- *{_cell(e['prompt'])}* {_cell(e['before'].strip())!s} → **{_cell(e['after'].strip())}**"
+                  for e in examples]
+        lines.append("")
+    lines.append("Known limits: locality is measured only on the neighbourhood prompts listed with the facts; "
+                 "teacher-forced scores flatter editors, `generate_match` is the realistic one.")
+    return "\n".join(lines)
+
+
+def eval_results(pack: "EditPack") -> list[EvalResult] | None:
+    """model-index entries (after-edit scores) for the Hub's metadata."""
+    evaluation = pack.evaluation
+    if not evaluation:
+        return None
+    results = []
+    for protocol, metrics in evaluation["protocols"].items():
+        for metric, row in metrics.items():
+            if row["after"] is None:
+                continue
+            results.append(EvalResult(
+                task_type="knowledge-editing", task_name="Knowledge editing",
+                dataset_type="editpack-facts", dataset_name=evaluation.get("data", "pack facts"),
+                metric_type=f"{protocol}/{metric}", metric_name=f"{metric} ({protocol})",
+                metric_value=round(row["after"], 6),
+            ))
+    return results
+
+
+def card_data(pack: "EditPack") -> ModelCardData:
     return ModelCardData(
         base_model=pack.base.hub_id,
         library_name="peft",
         tags=["editpack", "knowledge-editing", pack.method, "lora"],
         model_name=pack.name,
-        eval_results=eval_results,
+        eval_results=eval_results(pack),
     )
 
 
-def render_card(pack: "EditPack", evaluation_section: str | None = None, eval_results: list | None = None) -> str:
+def render_card(pack: "EditPack") -> str:
     template = resources.files("editpack.cards").joinpath("pack_card.md").read_text(encoding="utf-8")
     delta = pack.delta.modules
     ranks = sorted({d.rank for d in delta.values()})
     delta_summary = (f"{len(delta)} module{'s' if len(delta) != 1 else ''}: "
                      + ", ".join(f"`{m}`" for m in sorted(delta)) + f"; rank {'/'.join(map(str, ranks))}")
     card = ModelCard.from_template(
-        card_data(pack, eval_results),
+        card_data(pack),
         template_str=template,
         name=pack.name,
         version=pack.version,
@@ -55,6 +102,6 @@ def render_card(pack: "EditPack", evaluation_section: str | None = None, eval_re
                | {"target_true": _cell(f.target_true or "")} for f in pack.facts[:MAX_FACTS_IN_CARD]],
         more_facts=max(0, len(pack.facts) - MAX_FACTS_IN_CARD),
         hyperparameters=[(k, _cell(v)) for k, v in sorted(pack.hyperparameters.items())],
-        evaluation_section=evaluation_section,
+        evaluation_section=evaluation_markdown(pack.evaluation) if pack.evaluation else None,
     )
     return str(card).rstrip() + "\n"

@@ -1,0 +1,332 @@
+"""The evaluation engine: reliability, generalization, locality, portability and fluency under named protocols.
+
+Protocols (every score is labelled with the protocol it was computed under):
+
+``teacher_forced_token_acc``
+    EasyEdit's protocol: with the answer fed in, the share of answer tokens the model predicts as its argmax.
+    Locality is the share of the base model's argmax predictions on neighbourhood answers left unchanged.
+``prob_compare``
+    CounterFact's protocol: a hit when the new target is more likely than the true answer (mean per-token NLL);
+    for neighbourhood prompts, when their expected answer is more likely than the new target. The mean
+    probability differences (magnitudes) are reported too.
+``generate_match``
+    Greedy decoding with no answer given; a hit when the generation starts with the expected answer (case,
+    whitespace and leading punctuation normalised, whole words). Locality is the share of neighbourhood prompts whose
+    generation is the same as the base model's. Teacher forcing flatters editors; this one does not.
+
+Fluency is ROME's weighted bigram/trigram entropy of greedy free generations.
+All scoring is batched with left padding (positions taken from the attention mask).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .facts import Fact
+from .generation import generate, model_device, padding_side
+
+PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
+METRICS = ("reliability", "generalization", "locality", "portability")
+
+
+# ------------------------------------------------------------------------------------------- scoring primitives
+@dataclass
+class Scored:
+    """Teacher-forced scores of one (prompt, answer) pair."""
+
+    nll: float  # mean per-token negative log-likelihood of the answer
+    predictions: list[int]  # argmax token at each answer position
+    answer: list[int]
+
+    @property
+    def token_acc(self) -> float:
+        return sum(p == a for p, a in zip(self.predictions, self.answer)) / len(self.answer)
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {answer!r} tokenizes to nothing")
+    return ids
+
+
+@torch.no_grad()
+def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Scored]:
+    """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded)."""
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[Scored] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        rows, answers = [], []
+        for prompt, answer in chunk:
+            ids = answer_ids(tokenizer, answer)
+            rows.append(tokenizer(prompt)["input_ids"] + ids)
+            answers.append(ids)
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for i, ids in enumerate(answers):
+            n = len(ids)
+            cols = torch.arange(width - n - 1, width - 1, device=device)  # positions predicting the answer
+            target = torch.tensor(ids, device=device)
+            lp = log_probs[i, cols, target]
+            out.append(Scored(nll=float(-lp.mean()), predictions=log_probs[i, cols].argmax(-1).tolist(), answer=ids))
+    return out
+
+
+def normalise(text: str) -> str:
+    text = text.strip().casefold()
+    text = re.sub(r"^[\W_]+", "", text)
+    return " ".join(text.split())
+
+
+def starts_with(generation: str, answer: str) -> bool:
+    """Whether the generation begins with the answer, as whole words (``Rome`` does not match ``Romania``)."""
+    gen, ans = normalise(generation), normalise(answer)
+    if not ans or not gen.startswith(ans):
+        return False
+    rest = gen[len(ans) :]
+    return not rest or not (rest[0].isalnum() or rest[0] == "_")
+
+
+# ------------------------------------------------------------------------------------------- fluency
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's weighted n-gram entropy of one text (bits), word-level, arithmetic mean over n."""
+    tokens = re.findall(r"\w+|[^\w\s]", text.lower())
+    values = []
+    for n, weight in zip(ns, weights):
+        grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        total = sum(grams.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        values.append(entropy * weight)
+    return sum(values) / len(values)
+
+
+# ------------------------------------------------------------------------------------------- per-model probes
+@dataclass
+class Probes:
+    """Everything measured on one model (base or edited) for a list of facts."""
+
+    edit: list[Scored]
+    edit_true: list[Scored | None]
+    para: list[list[Scored]]
+    para_true: list[list[Scored | None]]
+    neigh: list[list[Scored]]  # expected answer
+    neigh_new: list[list[Scored]]  # the edit's new target, for prob_compare
+    port: list[list[Scored]]
+    gen_edit: list[str]
+    gen_para: list[list[str]]
+    gen_neigh: list[list[str]]
+    gen_port: list[list[str]]
+    fluency: list[float] = field(default_factory=list)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Probes"]) -> "Probes":
+        """The probes of several fact lists, in order (for facts measured one edit at a time)."""
+        names = [f.name for f in cls.__dataclass_fields__.values()]
+        return cls(**{name: [x for part in parts for x in getattr(part, name)] for name in names})
+
+
+def _nested(counts: list[int], flat: list) -> list[list]:
+    out, at = [], 0
+    for n in counts:
+        out.append(flat[at : at + n])
+        at += n
+    return out
+
+
+def measure(model, tokenizer, facts: Sequence[Fact], *, max_new_tokens: int = 8, fluency_tokens: int = 60,
+            batch_size: int = 32) -> Probes:
+    """Run every probe of ``facts`` on ``model`` in a few large batches."""
+    para_n = [len(f.paraphrases) for f in facts]
+    neigh_n = [len(f.neighborhood) for f in facts]
+    port_n = [len(f.portability) for f in facts]
+    paras = [p for f in facts for p in f.paraphrases]
+    neighs = [(p.prompt, p.answer, f.target_new) for f in facts for p in f.neighborhood]
+    ports = [(p.prompt, p.answer) for f in facts for p in f.portability]
+    with_true = [f for f in facts if f.target_true]
+    pairs = ([(f.text, f.target_new) for f in facts] + [(f.text, f.target_true) for f in with_true]
+             + [(p, f.target_new) for f in facts for p in f.paraphrases]
+             + [(p, f.target_true) for f in with_true for p in f.paraphrases]
+             + [(p, a) for p, a, _ in neighs] + [(p, new) for p, _, new in neighs] + ports)
+    scored = score(model, tokenizer, pairs, batch_size)
+    it = iter(scored)
+    take = lambda n: [next(it) for _ in range(n)]  # noqa: E731
+    edit = take(len(facts))
+    true_iter = iter(take(len(with_true)))
+    edit_true = [next(true_iter) if f.target_true else None for f in facts]
+    para = _nested(para_n, take(len(paras)))
+    para_true_flat = iter(take(sum(len(f.paraphrases) for f in with_true)))
+    para_true = [[next(para_true_flat) for _ in f.paraphrases] if f.target_true else [None] * len(f.paraphrases)
+                 for f in facts]
+    neigh = _nested(neigh_n, take(len(neighs)))
+    neigh_new = _nested(neigh_n, take(len(neighs)))
+    port = _nested(port_n, take(len(ports)))
+
+    prompts = [f.text for f in facts] + paras + [p for p, _, _ in neighs] + [p for p, _ in ports]
+    gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size) if prompts else []
+    gen_edit, rest = gens[: len(facts)], gens[len(facts) :]
+    gen_para = _nested(para_n, rest[: len(paras)])
+    gen_neigh = _nested(neigh_n, rest[len(paras) : len(paras) + len(neighs)])
+    gen_port = _nested(port_n, rest[len(paras) + len(neighs) :])
+    fluency = []
+    if fluency_tokens:
+        free = generate(model, tokenizer, [f.text for f in facts], max_new_tokens=fluency_tokens, batch_size=batch_size)
+        fluency = [ngram_entropy(f.text + text) for f, text in zip(facts, free)]
+    return Probes(edit, edit_true, para, para_true, neigh, neigh_new, port, gen_edit, gen_para, gen_neigh,
+                  gen_port, fluency)
+
+
+# ------------------------------------------------------------------------------------------- protocols
+def _mean(values: list[float]) -> tuple[float | None, int]:
+    return (sum(values) / len(values) if values else None), len(values)
+
+
+def _prob(s: Scored) -> float:
+    return math.exp(-s.nll)
+
+
+def protocol_scores(protocol: str, facts: Sequence[Fact], probes: Probes, base: Probes) -> dict[str, dict]:
+    """Per-metric mean and count for ``protocol``; ``base`` is the unedited model (for locality)."""
+    flat = lambda nested: [x for row in nested for x in row]  # noqa: E731
+    out: dict[str, dict] = {}
+    if protocol == "teacher_forced_token_acc":
+        rel = [s.token_acc for s in probes.edit]
+        gen = [s.token_acc for s in flat(probes.para)]
+        loc = [sum(a == b for a, b in zip(s.predictions, t.predictions)) / len(s.answer)
+               for s, t in zip(flat(probes.neigh), flat(base.neigh))]
+        port = [s.token_acc for s in flat(probes.port)]
+    elif protocol == "prob_compare":
+        rel = [float(s.nll < t.nll) for s, t in zip(probes.edit, probes.edit_true) if t is not None]
+        gen = [float(s.nll < t.nll) for s, t in zip(flat(probes.para), flat(probes.para_true)) if t is not None]
+        loc = [float(a.nll < n.nll) for a, n in zip(flat(probes.neigh), flat(probes.neigh_new))]
+        port = [float(s.nll < 2.0) for s in flat(probes.port)]  # no rival answer: likely enough (p > e^-2)
+        out["efficacy_magnitude"] = _entry([_prob(s) - _prob(t) for s, t in zip(probes.edit, probes.edit_true) if t])
+        out["paraphrase_magnitude"] = _entry(
+            [_prob(s) - _prob(t) for s, t in zip(flat(probes.para), flat(probes.para_true)) if t])
+        out["neighborhood_magnitude"] = _entry(
+            [_prob(a) - _prob(n) for a, n in zip(flat(probes.neigh), flat(probes.neigh_new))])
+    elif protocol == "generate_match":
+        rel = [float(starts_with(g, f.target_new)) for g, f in zip(probes.gen_edit, facts)]
+        gen = [float(starts_with(g, f.target_new)) for row, f in zip(probes.gen_para, facts) for g in row]
+        loc = [float(normalise(a) == normalise(b)) for a, b in zip(flat(probes.gen_neigh), flat(base.gen_neigh))]
+        port = [float(starts_with(g, p.answer)) for row, f in zip(probes.gen_port, facts)
+                for g, p in zip(row, f.portability)]
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    for name, values in (("reliability", rel), ("generalization", gen), ("locality", loc), ("portability", port)):
+        out[name] = _entry(values)
+    return {k: out[k] for k in sorted(out, key=lambda k: (k not in METRICS, METRICS.index(k) if k in METRICS else 0, k))}
+
+
+def _entry(values: list[float]) -> dict:
+    mean, n = _mean(values)
+    return {"mean": None if mean is None else round(mean, 6), "n": n}
+
+
+def evaluate(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    apply_edit: Callable[[], object],
+    undo_edit: Callable[[object], object],
+    *,
+    protocols: Sequence[str] = PROTOCOLS,
+    max_new_tokens: int = 8,
+    fluency_tokens: int = 60,
+) -> dict:
+    """Measure ``facts`` before and after an edit. ``apply_edit()`` returns the edited model; ``undo_edit`` gets
+    it back and restores the base. Returns ``{protocol: {metric: {before, after, n}}, fluency: {...}}``."""
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    base = measure(model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
+    edited_model = apply_edit()
+    try:
+        after = measure(edited_model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
+    finally:
+        undo_edit(edited_model)
+    return combine(facts, base, after, protocols)
+
+
+def combine(facts, base: Probes, after: Probes, protocols: Sequence[str] = PROTOCOLS) -> dict:
+    result: dict = {"n_facts": len(facts), "protocols": {}}
+    for protocol in protocols:
+        before_scores = protocol_scores(protocol, facts, base, base)
+        after_scores = protocol_scores(protocol, facts, after, base)
+        result["protocols"][protocol] = {
+            metric: {"before": before_scores[metric]["mean"], "after": after_scores[metric]["mean"],
+                     "n": after_scores[metric]["n"]}
+            for metric in after_scores
+        }
+    result["fluency"] = {"metric": "ngram_entropy", "before": _entry(base.fluency)["mean"],
+                         "after": _entry(after.fluency)["mean"], "n": len(after.fluency)}
+    result["examples"] = [{"prompt": f.text, "before": b, "after": a}
+                          for f, b, a in list(zip(facts, base.gen_edit, after.gen_edit))[:5]]
+    return result
+
+
+def bench_edits(model, tokenizer, facts: Sequence[Fact], edit_one: Callable[[Fact], object], *,
+                protocols: Sequence[str] = PROTOCOLS, max_new_tokens: int = 8, fluency_tokens: int = 60) -> dict:
+    """Edit each fact on its own (``edit_one(fact)`` returns a pack; the model is restored between edits) and
+    score all protocols before/after, with seconds per edit and peak resident memory."""
+    import resource
+    import time
+
+    from .apply import apply, revert
+
+    base = measure(model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
+    parts, seconds = [], []
+    for fact in facts:
+        start = time.perf_counter()
+        pack = edit_one(fact)
+        seconds.append(time.perf_counter() - start)
+        edited = apply(model, pack)
+        try:
+            parts.append(measure(edited, tokenizer, [fact], max_new_tokens=max_new_tokens,
+                                 fluency_tokens=fluency_tokens))
+        finally:
+            model = revert(edited)
+    result = combine(facts, base, Probes.concat(parts), protocols)
+    result["seconds_per_edit"] = {"mean": round(sum(seconds) / len(seconds), 3), "first": round(seconds[0], 3),
+                                  "mean_excluding_first": round(sum(seconds[1:]) / max(1, len(seconds) - 1), 3)}
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of a result: one row per protocol and metric, before / after / n."""
+    lines = [f"{'protocol':<26} {'metric':<24} {'before':>8} {'after':>8} {'n':>6}"]
+    for protocol, metrics in result["protocols"].items():
+        for metric, row in metrics.items():
+            cell = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+            lines.append(f"{protocol:<26} {metric:<24} {cell(row['before']):>8} {cell(row['after']):>8} {row['n']:>6}")
+    fluency = result.get("fluency") or {}
+    if fluency.get("n"):
+        lines.append(f"{'fluency':<26} {'ngram_entropy (bits)':<24} {fluency['before']:>8.3f} {fluency['after']:>8.3f} "
+                     f"{fluency['n']:>6}")
+    return "\n".join(lines)
+
+
+def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *, data: str | None = None,
+                  **kwargs) -> dict:
+    """Evaluate ``pack`` on ``model`` (its own facts unless ``facts`` are given); returns the result dict.
+
+    The model is left as it was: the pack is applied unmerged for the "after" measurements, then removed.
+    """
+    from .apply import apply, revert
+
+    facts = list(facts) if facts is not None else list(pack.facts)
+    result = evaluate(model, tokenizer, facts, lambda: apply(model, pack), revert, **kwargs)
+    result["data"] = data or "pack facts"
+    return result
