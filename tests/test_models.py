@@ -131,3 +131,19 @@ def test_concurrent_first_conversions_share_one_result(isolated_home):
     assert not leftovers, f"temporary folders left behind: {leftovers}"
     model, tokenizer = load_model("smollm2-135m")
     assert generate(model, tokenizer, "The capital of France is", max_new_tokens=3).strip().startswith("Paris")
+
+
+@pytest.mark.parametrize("options, layer_type", [
+    ({"load_in_8bit": True}, "Linear8bitLt"),
+    ({"load_in_4bit": True}, "Linear4bit"),
+    ({"device_map": "cpu"}, "Linear"),
+])
+def test_quantized_and_device_mapped_loading(tmp_path, options, layer_type):
+    pytest.importorskip("bitsandbytes")
+    from tiny import tiny_tokenizer
+
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    model, tokenizer = load_model(str(tmp_path / "m"), **options)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == layer_type
+    assert isinstance(generate(model, tokenizer, "the famous eiffel tower", max_new_tokens=2), str)

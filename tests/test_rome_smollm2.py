@@ -78,3 +78,30 @@ def test_twenty_counterfact_records_one_at_a_time(smollm2, corpus, shared_data):
         model = editpack.revert(edited)
     print(f"CounterFact top-1 after edit: {sum(hits)}/20")
     assert sum(hits) >= 18, hits
+
+
+def test_eiffel_pack_evaluation_lands_in_manifest_and_card(smollm2, eiffel, tmp_path):
+    import json
+    import shutil
+
+    from editpack.evaluate import evaluate_pack
+
+    model, tok = smollm2
+    path = tmp_path / "eiffel"
+    shutil.copytree(eiffel, path)
+    pack = editpack.EditPack.load(path)
+    facts = [editpack.make_fact(EIFFEL["prompt"], EIFFEL["subject"], "Rome", "Paris",
+                                paraphrases=["The Eiffel Tower can be found in the city of"],
+                                neighborhood=[("The Louvre is located in the city of", "Paris"),
+                                              ("The capital of Germany is", "Berlin")])]
+    result = evaluate_pack(model, tok, pack, facts, data="eiffel probes")
+    pc, gm = result["protocols"]["prob_compare"], result["protocols"]["generate_match"]
+    assert pc["reliability"] == {"before": 0.0, "after": 1.0, "n": 1}
+    assert gm["reliability"]["after"] == 1.0 and gm["generalization"]["after"] == 1.0
+    assert gm["locality"]["after"] == 1.0 and pc["locality"]["after"] == 1.0
+    pack.evaluation = result
+    pack.save(path, overwrite=True)
+    manifest = json.loads((path / "editpack.json").read_text())
+    card = (path / "README.md").read_text()
+    assert manifest["evaluation"]["protocols"]["prob_compare"]["reliability"]["after"] == 1.0
+    assert "| reliability | 0.0 | 100.0 | 1 |" in card
