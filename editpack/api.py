@@ -22,7 +22,7 @@ def as_facts(facts: Any) -> list[Fact]:
         return load_facts(facts)
     items = facts if isinstance(facts, (list, tuple)) else [facts]
     out: list[Fact] = []
-    for index, item in enumerate(items):
+    for item in items:
         if isinstance(item, Fact):
             out.append(item)
         else:

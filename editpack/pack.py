@@ -165,12 +165,6 @@ class EditPack:
         self.path = directory
         return directory
 
-    def write_card(self) -> None:
-        """Regenerate README.md and the manifest in place (after evaluation results change)."""
-        if self.path is None:
-            raise PackFormatError("this pack has not been saved yet")
-        self.save(self.path, overwrite=True)
-
     @classmethod
     def load(cls, directory: str | Path, *, verify: bool = True) -> "EditPack":
         """Read a pack; with ``verify`` (the default) every file's sha256 must match the manifest."""

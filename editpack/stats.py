@@ -84,7 +84,7 @@ def _sampled_chunks(model, tokenizer, config: StatsConfig) -> Iterator[list[int]
         round_ += 1
 
 
-def _corpus_id(model, tokenizer, config: StatsConfig) -> str:
+def _corpus_id(config: StatsConfig) -> str:
     if config.corpus is None:
         return f"model-sampled-seed{config.seed}"
     path = Path(config.corpus)
@@ -93,12 +93,12 @@ def _corpus_id(model, tokenizer, config: StatsConfig) -> str:
     return "corpus-" + sha256_file(path)[:16]
 
 
-def stats_cache_path(model, spec: ArchSpec, layer: int, config: StatsConfig, tokenizer=None) -> Path:
+def stats_cache_path(model, spec: ArchSpec, layer: int, config: StatsConfig) -> Path:
     upstream = [spec.embed + "."] + [spec.block_name(i) + "." for i in range(layer + 1)]
     key = {
         "weights": parameters_fingerprint(model, upstream),
         "module": spec.mlp_out_name(layer),
-        "corpus": _corpus_id(model, tokenizer, config),
+        "corpus": _corpus_id(config),
         "n_tokens": config.n_tokens,
         "max_length": config.max_length,
     }
@@ -156,7 +156,7 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
 
 def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
     """Cached :func:`compute_second_moment` (computed under a file lock, written atomically)."""
-    path = stats_cache_path(model, spec, layer, config, tokenizer)
+    path = stats_cache_path(model, spec, layer, config)
     with FileLock(str(path) + ".lock"):
         if path.is_file():
             return load_file(str(path))["mom2"]
