@@ -68,7 +68,7 @@ def _sampled_chunks(model, tokenizer, config: StatsConfig) -> Iterator[list[int]
     """Token chunks the model samples from its BOS token (seeded; the global RNG is left untouched)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = model_device(model)
-    batch = max(config.batch_size, 16)
+    batch = max(config.batch_size, 64)  # sampling is step-bound: wide batches give most tokens per second
     round_ = 0
     while True:
         with torch.random.fork_rng(devices=[]), torch.no_grad():

@@ -27,8 +27,9 @@ class ROMEConfig(MethodConfig):
     context_templates: list[str] | None = None
     seed: int = 0
     #: Key statistics: ``mom2_adjustment=False`` uses C = I. ``stats_corpus=None`` samples text from the model.
+    #: ``stats_tokens=None`` means 100,000 tokens of a corpus, or 20,000 sampled tokens (sampling is slow).
     mom2_adjustment: bool = True
     stats_corpus: str | None = None
-    stats_tokens: int = 100_000
+    stats_tokens: int | None = None
     #: Ridge added to C (times its mean diagonal) before solving, for numerical safety.
     mom2_ridge: float = 1e-5

@@ -31,6 +31,10 @@ from ..split_batch import split_batch
 from .config import ROMEConfig
 
 
+CORPUS_STATS_TOKENS = 100_000
+SAMPLED_STATS_TOKENS = 20_000
+
+
 # ---------------------------------------------------------------------------------------------- token helpers
 def subject_last_index(tokenizer, text: str, start: int, end: int) -> int:
     """Index of the last token overlapping characters ``[start, end)`` of ``text`` (the subject)."""
@@ -168,6 +172,8 @@ class ROME(EditMethod):
         bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
         if bad:
             raise ValueError(f"ROME layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
+        if cfg.mom2_adjustment and cfg.stats_tokens is None:
+            cfg.stats_tokens = SAMPLED_STATS_TOKENS if cfg.stats_corpus is None else CORPUS_STATS_TOKENS
         if cfg.context_templates is None:
             # Remembered on the model object (not globally), so repeated edits of one model sample them once.
             memo = model.__dict__.setdefault("_editpack_context_templates", {})
