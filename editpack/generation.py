@@ -68,3 +68,20 @@ def next_token_logits(model, tokenizer, prompts: Sequence[str], batch_size: int 
             logits = model(**batch, position_ids=position_ids).logits
             rows.append(logits[:, -1, :].float().cpu())
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def sample_from_start(model, tokenizer, count: int, max_new_tokens: int, *, top_k: int, seed: int) -> torch.Tensor:
+    """``count`` sequences sampled from the start token (BOS, else EOS), seeded; the global RNG is untouched.
+
+    Returns the token ids, start token included, shape ``(count, 1 + up to max_new_tokens)``.
+    """
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model.generate(
+            input_ids=torch.full((count, 1), start, device=device),
+            attention_mask=torch.ones(count, 1, dtype=torch.long, device=device),
+            do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        )

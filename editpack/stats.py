@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ._io import sha256_file
 from .arch import ArchSpec
 from .fingerprint import parameters_fingerprint
-from .generation import model_device
+from .generation import model_device, sample_from_start
 from .nethook import Trace
 from .paths import cache_dir
 
@@ -65,22 +65,13 @@ def _corpus_chunks(tokenizer, path: Path, max_length: int) -> Iterator[list[int]
 
 
 def _sampled_chunks(model, tokenizer, config: StatsConfig) -> Iterator[list[int]]:
-    """Token chunks the model samples from its BOS token (seeded; the global RNG is left untouched)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = model_device(model)
+    """Token chunks the model samples from its start token (seeded; the global RNG is left untouched)."""
     batch = max(config.batch_size, 64)  # sampling is step-bound: wide batches give most tokens per second
     round_ = 0
     while True:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(config.seed + round_)
-            out = model.generate(
-                input_ids=torch.full((batch, 1), start, device=device),
-                attention_mask=torch.ones(batch, 1, dtype=torch.long, device=device),
-                do_sample=True, top_k=50, max_new_tokens=min(config.max_length, 128),
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for row in out.tolist():
-            yield row
+        out = sample_from_start(model, tokenizer, batch, min(config.max_length, 128), top_k=50,
+                                seed=config.seed + round_)
+        yield from out.tolist()
         round_ += 1
 
 

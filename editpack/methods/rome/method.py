@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from ...arch import ArchSpec, get_module
 from ...facts import Fact
-from ...generation import model_device, padding_side
-from ...nethook import Trace, TraceDict
+from ...generation import model_device, padding_side, sample_from_start
+from ...nethook import Trace
 from ...stats import StatsConfig, second_moment
 from ..base import EditMethod, register_method
 from ..delta import LowRankDelta, WeightDelta
@@ -62,17 +62,9 @@ def fill(template: str, fact: Fact) -> tuple[str, int, int]:
 
 def sample_context_templates(model, tokenizer, lengths: Sequence[Sequence[int]], seed: int) -> list[str]:
     """ROME's context prefixes: short texts the model samples (top-k 5), each followed by ``". {}"``."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = model_device(model)
     templates = ["{}"]
     for index, (length, count) in enumerate(lengths):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed + index)
-            out = model.generate(
-                input_ids=torch.full((count, 1), start, device=device),
-                attention_mask=torch.ones(count, 1, dtype=torch.long, device=device),
-                do_sample=True, top_k=5, max_new_tokens=length, pad_token_id=tokenizer.pad_token_id,
-            )
+        out = sample_from_start(model, tokenizer, count, length, top_k=5, seed=seed + index)
         for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
             text = " ".join(text.replace("{", " ").replace("}", " ").split())
             templates.append(f"{text}. {{}}")
@@ -130,8 +122,9 @@ def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Itera
     cast: dict[int, torch.Tensor] = {}
     try:
         for tensor, data in saved:
-            # tied weights share one tensor: cast it once
-            tensor.data = cast.setdefault(id(data), data.to(dtype))
+            if id(data) not in cast:  # tied weights share one tensor: cast it once
+                cast[id(data)] = data.to(dtype)
+            tensor.data = cast[id(data)]
         yield
     finally:
         for tensor, data in saved:
