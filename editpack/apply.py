@@ -8,7 +8,6 @@ for bit. Before anything changes, the pack's base fingerprint is compared with t
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 

@@ -29,7 +29,7 @@ def _fmt(value: float | None) -> str:
 
 def evaluation_markdown(evaluation: dict) -> str:
     """The card's evaluation section: one table per protocol, before and after, with counts."""
-    lines = [f"## Evaluation", "", f"Measured on {evaluation.get('data', 'the pack facts')} "
+    lines = ["## Evaluation", "", f"Measured on {evaluation.get('data', 'the pack facts')} "
              f"({evaluation['n_facts']} facts); scores in %, means over probes, `n` = number of probes.", ""]
     for protocol, metrics in evaluation["protocols"].items():
         lines += [f"### `{protocol}`", "", "| metric | before | after | n |", "|---|---|---|---|"]

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .facts import Fact
-from .generation import generate, model_device, padding_side
+from .generation import generate, model_device
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 METRICS = ("reliability", "generalization", "locality", "portability")

@@ -4,7 +4,7 @@ import torch
 from editpack.arch import ArchSpec, all_specs, get_module, spec_for, spec_for_model_type
 from editpack.errors import UnknownArchitectureError
 
-from tiny import tiny_config, tiny_model
+from tiny import tiny_model
 
 ALL_TYPES = sorted({t for spec in all_specs() for t in spec.model_types})
 
