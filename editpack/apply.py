@@ -1,35 +1,81 @@
-"""Putting packs on models and taking them off again.
+"""Putting packs on models, stacking them, and taking them off again.
 
-``apply(model, pack)`` adds the pack as a named PEFT LoRA adapter (unmerged: the base weights stay untouched
-and the adapter can be removed), or with ``merge=True`` folds it into the weights after keeping a copy of the
-original weights of the touched modules. ``revert(model)`` undoes either, restoring the original weights bit
-for bit. Before anything changes, the pack's base fingerprint is compared with the model's weights.
+``apply(model, packs)`` adds each pack as its own named PEFT LoRA adapter (unmerged: the base weights stay
+untouched, and each adapter can be listed, switched off and removed), or with ``merge=True`` folds them into the
+weights after keeping a copy of the original weights of the touched modules. ``revert(model)`` undoes all of it,
+restoring the original weights bit for bit.
+
+Before anything changes, every pack is checked against the model and against the others:
+
+- its base fingerprint must match the model's original weights of the modules it edits (bitsandbytes-quantized
+  weights cannot be hashed exactly; there the embedding fingerprint and the shapes are compared instead);
+- a pack computed on top of other packs (``pack.requires``) needs those applied first;
+- two packs that set the same fact (subject and relation, or subject and prompt) to different targets conflict.
+  With ``on_conflict="later"`` the later pack wins: an earlier pack all of whose facts are overridden is left
+  out (or taken off). A weight delta cannot drop single facts, so a partial override is refused.
+
+The list of applied packs is kept on the transformers model itself (not in a global), see :func:`applied`.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from .errors import FingerprintMismatchError, PackFormatError
-from .fingerprint import base_weight, modules_fingerprint, unwrap
+from .errors import EditpackError, FingerprintMismatchError, PackFormatError
+from .facts import Fact
+from .fingerprint import ORIGINALS, base_weight, is_quantized, module_fingerprints, unwrap, weight_fingerprint
 from .pack import EditPack
 
-_ORIGINALS = "_editpack_originals"
-_MERGED = "_editpack_merged"
+_RECORDS = "_editpack_records"  # list[AppliedPack] on the transformers model
+ON_CONFLICT = ("error", "later")
 
 
+class PackConflictError(EditpackError):
+    """Packs that cannot be applied together (conflicting facts, missing parents, incompatible bases)."""
+
+
+@dataclass
+class AppliedPack:
+    """One pack on a model: its adapter name (``None`` once merged) and whether it is switched on."""
+
+    pack: EditPack
+    adapter: str | None
+    merged: bool = False
+    enabled: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.pack.name
+
+    @property
+    def version(self) -> str:
+        return self.pack.version
+
+    def matches(self, key: str) -> bool:
+        return key in (self.pack.name, self.pack.ref, self.adapter)
+
+    def __repr__(self) -> str:
+        state = "merged" if self.merged else ("on" if self.enabled else "off")
+        return f"AppliedPack({self.pack.ref}, {state})"
+
+
+# ---------------------------------------------------------------------------------------------- checks
 def _as_packs(packs) -> list[EditPack]:
     items = packs if isinstance(packs, (list, tuple)) else [packs]
-    out = []
-    for item in items:
-        if isinstance(item, EditPack):
-            out.append(item)
-        else:
-            out.append(EditPack.load(item))
+    out = [item if isinstance(item, EditPack) else _load(item) for item in items]
     if not out:
         raise PackFormatError("no pack given")
     return out
+
+
+def _load(reference) -> EditPack:
+    from .hub import resolve_pack  # local directory or user/name@version on the Hub
+
+    return resolve_pack(reference)
 
 
 def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
@@ -38,16 +84,54 @@ def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
     missing = [m for m in pack.modules if _find(base, m) is None]
     if missing:
         raise FingerprintMismatchError(
-            f"pack {pack.name} {pack.version} edits modules this model does not have: {', '.join(missing)} "
+            f"pack {pack.ref} edits modules this model does not have: {', '.join(missing)} "
             f"(made for {pack.base.id}, model_type {pack.base.model_type})"
         )
-    found = modules_fingerprint(model, pack.modules)
-    if found != pack.base.fingerprint:
+    override = "Pass check=False (CLI: --force) to apply it anyway."
+    quantized = [m for m in pack.modules if is_quantized(base.get_submodule(m))]
+    if quantized:
+        _check_quantized(base, pack, quantized, override)
+    exact = [m for m in pack.modules if m not in quantized]
+    if not exact:
+        return
+    found = module_fingerprints(base, exact)
+    expected = pack.base.modules or {}
+    if not expected:  # a pack that records only the combined fingerprint
+        from .fingerprint import combine
+
+        if quantized or combine(found) == pack.base.fingerprint:
+            return
+        differing = exact
+    else:
+        differing = [m for m in exact if expected.get(m) != found[m]]
+    if differing:
         raise FingerprintMismatchError(
-            f"pack {pack.name} {pack.version} was made for {pack.base.id} with fingerprint "
-            f"{pack.base.fingerprint[:19]}…, but this model's weights of {', '.join(pack.modules)} hash to "
-            f"{found[:19]}…: it is a different (or already edited) model. Pass check_fingerprint=False "
-            "(CLI: --force) to apply it anyway."
+            f"pack {pack.ref} was made for {pack.base.id} (fingerprint {pack.base.fingerprint[:19]}…), but this "
+            f"model's original weights of {', '.join(differing)} differ: it is a different model. {override}"
+        )
+
+
+def _check_quantized(base: torch.nn.Module, pack: EditPack, quantized: list[str], override: str) -> None:
+    """Quantized weights: compare shapes exactly and the (unquantized) input embedding's fingerprint."""
+    from .arch import spec_for
+
+    for name in quantized:
+        layer = base.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)
+        shape = (layer.out_features, layer.in_features)
+        want = (pack.delta.modules[name].B.shape[0], pack.delta.modules[name].A.shape[1])  # (out, in)
+        if shape != want:
+            raise FingerprintMismatchError(f"pack {pack.ref}: {name} is {shape} here but {want} in the pack. {override}")
+    if not pack.base.embedding:
+        warnings.warn(f"pack {pack.ref} records no embedding fingerprint; its base cannot be checked on a quantized "
+                      "model", stacklevel=3)
+        return
+    embed = spec_for(base).embed
+    found = weight_fingerprint(base.get_submodule(embed).weight)
+    if found != pack.base.embedding:
+        raise FingerprintMismatchError(
+            f"pack {pack.ref} was made for {pack.base.id}, but this quantized model's input embedding differs from "
+            f"that model's: it is a different model. {override}"
         )
 
 
@@ -58,52 +142,283 @@ def _find(model: torch.nn.Module, name: str):
         return None
 
 
-def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = True) -> torch.nn.Module:
-    """Apply one pack or a list of packs (``EditPack`` objects or pack directories) to ``model``.
+def fact_key(fact: Fact) -> tuple[str, str]:
+    """What a fact is about: its subject and relation (or, without a relation id, its prompt)."""
+    subject = " ".join(fact.subject.casefold().split())
+    if fact.relation:
+        return subject, "relation:" + fact.relation
+    return subject, "prompt:" + " ".join(fact.prompt.replace("{}", fact.subject).casefold().split())
 
-    Unmerged (default): returns a ``peft.PeftModel`` with one adapter per pack, all active. The model passed in
-    is modified in place (PEFT injects its LoRA layers), so keep using the returned object.
-    ``merge=True``: the deltas are added to the weights; returns the plain transformers model.
-    ``check=False`` skips the fingerprint check.
+
+def _target(fact: Fact) -> str:
+    return " ".join(fact.target_new.casefold().split())
+
+
+@dataclass
+class Conflict:
+    """``later``'s fact sets the same thing as ``earlier``'s fact, to a different target."""
+
+    earlier: EditPack
+    earlier_fact: Fact
+    later: EditPack
+    later_fact: Fact
+
+    def __str__(self) -> str:
+        return (f"{self.earlier.ref} sets {self.earlier_fact.text!r} -> {self.earlier_fact.target_new!r}, "
+                f"{self.later.ref} sets {self.later_fact.text!r} -> {self.later_fact.target_new!r}")
+
+
+def find_conflicts(packs: Iterable[EditPack]) -> list[Conflict]:
+    """Pairs of facts in different packs (earlier first) that set the same subject and relation differently."""
+    seen: dict[tuple[str, str], tuple[EditPack, Fact]] = {}
+    conflicts = []
+    for pack in packs:
+        for fact in pack.facts:
+            key = fact_key(fact)
+            if key in seen and seen[key][0] is not pack and _target(seen[key][1]) != _target(fact):
+                conflicts.append(Conflict(seen[key][0], seen[key][1], pack, fact))
+            seen[key] = (pack, fact)
+    return conflicts
+
+
+def resolve_conflicts(packs: list[EditPack], on_conflict: str = "error") -> list[EditPack]:
+    """The packs to keep, in order: raises on conflicts, or (``"later"``) drops wholly overridden earlier packs."""
+    if on_conflict not in ON_CONFLICT:
+        raise ValueError(f"on_conflict must be one of {ON_CONFLICT}, not {on_conflict!r}")
+    conflicts = find_conflicts(packs)
+    if not conflicts:
+        return list(packs)
+    if on_conflict == "error":
+        listed = "; ".join(str(c) for c in conflicts[:5]) + (f"; … {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+        raise PackConflictError(f"conflicting packs: {listed}. Pass on_conflict='later' (CLI: --later-wins) to "
+                                "let the later pack win.")
+    overridden: dict[int, set[int]] = {}
+    for c in conflicts:
+        overridden.setdefault(id(c.earlier), set()).add(id(c.earlier_fact))
+    keep = []
+    for pack in packs:
+        hit = overridden.get(id(pack), set())
+        if not hit:
+            keep.append(pack)
+        elif len(hit) == len(pack.facts):
+            warnings.warn(f"{pack.ref} is left out: every fact in it is overridden by a later pack", stacklevel=3)
+        else:
+            kept = [f.text for f in pack.facts if id(f) not in hit]
+            raise PackConflictError(
+                f"{pack.ref} is only partly overridden by later packs (it also sets {kept[:3]}); a weight delta "
+                "cannot drop single facts. Re-edit those facts into a new pack instead."
+            )
+    return keep
+
+
+def check_parents(packs: list[EditPack], present: list[EditPack]) -> None:
+    """Each pack's ``requires`` must be among ``present`` or earlier in ``packs`` (same name, version, content)."""
+    available = {(p.name, p.version, p.content_id) for p in present}
+    for pack in packs:
+        for parent in pack.requires:
+            if (parent["name"], parent["version"], parent.get("content")) not in available:
+                raise PackConflictError(
+                    f"pack {pack.ref} was made on top of {parent['name']}@{parent['version']} and only holds the "
+                    f"change relative to it; apply {parent['name']}@{parent['version']} first (same content "
+                    f"{str(parent.get('content'))[:19]}…)."
+                )
+        available.add((pack.name, pack.version, pack.content_id))
+
+
+def check_stackable(packs: list[EditPack]) -> None:
+    """Packs must share a base: same model type and, for modules they both edit, the same original weights."""
+    first = packs[0]
+    for pack in packs[1:]:
+        if pack.base.model_type != first.base.model_type:
+            raise PackConflictError(f"{first.ref} is for a {first.base.model_type} model, {pack.ref} for a "
+                                    f"{pack.base.model_type} model: they cannot be combined")
+        shared = set(first.modules) & set(pack.modules)
+        a, b = first.base.modules or {}, pack.base.modules or {}
+        differing = sorted(m for m in shared if a.get(m) != b.get(m)) if a and b else (
+            sorted(shared) if shared and first.base.fingerprint != pack.base.fingerprint else [])
+        if differing:
+            raise PackConflictError(
+                f"{first.ref} and {pack.ref} were made for different base weights of {', '.join(differing)} "
+                f"({first.base.id} vs {pack.base.id}), facts {[f.text for f in first.facts[:2]]} and "
+                f"{[f.text for f in pack.facts[:2]]}"
+            )
+        if pack.fan_in_fan_out != first.fan_in_fan_out:
+            raise PackConflictError(f"{first.ref} and {pack.ref} disagree on weight orientation (fan_in_fan_out)")
+
+
+# ---------------------------------------------------------------------------------------------- applying
+def records(model: torch.nn.Module) -> list[AppliedPack]:
+    base = unwrap(model)
+    if _RECORDS not in base.__dict__:
+        base.__dict__[_RECORDS] = []
+    return base.__dict__[_RECORDS]
+
+
+def applied(model: torch.nn.Module) -> list[AppliedPack]:
+    """The packs applied to ``model``, in the order they were applied (merged and unmerged)."""
+    return list(records(model))
+
+
+def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = True,
+          on_conflict: str = "error") -> torch.nn.Module:
+    """Apply one pack or a list of packs (``EditPack`` objects, pack directories, or ``user/name@version``).
+
+    Unmerged (default): returns a ``peft.PeftModel`` with one adapter per pack, all active, in the given order.
+    The model passed in is modified in place (PEFT injects its LoRA layers), so keep using the returned object;
+    more packs can be applied to it later. ``merge=True`` adds the deltas to the weights and returns the plain
+    transformers model (refused on bitsandbytes-quantized weights). ``check=False`` skips the fingerprint and
+    parent checks; ``on_conflict="later"`` lets later packs override earlier ones (see the module docstring).
     """
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import PeftModel
 
-    packs = _as_packs(packs)
+    new = _as_packs(packs)
+    present = records(model)
+    wanted = resolve_conflicts([r.pack for r in present] + new, on_conflict)
+    dropped = [r for r in present if not any(p is r.pack for p in wanted)]
+    new = [p for p in new if any(p is w for w in wanted)]
+    for record in dropped:
+        if record.merged:
+            raise PackConflictError(f"{record.pack.ref} is merged into the weights and cannot be overridden; revert "
+                                    "the model first")
+    names = [p.adapter_name for p in new] + [r.adapter for r in present if r.adapter]
+    if len(set(names)) != len(names):
+        raise PackFormatError(f"a pack is applied twice: {sorted(n for n in names if names.count(n) > 1)}")
     if check:
-        for pack in packs:
+        for pack in new:
             check_fingerprint(model, pack)
+        check_parents(new, [r.pack for r in present if r not in dropped and r.enabled])
+    for record in dropped:
+        model = remove(model, record.adapter)
+    if not new:
+        return model
+
+    base = unwrap(model)
     if merge:
+        quantized = sorted({m for p in new for m in p.modules if is_quantized(base.get_submodule(m))})
+        if quantized:
+            raise PackFormatError(
+                f"refusing to merge into bitsandbytes-quantized weights ({', '.join(quantized)}): rounding back to "
+                "the quantization grid loses most of a low-rank edit. Apply the packs unmerged (merge=False), or "
+                "merge into a full-precision model and quantize that."
+            )
         if isinstance(model, PeftModel):
             raise PackFormatError("this model carries unmerged packs; revert it (or merge=False) before merging")
-        originals = getattr(model, _ORIGINALS, None) or {}
-        for pack in packs:
+        originals = base.__dict__.setdefault(ORIGINALS, {})
+        for pack in new:
             for name in pack.modules:
                 if name not in originals:
                     originals[name] = base_weight(model.get_submodule(name)).detach().clone()
-        setattr(model, _ORIGINALS, originals)
+    peft_model = _add_adapters(model, new)
+    if merge:
+        merged = peft_model.merge_and_unload(adapter_names=[p.adapter_name for p in new])
+        if hasattr(merged, "peft_config"):
+            del merged.peft_config
+        records(merged).extend(AppliedPack(p, None, merged=True) for p in new)
+        return merged
+    records(peft_model).extend(AppliedPack(p, p.adapter_name) for p in new)
+    _activate(peft_model)
+    peft_model.eval()
+    return peft_model
+
+
+def _add_adapters(model: torch.nn.Module, packs: list[EditPack]):
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
     peft_model = model if isinstance(model, PeftModel) else None
-    names = []
     for pack in packs:
         name = pack.adapter_name
         if peft_model is None:
             peft_model = get_peft_model(model, pack.lora_config(), adapter_name=name)
         else:
-            if name in peft_model.peft_config:
-                raise PackFormatError(f"a pack named {name!r} is already applied to this model")
             peft_model.add_adapter(name, pack.lora_config())
         result = set_peft_model_state_dict(peft_model, pack.adapter_state_dict(), adapter_name=name)
         unexpected = [k for k in result.unexpected_keys if "lora_" in k]
         if unexpected:
-            raise PackFormatError(f"pack {pack.name}: adapter weights did not load: {unexpected[:3]}")
-        names.append(name)
-    all_names = list(peft_model.peft_config)
-    peft_model.base_model.set_adapter(all_names)
-    if merge:
-        merged = peft_model.merge_and_unload(adapter_names=all_names)
-        setattr(merged, _MERGED, getattr(merged, _MERGED, []) + [f"{p.name}@{p.version}" for p in packs])
-        return merged
-    peft_model.eval()
+            raise PackFormatError(f"pack {pack.ref}: adapter weights did not load: {unexpected[:3]}")
+        _place_adapter(peft_model, pack)
     return peft_model
+
+
+def _place_adapter(peft_model, pack: EditPack) -> None:
+    """Put the adapter's weights where its layer computes (accelerate may keep the base layer offloaded)."""
+    base = unwrap(peft_model)
+    name = pack.adapter_name
+    for module_name in pack.modules:
+        layer = base.get_submodule(module_name)
+        device = _execution_device(layer)
+        for factors in (layer.lora_A, layer.lora_B):
+            factors[name].to(device)
+
+
+def _execution_device(layer: torch.nn.Module) -> torch.device:
+    base = getattr(layer, "base_layer", layer)
+    hook = getattr(base, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device) if not isinstance(hook.execution_device, int) else (
+            torch.device("cuda", hook.execution_device))
+    weight = base.weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def _activate(peft_model) -> None:
+    """Make exactly the enabled unmerged packs active."""
+    on = [r.adapter for r in records(peft_model) if r.adapter and r.enabled]
+    if on:
+        peft_model.base_model.enable_adapter_layers()
+        peft_model.base_model.set_adapter(on)
+    else:
+        peft_model.base_model.disable_adapter_layers()
+
+
+def _lookup(model: torch.nn.Module, key: str) -> AppliedPack:
+    found = [r for r in records(model) if r.matches(key)]
+    if not found:
+        names = ", ".join(r.pack.ref for r in records(model)) or "none"
+        raise PackFormatError(f"no pack {key!r} is applied to this model (applied: {names})")
+    if len(found) > 1:
+        raise PackFormatError(f"{key!r} names several applied packs: {[r.pack.ref for r in found]}; use name@version")
+    return found[0]
+
+
+def _dependents(model: torch.nn.Module, record: AppliedPack) -> list[AppliedPack]:
+    return [r for r in records(model) if r.enabled and any(
+        p["name"] == record.name and p["version"] == record.version for p in r.pack.requires)]
+
+
+def set_enabled(model: torch.nn.Module, key: str, enabled: bool) -> None:
+    """Switch the unmerged pack ``key`` (name, ``name@version`` or adapter name) on or off."""
+    record = _lookup(model, key)
+    if record.merged:
+        raise PackFormatError(f"{record.pack.ref} is merged into the weights; it cannot be switched off (revert)")
+    if not enabled and _dependents(model, record):
+        raise PackConflictError(f"{[r.pack.ref for r in _dependents(model, record)]} were made on top of "
+                                f"{record.pack.ref}; switch them off first")
+    record.enabled = enabled
+    _activate(model)
+
+
+def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
+    """Take the unmerged pack ``key`` off; returns the model to keep using (the plain model after the last)."""
+    from peft import PeftModel
+
+    record = _lookup(model, key)
+    if record.merged:
+        raise PackFormatError(f"{record.pack.ref} is merged into the weights; use revert() to restore the model")
+    if _dependents(model, record):
+        raise PackConflictError(f"{[r.pack.ref for r in _dependents(model, record)]} were made on top of "
+                                f"{record.pack.ref}; remove them first")
+    remaining = [r for r in records(model) if r.adapter and r is not record]
+    if not remaining and isinstance(model, PeftModel):
+        merged = [r for r in records(model) if r.merged]
+        base = model.unload()
+        if hasattr(base, "peft_config"):
+            del base.peft_config
+        base.__dict__[_RECORDS] = merged
+        return base
+    records(model).remove(record)
+    model.delete_adapter(record.adapter)
+    _activate(model)
+    return model
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
@@ -114,20 +429,54 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
         model = model.unload()
     if hasattr(model, "peft_config"):  # PEFT leaves its config behind on the unloaded model
         del model.peft_config
-    originals = getattr(model, _ORIGINALS, None)
+    originals = model.__dict__.pop(ORIGINALS, None)
     if originals:
         with torch.no_grad():
             for name, tensor in originals.items():
                 model.get_submodule(name).weight.copy_(tensor)
-        delattr(model, _ORIGINALS)
-    if hasattr(model, _MERGED):
-        delattr(model, _MERGED)
+    model.__dict__.pop(_RECORDS, None)
     return model
 
 
-def applied(model: torch.nn.Module) -> list[str]:
-    """Names of the packs applied to ``model``: unmerged adapters first, then merged packs."""
-    from peft import PeftModel
+def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict: str = "error") -> EditPack:
+    """One pack whose delta is exactly the sum of ``packs``' deltas (factors concatenated, ranks add).
 
-    names = list(model.peft_config) if isinstance(model, PeftModel) else []
-    return names + list(getattr(unwrap(model), _MERGED, []))
+    Facts are the union (in order), the base is the shared base, and each input is recorded as a ``stacked``
+    parent; parents the inputs were made on top of, and that are not themselves in the stack, carry over.
+    """
+    from .methods.delta import WeightDelta
+    from .pack import BaseModel, slug
+
+    packs = resolve_conflicts(_as_packs(packs), on_conflict)
+    check_stackable(packs)
+    contents = {(p.name, p.version, p.content_id) for p in packs}
+    delta = WeightDelta()
+    modules: dict[str, str] = {}
+    for pack in packs:
+        for module, part in sorted(pack.delta.modules.items()):
+            delta.add(module, part)
+        modules.update(pack.base.modules or {})
+    first = packs[0]
+    requires = []
+    for pack in packs:
+        for parent in pack.requires:
+            key = (parent["name"], parent["version"], parent.get("content"))
+            if key not in contents and parent not in requires:
+                requires.append(parent)
+    from .fingerprint import combine
+
+    methods = sorted({p.method for p in packs})
+    base = BaseModel(**{**first.base.to_dict(), "modules": modules or None,
+                        "fingerprint": combine(modules) if modules else first.base.fingerprint})
+    return EditPack(
+        name=name or slug(f"stack-{first.name}-and-{len(packs) - 1}-more"),
+        version=version,
+        method=methods[0] if len(methods) == 1 else "stack",
+        hyperparameters={"stacked": [{"name": p.name, "version": p.version, "method": p.method,
+                                      "hyperparameters": p.hyperparameters} for p in packs]},
+        facts=[f for p in packs for f in p.facts],
+        base=base,
+        delta=delta,
+        fan_in_fan_out=first.fan_in_fan_out,
+        parents=requires + [p.lineage_record("stacked") for p in packs],
+    )

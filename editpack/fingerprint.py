@@ -3,26 +3,59 @@
 A fingerprint hashes the named parameters after rounding them to bfloat16, so the same checkpoint loaded in
 float32 or bfloat16 gives the same fingerprint, while any real change to the weights (another model, an edit
 merged in, a fine-tune) changes it.
+
+A pack records one hash per module it edits (:func:`module_fingerprints`) and their combination
+(:func:`combine`), so packs can be stacked without the model and a mismatch names the module that differs.
+Weights that :func:`editpack.apply` merged packs into are hashed as they were before the merge; weights that
+accelerate offloaded are read back from their offload store; bitsandbytes-quantized weights cannot be compared
+exactly and are reported by :func:`is_quantized` so callers can fall back to the embedding fingerprint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Iterable
 
 import torch
 
+ORIGINALS = "_editpack_originals"  # {module name: weight before merge}, set by editpack.apply(merge=True)
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PEFT wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    if type(model).__module__.startswith("peft.") and hasattr(model, "peft_config"):
+        return model.base_model.model  # PeftModel -> LoraModel -> transformers model
+    return model
+
+
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer itself, looking through a PEFT LoRA wrapper to the wrapped base layer."""
+    base = getattr(module, "base_layer", None)
+    return base if base is not None else module
 
 
 def base_weight(module: torch.nn.Module) -> torch.Tensor:
     """A module's own weight, looking through a PEFT LoRA layer to the wrapped base layer."""
-    base = getattr(module, "base_layer", None)
-    return base.weight if base is not None else module.weight
+    return base_layer(module).weight
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether the (base) layer holds bitsandbytes-quantized weights."""
+    return type(base_layer(module)).__module__.startswith("bitsandbytes")
+
+
+@contextlib.contextmanager
+def materialized(module: torch.nn.Module):
+    """Yield the base layer with real weights, even when accelerate offloaded them (meta device + hook)."""
+    layer = base_layer(module)
+    if getattr(layer, "_hf_hook", None) is not None and layer.weight.device.type == "meta":
+        from accelerate.utils import align_module_device
+
+        with align_module_device(layer, execution_device="cpu"):
+            yield layer
+    else:
+        yield layer
 
 
 def tensor_digest(tensor: torch.Tensor, digest: "hashlib._Hash") -> None:
@@ -31,14 +64,37 @@ def tensor_digest(tensor: torch.Tensor, digest: "hashlib._Hash") -> None:
     digest.update(data.view(torch.int16).numpy().tobytes())
 
 
-def modules_fingerprint(model: torch.nn.Module, module_names: Iterable[str]) -> str:
-    """``sha256:<hex>`` over the weights of ``module_names`` (sorted), as a pack records its base."""
-    base = unwrap(model)
+def weight_fingerprint(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256()
-    for name in sorted(set(module_names)):
-        digest.update(name.encode() + b"\0")
-        tensor_digest(base_weight(base.get_submodule(name)), digest)
+    tensor_digest(tensor, digest)
     return "sha256:" + digest.hexdigest()
+
+
+def module_fingerprints(model: torch.nn.Module, module_names: Iterable[str]) -> dict[str, str]:
+    """``{module: sha256:<hex>}`` over each module's original weight (before any merged pack)."""
+    base = unwrap(model)
+    originals = getattr(base, ORIGINALS, None) or {}
+    out = {}
+    for name in sorted(set(module_names)):
+        if name in originals:
+            out[name] = weight_fingerprint(originals[name])
+            continue
+        with materialized(base.get_submodule(name)) as layer:
+            out[name] = weight_fingerprint(layer.weight)
+    return out
+
+
+def combine(fingerprints: dict[str, str]) -> str:
+    """One ``sha256:<hex>`` for a set of per-module fingerprints (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(fingerprints):
+        digest.update(f"{name}={fingerprints[name]}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def modules_fingerprint(model: torch.nn.Module, module_names: Iterable[str]) -> str:
+    """``sha256:<hex>`` over the weights of ``module_names``, as a pack records its base."""
+    return combine(module_fingerprints(model, module_names))
 
 
 def parameters_fingerprint(model: torch.nn.Module, prefixes: Iterable[str]) -> str:

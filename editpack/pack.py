@@ -14,6 +14,7 @@ at once or not at all).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class BaseModel:
     revision: str | None = None
     hub_id: str | None = None  # the upstream Hub repository, for the card's ``base_model``
     path: str | None = None  # where this machine loaded it from (PEFT's base_model_name_or_path)
+    modules: dict[str, str] | None = None  # per-module fingerprints; ``fingerprint`` combines them
+    embedding: str | None = None  # fingerprint of the input embedding: the identity check for quantized models
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -92,9 +95,35 @@ class EditPack:
         return sorted(self.delta.modules)
 
     @property
+    def ref(self) -> str:
+        """``name@version``, how the pack is named in messages and lineage records."""
+        return f"{self.name}@{self.version}"
+
+    @property
     def adapter_name(self) -> str:
         """The name this pack's adapter gets inside a PEFT model (PEFT forbids dots)."""
-        return re.sub(r"[^A-Za-z0-9_-]", "_", self.name)
+        return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.name}-v{self.version}")
+
+    @property
+    def content_id(self) -> str:
+        """``sha256:<hex>`` of the delta itself (module names and factors), independent of files and metadata.
+
+        Lineage records use it: a pack made on top of another names that parent by name, version and this id.
+        """
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.adapter_state_dict().items()):
+            digest.update(key.encode() + b"\0" + str(tuple(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def lineage_record(self, relation: str) -> dict[str, str]:
+        """How another pack records this one as a parent: ``relation`` is ``onto`` or ``stacked``."""
+        return {"name": self.name, "version": self.version, "content": self.content_id, "relation": relation}
+
+    @property
+    def requires(self) -> list[dict[str, Any]]:
+        """The parents that must be applied before this pack (it was computed on a model carrying them)."""
+        return [p for p in self.parents if p.get("relation", "onto") == "onto"]
 
     def lora_config(self):
         """A PEFT ``LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1)."""
@@ -139,6 +168,7 @@ class EditPack:
             "hyperparameters": self.hyperparameters,
             "delta": {
                 "form": "lora",
+                "content": self.content_id,
                 "fan_in_fan_out": self.fan_in_fan_out,
                 "modules": {n: {"rank": d.rank, "shape": [d.B.shape[0], d.A.shape[1]]}
                             for n, d in sorted(self.delta.modules.items())},

@@ -66,7 +66,7 @@ def test_apply_refuses_other_model_and_force_overrides(pack_dir, tmp_path):
     tiny_model("llama", seed=5).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
     refused = run("apply", "--model", other, pack_dir, "-o", tmp_path / "o")
-    assert refused.exit_code == 1 and "different (or already edited) model" in refused.output
+    assert refused.exit_code == 1 and "it is a different model" in refused.output
     assert not (tmp_path / "o").exists()
     assert run("apply", "--model", other, "--force", pack_dir, "-o", tmp_path / "o").exit_code == 0
 

@@ -12,9 +12,8 @@ from editpack.card import render_card
 from editpack.cli.main import main
 from editpack.evaluate import PROTOCOLS, evaluate_pack, ngram_entropy, normalise, score, starts_with
 
-from tiny import tiny_model, tiny_tokenizer
+from tiny import TINY, tiny_model, tiny_tokenizer
 
-TINY = dict(mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4, v_weight_decay=0.0)
 FACT = editpack.make_fact("the famous {}", "eiffel tower", "rome", "paris", paraphrases=["the big eiffel tower"],
                           neighborhood=[("the famous louvre", "paris"), ("the capital of germany is", "berlin")],
                           portability=[("the eiffel tower is in the country", "italy")])

@@ -11,27 +11,12 @@ from editpack import EditPack, apply, edit, revert
 from editpack.errors import FingerprintMismatchError, PackFormatError
 from editpack.pack import ADAPTER_WEIGHTS, MANIFEST
 
-from tiny import tiny_model, tiny_tokenizer
-
-# Tiny random models have tiny MLP outputs, so ROME's norm clamp is lifted for them; the prompt ends on the
-# subject so the edited position feeds the prediction directly.
-TINY = dict(mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4, v_weight_decay=0.0)
-FACT = editpack.make_fact("the famous {}", "eiffel tower", "rome", "paris", paraphrases=["the big eiffel tower"])
-
+from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
 
 @pytest.fixture(params=["llama", "gpt2"])
 def setup(request):
     model, tok = tiny_model(request.param), tiny_tokenizer()
     return model, tok
-
-
-def logits(model, tok, text):
-    with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits[0, -1]
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_edit_leaves_the_model_unchanged_and_moves_the_target(setup):
@@ -92,12 +77,14 @@ def test_merge_matches_unmerged_and_revert_is_bit_exact(setup):
     original = state(model)
     base_logits = logits(model, tok, FACT.text)
     pack = edit(model, FACT, tokenizer=tok, layers=[1], **TINY)
-    unmerged = logits(apply(model, pack), tok, FACT.text)
-    model = revert(model) if isinstance(model, PeftModel) else model
+    first = apply(model, pack)
+    unmerged = logits(first, tok, FACT.text)
+    model = revert(first)
     for where in ("unmerged", "merged"):
         edited = apply(model, pack, merge=where == "merged")
         torch.testing.assert_close(logits(edited, tok, FACT.text), unmerged, rtol=1e-5, atol=1e-5)
-        assert editpack.applied(edited) and pack.adapter_name in editpack.applied(edited)[0]
+        (record,) = editpack.applied(edited)
+        assert record.pack is pack and record.merged == (where == "merged")
         model = revert(edited)
         assert not isinstance(model, PeftModel) and not editpack.applied(model)
         assert not hasattr(model, "peft_config")
@@ -110,7 +97,7 @@ def test_fingerprint_mismatch_is_refused_unless_overridden(setup):
     model, tok = setup
     pack = edit(model, FACT, tokenizer=tok, layers=[1], **TINY)
     other = tiny_model(model.config.model_type, seed=1)
-    with pytest.raises(FingerprintMismatchError, match="different \\(or already edited\\) model"):
+    with pytest.raises(FingerprintMismatchError, match="it is a different model"):
         apply(other, pack)
     assert not isinstance(other, PeftModel) and not editpack.applied(other)  # nothing was applied
     forced = apply(other, pack, check=False)

@@ -55,3 +55,27 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+# Tiny random models have tiny MLP outputs, so ROME's norm clamp is lifted for them; the prompt ends on the
+# subject so the edited position feeds the prediction directly.
+TINY = dict(mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4, v_weight_decay=0.0)
+
+
+def _fact(*args, **kwargs):
+    import editpack
+
+    return editpack.make_fact(*args, **kwargs)
+
+
+FACT = _fact("the famous {}", "eiffel tower", "rome", "paris", paraphrases=["the big eiffel tower"])
+
+
+def logits(model, tok, text):
+    """Next-token logits after ``text``."""
+    with torch.no_grad():
+        return model(**tok(text, return_tensors="pt")).logits[0, -1]
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
