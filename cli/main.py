@@ -25,26 +25,54 @@ def friendly_errors(func):
     return wrapper
 
 
+_MODEL_KEYS = ("model", "dtype", "device_map", "load_in_4bit", "load_in_8bit", "max_memory", "offload_folder")
+
+
+def parse_max_memory(values: tuple[str, ...]) -> dict | None:
+    """``--max-memory cpu=2GiB --max-memory 0=20GiB`` as accelerate's ``max_memory`` mapping."""
+    out: dict = {}
+    for item in values:
+        device, sep, size = item.partition("=")
+        if not sep or not device or not size:
+            raise click.BadParameter(f"{item!r} is not DEVICE=SIZE (e.g. cpu=2GiB or 0=20GiB)", param_hint="--max-memory")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out or None
+
+
 def model_options(func):
-    """The model-loading options every command that loads a model shares."""
+    """The model-loading options every command that loads a model shares; they arrive as one ``model_opts``."""
     options = [
         click.option("--model", "-m", "model", default=None, metavar="M",
                      help="Built-in name (default smollm2-135m), local folder, .gguf file or Hub id."),
         click.option("--dtype", default="float32", show_default=True,
                      type=click.Choice(["float32", "bfloat16", "float16", "auto"])),
-        click.option("--device-map", default=None, help="accelerate device map, e.g. auto or cpu."),
-        click.option("--load-in-4bit", is_flag=True, help="Quantize to 4 bits with bitsandbytes."),
-        click.option("--load-in-8bit", is_flag=True, help="Quantize to 8 bits with bitsandbytes."),
+        click.option("--device-map", default=None, help="accelerate device map, e.g. auto, cpu or sequential."),
+        click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+                     help="With --device-map: memory budget per device, e.g. cpu=2GiB (repeatable)."),
+        click.option("--offload-folder", default=None, type=click.Path(file_okay=False),
+                     help="With --device-map: where layers that fit nowhere are offloaded to disk."),
+        click.option("--load-in-4bit", is_flag=True, help="Quantize to 4 bits with bitsandbytes (packs stay unmerged)."),
+        click.option("--load-in-8bit", is_flag=True, help="Quantize to 8 bits with bitsandbytes (packs stay unmerged)."),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        opts = {key: kwargs.pop(key) for key in _MODEL_KEYS}
+        opts["max_memory"] = parse_max_memory(opts["max_memory"])
+        return func(*args, model_opts=opts, **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
-def load_from_options(model, dtype, device_map, load_in_4bit, load_in_8bit):
+def load_from_options(opts: dict, model: str | None = None):
+    """Load the model ``opts`` name (or ``model``, the packs' base, when --model is not given)."""
     from editpack.models import load_model
 
-    return load_model(model, dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    options = dict(opts)
+    name = options.pop("model") or model
+    return load_model(name, **options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,14 +110,14 @@ def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
 @main.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @model_options
-@click.option("--pack", "packs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Apply this pack first (repeatable; unmerged).")
+@click.option("--pack", "packs", multiple=True, metavar="PACK",
+              help="Apply this pack first: a directory or user/name@version (repeatable, in order; unmerged).")
 @click.option("--compare", is_flag=True, help="Show the base model's and the edited model's answers side by side.")
 @click.option("--force", is_flag=True, help="Apply packs even if their base fingerprint does not match.")
+@click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(1, 4096))
 @friendly_errors
-def generate_cmd(prompts, model, dtype, device_map, load_in_4bit, load_in_8bit, packs, compare, force,
-                 max_new_tokens) -> None:
+def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new_tokens) -> None:
     """Greedy continuation of each PROMPT (with --pack, by the edited model)."""
     from editpack.apply import apply
     from editpack.generation import generate
@@ -97,10 +125,10 @@ def generate_cmd(prompts, model, dtype, device_map, load_in_4bit, load_in_8bit, 
     if compare and not packs:
         raise click.UsageError("--compare needs at least one --pack")
     loaded = load_packs(packs)
-    lm, tokenizer = load_from_options(packs_model(model, loaded), dtype, device_map, load_in_4bit, load_in_8bit)
+    lm, tokenizer = load_from_options(model_opts, packs_model(loaded))
     before = generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens) if compare else None
     if loaded:
-        lm = apply(lm, loaded, check=not force)
+        lm = apply(lm, loaded, check=not force, on_conflict="later" if later_wins else "error")
     after = generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
     for i, prompt in enumerate(prompts):
         if compare:
@@ -124,15 +152,16 @@ def parse_set(values: tuple[str, ...]) -> dict:
     return out
 
 
-def packs_model(model: str | None, packs) -> str | None:
-    """The model to load for ``packs``: --model if given, else the base model the first pack records."""
-    return model or (packs[0].base.id if packs else None)
+def packs_model(packs) -> str | None:
+    """The base model the first pack records (loaded when --model is not given)."""
+    return packs[0].base.id if packs else None
 
 
-def load_packs(paths) -> list:
-    from editpack.pack import EditPack
+def load_packs(references) -> list:
+    """Packs from directories or ``user/name@version`` Hub references."""
+    from editpack.hub import resolve_pack
 
-    return [EditPack.load(p) for p in paths]
+    return [resolve_pack(r) for r in references]
 
 
 @main.command("edit")
@@ -155,7 +184,7 @@ def load_packs(paths) -> list:
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
 @friendly_errors
-def edit_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, facts_path, limit, prompt, subject,
+def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
              target, target_true, paraphrase, layers, corpus, settings, name, pack_version, output, overwrite):
     """Compute an edit and write it as a pack directory."""
     from pathlib import Path
@@ -182,7 +211,7 @@ def edit_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, facts
         hparams["layers"] = [int(x) for x in layers.split(",")]
     if corpus:
         hparams["stats_corpus"] = corpus
-    lm, tokenizer = load_from_options(model, dtype, device_map, load_in_4bit, load_in_8bit)
+    lm, tokenizer = load_from_options(model_opts)
     pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version, **hparams)
     pack.save(output, overwrite=overwrite)
     click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(facts)} fact(s), {method}, modules: "
@@ -200,33 +229,62 @@ def edit_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, facts
 
 @main.command("apply")
 @model_options
-@click.argument("packs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("packs", nargs=-1, required=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
 @click.option("--force", is_flag=True, help="Apply even if a pack's base fingerprint does not match the model.")
+@click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @friendly_errors
-def apply_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, packs, output, force, overwrite):
-    """Merge PACKS into the model and write a model folder that transformers loads."""
+def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
+    """Merge PACKS (directories or user/name@version, in order) into the model; write a model folder."""
     from pathlib import Path
 
     from editpack._io import atomic_directory, atomic_write_json
-    from editpack.apply import apply
+    from editpack.apply import applied, apply
 
-    if load_in_4bit or load_in_8bit:
-        raise click.UsageError("a merged model is written in full precision; quantize when you load it instead")
+    if model_opts["load_in_4bit"] or model_opts["load_in_8bit"]:
+        raise click.UsageError("a merged model is written in full precision: merging into 4/8-bit weights loses "
+                               "most of the edit. Quantize when you load the merged folder, or use packs unmerged "
+                               "(editpack generate --pack, editpack.apply) on a quantized model")
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
     loaded = load_packs(packs)
-    lm, tokenizer = load_from_options(packs_model(model, loaded), dtype, device_map, False, False)
-    merged = apply(lm, loaded, merge=True, check=not force)
+    lm, tokenizer = load_from_options(model_opts, packs_model(loaded))
+    merged = apply(lm, loaded, merge=True, check=not force, on_conflict="later" if later_wins else "error")
+    kept = [r.pack for r in applied(merged)]
     with atomic_directory(output, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "editpack_applied.json", {
             "base_model": loaded[0].base.to_dict(),
-            "packs": [{"name": p.name, "version": p.version, "path": str(p.path)} for p in loaded],
+            "packs": [{"name": p.name, "version": p.version, "content": p.content_id, "path": str(p.path)}
+                      for p in kept],
         })
-    click.echo(f"wrote merged model with {len(loaded)} pack(s) to {output}")
+    click.echo(f"wrote merged model with {len(kept)} pack(s) to {output}")
+
+
+@main.command("stack")
+@click.argument("packs", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
+@click.option("--name", default=None, help="Name of the stacked pack (default from the first input).")
+@click.option("--version", "pack_version", default="1.0.0", show_default=True, help="Its semantic version.")
+@click.option("--later-wins", is_flag=True, help="Leave out earlier packs whose facts a later pack overrides.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@friendly_errors
+def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
+    """Combine PACKS into one pack whose delta is exactly their sum (ranks add; facts are the union)."""
+    from pathlib import Path
+
+    from editpack.apply import stack
+
+    if Path(output).exists() and not overwrite:
+        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    loaded = load_packs(packs)
+    one = stack(loaded, name=name, version=pack_version, on_conflict="later" if later_wins else "error")
+    one.save(output, overwrite=overwrite)
+    ranks = ", ".join(f"{m} (rank {d.rank})" for m, d in sorted(one.delta.modules.items()))
+    click.echo(f"wrote {one.ref} to {output}: {len(one.facts)} fact(s) from "
+               f"{', '.join(p['name'] + '@' + p['version'] for p in one.parents if p['relation'] == 'stacked')}; {ranks}")
 
 
 @main.command("show")
@@ -251,6 +309,9 @@ def show_cmd(pack, as_json):
     click.echo(f"base:    {base['id']} ({base['model_type']}), fingerprint {base['fingerprint'][:23]}…")
     modules = manifest["delta"]["modules"]
     click.echo("delta:   " + ", ".join(f"{m} (rank {v['rank']})" for m, v in modules.items()))
+    for parent in manifest.get("parents") or []:
+        how = "made on top of" if parent.get("relation", "onto") == "onto" else "stacked from"
+        click.echo(f"lineage: {how} {parent['name']}@{parent['version']} ({str(parent.get('content'))[:19]}…)")
     click.echo(f"facts:   {len(manifest['facts'])}")
     for fact in manifest["facts"][:20]:
         old = f"  (was {fact['target_true']})" if fact.get("target_true") else ""
@@ -273,7 +334,7 @@ def protocol_option(func):
 
 
 @main.command("eval")
-@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.argument("pack")
 @model_options
 @click.option("--data", default=None, metavar="[FORMAT:]PATH", help="Evaluate on these facts instead of the pack's.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="First N records of --data.")
@@ -281,14 +342,14 @@ def protocol_option(func):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--force", is_flag=True, help="Evaluate even if the pack's base fingerprint does not match.")
 @friendly_errors
-def eval_cmd(pack, model, dtype, device_map, load_in_4bit, load_in_8bit, data, limit, protocols, as_json, force):
+def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
     """Measure PACK before/after, store the results in its manifest and regenerate its card."""
     from editpack.apply import check_fingerprint
     from editpack.evaluate import PROTOCOLS, evaluate_pack, format_table
     from editpack.facts import load_facts
 
     (loaded,) = load_packs([pack])
-    lm, tokenizer = load_from_options(packs_model(model, [loaded]), dtype, device_map, load_in_4bit, load_in_8bit)
+    lm, tokenizer = load_from_options(model_opts, packs_model([loaded]))
     if not force:
         check_fingerprint(lm, loaded)
     facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
@@ -311,8 +372,7 @@ def eval_cmd(pack, model, dtype, device_map, load_in_4bit, load_in_8bit, data, l
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
 @friendly_errors
-def bench_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, data, limit, corpus, settings,
-              protocols, as_json, out):
+def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_json, out):
     """Edit each record on its own (model restored between) and report all protocols, time and memory."""
     from editpack._io import atomic_write_json
     from editpack.api import edit
@@ -325,7 +385,7 @@ def bench_cmd(model, dtype, device_map, load_in_4bit, load_in_8bit, method, data
     if corpus:
         hparams["stats_corpus"] = corpus
     facts = load_facts(data, limit=limit, skip_invalid=True)
-    lm, tokenizer = load_from_options(model, dtype, device_map, load_in_4bit, load_in_8bit)
+    lm, tokenizer = load_from_options(model_opts)
     result = bench_edits(lm, tokenizer, facts, lambda fact: edit(lm, fact, method, tokenizer=tokenizer, **hparams),
                          protocols=protocols or PROTOCOLS)
     result.update({"method": method, "model": lm.editpack_ref.id, "data": data, "hyperparameters": hparams})

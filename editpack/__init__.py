@@ -4,7 +4,9 @@ Public API (see the README):
 
 - :func:`load_model` — built-in short names, local folders, GGUF files, Hub ids.
 - :func:`edit` — compute an edit (ROME, ...) and return it as an :class:`EditPack`.
-- :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off.
+- :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off;
+  :func:`applied`, :func:`set_enabled`, :func:`remove` for one pack at a time; :func:`stack` sums packs into one.
+- :func:`pipeline` — a transformers text-generation pipeline over an edited model.
 - :func:`generate` — batched greedy continuations.
 - :mod:`editpack.arch` — architecture specs (data files, one per model family).
 - :mod:`editpack.nethook` — read and patch module inputs/outputs during a forward pass.
@@ -12,20 +14,23 @@ Public API (see the README):
 
 from ._version import __version__
 from .api import edit
-from .apply import applied, apply, revert
+from .apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
 from .arch import ArchSpec, spec_for
-from .errors import EditpackError
+from .errors import EditpackError, PackConflictError
 from .facts import Fact, Probe, load_facts, make_fact
 from .generation import generate
 from .models import DEFAULT_MODEL, load_model
 from .pack import EditPack
+from .pipelines import pipeline
 
 __all__ = [
     "__version__",
+    "AppliedPack",
     "ArchSpec",
     "DEFAULT_MODEL",
     "EditPack",
     "EditpackError",
+    "PackConflictError",
     "Fact",
     "Probe",
     "applied",
@@ -35,6 +40,10 @@ __all__ = [
     "load_facts",
     "load_model",
     "make_fact",
+    "pipeline",
+    "remove",
     "revert",
+    "set_enabled",
     "spec_for",
+    "stack",
 ]

@@ -25,17 +25,14 @@ from typing import Iterable
 
 import torch
 
-from .errors import EditpackError, FingerprintMismatchError, PackFormatError
+from .errors import FingerprintMismatchError, PackConflictError, PackFormatError
 from .facts import Fact
 from .fingerprint import ORIGINALS, base_weight, is_quantized, module_fingerprints, unwrap, weight_fingerprint
 from .pack import EditPack
 
 _RECORDS = "_editpack_records"  # list[AppliedPack] on the transformers model
+_WRAPPER = "_editpack_peft_model"  # the PeftModel wrapping it, so revert() works from either object
 ON_CONFLICT = ("error", "later")
-
-
-class PackConflictError(EditpackError):
-    """Packs that cannot be applied together (conflicting facts, missing parents, incompatible bases)."""
 
 
 @dataclass
@@ -316,6 +313,7 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         records(merged).extend(AppliedPack(p, None, merged=True) for p in new)
         return merged
     records(peft_model).extend(AppliedPack(p, p.adapter_name) for p in new)
+    unwrap(peft_model).__dict__[_WRAPPER] = peft_model
     _activate(peft_model)
     peft_model.eval()
     return peft_model
@@ -331,23 +329,28 @@ def _add_adapters(model: torch.nn.Module, packs: list[EditPack]):
             peft_model = get_peft_model(model, pack.lora_config(), adapter_name=name)
         else:
             peft_model.add_adapter(name, pack.lora_config())
+        _materialize_offloaded(peft_model, pack)
         result = set_peft_model_state_dict(peft_model, pack.adapter_state_dict(), adapter_name=name)
         unexpected = [k for k in result.unexpected_keys if "lora_" in k]
         if unexpected:
             raise PackFormatError(f"pack {pack.ref}: adapter weights did not load: {unexpected[:3]}")
-        _place_adapter(peft_model, pack)
     return peft_model
 
 
-def _place_adapter(peft_model, pack: EditPack) -> None:
-    """Put the adapter's weights where its layer computes (accelerate may keep the base layer offloaded)."""
+def _materialize_offloaded(peft_model, pack: EditPack) -> None:
+    """Give LoRA factors real storage where accelerate offloaded the base layer.
+
+    PEFT places an adapter on its base layer's device, which for a layer offloaded to CPU or disk is ``meta``.
+    accelerate's hooks sit on each leaf layer (the wrapped ``base_layer`` keeps its own), so the small LoRA
+    factors can simply live, unhooked, on the layer's execution device.
+    """
     base = unwrap(peft_model)
-    name = pack.adapter_name
     for module_name in pack.modules:
         layer = base.get_submodule(module_name)
-        device = _execution_device(layer)
         for factors in (layer.lora_A, layer.lora_B):
-            factors[name].to(device)
+            part = factors[pack.adapter_name]
+            if any(p.is_meta for p in part.parameters()):
+                part.to_empty(device=_execution_device(layer))
 
 
 def _execution_device(layer: torch.nn.Module) -> torch.device:
@@ -413,6 +416,7 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
         base = model.unload()
         if hasattr(base, "peft_config"):
             del base.peft_config
+        base.__dict__.pop(_WRAPPER, None)
         base.__dict__[_RECORDS] = merged
         return base
     records(model).remove(record)
@@ -425,8 +429,11 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Remove every applied pack; returns the plain transformers model with its original weights exactly."""
     from peft import PeftModel
 
+    if not isinstance(model, PeftModel) and _WRAPPER in model.__dict__:
+        model = model.__dict__[_WRAPPER]  # the plain model was passed, but PEFT layers are inside it
     if isinstance(model, PeftModel):
         model = model.unload()
+    model.__dict__.pop(_WRAPPER, None)
     if hasattr(model, "peft_config"):  # PEFT leaves its config behind on the unloaded model
         del model.peft_config
     originals = model.__dict__.pop(ORIGINALS, None)

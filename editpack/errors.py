@@ -37,3 +37,7 @@ class FingerprintMismatchError(EditpackError):
 
 class UnknownMethodError(EditpackError):
     """No edit method is registered under the requested name."""
+
+
+class PackConflictError(EditpackError):
+    """Packs that cannot be applied or stacked together (conflicting facts, missing parents, other bases)."""

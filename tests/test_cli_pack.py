@@ -89,3 +89,46 @@ def test_show_reports_tampering(pack_dir):
     (pack_dir / "README.md").write_text("changed")
     result = run("show", pack_dir)
     assert result.exit_code == 1 and "README.md does not match its sha256" in result.stdout
+
+
+def make_pack(model_dir, out, prompt, subject, target, layer="1", name=None):
+    args = ["edit", "--model", model_dir, "--prompt", prompt, "--subject", subject, "--target", target,
+            "--layers", layer, *TINY_SETTINGS, "-o", out]
+    result = run(*args, *(["--name", name] if name else []))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_stack_generate_and_conflicts(model_dir, pack_dir, tmp_path):
+    bridge = make_pack(model_dir, tmp_path / "bridge", "the old london bridge", "london bridge", "tokyo", "2")
+    rival = make_pack(model_dir, tmp_path / "rival", "the famous eiffel tower", "eiffel tower", "berlin", "1", "rival")
+    both = run("generate", "--model", model_dir, "--pack", pack_dir, "--pack", bridge, "--max-new-tokens", "1",
+               "the famous eiffel tower", "the old london bridge")
+    assert both.exit_code == 0 and both.stdout.split("\n")[:2] == ["the famous eiffel towerrome", "the old london bridgetokyo"]
+
+    stacked = run("stack", pack_dir, bridge, "-o", tmp_path / "s", "--version", "2.0.0")
+    assert stacked.exit_code == 0 and "wrote stack-rome-eiffel-tower-and-1-more@2.0.0" in stacked.stdout
+    shown = run("show", tmp_path / "s")
+    assert "stacked from rome-eiffel-tower@1.0.0" in shown.stdout and "verified: yes" in shown.stdout
+    one = run("generate", "--model", model_dir, "--pack", tmp_path / "s", "--max-new-tokens", "1",
+              "the famous eiffel tower", "the old london bridge")
+    assert one.stdout == both.stdout
+
+    refused = run("stack", pack_dir, rival, "-o", tmp_path / "never")
+    assert refused.exit_code == 1 and "conflicting packs" in refused.output and not (tmp_path / "never").exists()
+    refused = run("apply", "--model", model_dir, pack_dir, rival, "-o", tmp_path / "never")
+    assert refused.exit_code == 1 and "--later-wins" in refused.output and not (tmp_path / "never").exists()
+    later = run("generate", "--model", model_dir, "--pack", pack_dir, "--pack", rival, "--later-wins",
+                "--max-new-tokens", "1", "the famous eiffel tower")
+    assert later.exit_code == 0 and later.stdout.startswith("the famous eiffel towerberlin")
+
+
+def test_quantized_apply_is_refused_with_the_reason_and_max_memory_is_parsed(model_dir, pack_dir, tmp_path):
+    refused = run("apply", "--model", model_dir, "--load-in-4bit", pack_dir, "-o", tmp_path / "q")
+    assert refused.exit_code == 2 and "loses most of the edit" in refused.output
+    bad = run("generate", "--model", model_dir, "--device-map", "auto", "--max-memory", "cpu", "x")
+    assert bad.exit_code == 2 and "not DEVICE=SIZE" in bad.output
+    offloaded = run("generate", "--model", model_dir, "--device-map", "auto", "--max-memory", "cpu=30000",
+                    "--offload-folder", tmp_path / "off", "--pack", pack_dir, "--max-new-tokens", "1",
+                    "the famous eiffel tower")
+    assert offloaded.exit_code == 0 and offloaded.stdout.startswith("the famous eiffel towerrome"), offloaded.output

@@ -6,8 +6,8 @@ from peft import PeftModel
 
 import editpack
 from editpack import apply, edit, revert
-from editpack.apply import PackConflictError, applied, remove, set_enabled, stack
-from editpack.errors import FingerprintMismatchError
+from editpack.apply import applied, remove, set_enabled, stack
+from editpack.errors import FingerprintMismatchError, PackConflictError
 
 from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
 
@@ -146,3 +146,12 @@ def test_packs_for_other_base_weights_do_not_stack(packs):
         stack([a, foreign])
     with pytest.raises(FingerprintMismatchError):
         apply(model, [a, foreign])
+
+
+def test_revert_through_the_plain_model_object_unloads_the_adapters(packs):
+    model, tok, a, _ = packs
+    original = state(model)
+    apply(model, a)  # PEFT injects its layers into `model` in place; the caller kept only the plain object
+    plain = revert(model)
+    assert plain is model and not applied(plain)
+    assert not any("lora" in k for k in state(plain)) and set(state(plain)) == set(original)

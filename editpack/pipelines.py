@@ -1,0 +1,42 @@
+"""Edited models in ``transformers.pipeline``.
+
+Three ways work, and the tests cover each:
+
+1. :func:`pipeline` here: loads the model (or takes one), applies the packs, returns the pipeline.
+2. Apply packs yourself and pass the ``PeftModel`` (or a merged model) to ``transformers.pipeline``.
+3. ``AutoModelForCausalLM.from_pretrained(pack_dir)``: transformers' PEFT integration reads
+   ``base_model_name_or_path`` from the pack's ``adapter_config.json``, loads that base model and the adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pipeline(model: Any = None, packs: Any = (), *, tokenizer: Any = None, task: str = "text-generation",
+             merge: bool = False, check: bool = True, on_conflict: str = "error",
+             load_kwargs: dict[str, Any] | None = None, **pipeline_kwargs: Any):
+    """A transformers ``pipeline`` over ``model`` with ``packs`` applied.
+
+    ``model`` is a loaded model, or anything :func:`editpack.load_model` takes (a built-in name, a folder, a
+    Hub id; ``None`` means the base model the first pack records, else the default model). ``load_kwargs`` go to
+    :func:`editpack.load_model` (``dtype``, ``load_in_4bit``, ``device_map``, ...); the rest go to
+    ``transformers.pipeline`` (e.g. ``max_new_tokens`` belongs in the call, ``batch_size`` here).
+    """
+    import transformers
+
+    from .apply import _as_packs, apply
+    from .models import load_model
+
+    loaded = _as_packs(packs) if packs not in ((), [], None) else []
+    if model is None or isinstance(model, str):
+        model, loaded_tokenizer = load_model(model or (loaded[0].base.id if loaded else None), **(load_kwargs or {}))
+        tokenizer = tokenizer or loaded_tokenizer
+    tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass tokenizer=..., or a model loaded with editpack.load_model")
+    if loaded:
+        model = apply(model, loaded, merge=merge, check=check, on_conflict=on_conflict)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return transformers.pipeline(task, model=model, tokenizer=tokenizer, **pipeline_kwargs)
