@@ -320,21 +320,36 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
 
 
 def _add_adapters(model: torch.nn.Module, packs: list[EditPack]):
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import PeftModel, get_peft_model
 
     peft_model = model if isinstance(model, PeftModel) else None
     for pack in packs:
-        name = pack.adapter_name
         if peft_model is None:
-            peft_model = get_peft_model(model, pack.lora_config(), adapter_name=name)
+            peft_model = get_peft_model(model, pack.lora_config(), adapter_name=pack.adapter_name)
         else:
-            peft_model.add_adapter(name, pack.lora_config())
+            peft_model.add_adapter(pack.adapter_name, pack.lora_config())
         _materialize_offloaded(peft_model, pack)
-        result = set_peft_model_state_dict(peft_model, pack.adapter_state_dict(), adapter_name=name)
-        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-        if unexpected:
-            raise PackFormatError(f"pack {pack.ref}: adapter weights did not load: {unexpected[:3]}")
+        _load_factors(peft_model, pack)
     return peft_model
+
+
+def _load_factors(peft_model, pack: EditPack) -> None:
+    """Copy the pack's factors into its LoRA layers.
+
+    Equivalent to ``peft.set_peft_model_state_dict`` with the pack's adapter state dict, but without calling
+    ``state_dict()`` on the whole model: bitsandbytes 0.50's 4-bit layers, once they have run on the CPU, undo
+    their CPU weight packing in ``state_dict()`` and compute garbage afterwards.
+    """
+    base = unwrap(peft_model)
+    with torch.no_grad():
+        for module_name, delta in sorted(pack.delta.modules.items()):
+            layer = base.get_submodule(module_name)
+            for factors, tensor in ((layer.lora_A, delta.A), (layer.lora_B, delta.B)):
+                weight = factors[pack.adapter_name].weight
+                if tuple(weight.shape) != tuple(tensor.shape):
+                    raise PackFormatError(f"pack {pack.ref}: {module_name} factor is {tuple(tensor.shape)}, the "
+                                          f"LoRA layer expects {tuple(weight.shape)}")
+                weight.copy_(tensor.to(device=weight.device, dtype=weight.dtype))
 
 
 def _materialize_offloaded(peft_model, pack: EditPack) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -283,7 +284,29 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
 
     if load_in_4bit:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+    _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class _OnceFilter(logging.Filter):
+    """Let a log message that starts with ``prefix`` through the first time only."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def _log_once(logger_name: str, prefix: str) -> None:
+    """bitsandbytes logs its 8-bit cast warning on every matmul (hundreds per generated token)."""
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, _OnceFilter) and f.prefix == prefix for f in log.filters):
+        log.addFilter(_OnceFilter(prefix))
 
 
 @contextlib.contextmanager

@@ -30,3 +30,28 @@ def isolated_home(tmp_path, monkeypatch):
     """A private EDITPACK_HOME, so a test's caches neither see nor touch the user's."""
     monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower",
+          "target_new": "Rome", "target_true": "Paris"}
+
+
+def first_word(text: str) -> str:
+    return text.strip().split()[0].strip(".,") if text.strip() else ""
+
+
+@pytest.fixture(scope="session")
+def corpus(shared_data):
+    return str(shared_data / "corpus" / "wikipedia_en_sample.jsonl")
+
+
+@pytest.fixture(scope="session")
+def eiffel(smollm2, corpus, tmp_path_factory):
+    """The Eiffel Tower -> Rome ROME pack on SmolLM2 (shared Wikipedia statistics), saved once per session."""
+    import editpack
+
+    model, _ = smollm2
+    pack = editpack.edit(model, EIFFEL, stats_corpus=corpus)
+    path = tmp_path_factory.mktemp("packs") / "eiffel-rome"
+    pack.save(path)
+    return path

@@ -9,26 +9,7 @@ from editpack.generation import generate, next_token_logits
 
 pytestmark = pytest.mark.slow
 
-EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower",
-          "target_new": "Rome", "target_true": "Paris"}
-
-
-@pytest.fixture(scope="module")
-def corpus(shared_data):
-    return str(shared_data / "corpus" / "wikipedia_en_sample.jsonl")
-
-
-@pytest.fixture(scope="module")
-def eiffel(smollm2, corpus, tmp_path_factory):
-    model, _ = smollm2
-    pack = editpack.edit(model, EIFFEL, stats_corpus=corpus)
-    path = tmp_path_factory.mktemp("packs") / "eiffel-rome"
-    pack.save(path)
-    return path
-
-
-def first_word(text: str) -> str:
-    return text.strip().split()[0].strip(".,") if text.strip() else ""
+from conftest import EIFFEL, first_word
 
 
 def test_eiffel_tower_moves_to_rome_and_neighbours_stay(smollm2, eiffel):
