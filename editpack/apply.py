@@ -84,7 +84,9 @@ def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
             f"pack {pack.ref} edits modules this model does not have: {', '.join(missing)} "
             f"(made for {pack.base.id}, model_type {pack.base.model_type})"
         )
-    override = "Pass check=False (CLI: --force) to apply it anyway."
+    shown = "; ".join(f"{f.text!r} -> {f.target_new!r}" for f in pack.facts[:3])
+    more = f" and {len(pack.facts) - 3} more" if len(pack.facts) > 3 else ""
+    override = f"(Its facts: {shown}{more}.) Pass check=False (CLI: --force) to apply it anyway."
     quantized = [m for m in pack.modules if is_quantized(base.get_submodule(m))]
     if quantized:
         _check_quantized(base, pack, quantized, override)
