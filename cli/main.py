@@ -287,17 +287,74 @@ def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
                f"{', '.join(p['name'] + '@' + p['version'] for p in one.parents if p['relation'] == 'stacked')}; {ranks}")
 
 
+# ------------------------------------------------------------------------------------------------ the Hub
+@main.command("push")
+@click.argument("pack")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private (if it does not exist yet).")
+@click.option("--message", default=None, help="Commit message (default: pack name and version).")
+@friendly_errors
+def push_cmd(pack, repo_id, private, message):
+    """Upload PACK to the Hub model repository REPO_ID (user/name) as one commit tagged v<version>."""
+    from editpack.hub import push
+
+    result = push(pack, repo_id, private=private, message=message)
+    if result.created:
+        click.echo(f"pushed {load_packs([pack])[0].name} {result.version} to {result.repo_id} "
+                   f"(tag {result.tag}, commit {result.commit[:12]})")
+    else:
+        click.echo(f"{result.repo_id} already has {result.tag} with this content (commit {result.commit[:12]}); "
+                   "nothing to do")
+
+
+@main.command("pull")
+@click.argument("reference")
+@click.option("--output", "-o", default=None, type=click.Path(file_okay=False),
+              help="Copy the verified pack here (default: use it in place in the Hugging Face cache).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@friendly_errors
+def pull_cmd(reference, output, overwrite):
+    """Download REFERENCE (user/name[@1.2.0|@branch|@commit]) and verify every file against its manifest."""
+    from editpack.hub import pull
+
+    pack = pull(reference, output, overwrite=overwrite)
+    click.echo(f"{pack.name} {pack.version}: {len(pack.facts)} fact(s), verified, at {pack.path}")
+
+
+@main.command("versions")
+@click.argument("repo_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def versions_cmd(repo_id, as_json):
+    """List the versions of the pack in REPO_ID with their dates and commits."""
+    from dataclasses import asdict
+
+    from editpack.hub import versions
+
+    found = versions(repo_id)
+    if as_json:
+        click.echo(json.dumps([asdict(v) for v in found], indent=2))
+        return
+    if not found:
+        click.echo(f"{repo_id} has no versions yet")
+    for v in found:
+        click.echo(f"{v.version:<12} {v.tag:<13} {v.date or '-':<26} {v.commit}")
+
+
 @main.command("show")
-@click.argument("pack", type=click.Path(file_okay=False))
+@click.argument("pack")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and verification as JSON.")
 @friendly_errors
 def show_cmd(pack, as_json):
     """Describe a pack: facts, method, base model, files and whether they verify."""
     from pathlib import Path
 
+    from editpack.hub import parse_reference, pull
     from editpack.pack import read_manifest, verify_files
 
     directory = Path(pack)
+    if not directory.exists() and parse_reference(pack):
+        directory = pull(pack).path  # from the Hub, through its cache
     manifest = read_manifest(directory)
     problems = verify_files(directory, manifest)
     if as_json:
@@ -349,6 +406,9 @@ def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
     from editpack.facts import load_facts
 
     (loaded,) = load_packs([pack])
+    if loaded.source:
+        raise click.UsageError(f"{pack} is read in place from the Hugging Face cache; pull it to a directory "
+                               f"first (editpack pull {pack} -o DIR) and evaluate that")
     lm, tokenizer = load_from_options(model_opts, packs_model([loaded]))
     if not force:
         check_fingerprint(lm, loaded)

@@ -1,12 +1,288 @@
-"""Where packs come from: local directories (and, later, the Hugging Face Hub)."""
+"""Packs on the Hugging Face Hub: push a version, pull one (verified), list versions.
+
+A pack lives in a model repository; each version is one commit holding the pack's files, tagged ``v<version>``.
+Everything goes through ``huggingface_hub`` (``HfApi.create_repo``/``create_commit``/``create_tag``,
+``snapshot_download`` and its cache), so authentication, endpoints and offline mode follow it:
+
+- the token comes from ``token=``, ``HF_TOKEN`` or the login cache (``hf auth login``); editpack never prints,
+  logs or stores it;
+- the endpoint comes from ``endpoint=`` or ``HF_ENDPOINT`` (read at call time);
+- with ``HF_HUB_OFFLINE=1``, versions already pulled are served from the Hugging Face cache.
+
+A tag is immutable: pushing a version that exists with other content is refused, pushing the same content again
+does nothing. The tag is created only after the commit succeeded, so a failed push leaves no version behind, and
+a retry after a failure between commit and tag tags the commit already made.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .pack import EditPack
+from ._io import atomic_directory
+from .errors import EditpackError, PackFormatError
+from .pack import MANIFEST, EditPack, check_version, read_manifest, verify_files
+
+_REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^@\s]+))?$")
+_SEMVER_TAG = re.compile(r"^v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
+TOKEN_HELP = "set HF_TOKEN or log in with `hf auth login`"
 
 
-def resolve_pack(reference) -> EditPack:
-    """Load the pack ``reference`` names: a local pack directory."""
-    return EditPack.load(Path(reference))
+class HubError(EditpackError):
+    """A Hub operation that could not be done (not found, not allowed, version exists, offline, ...)."""
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """``user/name`` with an optional revision: a version (``1.2.0`` or ``v1.2.0``), a branch or a commit."""
+
+    repo_id: str
+    revision: str | None = None
+
+    @property
+    def git_revision(self) -> str:
+        """What to ask the Hub for: versions become their ``v`` tags; anything else is passed through."""
+        if self.revision is None:
+            return "main"
+        match = _SEMVER_TAG.match(self.revision)
+        return f"v{match[1]}" if match else self.revision
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_reference(text: str) -> HubReference | None:
+    """``user/name[@revision]`` as a :class:`HubReference`; ``None`` when ``text`` is not of that form."""
+    match = _REFERENCE.match(str(text))
+    return HubReference(match["repo"], match["rev"]) if match else None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    version: str
+    tag: str
+    commit: str
+    created: bool  # False when this exact version was already there (nothing was done)
+
+
+@dataclass(frozen=True)
+class PackVersion:
+    version: str
+    tag: str
+    commit: str
+    date: str | None
+
+
+def _endpoint(endpoint: str | None) -> str | None:
+    return endpoint or os.environ.get("HF_ENDPOINT") or None
+
+
+def _api(token: str | None, endpoint: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=_endpoint(endpoint), token=token)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_error(exc: Exception, reference: HubReference | str) -> HubError:
+    """A clear message for huggingface_hub's errors (which never contain the token)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return HubError(f"{reference}: the repository is gated; request access on the Hub, then {TOKEN_HELP}")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, RepositoryNotFoundError) or status == 401:
+        return HubError(f"{reference}: repository not found, or it is private and no valid token was given "
+                        f"({TOKEN_HELP})")
+    if status == 403:
+        return HubError(f"{reference}: this token may not do that (read-only token, or not your namespace)")
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{reference}: no such version, branch or commit (see `editpack versions`)")
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return HubError(f"{reference}: not in the local Hugging Face cache and the Hub cannot be reached "
+                        "(offline mode or no connection); pull it once while online")
+    return HubError(f"{reference}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _remote_manifest(api, repo_id: str, revision: str) -> dict[str, Any] | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, MANIFEST, revision=revision, endpoint=api.endpoint, token=api.token)
+    except EntryNotFoundError:
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _same_content(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    return a is not None and a == b
+
+
+# ---------------------------------------------------------------------------------------------- push
+def push(pack: EditPack | str | Path, repo_id: str, *, private: bool = False, message: str | None = None,
+         token: str | None = None, endpoint: str | None = None) -> PushResult:
+    """Upload ``pack`` to the model repository ``repo_id`` in one commit and tag it ``v<version>``.
+
+    The repository is created if needed (``private`` then applies). Returns what was done; raises
+    :class:`HubError` if the version exists there with different content.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if parse_reference(repo_id) is None or "@" in repo_id:
+        raise HubError(f"{repo_id!r} is not a repository id like user/name")
+    with tempfile.TemporaryDirectory(prefix="editpack-push-") as scratch:
+        if isinstance(pack, EditPack) and pack.path is None:
+            pack.save(Path(scratch) / "pack")
+        directory = Path(pack.path if isinstance(pack, EditPack) else pack)
+        local = EditPack.load(directory)  # verifies every file against the manifest
+        manifest = read_manifest(directory)
+        tag = f"v{local.version}"
+        api = _api(token, endpoint)
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            refs = api.list_repo_refs(repo_id)
+            tags = {t.name: t.target_commit for t in refs.tags}
+            if tag in tags:
+                if _same_content(_remote_manifest(api, repo_id, tags[tag]), manifest):
+                    return PushResult(repo_id, local.version, tag, tags[tag], created=False)
+                raise HubError(f"{repo_id} already has version {local.version} ({tag}) with different content; "
+                               "versions are immutable: give this pack a new version (editpack edit --version, or "
+                               "save it with another version) and push that")
+            head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+            if head is not None and _same_content(_remote_manifest(api, repo_id, head), manifest):
+                commit = head  # an earlier push committed these files but failed before tagging
+            else:
+                names = [MANIFEST, *sorted(manifest["files"])]
+                ops: list = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(directory / n)) for n in names]
+                if head is not None:
+                    stale = set(api.list_repo_files(repo_id, revision=head)) - set(names) - {".gitattributes"}
+                    ops += [CommitOperationDelete(path_in_repo=p) for p in sorted(stale)]
+                info = api.create_commit(
+                    repo_id, ops, commit_message=message or f"{local.name} {local.version}",
+                    commit_description=f"editpack {local.method} pack, {len(local.facts)} fact(s)",
+                    parent_commit=head,
+                )
+                commit = info.oid
+            api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"{local.name} {local.version}")
+        except HfHubHTTPError as exc:
+            raise _hub_error(exc, repo_id) from exc
+    return PushResult(repo_id, local.version, tag, commit, created=True)
+
+
+# ---------------------------------------------------------------------------------------------- pull
+def pull(reference: str | HubReference, output: str | Path | None = None, *, overwrite: bool = False,
+         token: str | None = None, endpoint: str | None = None) -> EditPack:
+    """Download a pack version through the Hugging Face cache and verify every file against its manifest.
+
+    ``reference`` is ``user/name[@version|@branch|@commit]`` (the default is ``main``). With ``output`` the
+    verified files are also copied there (atomically; nothing is written if verification fails). Without it the
+    pack is read in place from the cache (read-only). Works offline for versions already pulled.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    ref = reference if isinstance(reference, HubReference) else parse_reference(reference)
+    if ref is None:
+        raise HubError(f"{reference!r} is not a Hub pack reference like user/name@1.0.0")
+    if output is not None and Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.git_revision, endpoint=_endpoint(endpoint),
+                                        token=token, local_files_only=_offline()))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise _hub_error(exc, ref) from exc
+    try:
+        manifest = read_manifest(folder)
+    except PackFormatError as exc:
+        raise HubError(f"{ref} does not hold an editpack pack: {exc}") from exc
+    problems = verify_files(folder, manifest)
+    if problems:
+        _evict(ref.repo_id, folder.name)
+        raise PackFormatError(f"{ref} (commit {folder.name[:12]}) failed verification, nothing was kept: "
+                              + "; ".join(problems))
+    if output is None:
+        pack = EditPack.load(folder, verify=False)
+        pack.source = f"{ref.repo_id}@{folder.name}"
+        return pack
+    with atomic_directory(Path(output), overwrite=overwrite) as tmp:
+        for name in [MANIFEST, *manifest["files"]]:
+            shutil.copyfile(folder / name, tmp / name)  # follows the cache's symlinks to the blobs
+    return EditPack.load(Path(output))
+
+
+def _evict(repo_id: str, commit: str) -> None:
+    """Drop a revision that failed verification from the Hugging Face cache, so it is not served again."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # noqa: BLE001 - a cache we cannot scan is simply left alone
+        return
+    hashes = [r.commit_hash for repo in cache.repos if repo.repo_id == repo_id for r in repo.revisions
+              if r.commit_hash == commit]
+    if hashes:
+        cache.delete_revisions(*hashes).execute()
+
+
+# ---------------------------------------------------------------------------------------------- versions
+def versions(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> list[PackVersion]:
+    """The versions of the pack in ``repo_id`` (its ``v<semver>`` tags), oldest first, with dates and commits."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = _api(token, endpoint)
+    try:
+        refs = api.list_repo_refs(repo_id)
+        dates = {c.commit_id: c.created_at.isoformat() for c in api.list_repo_commits(repo_id)}
+        out = []
+        for tag in refs.tags:
+            match = _SEMVER_TAG.match(tag.name)
+            if not match:
+                continue
+            if tag.target_commit not in dates:  # a tag on a commit no longer on main
+                history = api.list_repo_commits(repo_id, revision=tag.name)
+                dates[tag.target_commit] = history[0].created_at.isoformat() if history else None
+            out.append(PackVersion(match[1], tag.name, tag.target_commit, dates.get(tag.target_commit)))
+    except HfHubHTTPError as exc:
+        raise _hub_error(exc, repo_id) from exc
+    return sorted(out, key=lambda v: _semver_key(v.version))
+
+
+def _semver_key(version: str) -> tuple:
+    check_version(version)
+    core, _, pre = version.partition("-")
+    return (*(int(x) for x in core.split(".")), pre == "", pre)
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+def resolve_pack(reference: Any, *, token: str | None = None, endpoint: str | None = None) -> EditPack:
+    """The pack ``reference`` names: an :class:`EditPack`, a local pack directory, or ``user/name[@version]``.
+
+    A local directory wins over a Hub reference of the same spelling.
+    """
+    if isinstance(reference, EditPack):
+        return reference
+    path = Path(str(reference))
+    if path.exists():
+        return EditPack.load(path)
+    hub = parse_reference(str(reference))
+    if hub is None:
+        raise PackFormatError(f"{reference!r} is neither a pack directory nor a Hub reference like user/name@1.0.0")
+    return pull(hub, token=token, endpoint=endpoint)

@@ -83,6 +83,7 @@ class EditPack:
     evaluation: dict[str, Any] | None = None
     path: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
+    source: str | None = None  # ``user/name@commit`` when read in place from the Hugging Face cache (read-only)
 
     def __post_init__(self) -> None:
         check_version(self.version)

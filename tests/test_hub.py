@@ -1,0 +1,203 @@
+"""Push, pull and versions against a Hub-compatible server on 127.0.0.1, with the real huggingface_hub client."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants as hf_constants
+import pytest
+import torch
+
+import editpack
+from editpack.errors import PackFormatError
+from editpack.hub import HubError, parse_reference, pull, push, resolve_pack, versions
+
+from hubserver import HubServer
+from tiny import FACT, TINY, logits, tiny_model, tiny_tokenizer
+
+REPO = "user/eiffel"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh server, this process pointed at it, and a private Hugging Face cache without a login."""
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", server.token)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        yield server
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    model, tok = editpack.load_model(str(model_dir))
+    packs = {}
+    for version, target in (("1.0.0", "rome"), ("1.1.0", "berlin")):
+        fact = editpack.make_fact(FACT.prompt, FACT.subject, target, "paris")
+        packs[version] = editpack.edit(model, fact, layers=[1], name="eiffel", version=version, **TINY)
+        packs[version].save(tmp_path / f"eiffel-{version}")
+    return model_dir, model, tok, packs
+
+
+def hub_env(hub, tmp_path, **extra):
+    """Environment for a subprocess using the test server and cache (set before huggingface_hub is imported)."""
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HUB_CACHE=str(tmp_path / "hf-cache"),
+               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(Path(__file__).parent))
+    env.update(extra)
+    return env
+
+
+def test_reference_parsing():
+    assert parse_reference("user/name@1.2.0").git_revision == "v1.2.0"
+    assert parse_reference("user/name@v1.2.0").git_revision == "v1.2.0"
+    assert parse_reference("user/name").git_revision == "main"
+    assert parse_reference("user/name@dev").git_revision == "dev"
+    assert parse_reference("a" * 40 + "/x") is not None and parse_reference("not a ref") is None
+    assert parse_reference("./local/dir") is None
+
+
+def test_push_pull_round_trip_at_two_versions(hub, setup, tmp_path):
+    _, model, tok, packs = setup
+    first = push(packs["1.0.0"], REPO)
+    second = push(tmp_path / "eiffel-1.1.0", REPO, message="Eiffel Tower: now Berlin")
+    assert first.created and second.created and first.commit != second.commit
+    assert hub.tags(REPO) == {"v1.0.0": first.commit, "v1.1.0": second.commit}
+    listed = versions(REPO)
+    assert [(v.version, v.tag, v.commit) for v in listed] == [("1.0.0", "v1.0.0", first.commit),
+                                                               ("1.1.0", "v1.1.0", second.commit)]
+    assert all(v.date for v in listed)
+
+    for version, target in (("1.0.0", "rome"), ("1.1.0", "berlin")):
+        pulled = pull(f"{REPO}@{version}", tmp_path / f"pulled-{version}")
+        assert pulled.version == version and pulled.content_id == packs[version].content_id
+        assert sorted(p.name for p in (tmp_path / f"pulled-{version}").iterdir()) == sorted(
+            ["editpack.json", *packs[version].files])
+        edited = editpack.apply(model, f"{REPO}@{version}")  # a Hub reference wherever a pack is taken
+        assert tok.decode(logits(edited, tok, FACT.text).argmax()) == target
+        model = editpack.revert(edited)
+    assert pull(REPO).version == "1.1.0"  # main holds the latest push
+    assert pull(f"{REPO}@{first.commit}").version == "1.0.0"  # a commit id works too
+
+
+def test_tags_are_immutable_and_same_content_is_a_no_op(hub, setup, tmp_path):
+    _, model, tok, packs = setup
+    first = push(packs["1.0.0"], REPO)
+    again = push(tmp_path / "eiffel-1.0.0", REPO)
+    assert not again.created and again.commit == first.commit and len(hub.commits(REPO)) == 2  # initial + one
+    clash = editpack.edit(model, editpack.make_fact(FACT.prompt, FACT.subject, "tokyo", "paris"), layers=[1],
+                          name="eiffel", version="1.0.0", **TINY)
+    with pytest.raises(HubError, match="already has version 1.0.0 .* with different content"):
+        push(clash, REPO)
+    assert hub.tags(REPO) == {"v1.0.0": first.commit} and len(hub.commits(REPO)) == 2
+
+
+def test_failed_push_creates_no_version_and_a_retry_succeeds(hub, setup):
+    _, _, _, packs = setup
+    hub.fail_next("commit", times=10)  # more than the client's own retries
+    with pytest.raises(HubError):
+        push(packs["1.0.0"], REPO)
+    assert hub.tags(REPO) == {}
+    hub.state.failures.clear()
+    hub.fail_next("tag", times=1)  # the commit lands, the tag does not
+    with pytest.raises(HubError):
+        push(packs["1.0.0"], REPO)
+    assert hub.tags(REPO) == {}
+    commits = hub.commits(REPO)
+    retry = push(packs["1.0.0"], REPO)
+    assert retry.created and hub.tags(REPO) == {"v1.0.0": retry.commit}
+    assert hub.commits(REPO) == commits  # the commit already made was tagged, no second upload
+    assert pull(f"{REPO}@1.0.0").content_id == packs["1.0.0"].content_id
+
+
+def test_download_that_differs_from_the_manifest_is_refused(hub, setup, tmp_path):
+    _, _, _, packs = setup
+    push(packs["1.0.0"], REPO)
+    weights = (tmp_path / "eiffel-1.0.0" / "adapter_model.safetensors").read_bytes()
+    hub.tamper(REPO, "adapter_model.safetensors", weights[:-1] + bytes([weights[-1] ^ 1]))
+    with pytest.raises(PackFormatError, match="failed verification.*adapter_model.safetensors does not match"):
+        pull(f"{REPO}@1.0.0", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
+    hub.state.tampered.clear()  # the bad copy was evicted from the cache: a clean download now verifies
+    assert pull(f"{REPO}@1.0.0", tmp_path / "out").version == "1.0.0"
+
+
+def test_private_repo_needs_a_token(hub, setup, monkeypatch):
+    _, _, _, packs = setup
+    push(packs["1.0.0"], "user/secret", private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match="not found, or it is private and no valid token was given .*HF_TOKEN"):
+        pull("user/secret@1.0.0")
+    with pytest.raises(HubError, match="HF_TOKEN"):
+        versions("user/secret")
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert pull("user/secret@1.0.0").version == "1.0.0"
+
+
+def test_unknown_version_and_bad_reference(hub, setup):
+    _, _, _, packs = setup
+    push(packs["1.0.0"], REPO)
+    with pytest.raises(HubError, match="no such version"):
+        pull(f"{REPO}@9.9.9")
+    with pytest.raises(PackFormatError, match="neither a pack directory nor a Hub reference"):
+        resolve_pack("no such thing")
+
+
+def test_cli_push_versions_pull_offline_and_token_never_shown(hub, setup, tmp_path):
+    model_dir, _, _, _ = setup
+    env = hub_env(hub, tmp_path)
+    cli = [sys.executable, "-m", "editpack.cli.main"]
+    pushed = subprocess.run([*cli, "push", tmp_path / "eiffel-1.0.0", REPO, "--private"], env=env,
+                            capture_output=True, text=True)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed eiffel 1.0.0 to user/eiffel (tag v1.0.0" in pushed.stdout
+    listed = subprocess.run([*cli, "versions", REPO], env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and "1.0.0" in listed.stdout and "v1.0.0" in listed.stdout
+    got = subprocess.run([*cli, "pull", f"{REPO}@1.0.0", "-o", tmp_path / "p1"], env=env, capture_output=True,
+                         text=True)
+    assert got.returncode == 0, got.stderr
+    offline = hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens
+    again = subprocess.run([*cli, "pull", f"{REPO}@1.0.0", "-o", tmp_path / "p2"], env=offline,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "p2" / "editpack.json").read_bytes() == (tmp_path / "p1" / "editpack.json").read_bytes()
+    missing = subprocess.run([*cli, "pull", f"{REPO}@1.1.0", "-o", tmp_path / "p3"], env=offline,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "not in the local Hugging Face cache" in missing.stderr
+    generated = subprocess.run([*cli, "generate", "--model", model_dir, "--pack", f"{REPO}@1.0.0",
+                                "--max-new-tokens", "1", FACT.text], env=offline, capture_output=True, text=True)
+    assert generated.returncode == 0 and generated.stdout.startswith(FACT.text + "rome"), generated.stderr
+    for output in (pushed, listed, got, again, missing, generated):
+        assert hub.token not in output.stdout + output.stderr
+    for folder in (tmp_path / "p1", tmp_path / "hf-cache"):
+        for path in folder.rglob("*"):
+            assert not path.is_file() or hub.token.encode() not in path.read_bytes(), path
+
+
+def test_plain_peft_loads_a_pack_from_the_hub_by_version(hub, setup, tmp_path):
+    model_dir, model, tok, packs = setup
+    push(packs["1.0.0"], REPO)
+    push(packs["1.1.0"], REPO)
+    expected = logits(editpack.apply(model, packs["1.0.0"]), tok, FACT.text)
+    script = (
+        "import sys, torch\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"base = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})\n"
+        f"tok = AutoTokenizer.from_pretrained({str(model_dir)!r})\n"
+        f"model = PeftModel.from_pretrained(base, {REPO!r}, revision='v1.0.0')\n"
+        f"ids = tok({FACT.text!r}, return_tensors='pt')\n"
+        "torch.save(model(**ids).logits[0, -1].detach(), sys.argv[1])\n"
+    )
+    out = tmp_path / "logits.pt"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], env=hub_env(hub, tmp_path), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(out), expected, rtol=1e-6, atol=1e-6)
