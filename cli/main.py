@@ -406,17 +406,18 @@ def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
     from editpack.facts import load_facts
 
     (loaded,) = load_packs([pack])
-    if loaded.source:
-        raise click.UsageError(f"{pack} is read in place from the Hugging Face cache; pull it to a directory "
-                               f"first (editpack pull {pack} -o DIR) and evaluate that")
     lm, tokenizer = load_from_options(model_opts, packs_model([loaded]))
     if not force:
         check_fingerprint(lm, loaded)
     facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
     result = evaluate_pack(lm, tokenizer, loaded, facts, data=data, protocols=protocols or PROTOCOLS)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+    if loaded.source:  # read in place from the Hugging Face cache, which must not be written to
+        click.echo(f"results not stored: {pack} is read from the Hugging Face cache; `editpack pull {pack} -o DIR` "
+                   "and evaluate DIR to store them in the pack", err=True)
+        return
     loaded.evaluation = result
     loaded.save(loaded.path, overwrite=True)
-    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if not as_json:
         click.echo(f"results written to {loaded.path / 'editpack.json'} and its card README.md")
 

@@ -7,6 +7,7 @@ Public API (see the README):
 - :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off;
   :func:`applied`, :func:`set_enabled`, :func:`remove` for one pack at a time; :func:`stack` sums packs into one.
 - :func:`pipeline` — a transformers text-generation pipeline over an edited model.
+- :func:`push` / :func:`pull` / :func:`versions` — packs on the Hugging Face Hub, by version.
 - :func:`generate` — batched greedy continuations.
 - :mod:`editpack.arch` — architecture specs (data files, one per model family).
 - :mod:`editpack.nethook` — read and patch module inputs/outputs during a forward pass.
@@ -19,6 +20,7 @@ from .arch import ArchSpec, spec_for
 from .errors import EditpackError, PackConflictError
 from .facts import Fact, Probe, load_facts, make_fact
 from .generation import generate
+from .hub import pull, push, versions
 from .models import DEFAULT_MODEL, load_model
 from .pack import EditPack
 from .pipelines import pipeline
@@ -41,9 +43,12 @@ __all__ = [
     "load_model",
     "make_fact",
     "pipeline",
+    "pull",
+    "push",
     "remove",
     "revert",
     "set_enabled",
     "spec_for",
     "stack",
+    "versions",
 ]

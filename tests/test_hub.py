@@ -201,3 +201,19 @@ def test_plain_peft_loads_a_pack_from_the_hub_by_version(hub, setup, tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(out), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_stack_and_show_take_hub_references(hub, setup, tmp_path):
+    from click.testing import CliRunner
+
+    from editpack.cli.main import main
+
+    model_dir, _, _, packs = setup
+    push(packs["1.0.0"], REPO)
+    run = CliRunner().invoke
+    evaluated = run(main, ["eval", f"{REPO}@1.0.0", "--model", str(model_dir), "--protocol", "prob_compare"])
+    assert evaluated.exit_code == 0 and "results not stored" in evaluated.output, evaluated.output
+    stacked = run(main, ["stack", f"{REPO}@1.0.0", "-o", str(tmp_path / "s"), "--version", "2.0.0"])
+    assert stacked.exit_code == 0 and "from eiffel@1.0.0" in stacked.output, stacked.output
+    shown = run(main, ["show", f"{REPO}@1.0.0"])
+    assert shown.exit_code == 0 and "verified: yes" in shown.output
