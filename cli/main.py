@@ -166,7 +166,7 @@ def load_packs(references) -> list:
 
 @main.command("edit")
 @model_options
-@click.option("--method", default="rome", show_default=True, help="Edit method (registered name).")
+@click.option("--method", default=None, help="Edit method: rome (default), memit, alphaedit, ft, lora.")
 @click.option("--facts", "facts_path", default=None, metavar="[FORMAT:]FILE",
               help="Facts file: JSON/JSONL/YAML, CounterFact, zsRE or MQuAKE (format detected or prefixed).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N records of --facts.")
@@ -180,16 +180,23 @@ def load_packs(references) -> list:
               help="Text corpus (JSONL with 'text', or plain text) for key statistics; default: model-sampled text.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any method hyper-parameter.")
 @click.option("--name", default=None, help="Pack name (default from method and subject).")
-@click.option("--version", "pack_version", default="1.0.0", show_default=True, help="Pack semantic version.")
+@click.option("--version", "pack_version", default=None,
+              help="Pack semantic version (default 1.0.0; with --onto, the next minor version).")
+@click.option("--onto", default=None, metavar="PACK",
+              help="Sequential editing: compute on the model with PACK applied and write PACK's next version.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
 @friendly_errors
 def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
-             target, target_true, paraphrase, layers, corpus, settings, name, pack_version, output, overwrite):
-    """Compute an edit and write it as a pack directory."""
+             target, target_true, paraphrase, layers, corpus, settings, name, pack_version, onto, output, overwrite):
+    """Compute an edit and write it as a pack directory.
+
+    Methods: rome, memit, alphaedit, ft (FT-M), lora. With --onto PACK the facts are edited on top of PACK
+    (method and hyper-parameters default to PACK's) and the result is PACK's next version, holding both.
+    """
     from pathlib import Path
 
-    from editpack.api import edit
+    from editpack.api import edit, extend
     from editpack.facts import load_facts, make_fact
     from editpack.generation import generate
     from editpack.methods import get_method
@@ -202,8 +209,13 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
         raise click.UsageError("give --facts FILE, or all of --prompt, --subject and --target")
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    if onto and name:
+        raise click.UsageError("--onto keeps the pack's name; --name cannot be given with it")
+    parent = load_packs([onto])[0] if onto else None
+    method = method or (parent.method if parent else "rome")
     get_method(method)
-    check_version(pack_version)
+    if pack_version:
+        check_version(pack_version)
     facts = (load_facts(facts_path, limit=limit) if facts_path
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
     hparams = parse_set(settings)
@@ -211,8 +223,11 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
         hparams["layers"] = [int(x) for x in layers.split(",")]
     if corpus:
         hparams["stats_corpus"] = corpus
-    lm, tokenizer = load_from_options(model_opts)
-    pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version, **hparams)
+    lm, tokenizer = load_from_options(model_opts, packs_model([parent] if parent else []))
+    if parent:
+        pack = extend(lm, parent, facts, method, tokenizer=tokenizer, version=pack_version, **hparams)
+    else:
+        pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", **hparams)
     pack.save(output, overwrite=overwrite)
     click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(facts)} fact(s), {method}, modules: "
                f"{', '.join(pack.modules)})")
@@ -367,7 +382,8 @@ def show_cmd(pack, as_json):
     modules = manifest["delta"]["modules"]
     click.echo("delta:   " + ", ".join(f"{m} (rank {v['rank']})" for m, v in modules.items()))
     for parent in manifest.get("parents") or []:
-        how = "made on top of" if parent.get("relation", "onto") == "onto" else "stacked from"
+        how = {"onto": "made on top of", "stacked": "stacked from", "extends": "extends"}.get(
+            parent.get("relation", "onto"), parent.get("relation"))
         click.echo(f"lineage: {how} {parent['name']}@{parent['version']} ({str(parent.get('content'))[:19]}…)")
     click.echo(f"facts:   {len(manifest['facts'])}")
     for fact in manifest["facts"][:20]:

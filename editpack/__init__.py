@@ -3,7 +3,8 @@
 Public API (see the README):
 
 - :func:`load_model` — built-in short names, local folders, GGUF files, Hub ids.
-- :func:`edit` — compute an edit (ROME, ...) and return it as an :class:`EditPack`.
+- :func:`edit` — compute an edit (ROME, MEMIT, AlphaEdit, FT-M, LoRA) and return it as an :class:`EditPack`;
+  :func:`extend` — the next version of a pack, edited sequentially on top of it.
 - :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off;
   :func:`applied`, :func:`set_enabled`, :func:`remove` for one pack at a time; :func:`stack` sums packs into one.
 - :func:`pipeline` — a transformers text-generation pipeline over an edited model.
@@ -14,7 +15,7 @@ Public API (see the README):
 """
 
 from ._version import __version__
-from .api import edit
+from .api import edit, extend
 from .apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
 from .arch import ArchSpec, spec_for
 from .errors import EditpackError, PackConflictError
@@ -38,6 +39,7 @@ __all__ = [
     "applied",
     "apply",
     "edit",
+    "extend",
     "generate",
     "load_facts",
     "load_model",

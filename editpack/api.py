@@ -62,6 +62,7 @@ def edit(
     tokenizer=None,
     name: str | None = None,
     version: str = "1.0.0",
+    state: dict[str, torch.Tensor] | None = None,
     **hyperparameters: Any,
 ) -> EditPack:
     """Compute ``method``'s edit of ``model`` for ``facts`` and return it as an :class:`EditPack`.
@@ -72,7 +73,8 @@ def edit(
 
     ``model`` may carry packs (applied with :func:`editpack.apply`, merged or not): the edit is then computed on
     the edited model, holds only the change on top of them, and records them as parents that must be applied
-    first (:attr:`EditPack.requires`).
+    first (:attr:`EditPack.requires`). ``state`` is the method state of the pack being extended (see
+    :func:`extend`, which is the usual way to edit sequentially).
     """
     from .apply import applied
 
@@ -90,7 +92,7 @@ def edit(
     spec = spec_for(model)
     method_cls = get_method(method)
     config = method_cls.config_class.from_dict(hyperparameters)
-    delta = method_cls(config).compute(model, tokenizer, fact_list, spec)
+    delta = method_cls(config).compute(model, tokenizer, fact_list, spec, state=state)
     return EditPack(
         name=name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else ""),
         version=version,
@@ -101,4 +103,67 @@ def edit(
         delta=delta,
         fan_in_fan_out=spec.mlp_transposed,
         parents=parents,
+    )
+
+
+def next_version(version: str) -> str:
+    """The next minor version: ``1.2.3`` -> ``1.3.0`` (a pre-release suffix is dropped)."""
+    major, minor, _ = check_version(version).split("-")[0].split(".")
+    return f"{major}.{int(minor) + 1}.0"
+
+
+def extend(
+    model: torch.nn.Module,
+    pack: Any,
+    facts: Any,
+    method: str | None = None,
+    *,
+    tokenizer=None,
+    version: str | None = None,
+    **hyperparameters: Any,
+) -> EditPack:
+    """The next version of ``pack``: ``facts`` edited on ``model`` with ``pack`` applied, combined with it.
+
+    Sequential editing: the new facts are computed on the model as ``pack`` leaves it (with the method state
+    ``pack`` carries, e.g. AlphaEdit's earlier keys), and the result holds both deltas, all facts (a new fact
+    replaces an earlier one about the same subject and relation), the method's new state, and ``pack`` as its
+    ``extends`` parent. It applies to the base model on its own. ``method`` and hyper-parameters default to
+    ``pack``'s; ``version`` to the next minor version. ``model`` must carry no packs (it is left unchanged).
+    """
+    from .apply import applied, apply, fact_key, revert
+    from .fingerprint import combine
+    from .hub import resolve_pack
+    from .methods.delta import WeightDelta
+
+    parent = resolve_pack(pack)
+    if applied(model):
+        raise EditpackError("extend() applies the pack itself: pass the model without packs")
+    method = method or parent.method
+    base_hparams = dict(parent.hyperparameters) if method == parent.method and "stacked" not in parent.hyperparameters else {}
+    base_hparams.update(hyperparameters)
+    version = version or next_version(parent.version)
+    state = parent.delta.state if method == parent.method else None
+    edited = apply(model, parent)
+    try:
+        child = edit(edited, facts, method, tokenizer=tokenizer, name=parent.name, version=version, state=state,
+                     **base_hparams)
+    finally:
+        revert(edited)
+    delta = WeightDelta(state=dict(child.delta.state))
+    for source in (parent, child):
+        for module, part in sorted(source.delta.modules.items()):
+            delta.add(module, part)
+    replaced = {fact_key(f) for f in child.facts}
+    modules = {**(parent.base.modules or {}), **(child.base.modules or {})}
+    base = BaseModel(**{**parent.base.to_dict(), "modules": modules, "fingerprint": combine(modules)})
+    return EditPack(
+        name=parent.name,
+        version=version,
+        method=method,
+        hyperparameters=child.hyperparameters,
+        facts=[f for f in parent.facts if fact_key(f) not in replaced] + list(child.facts),
+        base=base,
+        delta=delta,
+        fan_in_fan_out=parent.fan_in_fan_out,
+        parents=list(parent.requires) + [parent.lineage_record("extends")],
     )

@@ -75,12 +75,17 @@ class ArchSpec:
     def default_layers(self, method: str, model: torch.nn.Module) -> list[int]:
         """The layers ``method`` edits by default on ``model`` (resolving depth fractions)."""
         entry = self.defaults.get(method)
-        if entry is None or "layers" not in entry:
+        if entry is None or ("layers" not in entry and "start" not in entry):
             raise UnknownArchitectureError(
                 f"the {self.family} spec gives no default layers for method {method!r}; pass layers=... or add "
                 f'"defaults": {{"{method}": {{"layers": [...]}}}} to adapters/{self.family}.json'
             )
         depth = self.num_layers(model)
+        if "start" in entry:  # a run of consecutive layers from a depth fraction (or index)
+            start = entry["start"]
+            first = int(start * depth) if isinstance(start, float) else int(start)
+            first = min(first, max(depth - int(entry["count"]), 0))
+            return list(range(first, min(first + int(entry["count"]), depth)))
         layers = []
         for value in entry["layers"]:
             index = int(value * depth) if isinstance(value, float) else int(value)

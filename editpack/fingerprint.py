@@ -98,11 +98,35 @@ def modules_fingerprint(model: torch.nn.Module, module_names: Iterable[str]) -> 
 
 
 def parameters_fingerprint(model: torch.nn.Module, prefixes: Iterable[str]) -> str:
-    """``sha256:<hex>`` over every parameter whose name starts with one of ``prefixes``."""
+    """``sha256:<hex>`` over every base parameter whose name starts with one of ``prefixes``.
+
+    PEFT adapters (unmerged packs) are left out and wrapped layers named as before wrapping, so a model with
+    unmerged packs has the fingerprint of its base.
+    """
     prefixes = tuple(prefixes)
     digest = hashlib.sha256()
     for name, param in unwrap(model).named_parameters():
+        if "lora_" in name:  # applied packs' adapters are not part of the base weights
+            continue
+        name = name.replace(".base_layer.", ".")
         if name.startswith(prefixes):
             digest.update(name.encode() + b"\0")
             tensor_digest(param, digest)
     return "sha256:" + digest.hexdigest()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run the base model: every PEFT adapter layer in ``model`` switched off, restored afterwards."""
+    layers = [m for m in unwrap(model).modules() if hasattr(m, "enable_adapters") and hasattr(m, "base_layer")]
+    was = [not getattr(m, "disable_adapters", False) for m in layers]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield model
+    finally:
+        for m, on in zip(layers, was):
+            m.enable_adapters(on)
+        for p, flag in grads:  # PEFT's toggle also sets requires_grad; put it back as it was
+            p.requires_grad_(flag)

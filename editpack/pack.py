@@ -34,9 +34,16 @@ FORMAT_VERSION = 1
 MANIFEST = "editpack.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STATE = "method_state.safetensors"
 CARD = "README.md"
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def stored_dense(delta: LowRankDelta) -> bool:
+    """Whether a delta is stored dense: its factors would not be smaller than the matrix itself."""
+    rows, cols = delta.B.shape[0], delta.A.shape[1]
+    return delta.rank * (rows + cols) >= rows * cols
 
 
 def check_version(version: str) -> str:
@@ -126,11 +133,30 @@ class EditPack:
         """The parents that must be applied before this pack (it was computed on a model carrying them)."""
         return [p for p in self.parents if p.get("relation", "onto") == "onto"]
 
+    def stored_factors(self) -> dict[str, LowRankDelta]:
+        """The factors as saved: low-rank while that is smaller than the dense matrix, else dense.
+
+        A dense delta ΔW (out × in) is stored as the LoRA pair (I, ΔW) or (ΔW, I), whichever has the smaller
+        rank min(out, in), so the adapter stays an ordinary PEFT LoRA while costing about a dense matrix.
+        """
+        out = {}
+        for name, d in sorted(self.delta.modules.items()):
+            rows, cols = d.B.shape[0], d.A.shape[1]
+            if not stored_dense(d):
+                out[name] = d
+                continue
+            dense = d.dense().float()
+            if rows <= cols:
+                out[name] = LowRankDelta(B=torch.eye(rows), A=dense)
+            else:
+                out[name] = LowRankDelta(B=dense, A=torch.eye(cols))
+        return out
+
     def lora_config(self):
         """A PEFT ``LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1)."""
         from peft import LoraConfig
 
-        ranks = {name: d.rank for name, d in self.delta.modules.items()}
+        ranks = {name: d.rank for name, d in self.stored_factors().items()}
         first = ranks[self.modules[0]]
         return LoraConfig(
             r=first,
@@ -149,8 +175,7 @@ class EditPack:
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA weights under PEFT's saved key names (no adapter name, as ``save_pretrained`` writes them)."""
         state = {}
-        for name in self.modules:
-            d = self.delta.modules[name]
+        for name, d in self.stored_factors().items():
             state[f"base_model.model.{name}.lora_A.weight"] = d.A.detach().float().contiguous().cpu()
             state[f"base_model.model.{name}.lora_B.weight"] = d.B.detach().float().contiguous().cpu()
         return state
@@ -171,8 +196,10 @@ class EditPack:
                 "form": "lora",
                 "content": self.content_id,
                 "fan_in_fan_out": self.fan_in_fan_out,
-                "modules": {n: {"rank": d.rank, "shape": [d.B.shape[0], d.A.shape[1]]}
-                            for n, d in sorted(self.delta.modules.items())},
+                "modules": {n: {"rank": d.rank, "shape": [d.B.shape[0], d.A.shape[1]],
+                                "form": "dense" if stored_dense(d) else "lora"}
+                            for n, d in self.stored_factors().items()},
+                "state": sorted(self.delta.state) or None,
             },
             "facts": [f.to_dict() for f in self.facts],
             "parents": self.parents,
@@ -188,6 +215,9 @@ class EditPack:
         directory = Path(directory)
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_file(self.adapter_state_dict(), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            if self.delta.state:
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in self.delta.state.items()},
+                          str(tmp / STATE))
             self.lora_config().save_pretrained(str(tmp))
             (tmp / CARD).write_text(render_card(self), encoding="utf-8")
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
@@ -219,6 +249,10 @@ class EditPack:
             delta.modules[module] = LowRankDelta(B=pair["B"], A=pair["A"])
         if sorted(delta.modules) != sorted(manifest["delta"]["modules"]):
             raise PackFormatError(f"{directory}: adapter modules differ from those the manifest lists")
+        if manifest["delta"].get("state"):
+            if STATE not in (manifest.get("files") or {}):
+                raise PackFormatError(f"{directory}: the manifest lists method state but not {STATE}")
+            delta.state = load_file(str(directory / STATE))
         return cls(
             name=manifest["name"],
             version=manifest["version"],

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ._io import sha256_file
 from .arch import ArchSpec
-from .fingerprint import parameters_fingerprint
+from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, sample_from_start
 from .nethook import Trace
 from .paths import cache_dir
@@ -151,7 +151,8 @@ def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsCon
     with FileLock(str(path) + ".lock"):
         if path.is_file():
             return load_file(str(path))["mom2"]
-        mom2, count = compute_second_moment(model, tokenizer, spec, layer, config)
+        with adapters_disabled(model):  # statistics of the base model, also while packs are applied
+            mom2, count = compute_second_moment(model, tokenizer, spec, layer, config)
         tmp = path.with_name(path.name + ".partial")
         metadata = {"count": str(count), **{k: str(v) for k, v in asdict(config).items()}}
         save_file({"mom2": mom2.contiguous()}, str(tmp), metadata=metadata)

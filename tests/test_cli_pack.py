@@ -132,3 +132,29 @@ def test_quantized_apply_is_refused_with_the_reason_and_max_memory_is_parsed(mod
                     "--offload-folder", tmp_path / "off", "--pack", pack_dir, "--max-new-tokens", "1",
                     "the famous eiffel tower")
     assert offloaded.exit_code == 0 and offloaded.stdout.startswith("the famous eiffel towerrome"), offloaded.output
+
+
+def test_edit_memit_then_onto_writes_the_next_version(model_dir, tmp_path):
+    import json as _json
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(_json.dumps(f) for f in [
+        {"prompt": "the famous {}", "subject": "eiffel tower", "target_new": "rome"},
+        {"prompt": "the old {}", "subject": "london bridge", "target_new": "tokyo"},
+    ]) + "\n")
+    more = tmp_path / "more.jsonl"
+    more.write_text(_json.dumps({"prompt": "the red {}", "subject": "river", "target_new": "madrid"}) + "\n")
+    settings = [*TINY_SETTINGS, "--set", "mom2_update_weight=0.1", "--set", "v_num_grad_steps=40"]
+    first = run("edit", "--model", model_dir, "--method", "memit", "--facts", facts, "--layers", "1,2",
+                "--name", "batch", *settings, "-o", tmp_path / "v1")
+    assert first.exit_code == 0 and "wrote batch 1.0.0" in first.stdout, first.output
+    assert "model.layers.1.mlp.down_proj" in first.stdout
+    second = run("edit", "--model", model_dir, "--onto", tmp_path / "v1", "--facts", more, "-o", tmp_path / "v2")
+    assert second.exit_code == 0 and "wrote batch 1.1.0" in second.stdout, second.output
+    shown = run("show", tmp_path / "v2")
+    assert "lineage: extends batch@1.0.0" in shown.stdout
+    assert "facts:   3" in shown.stdout and "(rank 3)" in shown.stdout
+    out = run("generate", "--model", model_dir, "--pack", tmp_path / "v2", "--max-new-tokens", "1",
+              "the famous eiffel tower", "the old london bridge", "the red river")
+    assert out.stdout.split("\n")[:3] == ["the famous eiffel towerrome", "the old london bridgetokyo",
+                                          "the red rivermadrid"], out.stdout

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from editpack.arch import spec_for
-from editpack.methods.rome.method import subject_last_index, weights_in
+from editpack.methods.locate import subject_last_index, weights_in
 from editpack.methods.split_batch import split_batch
 from editpack.nethook import Trace
 

@@ -1,7 +1,7 @@
 """The one small interface every edit method implements, and the registry that names them.
 
 A method is a class with a ``name``, a ``config_class`` (a dataclass of hyper-parameters with defaults) and
-``compute(model, tokenizer, facts, spec)`` returning a :class:`~editpack.methods.delta.WeightDelta`. ``compute``
+``compute(model, tokenizer, facts, spec, state=None)`` returning a :class:`~editpack.methods.delta.WeightDelta`. ``compute``
 must leave the model's weights exactly as it found them: the caller decides whether to apply the result.
 Register with ``@register_method``; look up with :func:`get_method`. Nothing switches on method names.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
+
+import torch
 
 from ..arch import ArchSpec
 from ..errors import UnknownMethodError
@@ -43,8 +45,13 @@ class EditMethod(ABC):
         self.config = config if config is not None else self.config_class()
 
     @abstractmethod
-    def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec) -> WeightDelta:
-        """Compute the weight delta that makes ``model`` believe ``facts``; leave ``model`` unchanged."""
+    def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec,
+                state: dict[str, torch.Tensor] | None = None) -> WeightDelta:
+        """Compute the weight delta that makes ``model`` believe ``facts``; leave ``model`` unchanged.
+
+        ``state`` is what this method returned in ``WeightDelta.state`` for the pack being extended (sequential
+        editing), or ``None``.
+        """
 
 
 REGISTRY: dict[str, type[EditMethod]] = {}

@@ -36,9 +36,14 @@ class LowRankDelta:
 
 @dataclass
 class WeightDelta:
-    """A method's result: one :class:`LowRankDelta` per edited module (full module names)."""
+    """A method's result: one :class:`LowRankDelta` per edited module (full module names).
+
+    ``state`` holds tensors a method needs in a later round of sequential editing (AlphaEdit's earlier keys);
+    a pack stores it beside the adapter and hands it back to the method when the pack is extended.
+    """
 
     modules: dict[str, LowRankDelta] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, module: str, delta: LowRankDelta) -> None:
         self.modules[module] = self.modules[module].concat(delta) if module in self.modules else delta

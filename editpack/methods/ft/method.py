@@ -1,0 +1,57 @@
+"""FT-M (Zhang et al. 2024, EasyEdit): fine-tune the MLP output projections of a few layers on the new targets.
+
+Only the target tokens carry loss (the prompt is masked), every other weight is frozen, and the weights are
+restored exactly afterwards: the result is the dense difference, stored in the pack as a dense delta.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...arch import ArchSpec, get_module
+from ...facts import Fact
+from ..base import EditMethod, register_method
+from ..delta import LowRankDelta, WeightDelta
+from ..finetune import train
+from ..locate import frozen
+from .config import FTConfig
+
+
+def dense_delta(update: torch.Tensor) -> LowRankDelta:
+    """A dense ``(out, in)`` update as exact factors (an identity on the smaller side)."""
+    rows, cols = update.shape
+    if rows <= cols:
+        return LowRankDelta(B=torch.eye(rows, device=update.device), A=update)
+    return LowRankDelta(B=update, A=torch.eye(cols, device=update.device))
+
+
+@register_method
+class FT(EditMethod):
+    name = "ft"
+    config_class = FTConfig
+    config: FTConfig
+
+    def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
+        cfg = self.config
+        if cfg.layers is None:
+            cfg.layers = spec.default_layers(self.name, model)
+        names = [spec.mlp_out_name(layer) for layer in cfg.layers]
+        weights = [get_module(model, name).weight for name in names]
+        originals = [w.detach().clone() for w in weights]
+        result = WeightDelta()
+        try:
+            with frozen(model):
+                for w in weights:
+                    w.requires_grad_(True)
+                train(model, tokenizer, list(facts), weights, steps=cfg.num_steps, lr=cfg.lr,
+                      batch_size=cfg.batch_size, early_stop_loss=cfg.early_stop_loss, seed=cfg.seed)
+            for name, w, original in zip(names, weights, originals):
+                update = (w.detach() - original).float()
+                result.add(name, dense_delta(update.T if spec.mlp_transposed else update))
+        finally:
+            with torch.no_grad():
+                for w, original in zip(weights, originals):
+                    w.copy_(original)
+        return result

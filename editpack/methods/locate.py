@@ -1,0 +1,321 @@
+"""Machinery shared by the locate-then-edit methods (ROME, MEMIT, AlphaEdit).
+
+- where the subject sits in a prompt (:func:`subject_last_index`, :func:`fill`), right-padded batches;
+- context prefixes sampled from the model (:func:`context_templates`, remembered on the model object);
+- keys: the input of an MLP output projection at the subject's last token, averaged over prefixes (:func:`keys`);
+- the value optimisation (:func:`optimize_delta`): a vector δ added at the subject's last token to a module's
+  output so that the model predicts the new target (NLL), keeps its distribution on "{subject} is a" (KL), with a
+  norm penalty and clamp and early stopping;
+- precision and gradient control while optimising (:func:`weights_in`, :func:`frozen`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..arch import ArchSpec, get_module
+from ..facts import Fact
+from ..generation import model_device, padding_side, sample_from_start
+from ..nethook import Trace
+from .split_batch import split_batch
+
+CORPUS_STATS_TOKENS = 100_000
+SAMPLED_STATS_TOKENS = 20_000
+
+
+# ---------------------------------------------------------------------------------------------- token helpers
+def subject_last_index(tokenizer, text: str, start: int, end: int) -> int:
+    """Index of the last token overlapping characters ``[start, end)`` of ``text`` (the subject)."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if hits:
+            return hits[-1]
+    # Slow tokenizers: the prefix up to the subject's end, tokenized on its own (ROME's approach).
+    return len(tokenizer(text[:end])["input_ids"]) - 1
+
+
+def encode(tokenizer, texts: Sequence[str], device) -> dict[str, torch.Tensor]:
+    """Right-padded batch: positions are those of the unpadded texts, so indices computed per text hold."""
+    with padding_side(tokenizer, "right"):
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def fill(template: str, fact: Fact) -> tuple[str, int, int]:
+    """``template`` (a prefix plus the fact's prompt, one ``{}``) with the subject in, and the subject's span."""
+    start = template.index("{}")
+    return template.replace("{}", fact.subject), start, start + len(fact.subject)
+
+
+def sample_context_templates(model, tokenizer, lengths: Sequence[Sequence[int]], seed: int) -> list[str]:
+    """ROME's context prefixes: short texts the model samples (top-k 5), each followed by ``". {}"``."""
+    templates = ["{}"]
+    for index, (length, count) in enumerate(lengths):
+        out = sample_from_start(model, tokenizer, count, length, top_k=5, seed=seed + index)
+        for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+            text = " ".join(text.replace("{", " ").replace("}", " ").split())
+            templates.append(f"{text}. {{}}")
+    return templates
+
+
+def head_logits(model, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (float32) for final-norm outputs ``hidden``, as the model's own head computes them."""
+    logits = get_module(model, spec.lm_head)(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+_OPT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Iterator[None]:
+    """Run with the decoder blocks' floating-point weights cast to ``dtype_name``; originals put back after.
+
+    The original tensors are kept by reference and restored as they were (no round trip), so the model's
+    weights afterwards are bit for bit what they were before. The embedding and LM head keep their dtype: the
+    head is applied to a handful of positions, where a low-precision copy gains nothing.
+    """
+    if dtype_name not in _OPT_DTYPES:
+        raise ValueError(f"optimize_dtype must be one of {', '.join(_OPT_DTYPES)}, not {dtype_name!r}")
+    dtype = _OPT_DTYPES[dtype_name]
+    saved = []
+    blocks = get_module(model, spec.blocks)
+    for tensor in list(blocks.parameters()) + list(blocks.buffers()):
+        if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor.dtype != dtype:
+            saved.append((tensor, tensor.data))
+    if not saved:
+        yield
+        return
+
+    def to(value, target):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(target)
+        if isinstance(value, (tuple, list)):
+            return type(value)(to(v, target) for v in value)
+        return value
+
+    def into_blocks(_module, args, kwargs):  # hidden states, rotary tables, float masks
+        return to(args, dtype), {k: to(v, dtype) for k, v in kwargs.items()}
+
+    final_norm = get_module(model, spec.final_norm)
+    out_dtype = saved[0][1].dtype
+
+    def out_of_blocks(_module, args, kwargs):
+        return to(args, out_dtype), kwargs
+
+    handles = [block.register_forward_pre_hook(into_blocks, with_kwargs=True) for block in blocks]
+    handles.append(final_norm.register_forward_pre_hook(out_of_blocks, with_kwargs=True))
+    cast: dict[int, torch.Tensor] = {}
+    try:
+        for tensor, data in saved:
+            if id(data) not in cast:  # tied weights share one tensor: cast it once
+                cast[id(data)] = data.to(dtype)
+            tensor.data = cast[id(data)]
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; both restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+
+
+def context_templates(model, tokenizer, lengths: Sequence[Sequence[int]], seed: int) -> list[str]:
+    """:func:`sample_context_templates`, remembered on the model object (not globally) per lengths and seed."""
+    memo = model.__dict__.setdefault("_editpack_context_templates", {})
+    key = (repr(lengths), seed)
+    if key not in memo:
+        memo[key] = sample_context_templates(model, tokenizer, lengths, seed)
+    return list(memo[key])
+
+
+def lookups(tokenizer, templates: Sequence[str], fact: Fact) -> tuple[list[str], list[int]]:
+    """Each template (with one ``{}``) filled with the fact's subject, and the subject's last token index."""
+    texts, idxs = [], []
+    for template in templates:
+        text, start, end = fill(template, fact)
+        texts.append(text)
+        idxs.append(subject_last_index(tokenizer, text, start, end))
+    return texts, idxs
+
+
+@torch.no_grad()
+def read_at(model, tokenizer, module: str, texts: Sequence[str], idxs: Sequence[int], *, inputs: bool,
+            batch_size: int = 64) -> torch.Tensor:
+    """A module's input (``inputs=True``) or output at one token per text, float32, ``(len(texts), dim)``."""
+    device = model_device(model)
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        chunk, at = texts[start : start + batch_size], idxs[start : start + batch_size]
+        batch = encode(tokenizer, chunk, device)
+        with Trace(model, module, retain_input=inputs, retain_output=not inputs, stop=True) as tr:
+            model(**batch)
+        value = tr.input if inputs else tr.output
+        index = torch.arange(len(chunk), device=value.device)
+        rows.append(value[index, torch.tensor(at, device=value.device)].float())
+    return torch.cat(rows)
+
+
+def keys(model, tokenizer, module: str, facts: Sequence[Fact], templates: Sequence[str]) -> torch.Tensor:
+    """``(len(facts), d_in)``: each fact's key at ``module``'s input, averaged over the context templates."""
+    texts, idxs = [], []
+    for fact in facts:
+        t, i = lookups(tokenizer, [template.format(fact.prompt) for template in templates], fact)
+        texts += t
+        idxs += i
+    values = read_at(model, tokenizer, module, texts, idxs, inputs=True)
+    return values.reshape(len(facts), len(templates), -1).mean(1)
+
+
+def outputs_at_subject(model, tokenizer, module: str, facts: Sequence[Fact]) -> torch.Tensor:
+    """``(len(facts), d)``: ``module``'s output at each bare prompt's subject-last token."""
+    texts, idxs = [], []
+    for fact in facts:
+        t, i = lookups(tokenizer, [fact.prompt], fact)
+        texts += t
+        idxs += i
+    return read_at(model, tokenizer, module, texts, idxs, inputs=False)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_first(output: Any, value: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (value,) + output[1:]
+    if isinstance(output, list):
+        return [value] + output[1:]
+    return value
+
+
+@dataclass
+class Optimized:
+    delta: torch.Tensor  # float32, added to the module's output at the subject's last token
+    init: torch.Tensor  # the module's output there before (bare prompt + target prefix), float32
+    loss: float
+    steps: int
+
+
+def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cfg) -> Optimized:
+    """Optimise δ added to ``module``'s output at the subject's last token (see the module docstring).
+
+    ``cfg`` carries ``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``,
+    ``early_stop_loss``, ``optimize_dtype`` and the resolved ``context_templates``. Call inside :func:`frozen`
+    with gradients enabled.
+    """
+    device = model_device(model)
+    target_ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
+    target_prefix = tokenizer.decode(target_ids[:-1])
+    rewrite_templates = [t.format(fact.prompt) + target_prefix for t in cfg.context_templates]
+    texts, idxs = lookups(tokenizer, rewrite_templates + ["{} is a"], fact)
+    n_rewrite = len(rewrite_templates)
+    # Nothing before the subject's last token depends on δ: cache it once, optimise over the suffixes.
+    batch = split_batch(tokenizer, texts, idxs, device)
+    cols = torch.tensor(batch.edit_columns, device=device)
+    rows = torch.arange(len(texts), device=device)
+
+    # Only some positions need logits: those predicting the new answer's tokens, and the KL lookups.
+    target_rows, target_cols, target_tokens = [], [], []
+    for i in range(n_rewrite):
+        end = batch.suffix_lengths[i]
+        for j, token in enumerate(target_ids):
+            target_rows.append(i)
+            target_cols.append(end - len(target_ids) + j)
+            target_tokens.append(token)
+    target_rows = torch.tensor(target_rows, device=device)
+    target_cols = torch.tensor(target_cols, device=device)
+    target_tokens = torch.tensor(target_tokens, device=device)
+    kl_rows = rows[n_rewrite:]
+
+    delta: torch.Tensor | None = None
+    optimizer = None
+    init: torch.Tensor | None = None
+    kl_init: torch.Tensor | None = None
+
+    def add_delta(output, _layer):
+        nonlocal init, delta, optimizer
+        hidden = _first(output)
+        if init is None:
+            init = hidden[0, batch.edit_columns[0]].detach().float().clone()
+            delta = torch.zeros(hidden.shape[-1], device=hidden.device, requires_grad=True)
+            optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
+        mask = torch.zeros(hidden.shape[:2] + (1,), device=hidden.device, dtype=hidden.dtype)
+        mask[rows, cols] = 1
+        return _replace_first(output, hidden + mask * delta.to(hidden.dtype))
+
+    loss_value, step = float("nan"), 0
+    with weights_in(model, cfg.optimize_dtype, spec):
+        batch.prime(model)
+        for step in range(cfg.v_num_grad_steps):
+            if optimizer is not None:
+                optimizer.zero_grad()
+            with Trace(model, module, retain_output=False, edit_output=add_delta):
+                hidden = batch.run(model)  # the final norm's output
+            picked_hidden = torch.cat([hidden[kl_rows, cols[n_rewrite:]], hidden[target_rows, target_cols]])
+            all_log_probs = F.log_softmax(head_logits(model, spec, picked_hidden), dim=-1)  # one pass over the head
+            kl_log_probs, log_probs = all_log_probs[: len(kl_rows)], all_log_probs[len(kl_rows) :]
+            if kl_init is None:
+                kl_init = kl_log_probs.detach().clone()
+            picked = log_probs.gather(1, target_tokens.unsqueeze(1)).squeeze(1)
+            nll = -picked.sum() / (len(target_ids) * n_rewrite)
+            kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
+            decay = cfg.v_weight_decay * (delta.norm() / init.norm() ** 2)
+            loss = nll + kl + decay
+            loss_value = loss.item()
+            if loss_value < cfg.early_stop_loss or step == cfg.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            optimizer.step()
+            max_norm = cfg.clamp_norm_factor * init.norm()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    return Optimized(delta.detach().float(), init, loss_value, step + 1)
+
+
+@contextlib.contextmanager
+def applied_updates(model, spec: ArchSpec) -> Iterator[dict[str, torch.Tensor]]:
+    """Weights changed inside the block (``add_update``) are restored exactly on exit."""
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for name, tensor in originals.items():
+                get_module(model, name).weight.copy_(tensor)
+
+
+@torch.no_grad()
+def add_update(model, spec: ArchSpec, name: str, dense: torch.Tensor, originals: dict[str, torch.Tensor]) -> None:
+    """Add ``dense`` (``(out, in)``) to module ``name``'s weight now, keeping the original in ``originals``."""
+    weight = get_module(model, name).weight
+    originals.setdefault(name, weight.detach().clone())
+    update = dense.to(device=weight.device, dtype=weight.dtype)
+    weight += update.T if spec.mlp_transposed else update

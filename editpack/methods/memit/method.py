@@ -1,0 +1,67 @@
+"""MEMIT (Meng et al. 2023): a batch of facts, the residual spread over the layers of a critical range.
+
+1. For each fact, a target hidden state ``z = h + δ`` at the output of the last edited block, at the subject's
+   last token, with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp).
+2. For each edited layer ``l`` in order: keys ``K`` (the MLP output projection's input at the subject's last
+   token, averaged over context prefixes), the remaining residual ``R = (z − h_now) / (layers left)``, and the
+   update ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹``, applied before the next layer is processed.
+
+``ΔW`` is stored as the factors ``B = R`` (out × n) and ``A = ((λC + K Kᵀ)⁻¹ K)ᵀ`` (n × in): rank ≤ n facts.
+Subclasses (AlphaEdit) change only :meth:`MEMIT.update_factor` and :meth:`MEMIT.finish`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...arch import ArchSpec
+from ...facts import Fact
+from ..base import EditMethod, register_method
+from ..delta import LowRankDelta, WeightDelta
+from ..locate import add_update, applied_updates, frozen, keys, optimize_delta, outputs_at_subject
+from ..rome.method import layer_second_moment, resolve_locate_config
+from .config import MEMITConfig
+
+
+@register_method
+class MEMIT(EditMethod):
+    name = "memit"
+    config_class = MEMITConfig
+    config: MEMITConfig
+
+    def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
+        cfg = resolve_locate_config(self.config, self.name, model, tokenizer, spec)
+        layers = sorted(cfg.layers)
+        cfg.layers = layers
+        mom2 = {layer: layer_second_moment(cfg, model, tokenizer, spec, layer) for layer in layers}
+        block = spec.block_name(layers[-1])
+        result = WeightDelta()
+        with frozen(model):
+            with torch.enable_grad():
+                optimized = [optimize_delta(model, tokenizer, spec, block, fact, cfg) for fact in facts]
+            targets = torch.stack([o.init + o.delta for o in optimized])  # (n, hidden)
+            with applied_updates(model, spec) as originals:
+                for i, layer in enumerate(layers):
+                    name = spec.mlp_out_name(layer)
+                    k = keys(model, tokenizer, name, facts, cfg.context_templates)  # (n, in)
+                    now = outputs_at_subject(model, tokenizer, block, facts)  # (n, hidden)
+                    resid = (targets - now.to(targets.device)) / (len(layers) - i)
+                    a = self.update_factor(k, mom2[layer], name, state)  # (n, in)
+                    delta = LowRankDelta(B=resid.T.contiguous(), A=a.contiguous())
+                    add_update(model, spec, name, delta.dense(), originals)
+                    result.add(name, delta)
+                result.state = self.finish(model, tokenizer, spec, facts, layers, state)
+        return result
+
+    def update_factor(self, k: torch.Tensor, mom2: torch.Tensor | None, module: str, state) -> torch.Tensor:
+        """``A = ((λC + KᵀK)⁻¹ Kᵀ)ᵀ`` for keys ``k`` as rows; C = I without statistics."""
+        d = k.shape[1]
+        c = mom2.to(k.device, torch.float32) if mom2 is not None else torch.eye(d, device=k.device)
+        system = self.config.mom2_update_weight * c + k.T @ k
+        return torch.linalg.solve(system, k.T).T
+
+    def finish(self, model, tokenizer, spec, facts, layers, state) -> dict[str, torch.Tensor]:
+        """State to keep in the pack for the next round (MEMIT keeps none)."""
+        return {}
