@@ -91,7 +91,7 @@ def edit(
     fact_list = as_facts(facts)
     spec = spec_for(model)
     method_cls = get_method(method)
-    config = method_cls.config_class.from_dict(hyperparameters)
+    config = method_cls.config_class.from_dict({**spec.method_defaults(method), **hyperparameters})
     delta = method_cls(config).compute(model, tokenizer, fact_list, spec, state=state)
     return EditPack(
         name=name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else ""),

@@ -344,7 +344,7 @@ def _load_factors(peft_model, pack: EditPack) -> None:
     """
     base = unwrap(peft_model)
     with torch.no_grad():
-        for module_name, delta in sorted(pack.delta.modules.items()):
+        for module_name, delta in pack.stored_factors().items():
             layer = base.get_submodule(module_name)
             for factors, tensor in ((layer.lora_A, delta.A), (layer.lora_B, delta.B)):
                 weight = factors[pack.adapter_name].weight

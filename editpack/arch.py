@@ -94,6 +94,11 @@ class ArchSpec:
             layers.append(index)
         return layers
 
+    def method_defaults(self, method: str) -> dict[str, Any]:
+        """Hyper-parameter defaults the spec gives ``method`` besides its layers (e.g. MEMIT's λ)."""
+        entry = self.defaults.get(method) or {}
+        return {k: v for k, v in entry.items() if k not in ("layers", "start", "count")}
+
     def weight_matrix(self, module: torch.nn.Module) -> torch.Tensor:
         """The module's weight as a ``(out_features, in_features)`` view (un-transposing GPT-2's Conv1D)."""
         weight = module.weight

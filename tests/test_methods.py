@@ -139,3 +139,15 @@ def test_manifest_names_the_state_file(setup, tmp_path):
     edit(model, FACT, "alphaedit", tokenizer=tok, **SETTINGS["alphaedit"]).save(tmp_path / "p")
     manifest = editpack.pack.read_manifest(tmp_path / "p")
     assert manifest["delta"]["state"] and (tmp_path / "p" / MANIFEST).is_file()
+
+
+def test_a_delta_of_higher_rank_than_dense_applies_in_dense_form(setup):
+    model, tok = setup
+    pack = edit(model, FACT, "ft", tokenizer=tok, **SETTINGS["ft"])
+    (module,) = pack.modules
+    twice = editpack.stack([pack, edit(model, SECOND, "ft", tokenizer=tok, name="other", **SETTINGS["ft"])])
+    assert twice.delta.modules[module].rank > min(twice.delta.modules[module].B.shape[0],
+                                                   twice.delta.modules[module].A.shape[1])
+    edited = apply(model, twice)  # stored and applied as the dense sum
+    assert [top1(edited, tok, f) for f in (FACT, SECOND)] == ["rome", "tokyo"]
+    revert(edited)
