@@ -229,8 +229,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     else:
         pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", **hparams)
     pack.save(output, overwrite=overwrite)
-    click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(facts)} fact(s), {method}, modules: "
-               f"{', '.join(pack.modules)})")
+    click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(pack.facts)} fact(s), {method}): "
+               f"{pack.storage_summary()}")
     shown = facts[:5]
     before = generate(lm, tokenizer, [f.text for f in shown], max_new_tokens=8)
     from editpack.apply import apply, revert
@@ -264,6 +264,9 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
     loaded = load_packs(packs)
+    if any(p.kind == "memory" for p in loaded):
+        raise click.UsageError("memory packs leave the weights alone and cannot be merged into a model folder; use "
+                               "them with editpack generate --pack, editpack.apply or editpack.pipeline")
     lm, tokenizer = load_from_options(model_opts, packs_model(loaded))
     merged = apply(lm, loaded, merge=True, check=not force, on_conflict="later" if later_wins else "error")
     kept = [r.pack for r in applied(merged)]
@@ -300,6 +303,30 @@ def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
     ranks = ", ".join(f"{m} (rank {d.rank})" for m, d in sorted(one.delta.modules.items()))
     click.echo(f"wrote {one.ref} to {output}: {len(one.facts)} fact(s) from "
                f"{', '.join(p['name'] + '@' + p['version'] for p in one.parents if p['relation'] == 'stacked')}; {ranks}")
+
+
+@main.command("forget")
+@click.argument("pack")
+@click.option("--subject", "subjects", multiple=True, required=True, help="Drop the facts about this subject (repeatable).")
+@click.option("--version", "pack_version", default=None, help="Version of the result (default: next minor).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@friendly_errors
+def forget_cmd(pack, subjects, pack_version, output, overwrite):
+    """Write a new version of memory PACK without the facts about SUBJECT(s)."""
+    from pathlib import Path
+
+    from editpack.api import next_version
+    from editpack.memory import SentenceEncoder
+
+    if Path(output).exists() and not overwrite:
+        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    (loaded,) = load_packs([pack])
+    if loaded.kind != "memory":
+        raise click.UsageError(f"{pack} is a weight pack: its facts cannot be dropped one by one; re-edit instead")
+    smaller = loaded.with_facts(SentenceEncoder(), remove=subjects, version=pack_version or next_version(loaded.version))
+    smaller.save(output, overwrite=overwrite)
+    click.echo(f"wrote {smaller.ref} to {output}: {len(smaller.facts)} fact(s) (dropped {len(loaded.facts) - len(smaller.facts)})")
 
 
 # ------------------------------------------------------------------------------------------------ the Hub
@@ -378,9 +405,16 @@ def show_cmd(pack, as_json):
     base = manifest["base_model"]
     click.echo(f"{manifest['name']} {manifest['version']}  ({manifest['kind']} pack, created {manifest['created']})")
     click.echo(f"method:  {manifest['method']}")
-    click.echo(f"base:    {base['id']} ({base['model_type']}), fingerprint {base['fingerprint'][:23]}…")
-    modules = manifest["delta"]["modules"]
-    click.echo("delta:   " + ", ".join(f"{m} (rank {v['rank']})" for m, v in modules.items()))
+    click.echo(f"base:    {base['id']} ({base['model_type']})"
+               + (f", fingerprint {base['fingerprint'][:23]}…" if base.get("fingerprint") else ""))
+    if manifest["kind"] == "memory":
+        memory = manifest["memory"]
+        click.echo(f"memory:  {memory['n_facts']} facts, scope threshold {memory['threshold']} "
+                   f"(route {manifest['hyperparameters'].get('route')}); weights untouched")
+    else:
+        modules = manifest["delta"]["modules"]
+        click.echo("delta:   " + ", ".join(f"{m} (rank {v['rank']}{', dense' if v.get('form') == 'dense' else ''})"
+                                           for m, v in modules.items()))
     for parent in manifest.get("parents") or []:
         how = {"onto": "made on top of", "stacked": "stacked from", "extends": "extends"}.get(
             parent.get("relation", "onto"), parent.get("relation"))

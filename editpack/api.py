@@ -92,9 +92,17 @@ def edit(
     spec = spec_for(model)
     method_cls = get_method(method)
     config = method_cls.config_class.from_dict({**spec.method_defaults(method), **hyperparameters})
-    delta = method_cls(config).compute(model, tokenizer, fact_list, spec, state=state)
+    instance = method_cls(config)
+    name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
+    build_pack = getattr(instance, "build_pack", None)
+    if build_pack is not None:  # methods that make another kind of pack (memory packs)
+        base = BaseModel(id=base_model_info(model, []).id, fingerprint="", model_type=model.config.model_type,
+                         hub_id=base_model_info(model, []).hub_id)
+        return build_pack(model, tokenizer, fact_list, name=name, version=version, base=base, parents=parents,
+                          state=state)
+    delta = instance.compute(model, tokenizer, fact_list, spec, state=state)
     return EditPack(
-        name=name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else ""),
+        name=name,
         version=version,
         method=method,
         hyperparameters=config.to_dict(),
@@ -138,6 +146,12 @@ def extend(
     parent = resolve_pack(pack)
     if applied(model):
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
+    if getattr(parent, "kind", "weight") == "memory":  # a memory pack grows by its facts alone
+        from .memory import SentenceEncoder
+
+        if method not in (None, parent.method) or hyperparameters:
+            raise EditpackError(f"{parent.ref} is a memory pack: it is extended with more facts only")
+        return parent.with_facts(SentenceEncoder(), add=as_facts(facts), version=version or next_version(parent.version))
     method = method or parent.method
     base_hparams = dict(parent.hyperparameters) if method == parent.method and "stacked" not in parent.hyperparameters else {}
     base_hparams.update(hyperparameters)

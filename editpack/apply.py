@@ -43,6 +43,7 @@ class AppliedPack:
     adapter: str | None
     merged: bool = False
     enabled: bool = True
+    memory: bool = False  # a memory pack, consulted by the MemoryModel wrapper
 
     @property
     def name(self) -> str:
@@ -56,7 +57,7 @@ class AppliedPack:
         return key in (self.pack.name, self.pack.ref, self.adapter)
 
     def __repr__(self) -> str:
-        state = "merged" if self.merged else ("on" if self.enabled else "off")
+        state = "merged" if self.merged else ("on" if self.enabled else "off") + (", memory" if self.memory else "")
         return f"AppliedPack({self.pack.ref}, {state})"
 
 
@@ -259,7 +260,7 @@ def applied(model: torch.nn.Module) -> list[AppliedPack]:
 
 
 def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = True,
-          on_conflict: str = "error") -> torch.nn.Module:
+          on_conflict: str = "error", tokenizer=None) -> torch.nn.Module:
     """Apply one pack or a list of packs (``EditPack`` objects, pack directories, or ``user/name@version``).
 
     Unmerged (default): returns a ``peft.PeftModel`` with one adapter per pack, all active, in the given order.
@@ -267,9 +268,11 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
     more packs can be applied to it later. ``merge=True`` adds the deltas to the weights and returns the plain
     transformers model (refused on bitsandbytes-quantized weights). ``check=False`` skips the fingerprint and
     parent checks; ``on_conflict="later"`` lets later packs override earlier ones (see the module docstring).
-    """
-    from peft import PeftModel
 
+    Memory packs (``editpack.memory``) are never merged: the result is then wrapped in a
+    :class:`~editpack.memory.MemoryModel` that consults them (in order, before the weights) when generating;
+    ``tokenizer`` defaults to the one :func:`editpack.load_model` attached to the model.
+    """
     new = _as_packs(packs)
     present = records(model)
     wanted = resolve_conflicts([r.pack for r in present] + new, on_conflict)
@@ -279,17 +282,43 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         if record.merged:
             raise PackConflictError(f"{record.pack.ref} is merged into the weights and cannot be overridden; revert "
                                     "the model first")
-    names = [p.adapter_name for p in new] + [r.adapter for r in present if r.adapter]
+    names = [p.ref for p in new] + [r.pack.ref for r in present]
     if len(set(names)) != len(names):
         raise PackFormatError(f"a pack is applied twice: {sorted(n for n in names if names.count(n) > 1)}")
     if check:
         for pack in new:
-            check_fingerprint(model, pack)
+            if pack.kind == "weight":
+                check_fingerprint(model, pack)
         check_parents(new, [r.pack for r in present if r not in dropped and r.enabled])
     for record in dropped:
-        model = remove(model, record.adapter)
+        model = remove(model, record.pack.ref)
     if not new:
         return model
+    memories = [p for p in new if p.kind == "memory"]
+    weights = [p for p in new if p.kind == "weight"]
+    wrapper = model if getattr(type(model), "editpack_wrapper", False) else None
+    inner = wrapper.model if wrapper is not None else model
+    if weights:
+        inner = _apply_weights(inner, weights, merge)
+    if not memories and wrapper is None:
+        return inner
+    from .memory import MemoryModel
+
+    if wrapper is None:
+        tokenizer = tokenizer or getattr(unwrap(inner), "editpack_tokenizer", None)
+        if tokenizer is None:
+            raise PackFormatError("memory packs need the tokenizer: pass tokenizer=..., or load the model with "
+                                  "editpack.load_model")
+        wrapper = MemoryModel(inner, [], tokenizer)
+    wrapper.model = inner
+    wrapper.memories.extend(memories)
+    records(inner).extend(AppliedPack(p, None, memory=True) for p in memories)
+    return wrapper
+
+
+def _apply_weights(model: torch.nn.Module, new: list[EditPack], merge: bool) -> torch.nn.Module:
+    """Add weight packs as adapters (or merge them); see :func:`apply`."""
+    from peft import PeftModel
 
     base = unwrap(model)
     if merge:
@@ -405,9 +434,20 @@ def _dependents(model: torch.nn.Module, record: AppliedPack) -> list[AppliedPack
         p["name"] == record.name and p["version"] == record.version for p in r.pack.requires)]
 
 
+def _wrapper(model: torch.nn.Module):
+    if not getattr(type(model), "editpack_wrapper", False):
+        raise PackFormatError("memory packs are consulted by the model editpack.apply returned; pass that object")
+    return model
+
+
 def set_enabled(model: torch.nn.Module, key: str, enabled: bool) -> None:
     """Switch the unmerged pack ``key`` (name, ``name@version`` or adapter name) on or off."""
     record = _lookup(model, key)
+    if record.memory:
+        wrapper = _wrapper(model)
+        record.enabled = enabled
+        wrapper.memories = [r.pack for r in records(model) if r.memory and r.enabled]
+        return
     if record.merged:
         raise PackFormatError(f"{record.pack.ref} is merged into the weights; it cannot be switched off (revert)")
     if not enabled and _dependents(model, record):
@@ -422,6 +462,15 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
     from peft import PeftModel
 
     record = _lookup(model, key)
+    if record.memory:
+        wrapper = _wrapper(model)
+        records(model).remove(record)
+        wrapper.memories = [r.pack for r in records(model) if r.memory and r.enabled]
+        return wrapper if any(r.memory for r in records(model)) else wrapper.model
+    wrapper = model if getattr(type(model), "editpack_wrapper", False) else None
+    if wrapper is not None:
+        wrapper.model = remove(wrapper.model, key)
+        return wrapper
     if record.merged:
         raise PackFormatError(f"{record.pack.ref} is merged into the weights; use revert() to restore the model")
     if _dependents(model, record):
@@ -429,7 +478,7 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
                                 f"{record.pack.ref}; remove them first")
     remaining = [r for r in records(model) if r.adapter and r is not record]
     if not remaining and isinstance(model, PeftModel):
-        merged = [r for r in records(model) if r.merged]
+        merged = [r for r in records(model) if r.merged or r.memory]
         base = model.unload()
         if hasattr(base, "peft_config"):
             del base.peft_config
@@ -446,6 +495,8 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Remove every applied pack; returns the plain transformers model with its original weights exactly."""
     from peft import PeftModel
 
+    if getattr(type(model), "editpack_wrapper", False):  # memory packs: drop the wrapper
+        model = model.model
     if not isinstance(model, PeftModel) and _WRAPPER in model.__dict__:
         model = model.__dict__[_WRAPPER]  # the plain model was passed, but PEFT layers are inside it
     if isinstance(model, PeftModel):
@@ -472,6 +523,18 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     from .pack import BaseModel, slug
 
     packs = resolve_conflicts(_as_packs(packs), on_conflict)
+    kinds = {p.kind for p in packs}
+    if len(kinds) > 1:
+        raise PackConflictError("memory packs and weight packs cannot be stacked into one; apply them together")
+    if kinds == {"memory"}:
+        from dataclasses import replace
+
+        from .memory import SentenceEncoder
+        from .pack import slug
+
+        union = packs[0].with_facts(SentenceEncoder(), add=[f for p in packs[1:] for f in p.facts], version=version)
+        return replace(union, name=name or slug(f"stack-{packs[0].name}-and-{len(packs) - 1}-more"),
+                       parents=[p.lineage_record("stacked") for p in packs])
     check_stackable(packs)
     contents = {(p.name, p.version, p.content_id) for p in packs}
     delta = WeightDelta()

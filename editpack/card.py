@@ -73,8 +73,8 @@ def eval_results(pack: "EditPack") -> list[EvalResult] | None:
 def card_data(pack: "EditPack") -> ModelCardData:
     return ModelCardData(
         base_model=pack.base.hub_id,
-        library_name="peft",
-        tags=["editpack", "knowledge-editing", pack.method, "lora"],
+        library_name="peft" if pack.kind == "weight" else None,
+        tags=["editpack", "knowledge-editing", pack.method, "lora" if pack.kind == "weight" else "memory"],
         model_name=pack.name,
         eval_results=eval_results(pack),
     )
@@ -82,10 +82,6 @@ def card_data(pack: "EditPack") -> ModelCardData:
 
 def render_card(pack: "EditPack") -> str:
     template = resources.files("editpack.cards").joinpath("pack_card.md").read_text(encoding="utf-8")
-    delta = pack.delta.modules
-    ranks = sorted({d.rank for d in delta.values()})
-    delta_summary = (f"{len(delta)} module{'s' if len(delta) != 1 else ''}: "
-                     + ", ".join(f"`{m}`" for m in sorted(delta)) + f"; rank {'/'.join(map(str, ranks))}")
     card = ModelCard.from_template(
         card_data(pack),
         template_str=template,
@@ -97,7 +93,8 @@ def render_card(pack: "EditPack") -> str:
         hub_id=pack.base.hub_id,
         model_type=pack.base.model_type,
         fingerprint=pack.base.fingerprint,
-        delta_summary=delta_summary,
+        storage=pack.storage_summary(),
+        is_adapter=pack.kind == "weight",
         facts=[{k: _cell(getattr(f, k) if k != "prompt" else f.text) for k in ("prompt", "target_new")}
                | {"target_true": _cell(f.target_true or "")} for f in pack.facts[:MAX_FACTS_IN_CARD]],
         more_facts=max(0, len(pack.facts) - MAX_FACTS_IN_CARD),

@@ -327,6 +327,9 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     from .apply import apply, revert
 
     facts = list(facts) if facts is not None else list(pack.facts)
-    result = evaluate(model, tokenizer, facts, lambda: apply(model, pack), revert, **kwargs)
+    if getattr(pack, "kind", "weight") == "memory":
+        # The memory routes generation only; teacher-forced scores would measure the untouched weights.
+        kwargs["protocols"] = [p for p in kwargs.get("protocols", PROTOCOLS) if p == "generate_match"] or ["generate_match"]
+    result = evaluate(model, tokenizer, facts, lambda: apply(model, pack, tokenizer=tokenizer), revert, **kwargs)
     result["data"] = data or "pack facts"
     return result

@@ -23,7 +23,9 @@ ORIGINALS = "_editpack_originals"  # {module name: weight before merge}, set by 
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    """The transformers model under a PEFT wrapper or a memory wrapper (the model itself otherwise)."""
+    if getattr(type(model), "editpack_wrapper", False):
+        return unwrap(model.model)
     if type(model).__module__.startswith("peft.") and hasattr(model, "peft_config"):
         return model.base_model.model  # PeftModel -> LoraModel -> transformers model
     return model

@@ -27,7 +27,7 @@ from typing import Any
 
 from ._io import atomic_directory
 from .errors import EditpackError, PackFormatError
-from .pack import MANIFEST, EditPack, check_version, read_manifest, verify_files
+from .pack import MANIFEST, EditPack, check_version, load_pack, read_manifest, verify_files
 
 _REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^@\s]+))?$")
 _SEMVER_TAG = re.compile(r"^v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
@@ -149,10 +149,10 @@ def push(pack: EditPack | str | Path, repo_id: str, *, private: bool = False, me
     if parse_reference(repo_id) is None or "@" in repo_id:
         raise HubError(f"{repo_id!r} is not a repository id like user/name")
     with tempfile.TemporaryDirectory(prefix="editpack-push-") as scratch:
-        if isinstance(pack, EditPack) and pack.path is None:
+        if hasattr(pack, "save") and pack.path is None:
             pack.save(Path(scratch) / "pack")
-        directory = Path(pack.path if isinstance(pack, EditPack) else pack)
-        local = EditPack.load(directory)  # verifies every file against the manifest
+        directory = Path(pack.path if hasattr(pack, "save") else pack)
+        local = load_pack(directory)  # verifies every file against the manifest
         manifest = read_manifest(directory)
         tag = f"v{local.version}"
         api = _api(token, endpoint)
@@ -219,13 +219,13 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
         raise PackFormatError(f"{ref} (commit {folder.name[:12]}) failed verification, nothing was kept: "
                               + "; ".join(problems))
     if output is None:
-        pack = EditPack.load(folder, verify=False)
+        pack = load_pack(folder, verify=False)
         pack.source = f"{ref.repo_id}@{folder.name}"
         return pack
     with atomic_directory(Path(output), overwrite=overwrite) as tmp:
         for name in [MANIFEST, *manifest["files"]]:
             shutil.copyfile(folder / name, tmp / name)  # follows the cache's symlinks to the blobs
-    return EditPack.load(Path(output))
+    return load_pack(Path(output))
 
 
 def _evict(repo_id: str, commit: str) -> None:
@@ -277,11 +277,11 @@ def resolve_pack(reference: Any, *, token: str | None = None, endpoint: str | No
 
     A local directory wins over a Hub reference of the same spelling.
     """
-    if isinstance(reference, EditPack):
+    if hasattr(reference, "save") and hasattr(reference, "facts"):  # a pack object of any kind
         return reference
     path = Path(str(reference))
     if path.exists():
-        return EditPack.load(path)
+        return load_pack(path)
     hub = parse_reference(str(reference))
     if hub is None:
         raise PackFormatError(f"{reference!r} is neither a pack directory nor a Hub reference like user/name@1.0.0")

@@ -97,6 +97,17 @@ class EditPack:
         if not self.name or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name):
             raise PackFormatError(f"pack name {self.name!r} must be letters, digits, '.', '_' or '-'")
 
+    kind = "weight"
+
+    def storage_summary(self) -> str:
+        """How the card describes the stored change."""
+        stored = self.stored_factors()
+        ranks = sorted({d.rank for d in stored.values()})
+        dense = [m for m, d in stored.items() if stored_dense(d)]
+        return (f"a PEFT LoRA adapter ({len(stored)} module{'s' if len(stored) != 1 else ''}: "
+                + ", ".join(f"`{m}`" for m in sorted(stored)) + f"; rank {'/'.join(map(str, ranks))}"
+                + (f"; {len(dense)} stored dense" if dense else "") + ")")
+
     # ------------------------------------------------------------------------------------------ PEFT form
     @property
     def modules(self) -> list[str]:
@@ -228,9 +239,14 @@ class EditPack:
 
     @classmethod
     def load(cls, directory: str | Path, *, verify: bool = True) -> "EditPack":
-        """Read a pack; with ``verify`` (the default) every file's sha256 must match the manifest."""
+        """Read a weight pack; with ``verify`` (the default) every file's sha256 must match the manifest.
+
+        (:func:`load_pack` reads any kind of pack.)
+        """
         directory = Path(directory)
         manifest = read_manifest(directory)
+        if manifest.get("kind", "weight") != "weight":
+            raise PackFormatError(f"{directory} is a {manifest.get('kind')} pack; read it with editpack.pack.load_pack")
         if verify:
             problems = verify_files(directory, manifest)
             if problems:
@@ -288,11 +304,31 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+REQUIRED_FILES = {"weight": (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "memory": ("memory.safetensors",)}
+
+
+def load_pack(directory: str | Path, *, verify: bool = True):
+    """Read a pack of any kind: an :class:`EditPack` (weights) or a ``MemoryPack`` (``editpack.memory``)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest.get("kind", "weight") == "weight":
+        return EditPack.load(directory, verify=verify)
+    if verify:
+        problems = verify_files(directory, manifest)
+        if problems:
+            raise PackFormatError(f"pack {directory} failed verification: " + "; ".join(problems))
+    if manifest["kind"] == "memory":
+        from .memory import MemoryPack
+
+        return MemoryPack.from_manifest(directory, manifest)
+    raise PackFormatError(f"{directory}: unknown pack kind {manifest['kind']!r} (upgrade editpack)")
+
+
 def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
     """Problems with the pack's files (missing, altered, or unlisted); empty when all hashes match."""
     problems = []
     listed = manifest.get("files") or {}
-    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+    for required in REQUIRED_FILES.get(manifest.get("kind", "weight"), ()):
         if required not in listed:
             problems.append(f"{required} is not listed in the manifest")
     for name, expected in sorted(listed.items()):

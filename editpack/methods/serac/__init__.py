@@ -1,0 +1,5 @@
+"""SERAC-style memory packs: facts and a scope classifier instead of a weight delta (see ``editpack.memory``)."""
+
+from .method import SERAC
+
+__all__ = ["SERAC"]

