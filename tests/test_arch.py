@@ -73,3 +73,16 @@ def test_gpt2_weights_are_transposed():
     spec = spec_for(model)
     module = get_module(model, spec.mlp_out_name(0))
     assert spec.mlp_transposed and module.weight.shape == (64, 32)
+
+
+def test_default_layer_runs_and_method_hyperparameters_come_from_the_spec():
+    from tiny import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=30)
+    spec = spec_for(model)
+    assert spec.default_layers("memit", model) == [3, 4, 5, 6, 7]
+    assert spec.default_layers("rome", model) == [5]
+    assert spec.method_defaults("memit") == {"mom2_update_weight": 500}
+    assert spec.method_defaults("rome") == {}
+    short = tiny_model("llama", num_hidden_layers=4)
+    assert spec.default_layers("memit", short) == [0, 1, 2, 3]  # a run never leaves the model

