@@ -1,0 +1,60 @@
+"""MEMIT seconds per fact at batch sizes 1, 10 and 100 (one run, ratios to batch size 1).
+
+    python bench/memit_batch.py [--sizes 1,10,100] [--singles 3]
+
+Key statistics are computed (or loaded from the cache) by a warm-up edit first, so they are not counted. Batch
+size 1 is the mean of ``--singles`` one-fact edits. Prints one JSON object (``--out`` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import editpack
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--sizes", default="1,10,100")
+    parser.add_argument("--singles", type=int, default=3)
+    parser.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
+    parser.add_argument("--corpus", default=str(DATA / "corpus" / "wikipedia_en_sample.jsonl"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memit_batch.json"))
+    args = parser.parse_args(argv)
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model, _ = editpack.load_model(args.model)
+    facts = editpack.load_facts(args.data, limit=max(sizes) + args.singles, skip_invalid=True)
+    hparams = {"stats_corpus": args.corpus} if Path(args.corpus).is_file() else {}
+    editpack.edit(model, facts[-1], "memit", **hparams)  # warm-up: statistics, context templates
+    per_fact = {}
+    for size in sizes:
+        runs = [facts[i : i + 1] for i in range(args.singles)] if size == 1 else [facts[:size]]
+        start = time.perf_counter()
+        for batch in runs:
+            editpack.edit(model, batch, "memit", **hparams)
+        per_fact[size] = (time.perf_counter() - start) / sum(len(b) for b in runs)
+        print(f"batch {size}: {per_fact[size]:.2f} s/fact", flush=True)
+    result = {
+        "benchmark": "memit_batch", "model": model.editpack_ref.id,
+        "seconds_per_fact": {str(k): round(v, 3) for k, v in per_fact.items()},
+        "ratio_to_batch_1": {str(k): round(v / per_fact[sizes[0]], 3) for k, v in per_fact.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
