@@ -150,18 +150,8 @@ class EditPack:
         A dense delta ΔW (out × in) is stored as the LoRA pair (I, ΔW) or (ΔW, I), whichever has the smaller
         rank min(out, in), so the adapter stays an ordinary PEFT LoRA while costing about a dense matrix.
         """
-        out = {}
-        for name, d in sorted(self.delta.modules.items()):
-            rows, cols = d.B.shape[0], d.A.shape[1]
-            if not stored_dense(d):
-                out[name] = d
-                continue
-            dense = d.dense().float()
-            if rows <= cols:
-                out[name] = LowRankDelta(B=torch.eye(rows), A=dense)
-            else:
-                out[name] = LowRankDelta(B=dense, A=torch.eye(cols))
-        return out
+        return {name: LowRankDelta.from_dense(d.dense().float()) if stored_dense(d) else d
+                for name, d in sorted(self.delta.modules.items())}
 
     def lora_config(self):
         """A PEFT ``LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1)."""

@@ -245,13 +245,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.repos[repo_id] = repo
         self._json(200, {"url": f"{self.base_url}/{repo_id}", "name": repo_id})
 
-    def _repo_info(self, repo_id: str, revision: str) -> None:
-        repo = self._repo(repo_id)
+    def _at(self, repo_id: str, revision: str, write: bool = False) -> tuple[Repo, Commit] | None:
+        """The repo and the commit ``revision`` names, or ``None`` after answering with the error."""
+        repo = self._repo(repo_id, write=write)
         if repo is None:
-            return
+            return None
         commit = self.state.resolve(repo, revision)
         if commit is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return None
+        return repo, commit
+
+    def _repo_info(self, repo_id: str, revision: str) -> None:
+        found = self._at(repo_id, revision)
+        if found is None:
+            return
+        repo, commit = found
         self._json(200, {"id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": repo.private,
                          "disabled": False, "gated": False, "lastModified": commit.date, "tags": [],
                          "siblings": [{"rfilename": p} for p in sorted(commit.files)]})
@@ -267,12 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def _commits(self, repo_id: str, revision: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, revision)
+        if found is None:
             return
-        commit = self.state.resolve(repo, revision)
-        if commit is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, commit = found
         out = []
         while commit is not None:
             out.append({"id": commit.oid, "title": commit.title, "message": commit.message,
@@ -281,12 +288,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, out)
 
     def _tree(self, repo_id: str, revision: str, prefix: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, revision)
+        if found is None:
             return
-        commit = self.state.resolve(repo, revision)
-        if commit is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, commit = found
         entries = []
         for path, key in sorted(commit.files.items()):
             if prefix and not path.startswith(prefix.rstrip("/") + "/"):
@@ -299,14 +304,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, entries)
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
         if self._fail("resolve"):
             return
-        commit = self.state.resolve(repo, revision)
-        if commit is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        found = self._at(repo_id, revision)
+        if found is None:
+            return
+        repo, commit = found
         if path not in commit.files:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound")
         key = commit.files[path]
@@ -373,14 +376,12 @@ class _Handler(BaseHTTPRequestHandler):
                          "pullRequestUrl": None})
 
     def _tag(self, repo_id: str, revision: str, payload: dict) -> None:
-        repo = self._repo(repo_id, write=True)
-        if repo is None:
-            return
         if self._fail("tag"):
             return
-        commit = self.state.resolve(repo, revision)
-        if commit is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        found = self._at(repo_id, revision, write=True)
+        if found is None:
+            return
+        repo, commit = found
         if payload["tag"] in repo.tags:
             return self._error(409, f"Tag {payload['tag']} already exists")
         repo.tags[payload["tag"]] = commit.oid

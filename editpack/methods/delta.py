@@ -29,6 +29,14 @@ class LowRankDelta:
     def dense(self) -> torch.Tensor:
         return self.B @ self.A
 
+    @classmethod
+    def from_dense(cls, update: torch.Tensor) -> "LowRankDelta":
+        """A dense ``(out, in)`` matrix as exact factors: an identity on the smaller side (rank min(out, in))."""
+        rows, cols = update.shape
+        if rows <= cols:
+            return cls(B=torch.eye(rows, device=update.device, dtype=update.dtype), A=update)
+        return cls(B=update, A=torch.eye(cols, device=update.device, dtype=update.dtype))
+
     def concat(self, other: "LowRankDelta") -> "LowRankDelta":
         """The delta equal to ``self + other`` exactly (factors stacked, ranks add)."""
         return LowRankDelta(torch.cat([self.B, other.B], dim=1), torch.cat([self.A, other.A], dim=0))

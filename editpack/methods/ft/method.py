@@ -19,14 +19,6 @@ from ..locate import frozen
 from .config import FTConfig
 
 
-def dense_delta(update: torch.Tensor) -> LowRankDelta:
-    """A dense ``(out, in)`` update as exact factors (an identity on the smaller side)."""
-    rows, cols = update.shape
-    if rows <= cols:
-        return LowRankDelta(B=torch.eye(rows, device=update.device), A=update)
-    return LowRankDelta(B=update, A=torch.eye(cols, device=update.device))
-
-
 @register_method
 class FT(EditMethod):
     name = "ft"
@@ -49,7 +41,7 @@ class FT(EditMethod):
                       batch_size=cfg.batch_size, early_stop_loss=cfg.early_stop_loss, seed=cfg.seed)
             for name, w, original in zip(names, weights, originals):
                 update = (w.detach() - original).float()
-                result.add(name, dense_delta(update.T if spec.mlp_transposed else update))
+                result.add(name, LowRankDelta.from_dense(update.T if spec.mlp_transposed else update))
         finally:
             with torch.no_grad():
                 for w, original in zip(weights, originals):
