@@ -82,7 +82,8 @@ def edit(
     if any(not r.enabled for r in on_model):
         off = [r.pack.ref for r in on_model if not r.enabled]
         raise EditpackError(f"packs {off} are switched off on this model; remove them or switch them on first")
-    parents = [r.pack.lineage_record("onto") for r in on_model]
+    # Memory packs route generation only; the weights an edit is computed on do not depend on them.
+    parents = [r.pack.lineage_record("onto") for r in on_model if not r.memory]
     model = unwrap(model)
     tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
     if tokenizer is None:
