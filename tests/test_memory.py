@@ -129,3 +129,15 @@ def test_cli_edit_serac_and_generate(setup, tmp_path):
     assert out.exit_code == 0 and out.stdout.split("\n")[0] == TOWER.text + "rome", out.output
     refused = run(main, ["apply", "--model", str(tmp_path / "model"), str(tmp_path / "m"), "-o", str(tmp_path / "o")])
     assert refused.exit_code == 2 and "cannot be merged" in refused.output
+
+
+def test_evaluation_of_a_memory_pack_reports_generate_match(setup):
+    from editpack.evaluate import evaluate_pack
+
+    model, tok = setup
+    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route="answer")
+    result = evaluate_pack(model, tok, memory)
+    assert list(result["protocols"]) == ["generate_match"]
+    scores = result["protocols"]["generate_match"]
+    assert scores["reliability"]["after"] == 1.0 and scores["locality"]["after"] == 1.0
+    assert not editpack.applied(model)
