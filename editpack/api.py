@@ -97,8 +97,8 @@ def edit(
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
     build_pack = getattr(instance, "build_pack", None)
     if build_pack is not None:  # methods that make another kind of pack (memory packs)
-        base = BaseModel(id=base_model_info(model, []).id, fingerprint="", model_type=model.config.model_type,
-                         hub_id=base_model_info(model, []).hub_id)
+        info = base_model_info(model, [])
+        base = BaseModel(id=info.id, fingerprint="", model_type=info.model_type, hub_id=info.hub_id)
         return build_pack(model, tokenizer, fact_list, name=name, version=version, base=base, parents=parents,
                           state=state)
     delta = instance.compute(model, tokenizer, fact_list, spec, state=state)
