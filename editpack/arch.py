@@ -68,6 +68,14 @@ class ArchSpec:
     def mlp_in_names(self, layer: int) -> list[str]:
         return [template.format(layer) for template in self.mlp_in]
 
+    def block_of(self, name: str) -> int | None:
+        """Index of the decoder block that module ``name`` lies in (``None`` if it is outside the blocks)."""
+        prefix = f"{self.blocks}."
+        if not name.startswith(prefix):
+            return None
+        index = name[len(prefix):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
+
     # -- sizes and defaults ---------------------------------------------------------------------------------
     def num_layers(self, model: torch.nn.Module) -> int:
         return len(get_module(model, self.blocks))

@@ -63,7 +63,7 @@ def materialized(module: torch.nn.Module):
 def tensor_digest(tensor: torch.Tensor, digest: "hashlib._Hash") -> None:
     data = tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
     digest.update(str(tuple(data.shape)).encode())
-    digest.update(data.view(torch.int16).numpy().tobytes())
+    digest.update(memoryview(data.view(torch.int16).numpy()))  # hashed in place, no copy
 
 
 def weight_fingerprint(tensor: torch.Tensor) -> str:

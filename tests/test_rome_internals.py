@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from editpack.arch import spec_for
-from editpack.methods.locate import subject_last_index, weights_in
+from editpack.methods.locate import (
+    attention_for_gradients,
+    resolve_optimize_dtype,
+    subject_last_index,
+    weights_in,
+)
 from editpack.methods.split_batch import split_batch
 from editpack.nethook import Trace
 
@@ -15,13 +20,18 @@ TEXTS = ["the famous eiffel tower is in paris", "eiffel tower", "a red bridge . 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
 @pytest.mark.parametrize("cuts", [[3, 1, 6], [0, 1, 2]])
-def test_split_batch_matches_unpadded_forwards(model_type, cuts):
+@pytest.mark.parametrize("live_from", [0, 1])
+def test_split_batch_matches_unpadded_forwards(model_type, cuts, live_from):
     model, tok = tiny_model(model_type), tiny_tokenizer()
     spec = spec_for(model)
+    blocks = model.get_submodule(spec.blocks)
+    originals = list(blocks)
     batch = split_batch(tok, TEXTS, cuts, torch.device("cpu"))
     with torch.no_grad():
-        batch.prime(model)
+        batch.prime(model, blocks, live_from)  # live_from=1: block 0's outputs are recorded and replayed
+        assert sorted(batch.replay) == list(range(live_from))
         hidden = batch.run(model)
+        assert list(blocks) == originals  # the stand-ins are gone after the run
         for row, text in enumerate(TEXTS):
             ids = tok(text, return_tensors="pt")
             with Trace(model, spec.final_norm) as tr:
@@ -34,6 +44,52 @@ def test_split_batch_matches_unpadded_forwards(model_type, cuts):
         assert batch.cache is None and batch.edit_columns == cuts
     else:
         assert batch.edit_columns == [0, 0, 0]
+
+
+def test_replayed_blocks_are_not_computed_and_later_blocks_are():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    blocks = model.get_submodule(spec_for(model).blocks)
+    batch = split_batch(tok, TEXTS, [3, 1, 6], torch.device("cpu"))
+    calls = []
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_a, i=i: calls.append(i))
+    with torch.no_grad():
+        batch.prime(model, blocks, 1)
+        calls.clear()
+        before = batch.run(model)
+        assert 0 not in calls and 1 in calls
+        # A change in a live block shows in the output (the replay does not freeze what depends on it).
+        with Trace(model, f"{spec_for(model).blocks}.1.mlp", retain_output=False,
+                   edit_output=lambda out, _layer: out + 1.0):
+            after = batch.run(model)
+    assert not torch.allclose(before, after)
+
+
+def test_bfloat16_eager_attention_with_left_padding_stays_finite():
+    """float32's mask minimum rounds to -inf in bf16; fully masked pad rows must not turn into NaN."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = spec_for(model)
+    batch = split_batch(tok, TEXTS, [3, 1, 6], torch.device("cpu"))  # prefixes of 3, 1, 6 tokens: left-padded
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), weights_in(model, "bfloat16", spec):
+        batch.prime(model)
+        hidden = batch.run(model)
+    assert torch.isfinite(hidden).all()
+
+
+def test_optimize_dtype_auto_resolves_to_a_concrete_precision():
+    assert resolve_optimize_dtype("float32", torch.device("cpu")) == "float32"
+    assert resolve_optimize_dtype("auto", torch.device("cpu")) in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="optimize_dtype"):
+        resolve_optimize_dtype("fp8", torch.device("cpu"))
+
+
+def test_attention_is_eager_while_optimising_on_cpu_and_restored_after():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    with attention_for_gradients(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_split_index_out_of_range_is_an_error():

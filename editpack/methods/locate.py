@@ -74,6 +74,42 @@ def head_logits(model, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
 _OPT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_optimize_dtype(name: str, device: torch.device) -> str:
+    """``"auto"`` → ``"bfloat16"`` where ``device`` has fast bf16 arithmetic, else ``"float32"``; others as given."""
+    if name != "auto":
+        if name not in _OPT_DTYPES:
+            raise ValueError(f"optimize_dtype must be auto or one of {', '.join(_OPT_DTYPES)}, not {name!r}")
+        return name
+    device = torch.device(device)
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":  # oneDNN's check: AVX-512 BF16 or AMX
+        fast = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    else:
+        fast = False
+    return "bfloat16" if fast else "float32"
+
+
+@contextlib.contextmanager
+def attention_for_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """On a CPU, run attention with the plain matmul ("eager") implementation for the duration.
+
+    PyTorch's CPU flash-attention backward is slow (in bf16 about 3 ms per call on SmolLM2, a third of a step);
+    the matmul form gives the same values and a fast backward. GPUs keep the model's own implementation.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if model_device(model).type != "cpu" or current in (None, "eager") or setter is None:
+        yield
+        return
+    setter("eager")
+    try:
+        yield
+    finally:
+        setter(current)
+
+
 @contextlib.contextmanager
 def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Iterator[None]:
     """Run with the decoder blocks' floating-point weights cast to ``dtype_name``; originals put back after.
@@ -96,6 +132,13 @@ def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Itera
 
     def to(value, target):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if value.dtype == target:
+                return value
+            # An additive mask holds float32's minimum, which rounds to -inf in bf16: a fully masked row (left
+            # padding) would then softmax to NaN in eager attention. Clamp to the target's finite range.
+            limits = torch.finfo(target)
+            if limits.max < torch.finfo(value.dtype).max:
+                value = value.clamp(limits.min, limits.max)
             return value.to(target)
         if isinstance(value, (tuple, list)):
             return type(value)(to(v, target) for v in value)
@@ -271,8 +314,10 @@ def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cf
         return _replace_first(output, hidden + mask * delta.to(hidden.dtype))
 
     loss_value, step = float("nan"), 0
-    with weights_in(model, cfg.optimize_dtype, spec):
-        batch.prime(model)
+    dtype_name = resolve_optimize_dtype(cfg.optimize_dtype, device)
+    with weights_in(model, dtype_name, spec), attention_for_gradients(model):
+        # Blocks below the one holding ``module`` see no δ: computed once in prime() and replayed per step.
+        batch.prime(model, get_module(model, spec.blocks), spec.block_of(module) or 0)
         for step in range(cfg.v_num_grad_steps):
             if optimizer is not None:
                 optimizer.zero_grad()

@@ -13,3 +13,8 @@ class MEMITConfig(ROMEConfig):
     # the target hidden state is optimised at the output of the last of them.
     #: Weight λ of the preserved keys' second moment against the new keys: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹.
     mom2_update_weight: float = 15000.0
+    #: MEMIT and AlphaEdit keep float32 by default: their benchmarks (many facts, several layers) were measured
+    #: so. ``"auto"`` / ``"bfloat16"`` work as for ROME.
+    optimize_dtype: str = "float32"
+    #: MEMIT's own setting (ROME's is 20).
+    v_num_grad_steps: int = 25

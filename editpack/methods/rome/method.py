@@ -20,6 +20,7 @@ import torch
 
 from ...arch import ArchSpec
 from ...facts import Fact
+from ...generation import model_device
 from ...stats import StatsConfig, second_moment
 from ..base import EditMethod, register_method
 from ..delta import LowRankDelta, WeightDelta
@@ -32,6 +33,7 @@ from ..locate import (
     optimize_delta,
     read_at,
     lookups,
+    resolve_optimize_dtype,
 )
 from .config import ROMEConfig
 
@@ -51,6 +53,7 @@ def resolve_locate_config(cfg, method: str, model, tokenizer, spec: ArchSpec):
         cfg.stats_tokens = SAMPLED_STATS_TOKENS if cfg.stats_corpus is None else CORPUS_STATS_TOKENS
     if cfg.context_templates is None:
         cfg.context_templates = context_templates(model, tokenizer, cfg.context_template_lengths, cfg.seed)
+    cfg.optimize_dtype = resolve_optimize_dtype(cfg.optimize_dtype, model_device(model))
     return cfg
 
 
