@@ -22,6 +22,7 @@ import torch
 
 import editpack
 from editpack.generation import next_token_logits
+from editpack.methods.base import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -37,13 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args(argv)
 
-    hparams = {}
-    for item in args.settings:
-        key, _, raw = item.partition("=")
-        try:
-            hparams[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            hparams[key] = raw
+    hparams = parse_settings(args.settings)
     if args.corpus and Path(args.corpus).is_file():
         hparams.setdefault("stats_corpus", args.corpus)
 

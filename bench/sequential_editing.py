@@ -1,13 +1,14 @@
 """Batch and sequential editing on CounterFact: MEMIT in one batch, AlphaEdit / FT-M / ROME in rounds.
 
     python bench/sequential_editing.py [--n 200] [--rounds 10] [--memit-n 100] [--methods memit,alphaedit,ft,rome]
+                                       [--set KEY=VALUE ...]
 
 - ``memit``: the first ``--memit-n`` records edited in one batch, scored on those records.
 - ``alphaedit``, ``ft``, ``rome``: the first ``--n`` records in ``--rounds`` sequential rounds
   (``editpack.extend``: each round is computed on the model with the earlier rounds applied), scored on all
   ``--n`` records after the last round.
 
-Every result holds the three protocols' before/after scores (``editpack.evaluate``), fluency, seconds per fact and
+``--set`` hyper-parameters go to every method listed. Every result holds the three protocols' before/after scores (``editpack.evaluate``), fluency, seconds per fact and
 per round, and peak memory. The JSON is rewritten after each method (``--out``), so a long run keeps what it has.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import editpack
 from editpack.api import extend
 from editpack.evaluate import PROTOCOLS, combine, measure
+from editpack.methods.base import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
     parser.add_argument("--corpus", default=str(DATA / "corpus" / "wikipedia_en_sample.jsonl"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "sequential_editing.json"))
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="A hyper-parameter for every method listed (repeatable).")
     args = parser.parse_args(argv)
 
     model, tokenizer = editpack.load_model(args.model)
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
             editpack.revert(edited)
 
     for method in args.methods.split(","):
-        hparams = stats if method in ("rome", "memit", "alphaedit") else {}
+        hparams = {**(stats if method in ("rome", "memit", "alphaedit") else {}), **parse_settings(args.settings)}
         if method == "memit":
             subset = facts[: args.memit_n]
             t0 = time.perf_counter()

@@ -140,16 +140,12 @@ def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new
 # ------------------------------------------------------------------------------------------------ packs
 def parse_set(values: tuple[str, ...]) -> dict:
     """``--set key=value`` pairs; values are JSON when they parse as JSON, else strings."""
-    out = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+    from editpack.methods.base import parse_settings
+
+    try:
+        return parse_settings(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
 
 
 def packs_model(packs) -> str | None:

@@ -151,3 +151,13 @@ def test_a_delta_of_higher_rank_than_dense_applies_in_dense_form(setup):
     edited = apply(model, twice)  # stored and applied as the dense sum
     assert [top1(edited, tok, f) for f in (FACT, SECOND)] == ["rome", "tokyo"]
     revert(edited)
+
+
+def test_settings_parse_json_values_and_reject_malformed_items():
+    from editpack.methods.base import parse_settings
+
+    assert parse_settings(["layers=[3, 4]", "v_lr=0.5", "optimize_dtype=bfloat16", "mom2_adjustment=false"]) == {
+        "layers": [3, 4], "v_lr": 0.5, "optimize_dtype": "bfloat16", "mom2_adjustment": False}
+    for bad in ["v_lr", "=3"]:
+        with pytest.raises(ValueError, match="is not KEY=VALUE"):
+            parse_settings([bad])

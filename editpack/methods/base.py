@@ -37,6 +37,22 @@ class MethodConfig:
         return cls(**values)
 
 
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", …]`` (the CLI's ``--set``) as hyper-parameters: each value JSON when it parses, else text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 class EditMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
