@@ -8,8 +8,8 @@
   (``editpack.extend``: each round is computed on the model with the earlier rounds applied), scored on all
   ``--n`` records after the last round.
 
-``--set`` hyper-parameters go to every method listed. Every result holds the three protocols' before/after scores (``editpack.evaluate``), fluency, seconds per fact and
-per round, and peak memory. The JSON is rewritten after each method (``--out``), so a long run keeps what it has.
+``--set`` hyper-parameters go to every method listed. Every result holds the three protocols' before/after
+scores (``editpack.evaluate``), fluency, seconds per fact and per round, and peak memory. The JSON is rewritten after each method (``--out``), so a long run keeps what it has.
 """
 
 from __future__ import annotations

@@ -27,7 +27,15 @@ import torch
 
 from .errors import FingerprintMismatchError, PackConflictError, PackFormatError
 from .facts import Fact
-from .fingerprint import ORIGINALS, base_weight, is_quantized, module_fingerprints, unwrap, weight_fingerprint
+from .fingerprint import (
+    ORIGINALS,
+    base_weight,
+    is_quantized,
+    memory_wrapper,
+    module_fingerprints,
+    unwrap,
+    weight_fingerprint,
+)
 from .pack import EditPack
 
 _RECORDS = "_editpack_records"  # list[AppliedPack] on the transformers model
@@ -296,7 +304,7 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         return model
     memories = [p for p in new if p.kind == "memory"]
     weights = [p for p in new if p.kind == "weight"]
-    wrapper = model if getattr(type(model), "editpack_wrapper", False) else None
+    wrapper = memory_wrapper(model)
     inner = wrapper.model if wrapper is not None else model
     if weights:
         inner = _apply_weights(inner, weights, merge)
@@ -435,7 +443,7 @@ def _dependents(model: torch.nn.Module, record: AppliedPack) -> list[AppliedPack
 
 
 def _wrapper(model: torch.nn.Module):
-    if not getattr(type(model), "editpack_wrapper", False):
+    if memory_wrapper(model) is None:
         raise PackFormatError("memory packs are consulted by the model editpack.apply returned; pass that object")
     return model
 
@@ -467,7 +475,7 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
         records(model).remove(record)
         wrapper.memories = [r.pack for r in records(model) if r.memory and r.enabled]
         return wrapper if any(r.memory for r in records(model)) else wrapper.model
-    wrapper = model if getattr(type(model), "editpack_wrapper", False) else None
+    wrapper = memory_wrapper(model)
     if wrapper is not None:
         wrapper.model = remove(wrapper.model, key)
         return wrapper
@@ -495,7 +503,7 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Remove every applied pack; returns the plain transformers model with its original weights exactly."""
     from peft import PeftModel
 
-    if getattr(type(model), "editpack_wrapper", False):  # memory packs: drop the wrapper
+    if memory_wrapper(model) is not None:  # memory packs: drop the wrapper
         model = model.model
     if not isinstance(model, PeftModel) and _WRAPPER in model.__dict__:
         model = model.__dict__[_WRAPPER]  # the plain model was passed, but PEFT layers are inside it
@@ -530,7 +538,6 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
         from dataclasses import replace
 
         from .memory import SentenceEncoder
-        from .pack import slug
 
         union = packs[0].with_facts(SentenceEncoder(), add=[f for p in packs[1:] for f in p.facts], version=version)
         return replace(union, name=name or slug(f"stack-{packs[0].name}-and-{len(packs) - 1}-more"),

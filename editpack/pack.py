@@ -35,6 +35,7 @@ MANIFEST = "editpack.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STATE = "method_state.safetensors"
+MEMORY_WEIGHTS = "memory.safetensors"  # a memory pack's stored prompt embeddings (editpack.memory)
 CARD = "README.md"
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -294,7 +295,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-REQUIRED_FILES = {"weight": (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "memory": ("memory.safetensors",)}
+REQUIRED_FILES = {"weight": (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "memory": (MEMORY_WEIGHTS,)}
 
 
 def load_pack(directory: str | Path, *, verify: bool = True):
