@@ -2,27 +2,85 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import signal
 import sys
+from pathlib import Path
 
 import click
 
 from editpack import __version__
 from editpack.errors import EditpackError
+from editpack.methods import REGISTRY
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``with`` block (atomic writes, locks) cleans up."""
+
+
+def _terminate(signum, frame):  # pragma: no cover - exercised by a subprocess test
+    raise Terminated()
 
 
 def friendly_errors(func):
-    """Turn editpack's own errors into a one-line ``Error: ...`` and exit status 1 (no traceback)."""
+    """Turn editpack's own errors and bad input into a one-line ``Error: ...`` and exit status 1 (no traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (EditpackError, FileExistsError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        except (EditpackError, OSError, ValueError) as exc:
+            raise click.ClickException(_message(exc)) from exc
+        except Terminated:
+            click.echo("Terminated: nothing half-written was left behind", err=True)
+            sys.exit(143)
 
     return wrapper
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def writing(output: str):
+    """Hold a lock on ``output`` for the whole command, so a second command writing it fails at once."""
+    from filelock import FileLock, Timeout
+
+    from editpack.paths import cache_dir
+
+    key = hashlib.sha256(str(Path(output).resolve()).encode()).hexdigest()[:24]
+    lock = FileLock(str(cache_dir("locks") / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise click.ClickException(f"another editpack command is writing {output}; wait for it or choose another "
+                                   "output") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_output(output: str, overwrite: bool, inputs=()) -> None:
+    """Before any work: ``output`` may be written (absent, or with --overwrite a directory editpack wrote) and is
+    none of the command's inputs."""
+    from editpack._io import check_output as check
+
+    target = Path(output).resolve()
+    for item in inputs:
+        path = getattr(item, "path", None) or (Path(item) if Path(str(item)).exists() else None)
+        if path is not None and Path(path).resolve() == target:
+            raise click.UsageError(f"{output} is an input of this command; write the result to another directory")
+    try:
+        check(output, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc).replace("overwrite=True / --overwrite", "--overwrite")) from None
 
 
 _MODEL_KEYS = ("model", "dtype", "device_map", "load_in_4bit", "load_in_8bit", "max_memory", "offload_folder")
@@ -66,19 +124,33 @@ def model_options(func):
     return wrapper
 
 
-def load_from_options(opts: dict, model: str | None = None):
-    """Load the model ``opts`` name (or ``model``, the packs' base, when --model is not given)."""
+def load_from_options(opts: dict, packs=()):
+    """Load the model ``opts`` names, or (when --model is not given) the base model the first of ``packs`` records."""
     from editpack.models import load_model
 
     options = dict(opts)
-    name = options.pop("model") or model
+    name = options.pop("model") or packs_model(list(packs))
     return load_model(name, **options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="editpack")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Show the libraries' warnings and log messages too.")
+def main(verbose: bool) -> None:
     """Knowledge edits of language models as versioned, shareable packs."""
+    import logging
+
+    from editpack import console
+
+    console.configure(verbose)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("editpack")
+    log.handlers = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers (not under some test runners)
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 @main.command("models")
@@ -121,20 +193,22 @@ def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new
     """Greedy continuation of each PROMPT (with --pack, by the edited model)."""
     from editpack.apply import apply
     from editpack.generation import generate
+    from editpack.pipelines import compare as compare_edits
 
     if compare and not packs:
         raise click.UsageError("--compare needs at least one --pack")
     loaded = load_packs(packs)
-    lm, tokenizer = load_from_options(model_opts, packs_model(loaded))
-    before = generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens) if compare else None
+    lm, tokenizer = load_from_options(model_opts, loaded)
+    conflict = "later" if later_wins else "error"
+    if compare:
+        for row in compare_edits(lm, loaded, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                 check=not force, on_conflict=conflict):
+            click.echo(f"{row.prompt}\n  base:   {row.before!r}\n  edited: {row.after!r}")
+        return
     if loaded:
-        lm = apply(lm, loaded, check=not force, on_conflict="later" if later_wins else "error")
-    after = generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
-    for i, prompt in enumerate(prompts):
-        if compare:
-            click.echo(f"{prompt}\n  base:   {before[i]!r}\n  edited: {after[i]!r}")
-        else:
-            click.echo(f"{prompt}{after[i]}")
+        lm = apply(lm, loaded, check=not force, on_conflict=conflict)
+    for prompt, text in zip(prompts, generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens)):
+        click.echo(f"{prompt}{text}")
 
 
 # ------------------------------------------------------------------------------------------------ packs
@@ -149,8 +223,19 @@ def parse_set(values: tuple[str, ...]) -> dict:
 
 
 def packs_model(packs) -> str | None:
-    """The base model the first pack records (loaded when --model is not given)."""
-    return packs[0].base.id if packs else None
+    """The base model the first pack records (loaded when --model is not given): a built-in or a Hub id.
+
+    Packs record no local paths, so a base that was a local folder or GGUF file must be named with --model.
+    """
+    if not packs:
+        return None
+    from editpack.models import BUILTINS
+
+    base = packs[0].base
+    if base.id in BUILTINS or base.hub_id == base.id or Path(base.id).exists():
+        return base.id
+    raise click.UsageError(f"{packs[0].ref} was made on {base.id!r}, a local model on the machine that made it; "
+                           "pass --model with that model's folder or file here")
 
 
 def load_packs(references) -> list:
@@ -160,9 +245,35 @@ def load_packs(references) -> list:
     return [resolve_pack(r) for r in references]
 
 
+METHOD_HELP = "Edit method: " + "; ".join(f"{name}: {cls.summary}" for name, cls in sorted(REGISTRY.items()) if cls.summary)
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of layer indices like 4,5,6",
+                                 param_hint="--layers") from None
+    if any(layer < 0 for layer in layers):
+        raise click.BadParameter(f"layer indices must be 0 or more, not {text!r}", param_hint="--layers")
+    return layers
+
+
+def check_corpus(path: str) -> str:
+    corpus = Path(path)
+    if not corpus.is_file():
+        raise click.BadParameter(f"{path} does not exist or is not a file", param_hint="--corpus")
+    try:
+        with open(corpus, "rb"):
+            pass
+    except OSError as exc:
+        raise click.BadParameter(f"{path} cannot be read: {exc.strerror}", param_hint="--corpus") from None
+    return str(corpus.resolve())
+
+
 @main.command("edit")
 @model_options
-@click.option("--method", default=None, help="Edit method: rome (default), memit, alphaedit, ft, lora.")
+@click.option("--method", default=None, type=click.Choice(sorted(REGISTRY)), help=METHOD_HELP)
 @click.option("--facts", "facts_path", default=None, metavar="[FORMAT:]FILE",
               help="Facts file: JSON/JSONL/YAML, CounterFact, zsRE or MQuAKE (format detected or prefixed).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N records of --facts.")
@@ -187,55 +298,66 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
              target, target_true, paraphrase, layers, corpus, settings, name, pack_version, onto, output, overwrite):
     """Compute an edit and write it as a pack directory.
 
-    Methods: rome, memit, alphaedit, ft (FT-M), lora. With --onto PACK the facts are edited on top of PACK
-    (method and hyper-parameters default to PACK's) and the result is PACK's next version, holding both.
+    With --onto PACK the facts are edited on top of PACK (method and hyper-parameters default to PACK's) and the
+    result is PACK's next version, holding both. Every option is checked before the model is loaded.
     """
-    from pathlib import Path
-
-    from editpack.api import edit, extend
+    from editpack.api import edit, extend, method_config
+    from editpack.artifact import check_name, check_version
     from editpack.facts import load_facts, make_fact
-    from editpack.generation import generate
-    from editpack.methods import get_method
-    from editpack.pack import check_version
+    from editpack.pipelines import compare
 
     one = [prompt, subject, target]
     if facts_path and any(one):
         raise click.UsageError("give either --facts or --prompt/--subject/--target, not both")
     if not facts_path and not all(one):
         raise click.UsageError("give --facts FILE, or all of --prompt, --subject and --target")
-    if Path(output).exists() and not overwrite:
-        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
     if onto and name:
         raise click.UsageError("--onto keeps the pack's name; --name cannot be given with it")
-    parent = load_packs([onto])[0] if onto else None
-    method = method or (parent.method if parent else "rome")
-    get_method(method)
+    if name:
+        check_name(name)
     if pack_version:
         check_version(pack_version)
-    facts = (load_facts(facts_path, limit=limit) if facts_path
-             else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
+    check_output(output, overwrite, [onto] if onto else [])
     hparams = parse_set(settings)
     if layers:
-        hparams["layers"] = [int(x) for x in layers.split(",")]
+        hparams["layers"] = parse_layers(layers)
     if corpus:
-        hparams["stats_corpus"] = corpus
-    lm, tokenizer = load_from_options(model_opts, packs_model([parent] if parent else []))
-    if parent:
-        pack = extend(lm, parent, facts, method, tokenizer=tokenizer, version=pack_version, **hparams)
-    else:
-        pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", **hparams)
-    pack.save(output, overwrite=overwrite)
+        hparams["stats_corpus"] = check_corpus(corpus)
+    facts = (load_facts(facts_path, limit=limit) if facts_path
+             else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
+    parent = load_packs([onto])[0] if onto else None
+    check_output(output, overwrite, [parent] if parent else [])
+    method = method or (parent.method if parent else "rome")
+    try:
+        method_config(method, **({**(parent.hyperparameters if parent and method == parent.method
+                                     and "stacked" not in parent.hyperparameters else {}), **hparams}))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    with writing(output):
+        lm, tokenizer = load_from_options(model_opts, [parent] if parent else [])
+        if parent:
+            pack = extend(lm, parent, facts, method, tokenizer=tokenizer, version=pack_version, **hparams)
+        else:
+            pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", **hparams)
+        pack.save(output, overwrite=overwrite)
     click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(pack.facts)} fact(s), {method}): "
                f"{pack.storage_summary()}")
-    shown = facts[:5]
-    before = generate(lm, tokenizer, [f.text for f in shown], max_new_tokens=8)
-    from editpack.apply import apply, revert
+    shown = facts[:20]
+    rows = compare(lm, pack, [f.text for f in shown], tokenizer=tokenizer, max_new_tokens=8)
+    for fact, row in list(zip(shown, rows))[:5]:
+        click.echo(f"  {fact.text}\n    before: {row.before.strip()!r}\n    after:  {row.after.strip()!r}")
+    warn_unreached(shown, rows)
 
-    edited = apply(lm, pack)
-    after = generate(edited, tokenizer, [f.text for f in shown], max_new_tokens=8)
-    revert(edited)
-    for fact, old, new in zip(shown, before, after):
-        click.echo(f"  {fact.text}\n    before: {old.strip()!r}\n    after:  {new.strip()!r}")
+
+def warn_unreached(facts, rows) -> None:
+    """Say so when the edited model's greedy answer does not start with the new target."""
+    from editpack.evaluate import starts_with
+
+    missed = [(f, r) for f, r in zip(facts, rows) if not starts_with(r.after, f.target_new)]
+    if missed:
+        named = "; ".join(f"{f.text!r} -> {r.after.strip()!r} (wanted {f.target_new!r})" for f, r in missed[:3])
+        click.echo(f"Warning: {len(missed)} of {len(facts)} checked fact(s) do not start with their new target in "
+                   f"greedy generation: {named}. `editpack eval` measures the edit with every protocol.", err=True)
 
 
 @main.command("apply")
@@ -244,36 +366,27 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
 @click.option("--force", is_flag=True, help="Apply even if a pack's base fingerprint does not match the model.")
 @click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a model folder editpack wrote before.")
 @friendly_errors
 def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
     """Merge PACKS (directories or user/name@version, in order) into the model; write a model folder."""
-    from pathlib import Path
-
-    from editpack._io import atomic_directory, atomic_write_json
-    from editpack.apply import applied, apply
+    from editpack.apply import export_merged
 
     if model_opts["load_in_4bit"] or model_opts["load_in_8bit"]:
         raise click.UsageError("a merged model is written in full precision: merging into 4/8-bit weights loses "
                                "most of the edit. Quantize when you load the merged folder, or use packs unmerged "
                                "(editpack generate --pack, editpack.apply) on a quantized model")
-    if Path(output).exists() and not overwrite:
-        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    check_output(output, overwrite, packs)
     loaded = load_packs(packs)
-    if any(p.kind == "memory" for p in loaded):
-        raise click.UsageError("memory packs leave the weights alone and cannot be merged into a model folder; use "
-                               "them with editpack generate --pack, editpack.apply or editpack.pipeline")
-    lm, tokenizer = load_from_options(model_opts, packs_model(loaded))
-    merged = apply(lm, loaded, merge=True, check=not force, on_conflict="later" if later_wins else "error")
-    kept = [r.pack for r in applied(merged)]
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "editpack_applied.json", {
-            "base_model": loaded[0].base.to_dict(),
-            "packs": [{"name": p.name, "version": p.version, "content": p.content_id, "path": str(p.path)}
-                      for p in kept],
-        })
+    unmergeable = [p.ref for p in loaded if not p.mergeable]
+    if unmergeable:
+        raise click.UsageError(f"{', '.join(unmergeable)}: memory packs leave the weights alone and cannot be merged "
+                               "into a model folder; use them with editpack generate --pack, editpack.apply or "
+                               "editpack.pipeline")
+    with writing(output):
+        lm, tokenizer = load_from_options(model_opts, loaded)
+        kept = export_merged(lm, loaded, output, tokenizer=tokenizer, check=not force,
+                             on_conflict="later" if later_wins else "error", overwrite=overwrite)
     click.echo(f"wrote merged model with {len(kept)} pack(s) to {output}")
 
 
@@ -287,18 +400,19 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
 @friendly_errors
 def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
     """Combine PACKS into one pack whose delta is exactly their sum (ranks add; facts are the union)."""
-    from pathlib import Path
-
     from editpack.apply import stack
+    from editpack.artifact import check_name, check_version
 
-    if Path(output).exists() and not overwrite:
-        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    if name:
+        check_name(name)
+    check_version(pack_version)
+    check_output(output, overwrite, packs)
     loaded = load_packs(packs)
-    one = stack(loaded, name=name, version=pack_version, on_conflict="later" if later_wins else "error")
-    one.save(output, overwrite=overwrite)
-    ranks = ", ".join(f"{m} (rank {d.rank})" for m, d in sorted(one.delta.modules.items()))
-    click.echo(f"wrote {one.ref} to {output}: {len(one.facts)} fact(s) from "
-               f"{', '.join(p['name'] + '@' + p['version'] for p in one.parents if p['relation'] == 'stacked')}; {ranks}")
+    with writing(output):
+        one = stack(loaded, name=name, version=pack_version, on_conflict="later" if later_wins else "error")
+        one.save(output, overwrite=overwrite)
+    sources = ", ".join(p["name"] + "@" + p["version"] for p in one.parents if p["relation"] == "stacked")
+    click.echo(f"wrote {one.ref} to {output}: {len(one.facts)} fact(s) from {sources}; {one.storage_summary()}")
 
 
 @main.command("forget")
@@ -310,18 +424,16 @@ def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
 @friendly_errors
 def forget_cmd(pack, subjects, pack_version, output, overwrite):
     """Write a new version of memory PACK without the facts about SUBJECT(s)."""
-    from pathlib import Path
+    from editpack.api import forget
+    from editpack.artifact import check_version
 
-    from editpack.api import next_version
-    from editpack.memory import SentenceEncoder
-
-    if Path(output).exists() and not overwrite:
-        raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+    if pack_version:
+        check_version(pack_version)
+    check_output(output, overwrite, [pack])
     (loaded,) = load_packs([pack])
-    if loaded.kind != "memory":
-        raise click.UsageError(f"{pack} is a weight pack: its facts cannot be dropped one by one; re-edit instead")
-    smaller = loaded.with_facts(SentenceEncoder(), remove=subjects, version=pack_version or next_version(loaded.version))
-    smaller.save(output, overwrite=overwrite)
+    with writing(output):
+        smaller = forget(loaded, subjects, version=pack_version)
+        smaller.save(output, overwrite=overwrite)
     click.echo(f"wrote {smaller.ref} to {output}: {len(smaller.facts)} fact(s) (dropped {len(loaded.facts) - len(smaller.facts)})")
 
 
@@ -385,47 +497,11 @@ def versions_cmd(repo_id, as_json):
 @friendly_errors
 def show_cmd(pack, as_json):
     """Describe a pack: facts, method, base model, files and whether they verify."""
-    from pathlib import Path
+    from editpack.describe import describe
 
-    from editpack.hub import parse_reference, pull
-    from editpack.pack import read_manifest, verify_files
-
-    directory = Path(pack)
-    if not directory.exists() and parse_reference(pack):
-        directory = pull(pack).path  # from the Hub, through its cache
-    manifest = read_manifest(directory)
-    problems = verify_files(directory, manifest)
-    if as_json:
-        click.echo(json.dumps({"manifest": manifest, "verified": not problems, "problems": problems}, indent=2))
-        return
-    base = manifest["base_model"]
-    click.echo(f"{manifest['name']} {manifest['version']}  ({manifest['kind']} pack, created {manifest['created']})")
-    click.echo(f"method:  {manifest['method']}")
-    click.echo(f"base:    {base['id']} ({base['model_type']})"
-               + (f", fingerprint {base['fingerprint'][:23]}…" if base.get("fingerprint") else ""))
-    if manifest["kind"] == "memory":
-        memory = manifest["memory"]
-        click.echo(f"memory:  {memory['n_facts']} facts, scope threshold {memory['threshold']} "
-                   f"(route {manifest['hyperparameters'].get('route')}); weights untouched")
-    else:
-        modules = manifest["delta"]["modules"]
-        click.echo("delta:   " + ", ".join(f"{m} (rank {v['rank']}{', dense' if v.get('form') == 'dense' else ''})"
-                                           for m, v in modules.items()))
-    for parent in manifest.get("parents") or []:
-        how = {"onto": "made on top of", "stacked": "stacked from", "extends": "extends"}.get(
-            parent.get("relation", "onto"), parent.get("relation"))
-        click.echo(f"lineage: {how} {parent['name']}@{parent['version']} ({str(parent.get('content'))[:19]}…)")
-    click.echo(f"facts:   {len(manifest['facts'])}")
-    for fact in manifest["facts"][:20]:
-        old = f"  (was {fact['target_true']})" if fact.get("target_true") else ""
-        click.echo(f"  - {fact['prompt'].replace('{}', fact['subject'])} -> {fact['target_new']}{old}")
-    if len(manifest["facts"]) > 20:
-        click.echo(f"  … {len(manifest['facts']) - 20} more")
-    click.echo("files:")
-    for name, digest in manifest["files"].items():
-        click.echo(f"  {name}  sha256:{digest[:16]}…")
-    click.echo("verified: yes" if not problems else "verified: NO\n  " + "\n  ".join(problems))
-    if problems:
+    found = describe(pack)
+    click.echo(json.dumps(found.to_dict(), indent=2) if as_json else str(found))
+    if not found.verified:
         raise SystemExit(1)
 
 
@@ -448,29 +524,26 @@ def protocol_option(func):
 def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
     """Measure PACK before/after, store the results in its manifest and regenerate its card."""
     from editpack.apply import check_fingerprint
-    from editpack.evaluate import PROTOCOLS, evaluate_pack, format_table
+    from editpack.evaluate import PROTOCOLS, evaluate_and_store, format_table
     from editpack.facts import load_facts
 
-    (loaded,) = load_packs([pack])
-    lm, tokenizer = load_from_options(model_opts, packs_model([loaded]))
-    if not force:
-        check_fingerprint(lm, loaded)
     facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
-    result = evaluate_pack(lm, tokenizer, loaded, facts, data=data, protocols=protocols or PROTOCOLS)
+    (loaded,) = load_packs([pack])
+    lm, tokenizer = load_from_options(model_opts, [loaded])
+    if not force and loaded.holds_weights:
+        check_fingerprint(lm, loaded)
+    result, stored = evaluate_and_store(lm, tokenizer, loaded, facts, data=data, protocols=protocols or PROTOCOLS)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-    if loaded.source:  # read in place from the Hugging Face cache, which must not be written to
+    if not stored:  # read in place from the Hugging Face cache, which must not be written to
         click.echo(f"results not stored: {pack} is read from the Hugging Face cache; `editpack pull {pack} -o DIR` "
                    "and evaluate DIR to store them in the pack", err=True)
-        return
-    loaded.evaluation = result
-    loaded.save(loaded.path, overwrite=True)
-    if not as_json:
+    elif not as_json:
         click.echo(f"results written to {loaded.path / 'editpack.json'} and its card README.md")
 
 
 @main.command("bench")
 @model_options
-@click.option("--method", default="rome", show_default=True)
+@click.option("--method", default="rome", show_default=True, type=click.Choice(sorted(REGISTRY)))
 @click.option("--data", required=True, metavar="[FORMAT:]PATH", help="Facts to edit one at a time.")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH", help="Key-statistics corpus.")
@@ -485,12 +558,17 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
     from editpack.api import edit
     from editpack.evaluate import PROTOCOLS, bench_edits, format_table
     from editpack.facts import load_facts
-    from editpack.methods import get_method
+    from editpack.api import method_config
 
-    get_method(method)
     hparams = parse_set(settings)
     if corpus:
-        hparams["stats_corpus"] = corpus
+        hparams["stats_corpus"] = check_corpus(corpus)
+    try:
+        method_config(method, **hparams)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    if out and not Path(out).resolve().parent.is_dir():
+        raise click.BadParameter(f"{Path(out).parent} is not a directory", param_hint="--out")
     facts = load_facts(data, limit=limit, skip_invalid=True)
     lm, tokenizer = load_from_options(model_opts)
     result = bench_edits(lm, tokenizer, facts, lambda fact: edit(lm, fact, method, tokenizer=tokenizer, **hparams),

@@ -3,6 +3,7 @@
 Public API (see the README):
 
 - :func:`load_model` — built-in short names, local folders, GGUF files, Hub ids.
+- :func:`load_pack` — read and verify a pack of any kind (:class:`EditPack` weights, :class:`MemoryPack`).
 - :func:`edit` — compute an edit (ROME, MEMIT, AlphaEdit, FT-M, LoRA) and return it as an :class:`EditPack`;
   :func:`extend` — the next version of a pack, edited sequentially on top of it.
 - :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off;
@@ -18,10 +19,12 @@ from ._version import __version__
 from .api import edit, extend
 from .apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
 from .arch import ArchSpec, spec_for
+from .artifact import Artifact, load_pack
 from .errors import EditpackError, PackConflictError
 from .facts import Fact, Probe, load_facts, make_fact
 from .generation import generate
 from .hub import pull, push, versions
+from .memory import MemoryPack
 from .models import DEFAULT_MODEL, load_model
 from .pack import EditPack
 from .pipelines import pipeline
@@ -30,6 +33,7 @@ __all__ = [
     "__version__",
     "AppliedPack",
     "ArchSpec",
+    "Artifact",
     "DEFAULT_MODEL",
     "EditPack",
     "EditpackError",
@@ -43,6 +47,8 @@ __all__ = [
     "generate",
     "load_facts",
     "load_model",
+    "load_pack",
+    "MemoryPack",
     "make_fact",
     "pipeline",
     "pull",

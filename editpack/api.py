@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from .arch import spec_for
+from .artifact import Artifact, BaseModel, check_version, slug
 from .errors import EditpackError, InvalidFactError
-from .facts import Fact, facts_from_records, load_facts
-from .fingerprint import combine, materialized, module_fingerprints, unwrap, weight_fingerprint
+from .facts import Fact, fact_key, facts_from_records, load_facts
+from .fingerprint import combine, unwrap
 from .methods import get_method
-from .models import BUILTINS, ModelRef
-from .pack import BaseModel, EditPack, check_version, slug
+from .pack import EditPack
 
 
 def as_facts(facts: Any) -> list[Fact]:
@@ -32,26 +32,12 @@ def as_facts(facts: Any) -> list[Fact]:
     return out
 
 
-def base_model_info(model: torch.nn.Module, modules: Iterable[str]) -> BaseModel:
-    """What a pack records about the model it was computed on (original weights, before any pack)."""
-    model = unwrap(model)
-    ref: ModelRef | None = getattr(model, "editpack_ref", None)
-    model_id = ref.id if ref else (getattr(model, "name_or_path", "") or "unknown")
-    builtin = BUILTINS.get(model_id)
-    hub_id = builtin.hub_id if builtin else (model_id if ref and ref.path == model_id else None)
-    fingerprints = module_fingerprints(model, modules)
-    with materialized(model.get_submodule(spec_for(model).embed)) as embed:
-        embedding = weight_fingerprint(embed.weight)
-    return BaseModel(
-        id=model_id,
-        fingerprint=combine(fingerprints),
-        modules=fingerprints,
-        embedding=embedding,
-        model_type=model.config.model_type,
-        revision=ref.revision if ref else None,
-        hub_id=hub_id,
-        path=ref.path if ref else getattr(model, "name_or_path", None),
-    )
+def method_config(method: str, model: torch.nn.Module | None = None, **hyperparameters: Any):
+    """The method's class and its validated config: the family's defaults (when ``model`` is given), then
+    ``hyperparameters``. Raises before any computation on an unknown method, setting or value type."""
+    method_cls = get_method(method)
+    defaults = spec_for(unwrap(model)).method_defaults(method) if model is not None else {}
+    return method_cls, method_cls.config_class.from_dict({**defaults, **hyperparameters})
 
 
 def edit(
@@ -64,7 +50,7 @@ def edit(
     version: str = "1.0.0",
     state: dict[str, torch.Tensor] | None = None,
     **hyperparameters: Any,
-) -> EditPack:
+) -> Artifact:
     """Compute ``method``'s edit of ``model`` for ``facts`` and return it as an :class:`EditPack`.
 
     ``model`` is not changed (apply the pack with :func:`editpack.apply`). ``tokenizer`` defaults to the one
@@ -82,37 +68,18 @@ def edit(
     if any(not r.enabled for r in on_model):
         off = [r.pack.ref for r in on_model if not r.enabled]
         raise EditpackError(f"packs {off} are switched off on this model; remove them or switch them on first")
-    # Memory packs route generation only; the weights an edit is computed on do not depend on them.
-    parents = [r.pack.lineage_record("onto") for r in on_model if not r.memory]
+    # Only packs that hold weights shape the weights an edit is computed on (memories route generation only).
+    parents = [r.pack.lineage_record("onto") for r in on_model if r.pack.holds_weights]
     model = unwrap(model)
     tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
     if tokenizer is None:
         raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
     check_version(version)
     fact_list = as_facts(facts)
-    spec = spec_for(model)
-    method_cls = get_method(method)
-    config = method_cls.config_class.from_dict({**spec.method_defaults(method), **hyperparameters})
-    instance = method_cls(config)
+    method_cls, config = method_config(method, model, **hyperparameters)
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
-    build_pack = getattr(instance, "build_pack", None)
-    if build_pack is not None:  # methods that make another kind of pack (memory packs)
-        info = base_model_info(model, [])
-        base = BaseModel(id=info.id, fingerprint="", model_type=info.model_type, hub_id=info.hub_id)
-        return build_pack(model, tokenizer, fact_list, name=name, version=version, base=base, parents=parents,
-                          state=state)
-    delta = instance.compute(model, tokenizer, fact_list, spec, state=state)
-    return EditPack(
-        name=name,
-        version=version,
-        method=method,
-        hyperparameters=config.to_dict(),
-        facts=fact_list,
-        base=base_model_info(model, delta.modules),
-        delta=delta,
-        fan_in_fan_out=spec.mlp_transposed,
-        parents=parents,
-    )
+    return method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,
+                                         parents=parents, state=state)
 
 
 def next_version(version: str) -> str:
@@ -130,7 +97,7 @@ def extend(
     tokenizer=None,
     version: str | None = None,
     **hyperparameters: Any,
-) -> EditPack:
+) -> Artifact:
     """The next version of ``pack``: ``facts`` edited on ``model`` with ``pack`` applied, combined with it.
 
     Sequential editing: the new facts are computed on the model as ``pack`` leaves it (with the method state
@@ -138,21 +105,19 @@ def extend(
     replaces an earlier one about the same subject and relation), the method's new state, and ``pack`` as its
     ``extends`` parent. It applies to the base model on its own. ``method`` and hyper-parameters default to
     ``pack``'s; ``version`` to the next minor version. ``model`` must carry no packs (it is left unchanged).
+    An artifact that does not hold weights (a memory pack) grows by its facts alone.
     """
-    from .apply import applied, apply, fact_key, revert
-    from .fingerprint import combine
+    from .apply import applied, apply, revert
+    from .delta import WeightDelta
     from .hub import resolve_pack
-    from .methods.delta import WeightDelta
 
     parent = resolve_pack(pack)
     if applied(model):
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
-    if getattr(parent, "kind", "weight") == "memory":  # a memory pack grows by its facts alone
-        from .memory import SentenceEncoder
-
+    if not parent.holds_weights:
         if method not in (None, parent.method) or hyperparameters:
-            raise EditpackError(f"{parent.ref} is a memory pack: it is extended with more facts only")
-        return parent.with_facts(SentenceEncoder(), add=as_facts(facts), version=version or next_version(parent.version))
+            raise EditpackError(f"{parent.ref} is a {parent.kind} pack: it is extended with more facts only")
+        return parent.with_facts(add=as_facts(facts), version=version or next_version(parent.version))
     method = method or parent.method
     base_hparams = dict(parent.hyperparameters) if method == parent.method and "stacked" not in parent.hyperparameters else {}
     base_hparams.update(hyperparameters)
@@ -182,3 +147,15 @@ def extend(
         fan_in_fan_out=parent.fan_in_fan_out,
         parents=list(parent.requires) + [parent.lineage_record("extends")],
     )
+
+
+def forget(pack: Any, subjects: Any, *, version: str | None = None) -> Artifact:
+    """The next version of ``pack`` without the facts about ``subjects`` (memory packs; a weight delta cannot drop
+    single facts, so weight packs are refused with the way out: edit again)."""
+    from .hub import resolve_pack
+
+    parent = resolve_pack(pack)
+    subjects = [subjects] if isinstance(subjects, str) else list(subjects)
+    if not subjects:
+        raise EditpackError("name at least one subject to forget")
+    return parent.with_facts(remove=subjects, version=version or next_version(parent.version))

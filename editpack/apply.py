@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 
 from .errors import FingerprintMismatchError, PackConflictError, PackFormatError
-from .facts import Fact
+from .facts import Fact, fact_key, normal_text  # noqa: F401  (fact_key: also editpack.apply's)
 from .fingerprint import (
     ORIGINALS,
     base_weight,
@@ -36,6 +36,7 @@ from .fingerprint import (
     unwrap,
     weight_fingerprint,
 )
+from .artifact import Artifact
 from .pack import EditPack
 
 _RECORDS = "_editpack_records"  # list[AppliedPack] on the transformers model
@@ -72,7 +73,7 @@ class AppliedPack:
 # ---------------------------------------------------------------------------------------------- checks
 def _as_packs(packs) -> list[EditPack]:
     items = packs if isinstance(packs, (list, tuple)) else [packs]
-    out = [item if isinstance(item, EditPack) else _load(item) for item in items]
+    out = [item if isinstance(item, Artifact) else _load(item) for item in items]
     if not out:
         raise PackFormatError("no pack given")
     return out
@@ -150,16 +151,8 @@ def _find(model: torch.nn.Module, name: str):
         return None
 
 
-def fact_key(fact: Fact) -> tuple[str, str]:
-    """What a fact is about: its subject and relation (or, without a relation id, its prompt)."""
-    subject = " ".join(fact.subject.casefold().split())
-    if fact.relation:
-        return subject, "relation:" + fact.relation
-    return subject, "prompt:" + " ".join(fact.prompt.replace("{}", fact.subject).casefold().split())
-
-
 def _target(fact: Fact) -> str:
-    return " ".join(fact.target_new.casefold().split())
+    return normal_text(fact.target_new)
 
 
 @dataclass
@@ -295,15 +288,15 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         raise PackFormatError(f"a pack is applied twice: {sorted(n for n in names if names.count(n) > 1)}")
     if check:
         for pack in new:
-            if pack.kind == "weight":
+            if pack.holds_weights:
                 check_fingerprint(model, pack)
         check_parents(new, [r.pack for r in present if r not in dropped and r.enabled])
     for record in dropped:
         model = remove(model, record.pack.ref)
     if not new:
         return model
-    memories = [p for p in new if p.kind == "memory"]
-    weights = [p for p in new if p.kind == "weight"]
+    memories = [p for p in new if not p.holds_weights]
+    weights = [p for p in new if p.holds_weights]
     wrapper = memory_wrapper(model)
     inner = wrapper.model if wrapper is not None else model
     if weights:
@@ -527,19 +520,18 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     Facts are the union (in order), the base is the shared base, and each input is recorded as a ``stacked``
     parent; parents the inputs were made on top of, and that are not themselves in the stack, carry over.
     """
-    from .methods.delta import WeightDelta
-    from .pack import BaseModel, slug
+    from .artifact import BaseModel, slug
+    from .delta import WeightDelta
 
     packs = resolve_conflicts(_as_packs(packs), on_conflict)
-    kinds = {p.kind for p in packs}
+    kinds = sorted({p.kind for p in packs})
     if len(kinds) > 1:
-        raise PackConflictError("memory packs and weight packs cannot be stacked into one; apply them together")
-    if kinds == {"memory"}:
+        raise PackConflictError(f"packs of different kinds ({', '.join(kinds)}) cannot be stacked into one; apply "
+                                "them together")
+    if not packs[0].holds_weights:  # memories stack by the union of their facts
         from dataclasses import replace
 
-        from .memory import SentenceEncoder
-
-        union = packs[0].with_facts(SentenceEncoder(), add=[f for p in packs[1:] for f in p.facts], version=version)
+        union = packs[0].with_facts(add=[f for p in packs[1:] for f in p.facts], version=version)
         return replace(union, name=name or slug(f"stack-{packs[0].name}-and-{len(packs) - 1}-more"),
                        parents=[p.lineage_record("stacked") for p in packs])
     check_stackable(packs)
@@ -574,3 +566,42 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
         fan_in_fan_out=first.fan_in_fan_out,
         parents=requires + [p.lineage_record("stacked") for p in packs],
     )
+
+
+def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, check: bool = True,
+                  on_conflict: str = "error", overwrite: bool = False):
+    """Merge ``packs`` into ``model`` and write the result as a transformers model folder at ``output``.
+
+    The folder appears atomically (nothing is left behind on failure or interruption) and records the packs it
+    holds in ``editpack_applied.json`` (names, versions, content hashes: no local paths). Packs that cannot be
+    merged (memory packs) are refused. ``model`` is reverted to its original weights afterwards. Returns the
+    applied records.
+    """
+    from pathlib import Path
+
+    from ._io import atomic_directory, atomic_write_json, check_output
+    from .artifact import MERGED_RECORD
+
+    check_output(output, overwrite=overwrite)
+    loaded = _as_packs(packs)
+    unmergeable = [p.ref for p in loaded if not p.mergeable]
+    if unmergeable:
+        raise PackFormatError(f"{', '.join(unmergeable)} cannot be merged into a model folder (memory packs leave the "
+                              "weights alone); use them unmerged: editpack generate --pack, editpack.apply or "
+                              "editpack.pipeline")
+    tokenizer = tokenizer or getattr(unwrap(model), "editpack_tokenizer", None)
+    merged = apply(model, loaded, merge=True, check=check, on_conflict=on_conflict)
+    kept = applied(merged)
+    try:
+        with atomic_directory(Path(output), overwrite=overwrite) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / MERGED_RECORD, {
+                "base_model": loaded[0].base.to_dict(),
+                "packs": [{"name": r.pack.name, "version": r.pack.version, "content": r.pack.content_id}
+                          for r in kept],
+            })
+    finally:
+        revert(merged)
+    return kept

@@ -2,8 +2,11 @@
 
 Each family is one JSON file in the ``editpack.adapters`` package data (the repository's ``adapters/`` folder).
 A spec is chosen by the model config's ``model_type``; nothing here tests model names. Module paths are
-templates in which ``{}`` stands for the layer index. Default edit layers are integers (a layer index) or
-floats in ``(0, 1)`` (a fraction of the model's depth, rounded down), so one file serves every size of a family.
+templates in which ``{}`` stands for the layer index. ``layer_roles`` says where the layers that methods edit
+lie: each method declares a role (``critical``: the layer(s) a single-layer method such as ROME edits; ``run``:
+the run of consecutive layers MEMIT-style methods spread an update over), and the family's file places each
+role as integers (a layer index) or floats in ``(0, 1)`` (a fraction of the model's depth, rounded down), so one
+file serves every size of a family. ``method_settings`` holds a family's hyper-parameter defaults for a method.
 
 Adding a family means adding ``adapters/<family>.json``; see ``docs/architectures.md``.
 """
@@ -39,7 +42,8 @@ class ArchSpec:
     attn: str | None = None
     mlp_transposed: bool = False
     description: str = ""
-    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layer_roles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ArchSpec":
@@ -80,13 +84,13 @@ class ArchSpec:
     def num_layers(self, model: torch.nn.Module) -> int:
         return len(get_module(model, self.blocks))
 
-    def default_layers(self, method: str, model: torch.nn.Module) -> list[int]:
-        """The layers ``method`` edits by default on ``model`` (resolving depth fractions)."""
-        entry = self.defaults.get(method)
+    def role_layers(self, role: str, model: torch.nn.Module) -> list[int]:
+        """The layers of ``role`` (``critical``, ``run``, …) on ``model``, resolving depth fractions."""
+        entry = self.layer_roles.get(role)
         if entry is None or ("layers" not in entry and "start" not in entry):
             raise UnknownArchitectureError(
-                f"the {self.family} spec gives no default layers for method {method!r}; pass layers=... or add "
-                f'"defaults": {{"{method}": {{"layers": [...]}}}} to adapters/{self.family}.json'
+                f"the {self.family} spec does not place layer role {role!r}; pass layers=... or add "
+                f'"layer_roles": {{"{role}": {{"layers": [...]}}}} to adapters/{self.family}.json'
             )
         depth = self.num_layers(model)
         if "start" in entry:  # a run of consecutive layers from a depth fraction (or index)
@@ -98,14 +102,13 @@ class ArchSpec:
         for value in entry["layers"]:
             index = int(value * depth) if isinstance(value, float) else int(value)
             if not 0 <= index < depth:
-                raise ValueError(f"default layer {value!r} for {method} is outside 0..{depth - 1}")
+                raise ValueError(f"layer {value!r} of role {role!r} is outside 0..{depth - 1}")
             layers.append(index)
         return layers
 
     def method_defaults(self, method: str) -> dict[str, Any]:
-        """Hyper-parameter defaults the spec gives ``method`` besides its layers (e.g. MEMIT's λ)."""
-        entry = self.defaults.get(method) or {}
-        return {k: v for k, v in entry.items() if k not in ("layers", "start", "count")}
+        """Hyper-parameter defaults this family gives ``method`` (e.g. MEMIT's λ for Llama-like models)."""
+        return dict(self.method_settings.get(method) or {})
 
     def weight_matrix(self, module: torch.nn.Module) -> torch.Tensor:
         """The module's weight as a ``(out_features, in_features)`` view (un-transposing GPT-2's Conv1D)."""

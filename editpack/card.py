@@ -73,8 +73,8 @@ def eval_results(pack: "EditPack") -> list[EvalResult] | None:
 def card_data(pack: "EditPack") -> ModelCardData:
     return ModelCardData(
         base_model=pack.base.hub_id,
-        library_name="peft" if pack.kind == "weight" else None,
-        tags=["editpack", "knowledge-editing", pack.method, "lora" if pack.kind == "weight" else "memory"],
+        library_name="peft" if pack.is_peft_adapter else None,
+        tags=["editpack", "knowledge-editing", pack.method, pack.card_tag],
         model_name=pack.name,
         eval_results=eval_results(pack),
     )
@@ -94,7 +94,7 @@ def render_card(pack: "EditPack") -> str:
         model_type=pack.base.model_type,
         fingerprint=pack.base.fingerprint,
         storage=pack.storage_summary(),
-        is_adapter=pack.kind == "weight",
+        is_adapter=pack.is_peft_adapter,
         facts=[{k: _cell(getattr(f, k) if k != "prompt" else f.text) for k in ("prompt", "target_new")}
                | {"target_true": _cell(f.target_true or "")} for f in pack.facts[:MAX_FACTS_IN_CARD]],
         more_facts=max(0, len(pack.facts) - MAX_FACTS_IN_CARD),

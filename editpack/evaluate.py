@@ -24,12 +24,13 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from .facts import Fact
-from .generation import generate, model_device
+from .facts import Fact, normal_text
+from .generation import generate, model_device, pad_id
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -60,7 +61,7 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Scored]:
     """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded)."""
     device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out: list[Scored] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -85,9 +86,7 @@ def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 
 
 
 def normalise(text: str) -> str:
-    text = text.strip().casefold()
-    text = re.sub(r"^[\W_]+", "", text)
-    return " ".join(text.split())
+    return normal_text(re.sub(r"^[\W_]+", "", text.strip().casefold()))
 
 
 def starts_with(generation: str, answer: str) -> bool:
@@ -327,9 +326,32 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     from .apply import apply, revert
 
     facts = list(facts) if facts is not None else list(pack.facts)
-    if getattr(pack, "kind", "weight") == "memory":
+    if not pack.scores_logits:
         # The memory routes generation only; teacher-forced scores would measure the untouched weights.
         kwargs["protocols"] = [p for p in kwargs.get("protocols", PROTOCOLS) if p == "generate_match"] or ["generate_match"]
     result = evaluate(model, tokenizer, facts, lambda: apply(model, pack, tokenizer=tokenizer), revert, **kwargs)
-    result["data"] = data or "pack facts"
+    result["data"] = portable_data_name(data) if data else "pack facts"
     return result
+
+
+def portable_data_name(data: str) -> str:
+    """``[format:]PATH`` as recorded in a manifest: the format and the file's name, never its local path."""
+    head, sep, rest = str(data).partition(":")
+    if sep and head in ("native", "counterfact", "zsre", "mquake"):
+        return f"{head}:{Path(rest).name}"
+    return Path(str(data)).name
+
+
+def evaluate_and_store(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *, data: str | None = None,
+                       **kwargs) -> tuple[dict, bool]:
+    """:func:`evaluate_pack`, then the results written into the pack's manifest and card (atomically).
+
+    Returns ``(result, stored)``: a pack read in place from the Hugging Face cache (``pack.source``) is not
+    written to (the cache must stay as downloaded); nor is a pack that was never saved.
+    """
+    result = evaluate_pack(model, tokenizer, pack, facts, data=data, **kwargs)
+    pack.evaluation = result
+    if pack.source or pack.path is None:
+        return result, False
+    pack.save(pack.path, overwrite=True)
+    return result, True

@@ -132,6 +132,19 @@ def make_fact(
     )
 
 
+def normal_text(text: str) -> str:
+    """``text`` case-folded with its whitespace collapsed: how facts, subjects and answers are compared."""
+    return " ".join(text.casefold().split())
+
+
+def fact_key(fact: Fact) -> tuple[str, str]:
+    """What a fact is about: its subject and relation (or, without a relation id, its prompt)."""
+    subject = normal_text(fact.subject)
+    if fact.relation:
+        return subject, "relation:" + fact.relation
+    return subject, "prompt:" + normal_text(fact.text)
+
+
 # -------------------------------------------------------------------------------------------- dataset schemas
 def _from_counterfact_flat(r: dict, where: str) -> Fact:
     neighborhood = [(r["locality_prompt"], r["locality_ground_truth"])] if r.get("locality_prompt") else []

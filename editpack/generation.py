@@ -19,6 +19,14 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = old
 
 
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device inputs should go to (the embedding's device for dispatched models)."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

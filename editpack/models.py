@@ -235,11 +235,17 @@ def ensure_gguf(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a loaded model is, as recorded in pack manifests."""
+    """What a loaded model is. ``id`` is what packs record (portable: a built-in name, a Hub id, or the name of a
+    local folder or GGUF file, never its path); ``path`` is where this machine loads it from."""
 
     id: str
     path: str
     revision: str | None = None
+
+    @property
+    def hub(self) -> bool:
+        """Loaded by Hub id (the id is the repository)."""
+        return self.path == self.id
 
 
 def resolve_model(name_or_path: str | None = None, revision: str | None = None) -> ModelRef:
@@ -249,14 +255,17 @@ def resolve_model(name_or_path: str | None = None, revision: str | None = None) 
         return ModelRef(id=name, path=str(ensure_builtin(name)))
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelRef(id=str(path.resolve()), path=str(ensure_gguf(path)))
+        return ModelRef(id=path.name, path=str(ensure_gguf(path)))
     if path.is_dir():
         if (path / "config.json").is_file():
-            return ModelRef(id=str(path.resolve()), path=str(path.resolve()))
+            return ModelRef(id=path.resolve().name, path=str(path.resolve()))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ModelRef(id=str(ggufs[0].resolve()), path=str(ensure_gguf(ggufs[0])))
+            return ModelRef(id=ggufs[0].name, path=str(ensure_gguf(ggufs[0])))
         raise ModelNotFoundError(f"{path} is a folder but holds no config.json (nor exactly one .gguf file)")
+    if path.is_file():
+        raise ModelNotFoundError(f"{name} is a file but not a .gguf model; give a model folder (with config.json), a "
+                                 f".gguf file, a built-in name ({', '.join(BUILTINS)}) or a Hub id")
     if path.suffix == ".gguf" or os.sep in name and not _looks_like_hub_id(name):
         raise ModelNotFoundError(f"no such model file or folder: {name}")
     if _looks_like_hub_id(name):

@@ -1,4 +1,4 @@
-"""Edit packs: a versioned directory holding a weight delta as a PEFT LoRA adapter, a manifest and a card.
+"""Weight packs: a versioned directory holding a weight delta as a PEFT LoRA adapter, a manifest and a card.
 
 Format v1 (see ``docs/pack-format.md``)::
 
@@ -6,38 +6,47 @@ Format v1 (see ``docs/pack-format.md``)::
                                 hyper-parameters, facts, sha256 of every other file
     adapter_config.json         PEFT LoraConfig (one LoRA per edited module; rank_pattern/alpha_pattern keep
     adapter_model.safetensors   the scaling at exactly 1, so B @ A is the delta bit for bit)
+    method_state.safetensors    (optional) what the method needs to extend the pack (AlphaEdit's keys)
     README.md                   the evaluation card (Hugging Face model card)
 
 Only JSON and safetensors are read: nothing is ever unpickled. Saving is atomic (the whole directory appears
-at once or not at all).
+at once or not at all). Loading checks, besides the file hashes (:mod:`editpack.artifact`), that the adapter's
+tensors are finite and are what the manifest's ``delta`` section describes (modules, ranks, shapes, content
+hash), and that ``adapter_config.json`` is the configuration PEFT needs to load exactly these tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ._io import atomic_directory, atomic_write_json, sha256_file
+from .artifact import (  # noqa: F401  (re-exported: the names editpack.pack has always offered)
+    CARD,
+    FORMAT_VERSION,
+    MANIFEST,
+    Artifact,
+    BaseModel,
+    check_version,
+    content_digest,
+    load_pack,
+    read_manifest,
+    register_kind,
+    section,
+    slug,
+    verify_files,
+)
+from ._io import read_safetensors, write_safetensors
+from .delta import LowRankDelta, WeightDelta
 from .errors import PackFormatError
-from .facts import Fact
-from .methods.delta import LowRankDelta, WeightDelta
 
-FORMAT_VERSION = 1
-MANIFEST = "editpack.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STATE = "method_state.safetensors"
-MEMORY_WEIGHTS = "memory.safetensors"  # a memory pack's stored prompt embeddings (editpack.memory)
-CARD = "README.md"
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
@@ -47,61 +56,23 @@ def stored_dense(delta: LowRankDelta) -> bool:
     return delta.rank * (rows + cols) >= rows * cols
 
 
-def check_version(version: str) -> str:
-    if not _SEMVER.match(version):
-        raise PackFormatError(f"version {version!r} is not a semantic version like 1.0.0")
-    return version
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "pack"
-
-
-@dataclass
-class BaseModel:
-    """The model a pack was computed on."""
-
-    id: str
-    fingerprint: str
-    model_type: str
-    revision: str | None = None
-    hub_id: str | None = None  # the upstream Hub repository, for the card's ``base_model``
-    path: str | None = None  # where this machine loaded it from (PEFT's base_model_name_or_path)
-    modules: dict[str, str] | None = None  # per-module fingerprints; ``fingerprint`` combines them
-    embedding: str | None = None  # fingerprint of the input embedding: the identity check for quantized models
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-@dataclass
-class EditPack:
+@register_kind
+@dataclass(kw_only=True)
+class EditPack(Artifact):
     """A weight-delta edit pack, in memory. :meth:`save` writes it; :meth:`load` reads and verifies one."""
 
-    name: str
-    version: str
-    method: str
-    hyperparameters: dict[str, Any]
-    facts: list[Fact]
-    base: BaseModel
     delta: WeightDelta
     fan_in_fan_out: bool = False
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0).isoformat())
-    parents: list[dict[str, Any]] = field(default_factory=list)
-    evaluation: dict[str, Any] | None = None
-    path: Path | None = None
-    files: dict[str, str] = field(default_factory=dict)
-    source: str | None = None  # ``user/name@commit`` when read in place from the Hugging Face cache (read-only)
 
-    def __post_init__(self) -> None:
-        check_version(self.version)
-        if not self.name or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name):
-            raise PackFormatError(f"pack name {self.name!r} must be letters, digits, '.', '_' or '-'")
-
-    kind = "weight"
+    kind: ClassVar[str] = "weight"
+    payload_files: ClassVar[tuple[str, ...]] = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    holds_weights: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+    scores_logits: ClassVar[bool] = True
+    is_peft_adapter: ClassVar[bool] = True
+    card_tag: ClassVar[str] = "lora"
 
     def storage_summary(self) -> str:
-        """How the card describes the stored change."""
         stored = self.stored_factors()
         ranks = sorted({d.rank for d in stored.values()})
         dense = [m for m, d in stored.items() if stored_dense(d)]
@@ -115,11 +86,6 @@ class EditPack:
         return sorted(self.delta.modules)
 
     @property
-    def ref(self) -> str:
-        """``name@version``, how the pack is named in messages and lineage records."""
-        return f"{self.name}@{self.version}"
-
-    @property
     def adapter_name(self) -> str:
         """The name this pack's adapter gets inside a PEFT model (PEFT forbids dots)."""
         return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.name}-v{self.version}")
@@ -130,20 +96,7 @@ class EditPack:
 
         Lineage records use it: a pack made on top of another names that parent by name, version and this id.
         """
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.adapter_state_dict().items()):
-            digest.update(key.encode() + b"\0" + str(tuple(tensor.shape)).encode())
-            digest.update(tensor.numpy().tobytes())
-        return "sha256:" + digest.hexdigest()
-
-    def lineage_record(self, relation: str) -> dict[str, str]:
-        """How another pack records this one as a parent: ``relation`` is ``onto`` or ``stacked``."""
-        return {"name": self.name, "version": self.version, "content": self.content_id, "relation": relation}
-
-    @property
-    def requires(self) -> list[dict[str, Any]]:
-        """The parents that must be applied before this pack (it was computed on a model carrying them)."""
-        return [p for p in self.parents if p.get("relation", "onto") == "onto"]
+        return adapter_content_id(self.adapter_state_dict())
 
     def stored_factors(self) -> dict[str, LowRankDelta]:
         """The factors as saved: low-rank while that is smaller than the dense matrix, else dense.
@@ -155,7 +108,11 @@ class EditPack:
                 for name, d in sorted(self.delta.modules.items())}
 
     def lora_config(self):
-        """A PEFT ``LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1)."""
+        """A PEFT ``LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1).
+
+        ``base_model_name_or_path`` is the base's Hub id where it has one (a built-in's upstream repository),
+        else its portable id: never a local path.
+        """
         from peft import LoraConfig
 
         ranks = {name: d.rank for name, d in self.stored_factors().items()}
@@ -170,7 +127,8 @@ class EditPack:
             bias="none",
             fan_in_fan_out=self.fan_in_fan_out,
             task_type="CAUSAL_LM",
-            base_model_name_or_path=self.base.path or self.base.id,
+            base_model_name_or_path=self.base.peft_name,
+            revision=self.base.revision if self.base.hub_id == self.base.id else None,
             inference_mode=True,
         )
 
@@ -183,17 +141,8 @@ class EditPack:
         return state
 
     # ------------------------------------------------------------------------------------------ manifest
-    def manifest(self) -> dict[str, Any]:
+    def payload_manifest(self) -> dict[str, Any]:
         return {
-            "format": "editpack",
-            "format_version": FORMAT_VERSION,
-            "kind": "weight",
-            "name": self.name,
-            "version": self.version,
-            "created": self.created,
-            "base_model": self.base.to_dict(),
-            "method": self.method,
-            "hyperparameters": self.hyperparameters,
             "delta": {
                 "form": "lora",
                 "content": self.content_id,
@@ -203,129 +152,112 @@ class EditPack:
                             for n, d in self.stored_factors().items()},
                 "state": sorted(self.delta.state) or None,
             },
-            "facts": [f.to_dict() for f in self.facts],
-            "parents": self.parents,
-            "evaluation": self.evaluation,
-            "files": self.files,
         }
 
     # ------------------------------------------------------------------------------------------ disk
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the pack to ``directory`` atomically and return it; ``self.path``/``files`` are updated."""
-        from .card import render_card
-
-        directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file(self.adapter_state_dict(), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            if self.delta.state:
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in self.delta.state.items()},
-                          str(tmp / STATE))
-            self.lora_config().save_pretrained(str(tmp))
-            (tmp / CARD).write_text(render_card(self), encoding="utf-8")
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-            self.files = files
-            atomic_write_json(tmp / MANIFEST, self.manifest())
-        self.path = directory
-        return directory
+    def write_payload(self, directory: Path) -> None:
+        write_safetensors(self.adapter_state_dict(), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        if self.delta.state:
+            write_safetensors({k: v.detach().float().contiguous().cpu() for k, v in self.delta.state.items()},
+                              directory / STATE)
+        self.lora_config().save_pretrained(str(directory))
 
     @classmethod
-    def load(cls, directory: str | Path, *, verify: bool = True) -> "EditPack":
-        """Read a weight pack; with ``verify`` (the default) every file's sha256 must match the manifest.
-
-        (:func:`load_pack` reads any kind of pack.)
-        """
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        if manifest.get("kind", "weight") != "weight":
-            raise PackFormatError(f"{directory} is a {manifest.get('kind')} pack; read it with editpack.pack.load_pack")
-        if verify:
-            problems = verify_files(directory, manifest)
-            if problems:
-                raise PackFormatError(f"pack {directory} failed verification: " + "; ".join(problems))
-        state = load_file(str(directory / ADAPTER_WEIGHTS))
+    def from_manifest(cls, directory: Path, manifest: dict[str, Any]) -> "EditPack":
+        described = section(manifest, "delta", directory)
+        modules = described.get("modules")
+        if not isinstance(modules, dict) or not modules:
+            raise PackFormatError(f"{directory / MANIFEST}: delta.modules must list the edited modules")
+        weights = directory / ADAPTER_WEIGHTS
+        state = read_safetensors(weights)
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             match = _KEY.match(key)
             if not match:
-                raise PackFormatError(f"{directory / ADAPTER_WEIGHTS}: unexpected tensor {key!r}")
+                raise PackFormatError(f"{weights}: unexpected tensor {key!r}")
             factors.setdefault(match["module"], {})[match["factor"]] = tensor
         delta = WeightDelta()
         for module, pair in factors.items():
             if set(pair) != {"A", "B"}:
-                raise PackFormatError(f"{directory}: module {module} lacks lora_A or lora_B")
-            delta.modules[module] = LowRankDelta(B=pair["B"], A=pair["A"])
-        if sorted(delta.modules) != sorted(manifest["delta"]["modules"]):
-            raise PackFormatError(f"{directory}: adapter modules differ from those the manifest lists")
-        if manifest["delta"].get("state"):
+                raise PackFormatError(f"{weights}: module {module} lacks lora_A or lora_B")
+            if not all(t.ndim == 2 and t.is_floating_point() for t in pair.values()):
+                raise PackFormatError(f"{weights}: the factors of {module} are not floating-point matrices")
+            bad = [f"lora_{k}" for k, t in sorted(pair.items()) if not torch.isfinite(t).all()]
+            if bad:
+                raise PackFormatError(f"{weights}: {module} {' and '.join(bad)} hold NaN or infinite values")
+            try:
+                delta.modules[module] = LowRankDelta(B=pair["B"].float(), A=pair["A"].float())
+            except ValueError as exc:
+                raise PackFormatError(f"{weights}: {module}: {exc}") from None
+        if sorted(delta.modules) != sorted(modules):
+            raise PackFormatError(f"{weights}: adapter modules {sorted(delta.modules)} differ from those the manifest "
+                                  f"lists {sorted(modules)}")
+        for module, entry in modules.items():
+            d = delta.modules[module]
+            found = {"rank": d.rank, "shape": [d.B.shape[0], d.A.shape[1]]}
+            if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in found.items()):
+                raise PackFormatError(f"{directory / MANIFEST}: delta.modules[{module!r}] says {entry!r}, the adapter "
+                                      f"holds rank {found['rank']}, shape {found['shape']}")
+        content = adapter_content_id(state)
+        if described.get("content") != content:
+            raise PackFormatError(f"{weights}: its content {content[:19]}… is not the delta.content the manifest "
+                                  f"records ({str(described.get('content'))[:19]}…)")
+        fan_in_fan_out = bool(described.get("fan_in_fan_out", False))
+        if described.get("state"):
             if STATE not in (manifest.get("files") or {}):
                 raise PackFormatError(f"{directory}: the manifest lists method state but not {STATE}")
-            delta.state = load_file(str(directory / STATE))
-        return cls(
-            name=manifest["name"],
-            version=manifest["version"],
-            method=manifest["method"],
-            hyperparameters=manifest["hyperparameters"],
-            facts=[Fact.from_dict(f, where=f"{directory} fact {i}") for i, f in enumerate(manifest["facts"])],
-            base=BaseModel(**manifest["base_model"]),
-            delta=delta,
-            fan_in_fan_out=manifest["delta"].get("fan_in_fan_out", False),
-            created=manifest["created"],
-            parents=manifest.get("parents") or [],
-            evaluation=manifest.get("evaluation"),
-            path=directory,
-            files=manifest.get("files") or {},
-        )
+            delta.state = read_safetensors(directory / STATE)
+        pack = cls(**cls.header_fields(directory, manifest), delta=delta, fan_in_fan_out=fan_in_fan_out)
+        check_adapter_config(directory, pack)
+        return pack
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    if not directory.is_dir():
-        raise PackFormatError(f"{directory} is not a pack directory")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise PackFormatError(f"{directory} holds no {MANIFEST}; is it an editpack pack?")
+def adapter_content_id(state: dict[str, torch.Tensor]) -> str:
+    """The content hash of an adapter state dict (module names, shapes and float32 factors)."""
+    return content_digest(
+        part for key, tensor in sorted(state.items())
+        for part in (key.encode() + b"\0" + str(tuple(tensor.shape)).encode(),
+                     tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    )
+
+
+def check_adapter_config(directory: Path, pack: EditPack) -> None:
+    """``adapter_config.json`` must be what PEFT needs to load exactly the pack's tensors with scaling 1."""
+    path = directory / ADAPTER_CONFIG
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PackFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != "editpack":
-        raise PackFormatError(f"{path} is not an editpack manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PackFormatError(f"{path} has format_version {manifest.get('format_version')}; this editpack reads "
-                              f"{FORMAT_VERSION} (upgrade editpack)")
-    return manifest
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackFormatError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(found, dict):
+        raise PackFormatError(f"{path} is not a PEFT adapter configuration (expected an object)")
+    expected = pack.lora_config().to_dict()
+    if found.get("peft_type") not in ("LORA", None):
+        raise PackFormatError(f"{path}: peft_type is {found.get('peft_type')!r}, an edit pack is a LORA adapter")
+    ranks = {n: d.rank for n, d in pack.stored_factors().items()}
+    scale = {}
+    for module, rank in ranks.items():
+        r = _pattern_value(found.get("rank_pattern"), module, found.get("r"))
+        alpha = _pattern_value(found.get("alpha_pattern"), module, found.get("lora_alpha"))
+        if r != rank:
+            raise PackFormatError(f"{path}: rank of {module} is {r!r}, the adapter's tensors have rank {rank}; PEFT "
+                                  "could not load this pack")
+        scale[module] = alpha / r if isinstance(alpha, (int, float)) and r else None
+    wrong = sorted(m for m, s in scale.items() if s != 1)
+    if wrong:
+        raise PackFormatError(f"{path}: lora_alpha / r of {', '.join(wrong)} is not 1, so PEFT would scale the delta")
+    targets = found.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
+    if targets != sorted(expected["target_modules"]):
+        raise PackFormatError(f"{path}: target_modules {targets} are not the pack's modules {pack.modules}")
+    if bool(found.get("fan_in_fan_out", False)) != pack.fan_in_fan_out:
+        raise PackFormatError(f"{path}: fan_in_fan_out disagrees with the manifest")
+    if found.get("use_dora") or found.get("use_rslora") or found.get("bias", "none") != "none":
+        raise PackFormatError(f"{path}: DoRA, rsLoRA and biases change what PEFT computes; an edit pack uses none")
 
 
-REQUIRED_FILES = {"weight": (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "memory": (MEMORY_WEIGHTS,)}
-
-
-def load_pack(directory: str | Path, *, verify: bool = True):
-    """Read a pack of any kind: an :class:`EditPack` (weights) or a ``MemoryPack`` (``editpack.memory``)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    if manifest.get("kind", "weight") == "weight":
-        return EditPack.load(directory, verify=verify)
-    if verify:
-        problems = verify_files(directory, manifest)
-        if problems:
-            raise PackFormatError(f"pack {directory} failed verification: " + "; ".join(problems))
-    if manifest["kind"] == "memory":
-        from .memory import MemoryPack
-
-        return MemoryPack.from_manifest(directory, manifest)
-    raise PackFormatError(f"{directory}: unknown pack kind {manifest['kind']!r} (upgrade editpack)")
-
-
-def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems with the pack's files (missing, altered, or unlisted); empty when all hashes match."""
-    problems = []
-    listed = manifest.get("files") or {}
-    for required in REQUIRED_FILES.get(manifest.get("kind", "weight"), ()):
-        if required not in listed:
-            problems.append(f"{required} is not listed in the manifest")
-    for name, expected in sorted(listed.items()):
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif sha256_file(path) != expected:
-            problems.append(f"{name} does not match its sha256 in the manifest")
-    return problems
+def _pattern_value(pattern: Any, module: str, default: Any) -> Any:
+    """The value PEFT takes for ``module`` from a rank/alpha pattern (keys are regexes matched at the end)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

@@ -10,7 +10,8 @@ Three ways work, and the tests cover each:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 
 def pipeline(model: Any = None, packs: Any = (), *, tokenizer: Any = None, task: str = "text-generation",
@@ -40,3 +41,32 @@ def pipeline(model: Any = None, packs: Any = (), *, tokenizer: Any = None, task:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return transformers.pipeline(task, model=model, tokenizer=tokenizer, **pipeline_kwargs)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One prompt's greedy continuation by the base model and by the edited one."""
+
+    prompt: str
+    before: str
+    after: str
+
+
+def compare(model, packs: Any, prompts: Sequence[str], *, tokenizer: Any = None, max_new_tokens: int = 20,
+            check: bool = True, on_conflict: str = "error") -> list[Comparison]:
+    """Greedy continuations of ``prompts`` before and after applying ``packs`` (unmerged); the model is left
+    without them afterwards (pass a model that carries no packs)."""
+    from .apply import apply, revert
+    from .generation import generate
+
+    tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass tokenizer=..., or a model loaded with editpack.load_model")
+    prompts = list(prompts)
+    before = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    edited = apply(model, packs, check=check, on_conflict=on_conflict, tokenizer=tokenizer)
+    try:
+        after = generate(edited, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    finally:
+        revert(edited)
+    return [Comparison(p, b, a) for p, b, a in zip(prompts, before, after)]

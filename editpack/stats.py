@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ._io import sha256_file
 from .arch import ArchSpec
 from .fingerprint import adapters_disabled, parameters_fingerprint
-from .generation import model_device, sample_from_start
+from .generation import model_device, pad_id, sample_from_start
 from .nethook import Trace
 from .paths import cache_dir
 
@@ -111,7 +111,7 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
     total: torch.Tensor | None = None
     count = 0
     bar = tqdm(total=config.n_tokens, desc=f"key statistics {module} ({source})", unit="tok")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     pending: list[list[int]] = []
 
     def flush(rows: list[list[int]]) -> int:

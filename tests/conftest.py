@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -7,14 +6,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # for `tiny`
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("EDITPACK_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"  # records and a corpus slice shipped with the tests (see its README)
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} not present")
-    return SHARED_DATA
+def test_data() -> Path:
+    return DATA
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +38,14 @@ def first_word(text: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def corpus(shared_data):
-    return str(shared_data / "corpus" / "wikipedia_en_sample.jsonl")
+def corpus():
+    """A 110k-token Wikipedia slice shipped in tests/data (ROME's statistics use 100k tokens)."""
+    return str(DATA / "wikipedia-slice.jsonl")
 
 
 @pytest.fixture(scope="session")
 def eiffel(smollm2, corpus, tmp_path_factory):
-    """The Eiffel Tower -> Rome ROME pack on SmolLM2 (shared Wikipedia statistics), saved once per session."""
+    """The Eiffel Tower -> Rome ROME pack on SmolLM2 (statistics from the shipped Wikipedia slice), saved once per session."""
     import editpack
 
     model, _ = smollm2

@@ -38,14 +38,14 @@ def test_spec_paths_resolve_and_shapes_match(model_type):
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_default_rome_layers_are_in_range(model_type):
     model = tiny_model(model_type)
-    layers = spec_for(model).default_layers("rome", model)
+    layers = layers_of("rome", model)
     assert layers and all(0 <= layer < model.config.num_hidden_layers for layer in layers)
 
 
 def test_fraction_layers_scale_with_depth():
     spec = spec_for_model_type("llama")
     deep = tiny_model("llama", num_hidden_layers=30)
-    assert spec.default_layers("rome", deep) == [int(0.17 * 30)]
+    assert layers_of("rome", deep) == [int(0.17 * 30)]
 
 
 def test_unknown_architecture_names_the_file_to_add():
@@ -53,10 +53,10 @@ def test_unknown_architecture_names_the_file_to_add():
         spec_for_model_type("bloom")
 
 
-def test_unknown_method_default_says_what_to_add():
+def test_unknown_layer_role_says_what_to_add():
     model = tiny_model("gpt2")
-    with pytest.raises(UnknownArchitectureError, match="no default layers for method 'nosuch'"):
-        spec_for(model).default_layers("nosuch", model)
+    with pytest.raises(UnknownArchitectureError, match="does not place layer role 'nosuch'.*adapters/gpt2.json"):
+        spec_for(model).role_layers("nosuch", model)
 
 
 def test_bad_spec_is_rejected():
@@ -75,14 +75,20 @@ def test_gpt2_weights_are_transposed():
     assert spec.mlp_transposed and module.weight.shape == (64, 32)
 
 
-def test_default_layer_runs_and_method_hyperparameters_come_from_the_spec():
+def test_methods_declare_a_layer_role_and_the_spec_places_it():
     from tiny import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=30)
     spec = spec_for(model)
-    assert spec.default_layers("memit", model) == [3, 4, 5, 6, 7]
-    assert spec.default_layers("rome", model) == [5]
+    assert layers_of("memit", model) == layers_of("alphaedit", model) == layers_of("lora", model) == [3, 4, 5, 6, 7]
+    assert layers_of("rome", model) == layers_of("ft", model) == [5]
     assert spec.method_defaults("memit") == {"mom2_update_weight": 500}
     assert spec.method_defaults("rome") == {}
     short = tiny_model("llama", num_hidden_layers=4)
-    assert spec.default_layers("memit", short) == [0, 1, 2, 3]  # a run never leaves the model
+    assert layers_of("memit", short) == [0, 1, 2, 3]  # a run never leaves the model
+
+
+def layers_of(method: str, model) -> list[int]:
+    from editpack.methods import get_method
+
+    return get_method(method)().default_layers(model, spec_for(model))

@@ -92,8 +92,10 @@ def test_eval_command_writes_manifest_and_card(tmp_path):
     model, tok = editpack.load_model(str(folder))
     pack = editpack.edit(model, FACT, layers=[1], **TINY)
     pack.save(tmp_path / "p")
-    result = CliRunner().invoke(main, ["eval", str(tmp_path / "p"), "--protocol", "prob_compare"],
-                                catch_exceptions=False)
+    unresolved = CliRunner().invoke(main, ["eval", str(tmp_path / "p")], catch_exceptions=False)
+    assert unresolved.exit_code != 0 and "pass --model" in unresolved.output  # the pack records no local path
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "p"), "--model", str(folder), "--protocol",
+                                       "prob_compare"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "prob_compare" in result.stdout and "reliability" in result.stdout
     loaded = editpack.EditPack.load(tmp_path / "p")  # hashes still verify after the rewrite

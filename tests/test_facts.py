@@ -60,28 +60,28 @@ def test_bad_files_get_clear_errors(tmp_path):
         load_facts(tmp_path / "empty.json")
 
 
-def test_counterfact_flat(shared_data):
-    facts = load_facts(shared_data / "counterfact" / "counterfact-edit.json", limit=3)
+def test_counterfact_flat(test_data):
+    facts = load_facts(test_data / "counterfact-edit-25.json", limit=3)
     first = facts[0]
     assert first.prompt == "The mother tongue of {} is" and first.subject == "Danielle Darrieux"
     assert (first.target_new, first.target_true) == ("English", "French")
     assert first.paraphrases and first.neighborhood[0].answer == "French" and first.id == "0"
 
 
-def test_counterfact_rome_schema(shared_data):
-    facts = load_facts("counterfact:" + str(shared_data / "counterfact" / "counterfact_rome_format_348.json"), limit=2)
+def test_counterfact_rome_schema(test_data):
+    facts = load_facts("counterfact:" + str(test_data / "counterfact-rome-3.json"), limit=2)
     assert facts[0].relation == "P103" and len(facts[0].paraphrases) == 2 and len(facts[0].neighborhood) == 10
 
 
-def test_zsre_skips_unusable_records_only_when_asked(shared_data):
-    path = shared_data / "zsre" / "zsre_mend_train_1k.json"
-    with pytest.raises(InvalidFactError, match="record 101"):
+def test_zsre_skips_unusable_records_only_when_asked(test_data):
+    path = test_data / "zsre-mend-train-11.json"
+    with pytest.raises(InvalidFactError, match="record 10"):
         load_facts(path)
     facts = load_facts(path, skip_invalid=True)
-    assert len(facts) + len(facts.skipped) == 1000 and facts.skipped
+    assert len(facts) + len(facts.skipped) == 11 and facts.skipped
     assert facts[0].neighborhood[0].prompt.startswith("john goodman")  # "nq question: " prefix removed
 
 
-def test_mquake_gives_portability_questions(shared_data):
-    facts = load_facts(shared_data / "mquake" / "MQuAKE-hard.json", limit=1)
+def test_mquake_gives_portability_questions(test_data):
+    facts = load_facts(test_data / "mquake-hard-2.json", limit=1)
     assert len(facts) >= 2 and facts[-1].portability and not facts[0].portability

@@ -7,7 +7,8 @@ from transformers import pipeline
 
 import editpack
 from editpack.cli.main import main
-from editpack.memory import MemoryModel, MemoryPack, SERACConfig, calibrate
+from editpack.memory import MemoryModel, MemoryPack, calibrate
+from editpack.methods.serac import SERACConfig
 from editpack.pack import load_pack
 
 from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer

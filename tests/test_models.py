@@ -31,7 +31,8 @@ def test_load_local_folder(tiny_folder):
     model, tokenizer = load_model(str(tiny_folder))
     assert model.config.model_type == "llama" and not model.training
     assert tokenizer.pad_token == "w2"  # falls back to EOS
-    assert model.editpack_ref.id == str(tiny_folder.resolve())
+    assert model.editpack_ref.id == tiny_folder.resolve().name  # packs record the folder's name, never its path
+    assert model.editpack_ref.path == str(tiny_folder.resolve())
     assert model.dtype == torch.float32
 
 

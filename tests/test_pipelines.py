@@ -29,8 +29,9 @@ def first_word(result):
     return result[0]["generated_text"].split()[0]
 
 
-def test_editpack_pipeline_helper(saved):
+def test_editpack_pipeline_helper(saved, monkeypatch):
     root, _ = saved
+    monkeypatch.chdir(root)  # the pack names its local base by folder name ("m"), found from here
     pipe = editpack.pipeline(str(root / "m"), [str(root / "p")])
     out = pipe([FACT.text, OTHER], max_new_tokens=1, do_sample=False, return_full_text=False, batch_size=2)
     assert first_word(out[0]) == "rome"
@@ -49,8 +50,12 @@ def test_peft_model_passed_to_transformers_pipeline(saved):
     assert first_word(pipe(FACT.text, max_new_tokens=1, do_sample=False, return_full_text=False)) == "rome"
 
 
-def test_auto_model_from_pack_dir_through_transformers_peft_integration(saved):
+def test_auto_model_from_pack_dir_through_transformers_peft_integration(saved, monkeypatch):
     root, expected = saved
+    # base_model_name_or_path is the base's portable name ("m", the folder's name: no local path is recorded),
+    # which transformers resolves from the working directory; a Hub base is resolved through the Hub instead
+    # (tests/test_hub.py).
+    monkeypatch.chdir(root)
     model = AutoModelForCausalLM.from_pretrained(root / "p")  # reads base_model_name_or_path, loads the adapter
     tok = tiny_tokenizer()
     for text, want in expected.items():

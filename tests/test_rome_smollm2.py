@@ -47,9 +47,9 @@ def test_plain_peft_matches_apply_and_revert_is_exact(smollm2, eiffel):
     assert all(torch.equal(now[k], original[k]) for k in original)
 
 
-def test_twenty_counterfact_records_one_at_a_time(smollm2, corpus, shared_data):
+def test_twenty_counterfact_records_one_at_a_time(smollm2, corpus, test_data):
     model, tok = smollm2
-    facts = editpack.load_facts(shared_data / "counterfact" / "counterfact-edit.json", limit=20)
+    facts = editpack.load_facts(test_data / "counterfact-edit-25.json", limit=20)
     hits = []
     for fact in facts:
         pack = editpack.edit(model, fact, stats_corpus=corpus)  # edit() leaves the model as it was

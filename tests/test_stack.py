@@ -36,7 +36,7 @@ def test_two_packs_both_hold_and_equal_their_stack(packs):
     assert sorted(one.modules) == sorted(a.modules + b.modules)
     assert [f.subject for f in one.facts] == ["eiffel tower", "london bridge"]
     assert [p["relation"] for p in one.parents] == ["stacked", "stacked"] and not one.requires
-    assert one.base.fingerprint == editpack.api.base_model_info(model, one.modules).fingerprint
+    assert one.base.fingerprint == editpack.artifact.describe_base(model, one.modules).fingerprint
     stacked = apply(model, one)
     for text, want in expected.items():
         torch.testing.assert_close(logits(stacked, tok, text), want, rtol=1e-5, atol=1e-5)

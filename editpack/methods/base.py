@@ -1,14 +1,19 @@
 """The one small interface every edit method implements, and the registry that names them.
 
-A method is a class with a ``name``, a ``config_class`` (a dataclass of hyper-parameters with defaults) and
-``compute(model, tokenizer, facts, spec, state=None)`` returning a :class:`~editpack.methods.delta.WeightDelta`. ``compute``
-must leave the model's weights exactly as it found them: the caller decides whether to apply the result.
-Register with ``@register_method``; look up with :func:`get_method`. Nothing switches on method names.
+A method is a class with a ``name``, a ``config_class`` (a dataclass of hyper-parameters with defaults), a
+``layer_role`` (where it edits by default: ``critical`` or ``run``, placed by each architecture file) and
+``compute(model, tokenizer, facts, spec, state=None)`` returning a :class:`~editpack.delta.WeightDelta`.
+``compute`` must leave the model's weights exactly as it found them: the caller decides whether to apply the
+result. A method that makes another kind of artifact than a weight delta (a memory) sets ``pack_kind`` and
+overrides :meth:`EditMethod.build_pack`. Register with ``@register_method``; look up with :func:`get_method`.
+Nothing switches on method names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
@@ -17,7 +22,7 @@ import torch
 from ..arch import ArchSpec
 from ..errors import UnknownMethodError
 from ..facts import Fact
-from .delta import WeightDelta
+from ..delta import WeightDelta
 
 
 @dataclasses.dataclass
@@ -29,12 +34,75 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        """A config from ``values``: unknown names and values of the wrong type are errors naming the setting."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"unknown hyper-parameter(s) for {cls.__name__}: {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(fields))})")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        checked = {}
+        for key, value in values.items():
+            ok, value = _conforms(value, hints[key])
+            if not ok:
+                raise ValueError(f"hyper-parameter {key} must be {_describe(hints[key])}, not {values[key]!r}")
+            checked[key] = value
+        config = cls(**checked)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check relations between values (a method's config overrides this); raise ``ValueError``."""
+
+
+def _conforms(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits the type ``hint`` (JSON-like types only), and the value (an int for a float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, converted = _conforms(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is Any:
+        return True, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item,) = typing.get_args(hint) or (Any,)
+        out = []
+        for element in value:
+            ok, converted = _conforms(element, item)
+            if not ok:
+                return False, value
+            out.append(converted)
+        return True, out
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"a list of {_describe(item).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
@@ -56,6 +124,12 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 class EditMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    #: The layer role the method edits when ``layers`` is not given (see ``editpack.arch``).
+    layer_role: ClassVar[str] = "critical"
+    #: The kind of pack the method makes (``weight`` packs hold a :class:`WeightDelta`).
+    pack_kind: ClassVar[str] = "weight"
+    #: One line for ``--help`` and the methods table.
+    summary: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -68,6 +142,21 @@ class EditMethod(ABC):
         ``state`` is what this method returned in ``WeightDelta.state`` for the pack being extended (sequential
         editing), or ``None``.
         """
+
+    def default_layers(self, model, spec: ArchSpec) -> list[int]:
+        """The layers this method edits on ``model`` when none are given: its role, placed by ``spec``."""
+        return spec.role_layers(self.layer_role, model)
+
+    def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
+                   parents: list[dict[str, Any]], state: dict[str, torch.Tensor] | None = None):
+        """The artifact this method makes: by default a weight pack around :meth:`compute`'s delta."""
+        from ..artifact import describe_base
+        from ..pack import EditPack
+
+        delta = self.compute(model, tokenizer, facts, spec, state=state)
+        return EditPack(name=name, version=version, method=self.name, hyperparameters=self.config.to_dict(),
+                        facts=list(facts), base=describe_base(model, delta.modules), delta=delta,
+                        fan_in_fan_out=spec.mlp_transposed, parents=parents)
 
 
 REGISTRY: dict[str, type[EditMethod]] = {}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..facts import Fact
-from ..generation import model_device
+from ..generation import model_device, pad_id
 
 
 def target_batch(tokenizer, facts: Sequence[Fact], device) -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def target_batch(tokenizer, facts: Sequence[Fact], device) -> dict[str, torch.Te
             raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     width = max(map(len, rows))
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)

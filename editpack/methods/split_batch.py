@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..generation import pad_id
+
 
 @dataclass
 class SplitBatch:
@@ -124,7 +126,7 @@ def _cache_argument(module: torch.nn.Module) -> str:
 
 def split_batch(tokenizer, texts: Sequence[str], split_at: Sequence[int], device) -> SplitBatch:
     """Tokenize ``texts`` and split each before token index ``split_at[i]`` (which starts the suffix)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     rows = [tokenizer(text)["input_ids"] for text in texts]
     for text, ids, cut in zip(texts, rows, split_at):
         if not 0 <= cut < len(ids):

@@ -35,6 +35,7 @@ def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
 class AlphaEdit(MEMIT):
     name = "alphaedit"
     config_class = AlphaEditConfig
+    summary = "like MEMIT, projected onto the null space of preserved keys (sequential editing)"
     config: AlphaEditConfig
 
     def update_factor(self, k, mom2, module, state):

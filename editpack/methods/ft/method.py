@@ -10,10 +10,10 @@ from typing import Sequence
 
 import torch
 
+from ...delta import LowRankDelta, WeightDelta
 from ...arch import ArchSpec, get_module
 from ...facts import Fact
 from ..base import EditMethod, register_method
-from ..delta import LowRankDelta, WeightDelta
 from ..finetune import train
 from ..locate import frozen
 from .config import FTConfig
@@ -23,12 +23,14 @@ from .config import FTConfig
 class FT(EditMethod):
     name = "ft"
     config_class = FTConfig
+    layer_role = "critical"
+    summary = "FT-M baseline: fine-tune one MLP output projection on the target tokens (dense delta)"
     config: FTConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
         cfg = self.config
         if cfg.layers is None:
-            cfg.layers = spec.default_layers(self.name, model)
+            cfg.layers = self.default_layers(model, spec)
         names = [spec.mlp_out_name(layer) for layer in cfg.layers]
         weights = [get_module(model, name).weight for name in names]
         originals = [w.detach().clone() for w in weights]

@@ -10,11 +10,11 @@ from typing import Sequence
 
 import torch
 
+from ...delta import LowRankDelta, WeightDelta
 from ...arch import ArchSpec
 from ...errors import EditpackError
 from ...facts import Fact
 from ..base import EditMethod, register_method
-from ..delta import LowRankDelta, WeightDelta
 from ..finetune import train
 from ..locate import frozen
 from .config import LoRAConfig
@@ -26,6 +26,8 @@ _ADAPTER = "editpack-train"
 class LoRA(EditMethod):
     name = "lora"
     config_class = LoRAConfig
+    layer_role = "run"
+    summary = "LoRA fine-tuning baseline on a run of MLP output projections"
     config: LoRAConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
@@ -36,7 +38,7 @@ class LoRA(EditMethod):
             raise EditpackError("LoRA training needs a model without unmerged packs: apply them with merge=True "
                                 "first, or use another method")
         if cfg.layers is None:
-            cfg.layers = spec.default_layers(self.name, model)
+            cfg.layers = self.default_layers(model, spec)
         names = [spec.mlp_out_name(layer) for layer in cfg.layers]
         peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=names, lora_dropout=0.0,
                                  bias="none", fan_in_fan_out=spec.mlp_transposed, task_type="CAUSAL_LM")

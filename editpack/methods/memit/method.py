@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
+from ...delta import LowRankDelta, WeightDelta
 from ...arch import ArchSpec
 from ...facts import Fact
 from ..base import EditMethod, register_method
-from ..delta import LowRankDelta, WeightDelta
 from ..locate import add_update, applied_updates, frozen, keys, optimize_delta, outputs_at_subject
 from ..rome.method import layer_second_moment, resolve_locate_config
 from .config import MEMITConfig
@@ -29,10 +29,12 @@ from .config import MEMITConfig
 class MEMIT(EditMethod):
     name = "memit"
     config_class = MEMITConfig
+    layer_role = "run"
+    summary = "many facts in one batch, spread over a run of layers"
     config: MEMITConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
-        cfg = resolve_locate_config(self.config, self.name, model, tokenizer, spec)
+        cfg = resolve_locate_config(self.config, self, model, tokenizer, spec)
         layers = sorted(cfg.layers)
         cfg.layers = layers
         mom2 = {layer: layer_second_moment(cfg, model, tokenizer, spec, layer) for layer in layers}

@@ -18,12 +18,12 @@ from typing import Sequence
 
 import torch
 
+from ...delta import LowRankDelta, WeightDelta
 from ...arch import ArchSpec
 from ...facts import Fact
 from ...generation import model_device
 from ...stats import StatsConfig, second_moment
 from ..base import EditMethod, register_method
-from ..delta import LowRankDelta, WeightDelta
 from ..locate import (
     add_update,
     applied_updates,
@@ -41,14 +41,14 @@ CORPUS_STATS_TOKENS = 100_000
 SAMPLED_STATS_TOKENS = 20_000
 
 
-def resolve_locate_config(cfg, method: str, model, tokenizer, spec: ArchSpec):
+def resolve_locate_config(cfg, method: EditMethod, model, tokenizer, spec: ArchSpec):
     """Fill in what a locate-then-edit config leaves open (layers, statistics size, context templates)."""
     if cfg.layers is None:
-        cfg.layers = spec.default_layers(method, model)
+        cfg.layers = method.default_layers(model, spec)
     depth = spec.num_layers(model)
     bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
     if bad:
-        raise ValueError(f"{method} layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
+        raise ValueError(f"{method.name} layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
     if cfg.mom2_adjustment and cfg.stats_tokens is None:
         cfg.stats_tokens = SAMPLED_STATS_TOKENS if cfg.stats_corpus is None else CORPUS_STATS_TOKENS
     if cfg.context_templates is None:
@@ -69,11 +69,13 @@ def layer_second_moment(cfg, model, tokenizer, spec: ArchSpec, layer: int) -> to
 class ROME(EditMethod):
     name = "rome"
     config_class = ROMEConfig
+    layer_role = "critical"
+    summary = "rank-one edit of one MLP layer per fact (default)"
     config: ROMEConfig
 
     def resolve(self, model, tokenizer, spec: ArchSpec) -> ROMEConfig:
         """Fill in what the config leaves open (layers, context templates) so it can be recorded as used."""
-        return resolve_locate_config(self.config, self.name, model, tokenizer, spec)
+        return resolve_locate_config(self.config, self, model, tokenizer, spec)
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
         cfg = self.resolve(model, tokenizer, spec)

@@ -1,12 +1,14 @@
-"""The ``serac`` method: builds a memory pack instead of computing a weight delta."""
+"""The ``serac`` method: builds a memory pack (facts and a calibrated scope classifier) instead of a weight delta."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from ...artifact import BaseModel, describe_base
 from ...facts import Fact
-from ...memory import SERACConfig, build_memory_pack
+from ...memory import MemoryPack, SentenceEncoder, calibrate_facts
 from ..base import EditMethod, register_method
+from .config import SERACConfig
 
 
 @register_method
@@ -14,12 +16,20 @@ class SERAC(EditMethod):
     name = "serac"
     config_class = SERACConfig
     config: SERACConfig
-    kind = "memory"
+    pack_kind = "memory"
+    summary = "a memory (facts + scope classifier), no weights: see Memory packs"
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec, state=None):
         raise TypeError("serac makes memory packs, not weight deltas: use editpack.edit(..., method='serac')")
 
-    def build_pack(self, model, tokenizer, facts, *, name, version, base, parents, state=None):
-        """The pack itself (a memory pack); :func:`editpack.edit` calls this instead of ``compute``."""
-        return build_memory_pack(model, tokenizer, facts, self.config, name=name, version=version, base=base,
-                                 parents=parents, state=state)
+    def build_pack(self, model, tokenizer, facts, spec, *, name, version, parents, state=None,
+                   encoder: SentenceEncoder | None = None) -> MemoryPack:
+        cfg = self.config
+        encoder = encoder or SentenceEncoder()
+        keys = encoder.encode([f.text for f in facts])
+        threshold = cfg.threshold if cfg.threshold is not None else calibrate_facts(encoder, facts, keys, cfg)
+        info = describe_base(model, [])
+        base = BaseModel(id=info.id, fingerprint="", model_type=info.model_type, hub_id=info.hub_id,
+                         revision=info.revision)
+        return MemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.to_dict(),
+                          facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)

@@ -1,0 +1,31 @@
+"""SERAC-style memory packs: the scope classifier's calibration and the route for in-scope prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...memory import DEMO_TEMPLATE, ENCODER_ID
+from ..base import MethodConfig
+
+
+@dataclass
+class SERACConfig(MethodConfig):
+    #: Similarity threshold; ``None`` calibrates it on the facts' paraphrases and neighbourhood prompts.
+    threshold: float | None = None
+    max_false_positive_rate: float = 0.01
+    min_threshold: float = 0.3
+    default_threshold: float = 0.5
+    #: In scope only if the prompt also names the fact's subject.
+    require_subject: bool = True
+    #: ``"context"``: fact in context, the model answers; ``"answer"``: the stored target starts the answer.
+    route: str = "context"
+    template: str = DEMO_TEMPLATE
+    encoder: str = ENCODER_ID
+
+    def validate(self) -> None:
+        if self.route not in ("context", "answer"):
+            raise ValueError(f"route must be 'context' or 'answer', not {self.route!r}")
+        if "{statement}" not in self.template or "{prompt}" not in self.template:
+            raise ValueError("template must contain {statement} and {prompt}")
+        if not 0 <= self.max_false_positive_rate <= 1:
+            raise ValueError(f"max_false_positive_rate must be between 0 and 1, not {self.max_false_positive_rate}")
