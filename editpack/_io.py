@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -141,3 +142,20 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, what: str, poll: float = 5.0):
+    """A file lock beside ``path``; says so (once) when another process holds it, instead of waiting in silence."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=poll)
+    except Timeout:
+        logging.getLogger("editpack").info("Waiting for another editpack process that is computing %s (lock %s.lock)...", what, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

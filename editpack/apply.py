@@ -356,10 +356,13 @@ def _add_adapters(model: torch.nn.Module, packs: list[EditPack]):
 
     peft_model = model if isinstance(model, PeftModel) else None
     for pack in packs:
+        config = pack.lora_config()
+        # PEFT names the base by the model it is put on (and warns when the pack's portable name differs).
+        config.base_model_name_or_path = unwrap(model).__dict__.get("name_or_path") or None
         if peft_model is None:
-            peft_model = get_peft_model(model, pack.lora_config(), adapter_name=pack.adapter_name)
+            peft_model = get_peft_model(model, config, adapter_name=pack.adapter_name)
         else:
-            peft_model.add_adapter(pack.adapter_name, pack.lora_config())
+            peft_model.add_adapter(pack.adapter_name, config)
         _materialize_offloaded(peft_model, pack)
         _load_factors(peft_model, pack)
     return peft_model
@@ -581,6 +584,7 @@ def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, chec
 
     from ._io import atomic_directory, atomic_write_json, check_output
     from .artifact import MERGED_RECORD
+    from .models import quiet_progress
 
     check_output(output, overwrite=overwrite)
     loaded = _as_packs(packs)
@@ -593,7 +597,7 @@ def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, chec
     merged = apply(model, loaded, merge=True, check=check, on_conflict=on_conflict)
     kept = applied(merged)
     try:
-        with atomic_directory(Path(output), overwrite=overwrite) as tmp:
+        with atomic_directory(Path(output), overwrite=overwrite) as tmp, quiet_progress():
             merged.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -59,6 +59,9 @@ class Fact:
         """Build a fact from editpack's own field names; unknown fields are an error."""
         if not isinstance(data, dict):
             raise InvalidFactError(f"{where}: expected an object with prompt/subject/target_new, got {type(data).__name__}")
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise InvalidFactError(f"{where}: field names must be text, not {bad_keys[0]!r}")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise InvalidFactError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: "
@@ -118,7 +121,12 @@ def make_fact(
         target_true = target_true.strip()
         if target_true.casefold() == target_new.casefold():
             raise InvalidFactError(f"{where}: target_new {target_new!r} equals the true answer; nothing to edit")
-    paraphrases = tuple(str(p) for p in paraphrases if str(p).strip())
+    for name, values in (("paraphrases", paraphrases), ("neighborhood", neighborhood), ("portability", portability)):
+        if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+            raise InvalidFactError(f"{where}: {name} must be a list, not {type(values).__name__} {values!r:.60}")
+    if any(not isinstance(p, str) for p in paraphrases):
+        raise InvalidFactError(f"{where}: paraphrases must be a list of texts")
+    paraphrases = tuple(p for p in paraphrases if p.strip())
     return Fact(
         prompt=prompt.strip(),
         subject=subject,
@@ -250,18 +258,32 @@ def read_records(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise InvalidFactError(f"facts file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidFactError(f"{path}: not UTF-8 text (byte {exc.start}); save the facts file as UTF-8") from None
+    except OSError as exc:
+        raise InvalidFactError(f"{path}: cannot be read: {exc.strerror}") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InvalidFactError(f"{path} line {number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
 
+        try:
             records = yaml.safe_load(text)
-        else:
+        except yaml.YAMLError as exc:
+            raise InvalidFactError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    else:
+        try:
             records = json.loads(text)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise InvalidFactError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise InvalidFactError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):

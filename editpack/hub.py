@@ -120,6 +120,14 @@ def _hub_error(exc: Exception, reference: HubReference | str) -> HubError:
     return HubError(f"{reference}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
+def _connection_error(exc: BaseException) -> bool:
+    """No answer from the endpoint: the HTTP client's connect/timeout/transport errors (whichever client
+    huggingface_hub uses) or an OSError."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, OSError) or bool(names & {"ConnectError", "ConnectionError", "ConnectTimeout",
+                                                      "TimeoutException", "NetworkError", "TransportError"})
+
+
 def _unreachable(exc: Exception, reference, endpoint: str) -> HubError:
     """No connection (requests' and httpx's errors are OSErrors or wrap them): say where and what to do."""
     return HubError(f"{reference}: the Hub at {endpoint} cannot be reached ({type(exc).__name__}); check HF_ENDPOINT "
@@ -190,7 +198,9 @@ def push(pack: Artifact | str | Path, repo_id: str, *, private: bool = False, me
             api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"{local.name} {local.version}")
         except HfHubHTTPError as exc:
             raise _hub_error(exc, repo_id) from exc
-        except OSError as exc:
+        except Exception as exc:
+            if not _connection_error(exc):
+                raise
             raise _unreachable(exc, repo_id, api.endpoint) from exc
     return PushResult(repo_id, local.version, tag, commit, created=True)
 
@@ -274,7 +284,9 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
             hf_hub_download(filename=name, **download)
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         raise _hub_error(exc, ref) from exc
-    except OSError as exc:  # no connection: requests' ConnectionError is an OSError
+    except Exception as exc:
+        if not _connection_error(exc):
+            raise
         raise _unreachable(exc, ref, api.endpoint) from exc
     cache_repo = folder.parent.parent  # <cache>/models--user--name: snapshots link into its blobs
     problems = verify_files(folder, manifest, links_into=cache_repo)
@@ -334,7 +346,9 @@ def versions(repo_id: str, *, token: str | None = None, endpoint: str | None = N
             out.append(PackVersion(match[1], tag.name, tag.target_commit, dates.get(tag.target_commit)))
     except HfHubHTTPError as exc:
         raise _hub_error(exc, repo_id) from exc
-    except OSError as exc:
+    except Exception as exc:
+        if not _connection_error(exc):
+            raise
         raise _unreachable(exc, repo_id, api.endpoint) from exc
     return sorted(out, key=lambda v: _semver_key(v.version))
 

@@ -55,11 +55,11 @@ class SentenceEncoder:
     def __init__(self, folder: str | Path | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from .models import _quiet_loading
+        from .models import quiet_progress
 
         folder = Path(folder) if folder else self.package_folder()
         self.folder = folder
-        with _quiet_loading():
+        with quiet_progress():
             self.model = AutoModel.from_pretrained(folder).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
 

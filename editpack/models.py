@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from filelock import FileLock
 from tqdm.auto import tqdm
 
-from ._io import atomic_directory, atomic_write_json
+from ._io import atomic_directory, atomic_write_json, waiting_lock
 from .errors import MissingPackageError, ModelNotFoundError
 from .paths import cache_dir
 
@@ -172,10 +171,12 @@ def _convert_gguf(gguf_path: Path, target: Path, *, meta: dict[str, Any]) -> Non
     """Dequantize ``gguf_path`` into a safetensors folder at ``target`` (atomically, under a file lock)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lock = FileLock(str(target) + ".lock")
-    with lock:
+    with waiting_lock(target, f"the conversion of {gguf_path.name}"):
         if (target / "config.json").is_file():  # another process finished while we waited
             return
+        logging.getLogger("editpack.models").info(
+            "Converting %s into a safetensors folder in %s, once (about 30 s per 100 MB of GGUF on 2 CPU cores); "
+            "later loads read the converted folder.", gguf_path.name, target.parent)
         steps = tqdm(total=3, desc=f"converting {gguf_path.name} (once)", unit="step")
         directory, filename = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
@@ -319,8 +320,8 @@ def _log_once(logger_name: str, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
-    """Hide transformers' per-tensor "Loading weights" bar for local loads (restored afterwards)."""
+def quiet_progress():
+    """Hide transformers' per-tensor "Loading weights" and "Writing model shards" bars (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -377,7 +378,7 @@ def load_model(
     if ref.revision:
         kwargs["revision"] = ref.revision
     try:
-        with _quiet_loading():
+        with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=ref.revision)
     except OSError as exc:

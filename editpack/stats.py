@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._io import sha256_file
+from ._io import sha256_file, waiting_lock
 from .arch import ArchSpec
 from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, pad_id, sample_from_start
 from .nethook import Trace
 from .paths import cache_dir
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,14 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
 def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
     """Cached :func:`compute_second_moment` (computed under a file lock, written atomically)."""
     path = stats_cache_path(model, spec, layer, config)
-    with FileLock(str(path) + ".lock"):
+    with waiting_lock(path, f"key statistics for {spec.mlp_out_name(layer)}"):
         if path.is_file():
             return load_file(str(path))["mom2"]
+        source = (f"{config.n_tokens:,} tokens of {Path(config.corpus).name}" if config.corpus else
+                  f"{config.n_tokens:,} tokens the model samples itself (slow: about 1.5 min for SmolLM2 on 2 CPU "
+                  "cores; --corpus FILE with plain text or JSONL is faster)")
+        log.info("Computing key statistics for %s from %s, once: they are cached in %s for every later edit.",
+                 spec.mlp_out_name(layer), source, path.parent)
         with adapters_disabled(model):  # statistics of the base model, also while packs are applied
             mom2, count = compute_second_moment(model, tokenizer, spec, layer, config)
         tmp = path.with_name(path.name + ".partial")

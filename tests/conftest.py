@@ -53,3 +53,31 @@ def eiffel(smollm2, corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("packs") / "eiffel-rome"
     pack.save(path)
     return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh Hub-compatible server, this process pointed at it, and a private Hugging Face cache without a login."""
+    import huggingface_hub.constants as hf_constants
+
+    from hubserver import HubServer
+
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", server.token)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        yield server
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny random Llama-like model and its word-level tokenizer saved as a local folder."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

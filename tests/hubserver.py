@@ -13,7 +13,7 @@ the client checks, so tests run the real client (``HfApi``, ``snapshot_download`
 
 Private repositories answer 401 without the server's token. ``fail_next(kind)`` makes the next request of a
 kind (``commit``, ``tag``, ``lfs``, ``resolve``) fail with 500; ``tamper(repo, path)`` changes the bytes a file
-serves without changing its commit (a corrupted download).
+serves without changing its commit (a corrupted download); ``symlink(repo, path)`` lists a file as a link.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class HubState:
         self.blobs: dict[str, bytes] = {}
         self.failures: dict[str, int] = {}
         self.tampered: dict[tuple[str, str], bytes] = {}
+        self.symlinks: set[tuple[str, str]] = set()
         self.lock = threading.RLock()
         self.counter = 0
 
@@ -111,6 +112,11 @@ class HubServer:
 
     def tamper(self, repo_id: str, path: str, data: bytes) -> None:
         self.state.tampered[(repo_id, path)] = data
+
+    def symlink(self, repo_id: str, path: str) -> None:
+        """List ``path`` in the repository's tree as a symbolic link (git mode 120000), as a repo pushed with a link
+        shows it; its bytes are still served (git stores a link as a blob holding the target)."""
+        self.state.symlinks.add((repo_id, path))
 
     def tags(self, repo_id: str) -> dict[str, str]:
         return dict(self.state.repos[repo_id].tags)
@@ -297,7 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
             if prefix and not path.startswith(prefix.rstrip("/") + "/"):
                 continue
             data = self.state.blobs[key]
-            entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+            kind = "symlink" if (repo_id, path) in self.state.symlinks else "file"
+            entry = {"type": kind, "path": path, "size": len(data), "oid": git_blob_id(data)}
             if path in repo.lfs_paths:
                 entry["lfs"] = {"oid": key, "size": len(data), "pointerSize": 134}
             entries.append(entry)

@@ -53,7 +53,7 @@ def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(InvalidFactError, match="does not exist"):
         load_facts(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(InvalidFactError, match="bad.json: not valid json"):
+    with pytest.raises(InvalidFactError, match="bad.json: not valid JSON"):
         load_facts(tmp_path / "bad.json")
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(InvalidFactError, match="no facts found"):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
@@ -13,23 +12,9 @@ import editpack
 from editpack.errors import PackFormatError
 from editpack.hub import HubError, parse_reference, pull, push, resolve_pack, versions
 
-from hubserver import HubServer
 from tiny import FACT, TINY, logits, tiny_model, tiny_tokenizer
 
 REPO = "user/eiffel"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A fresh server, this process pointed at it, and a private Hugging Face cache without a login."""
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", server.token)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-        yield server
 
 
 @pytest.fixture
@@ -228,3 +213,153 @@ def test_memory_pack_push_and_pull(hub, setup, tmp_path):
     assert pushed.created and hub.tags("user/mem") == {"v1.0.0": pushed.commit}
     pulled = pull("user/mem@1.0.0", tmp_path / "mem-pulled")
     assert pulled.kind == "memory" and pulled.content_id == memory.content_id
+
+
+# ---------------------------------------------------------------------------------------------- safe pull
+def test_pull_downloads_only_the_files_the_manifest_lists(hub, setup, tmp_path):
+    from huggingface_hub import HfApi
+
+    _, _, _, packs = setup
+    push(packs["1.0.0"], REPO)
+    HfApi(endpoint=hub.url, token=hub.token).upload_file(path_or_fileobj=b"\0" * 100_000, path_in_repo="weights.pkl", repo_id=REPO)  # unlisted
+    pulled = pull(REPO, tmp_path / "out")  # main: the pack plus the unlisted file
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["editpack.json", *packs["1.0.0"].files])
+    cached = {p.name for p in (tmp_path / "hf-cache").rglob("*") if p.is_file() or p.is_symlink()}
+    assert "weights.pkl" not in cached and pulled.version == "1.0.0"
+
+
+def hostile_repo(hub, setup, repo: str, **extra_files) -> None:
+    """A repository holding the tiny pack with its manifest's ``files`` extended by ``extra_files``."""
+    import hashlib
+    import json
+
+    from huggingface_hub import HfApi
+
+    _, _, _, packs = setup
+    push(packs["1.0.0"], repo)
+    manifest = json.loads((packs["1.0.0"].path / "editpack.json").read_text())
+    manifest["files"].update({name: hashlib.sha256(data).hexdigest() for name, data in extra_files.items()})
+    HfApi(endpoint=hub.url, token=hub.token).upload_file(path_or_fileobj=json.dumps(manifest).encode(), path_in_repo="editpack.json", repo_id=repo)
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "sub/x", ".hidden"])
+def test_pull_refuses_names_outside_the_pack(hub, setup, tmp_path, name):
+    hostile_repo(hub, setup, "user/evil", **{name: b"x"})
+    with pytest.raises(HubError, match="is not a plain file name inside the pack"):
+        pull("user/evil", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pull_refuses_a_listed_file_that_is_a_link_in_the_repository(hub, setup, tmp_path):
+    _, _, _, packs = setup
+    push(packs["1.0.0"], "user/linked")
+    hub.symlink("user/linked", "adapter_model.safetensors")
+    with pytest.raises(PackFormatError, match="adapter_model.safetensors, which is not a regular file"):
+        pull("user/linked@1.0.0", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name == "adapter_model.safetensors" for p in (tmp_path / "hf-cache").rglob("*"))
+
+
+def test_pull_refuses_an_oversize_file_before_downloading_it(hub, setup, tmp_path, monkeypatch):
+    _, _, _, packs = setup
+    push(packs["1.0.0"], REPO)
+    with pytest.raises(PackFormatError, match=r"(README.md|adapter_model.safetensors) is [\d,]+ bytes, over the 100-byte limit"):
+        pull(f"{REPO}@1.0.0", tmp_path / "out", max_file_bytes=100)
+    monkeypatch.setenv("EDITPACK_MAX_FILE_BYTES", "100")
+    with pytest.raises(PackFormatError, match="over the 100-byte limit"):
+        pull(f"{REPO}@1.0.0", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name == "adapter_model.safetensors" for p in (tmp_path / "hf-cache").rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------- portable packs
+def local_traces() -> list[str]:
+    """Strings that would betray the machine a pack was made on."""
+    import getpass
+    import socket
+
+    return [str(Path.home()), getpass.getuser(), socket.gethostname()]
+
+
+def assert_no_local_traces(folder: Path, *extra: str) -> None:
+    import re
+
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        text = data.decode("utf-8", errors="replace")
+        for trace in [*local_traces(), *extra]:
+            if len(trace) >= 8:  # long strings: anywhere in the bytes
+                assert trace.encode() not in data, f"{path.name} holds {trace!r}"
+            elif path.suffix in (".json", ".md"):  # short ones (a user name): as a word in the text files
+                assert not re.search(rf"(?<![\w]){re.escape(trace)}(?![\w])", text), f"{path.name} holds {trace!r}"
+
+
+def test_packs_hold_no_local_paths_and_load_through_the_base_hub_id_in_a_fresh_process(hub, tmp_path):
+    """A pack of a Hub-hosted base: pushed, pulled in a fresh process and loaded with plain
+    ``AutoModelForCausalLM.from_pretrained(pack)``, which finds the base through the Hub by its id."""
+    import stat
+
+    from huggingface_hub import HfApi
+
+    base_dir = tmp_path / "somewhere" / "tiny-base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo("org/tiny-base")
+    api.upload_folder(folder_path=str(base_dir), repo_id="org/tiny-base")
+    (tmp_path / "made").mkdir()
+    make = (  # in a fresh process, as a user would (huggingface_hub reads HF_ENDPOINT when imported)
+        "import sys, torch, editpack\n"
+        "from tiny import FACT, TINY, logits\n"
+        "model, tok = editpack.load_model('org/tiny-base')\n"
+        "pack = editpack.edit(model, FACT, layers=[1], **TINY)\n"
+        "pack.save(sys.argv[1])\n"
+        "torch.save(logits(editpack.apply(model, pack), tok, FACT.text), sys.argv[2])\n"
+    )
+    folder = tmp_path / "made" / "eiffel"
+    made = subprocess.run([sys.executable, "-c", make, str(folder), str(tmp_path / "expected.pt")],
+                          env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    expected = torch.load(tmp_path / "expected.pt")
+    assert_no_local_traces(folder, str(tmp_path), str(base_dir))
+    manifest = (folder / "editpack.json").read_text()
+    assert '"id": "org/tiny-base"' in manifest and "path" not in json_keys(folder / "editpack.json")
+    assert '"base_model_name_or_path": "org/tiny-base"' in (folder / "adapter_config.json").read_text()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~mask}
+
+    push(folder, REPO)
+    script = (
+        "import sys, torch, editpack\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from tiny import FACT, logits, tiny_tokenizer\n"
+        f"pack = editpack.pull('{REPO}@1.0.0', sys.argv[1])\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "torch.save(logits(model, tiny_tokenizer(), FACT.text), sys.argv[2])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pulled"), str(tmp_path / "logits.pt")],
+                            env=hub_env(hub, tmp_path, HF_HUB_CACHE=str(tmp_path / "fresh-cache")),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path / "made")
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+    assert_no_local_traces(tmp_path / "pulled", str(tmp_path))
+
+
+def json_keys(path: Path) -> set[str]:
+    import json
+
+    keys: set[str] = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            keys.update(value)
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(json.loads(path.read_text()))
+    return keys

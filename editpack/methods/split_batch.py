@@ -56,7 +56,8 @@ class SplitBatch:
             with torch.no_grad():
                 out = model.base_model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
                                        position_ids=self.prefix_positions, use_cache=True)
-            self.cache = out.past_key_values
+            # transformers 5 names the KV cache ``cache`` (``past_key_values`` is its deprecated alias); older: the alias.
+            self.cache = out["cache"] if "cache" in out else out["past_key_values"]
         self.blocks, self.replay = None, {}
         if blocks is None or live_from <= 0:
             return
