@@ -120,6 +120,8 @@ def extend(
         return parent.with_facts(add=as_facts(facts), version=version or next_version(parent.version))
     method = method or parent.method
     base_hparams = dict(parent.hyperparameters) if method == parent.method and "stacked" not in parent.hyperparameters else {}
+    if "stats_corpus" in hyperparameters:  # another corpus given: it is hashed afresh
+        base_hparams.pop("stats_corpus_sha256", None)
     base_hparams.update(hyperparameters)
     version = version or next_version(parent.version)
     state = parent.delta.state if method == parent.method else None

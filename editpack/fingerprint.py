@@ -99,11 +99,6 @@ def combine(fingerprints: dict[str, str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def modules_fingerprint(model: torch.nn.Module, module_names: Iterable[str]) -> str:
-    """``sha256:<hex>`` over the weights of ``module_names``, as a pack records its base."""
-    return combine(module_fingerprints(model, module_names))
-
-
 def parameters_fingerprint(model: torch.nn.Module, prefixes: Iterable[str]) -> str:
     """``sha256:<hex>`` over every base parameter whose name starts with one of ``prefixes``.
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ._io import sha256_file, waiting_lock
 from .arch import ArchSpec
+from .errors import EditpackError
 from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, pad_id, sample_from_start
 from .nethook import Trace
@@ -37,6 +38,7 @@ class StatsConfig:
     """Where key statistics come from. ``corpus=None`` means text sampled from the model itself."""
 
     corpus: str | None = None
+    corpus_sha256: str | None = None  # identifies the corpus's cached statistics when the file is not at hand
     n_tokens: int = 100_000
     max_length: int = 256
     batch_size: int = 8
@@ -82,9 +84,11 @@ def _corpus_id(config: StatsConfig) -> str:
     if config.corpus is None:
         return f"model-sampled-seed{config.seed}"
     path = Path(config.corpus)
-    if not path.is_file():
-        raise FileNotFoundError(f"statistics corpus {path} does not exist")
-    return "corpus-" + sha256_file(path)[:16]
+    if path.is_file():
+        return "corpus-" + sha256_file(path)[:16]
+    if config.corpus_sha256:
+        return "corpus-" + config.corpus_sha256[:16]
+    raise FileNotFoundError(f"statistics corpus {path} does not exist")
 
 
 def stats_cache_path(model, spec: ArchSpec, layer: int, config: StatsConfig) -> Path:
@@ -106,6 +110,10 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
     module = spec.mlp_out_name(layer)
     device = model_device(model)
     if config.corpus is not None:
+        if not Path(config.corpus).is_file():
+            raise EditpackError(f"the key statistics for {module} from corpus {Path(config.corpus).name} (sha256 "
+                                f"{(config.corpus_sha256 or '?')[:16]}…) are not cached here and the corpus is not at "
+                                "hand; pass it with --corpus (stats_corpus=PATH)")
         chunks = _corpus_chunks(tokenizer, Path(config.corpus), config.max_length)
         source = Path(config.corpus).name
     else:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny.p
 import torch  # noqa: E402
 
 import editpack  # noqa: E402
+import editpack.console  # noqa: E402
 from editpack.methods import REGISTRY  # noqa: E402
 from editpack.pack import load_pack  # noqa: E402
 from tiny import FACT, TINY, tiny_model, tiny_tokenizer  # noqa: E402
@@ -37,6 +38,7 @@ def main() -> int:
         print(f"FAIL: editpack imported from {source}, not from an installed package")
         return 1
     print(f"editpack {editpack.__version__} from {source.parent}")
+    editpack.console.configure()  # the libraries' warnings, as a normal command hides them
     missing = sorted(set(REGISTRY) - set(SETTINGS))
     if missing:
         print(f"FAIL: no smoke settings for registered method(s) {missing}")

@@ -7,7 +7,11 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY=${PYTHON:-python3}
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/editpack-wheel.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"
+# Build from a copy of the source, so the build (setuptools' build/ and egg-info) leaves nothing in the repository.
+mkdir "$WORK/src"
+tar -C "$REPO" --exclude=.git --exclude=build --exclude=dist --exclude='*.egg-info' --exclude=__pycache__ \
+    --exclude=bench/results -cf - . | tar -xf - -C "$WORK/src"
+"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/editpack-*.whl)
 echo "built $(basename "$WHEEL")"
 "$PY" -m venv "$WORK/venv"

@@ -179,17 +179,16 @@ def test_bad_options_fail_before_the_model_is_loaded(case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unwritable_output_fails_first(tmp_path):
+def test_unwritable_output_fails_first(tmp_path, monkeypatch):
+    import editpack._io
+
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root without capability limits)")
-        result = run("edit", "--model", NO_MODEL, *ONE_FACT, "-o", locked / "out")
-        assert result.exit_code == 1 and "is not writable" in result.output, result.output
-    finally:
-        locked.chmod(0o755)
+    # Tests run as root in CI, who may write anywhere: the permission check itself is what is exercised.
+    monkeypatch.setattr(editpack._io.os, "access", lambda path, mode: Path(path) != locked)
+    result = run("edit", "--model", NO_MODEL, *ONE_FACT, "-o", locked / "out")
+    assert result.exit_code == 1 and "is not writable" in result.output, result.output
+    assert "could not load model" not in result.output
 
 
 def test_output_under_a_file_fails_first(tmp_path):

@@ -69,3 +69,29 @@ def test_missing_corpus_is_a_clear_error(isolated_home, tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(FileNotFoundError, match="statistics corpus .* does not exist"):
         second_moment(model, tok, spec_for(model), 0, StatsConfig(corpus=str(tmp_path / "none.jsonl")))
+
+
+def test_a_pack_names_its_corpus_portably_and_extends_from_the_cached_statistics(isolated_home, corpus, tmp_path):
+    import hashlib
+
+    import editpack
+    from editpack.errors import EditpackError
+
+    from tiny import FACT, TINY
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.editpack_tokenizer = tok
+    settings = dict(TINY, mom2_adjustment=True, stats_tokens=200, layers=[1])
+    pack = editpack.edit(model, FACT, stats_corpus=str(corpus), **settings)
+    assert pack.hyperparameters["stats_corpus"] == "corpus.jsonl"  # the name, not the path
+    assert pack.hyperparameters["stats_corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    pack.save(tmp_path / "p")
+    assert str(tmp_path) not in (tmp_path / "p" / "editpack.json").read_text()
+    corpus.rename(tmp_path / "elsewhere.jsonl")  # the file is gone: the cached statistics are found by its hash
+    second = editpack.make_fact("the old {}", "london bridge", "tokyo", "london")
+    grown = editpack.extend(model, editpack.load_pack(tmp_path / "p"), second)
+    assert grown.version == "1.1.0" and len(grown.facts) == 2
+    for cached in (isolated_home / "stats").glob("*.safetensors"):
+        cached.unlink()  # neither the file nor its statistics: a clear request for the corpus
+    with pytest.raises(EditpackError, match="from corpus corpus.jsonl .* are not cached here .* pass it with --corpus"):
+        editpack.extend(model, editpack.load_pack(tmp_path / "p"), second)

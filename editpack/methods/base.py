@@ -4,8 +4,8 @@ A method is a class with a ``name``, a ``config_class`` (a dataclass of hyper-pa
 ``layer_role`` (where it edits by default: ``critical`` or ``run``, placed by each architecture file) and
 ``compute(model, tokenizer, facts, spec, state=None)`` returning a :class:`~editpack.delta.WeightDelta`.
 ``compute`` must leave the model's weights exactly as it found them: the caller decides whether to apply the
-result. A method that makes another kind of artifact than a weight delta (a memory) sets ``pack_kind`` and
-overrides :meth:`EditMethod.build_pack`. Register with ``@register_method``; look up with :func:`get_method`.
+result. A method that makes another kind of artifact than a weight delta (a memory) overrides
+:meth:`EditMethod.build_pack`. Register with ``@register_method``; look up with :func:`get_method`.
 Nothing switches on method names.
 """
 
@@ -31,6 +31,11 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict[str, Any]:
+        """The values as a pack's manifest records them: portable (a config holding a local path records only
+        what identifies the file elsewhere)."""
+        return self.to_dict()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
@@ -126,8 +131,6 @@ class EditMethod(ABC):
     config_class: ClassVar[type[MethodConfig]]
     #: The layer role the method edits when ``layers`` is not given (see ``editpack.arch``).
     layer_role: ClassVar[str] = "critical"
-    #: The kind of pack the method makes (``weight`` packs hold a :class:`WeightDelta`).
-    pack_kind: ClassVar[str] = "weight"
     #: One line for ``--help`` and the methods table.
     summary: ClassVar[str] = ""
 
@@ -154,7 +157,7 @@ class EditMethod(ABC):
         from ..pack import EditPack
 
         delta = self.compute(model, tokenizer, facts, spec, state=state)
-        return EditPack(name=name, version=version, method=self.name, hyperparameters=self.config.to_dict(),
+        return EditPack(name=name, version=version, method=self.name, hyperparameters=self.config.recorded(),
                         facts=list(facts), base=describe_base(model, delta.modules), delta=delta,
                         fan_in_fan_out=spec.mlp_transposed, parents=parents)
 

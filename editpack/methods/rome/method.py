@@ -14,12 +14,15 @@ restored exactly before :meth:`ROME.compute` returns, and the deltas come back a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ...delta import LowRankDelta, WeightDelta
+from ..._io import sha256_file
 from ...arch import ArchSpec
+from ...errors import EditpackError
 from ...facts import Fact
 from ...generation import model_device
 from ...stats import StatsConfig, second_moment
@@ -49,6 +52,15 @@ def resolve_locate_config(cfg, method: EditMethod, model, tokenizer, spec: ArchS
     bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
     if bad:
         raise ValueError(f"{method.name} layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
+    if cfg.stats_corpus and Path(cfg.stats_corpus).is_file():
+        digest = sha256_file(cfg.stats_corpus)
+        if cfg.stats_corpus_sha256 not in (None, digest):
+            raise EditpackError(f"statistics corpus {cfg.stats_corpus} is not the corpus this pack's statistics came "
+                                f"from (sha256 {cfg.stats_corpus_sha256[:16]}…); pass that corpus, or set "
+                                "stats_corpus_sha256=null to use this one")
+        cfg.stats_corpus_sha256 = digest
+    elif cfg.stats_corpus and cfg.stats_corpus_sha256 is None:
+        raise EditpackError(f"statistics corpus {cfg.stats_corpus} does not exist")
     if cfg.mom2_adjustment and cfg.stats_tokens is None:
         cfg.stats_tokens = SAMPLED_STATS_TOKENS if cfg.stats_corpus is None else CORPUS_STATS_TOKENS
     if cfg.context_templates is None:
@@ -61,7 +73,8 @@ def layer_second_moment(cfg, model, tokenizer, spec: ArchSpec, layer: int) -> to
     """The cached key second moment at ``layer`` (``None`` when ``mom2_adjustment`` is off)."""
     if not cfg.mom2_adjustment:
         return None
-    stats = StatsConfig(corpus=cfg.stats_corpus, n_tokens=cfg.stats_tokens, seed=cfg.seed)
+    stats = StatsConfig(corpus=cfg.stats_corpus, corpus_sha256=cfg.stats_corpus_sha256, n_tokens=cfg.stats_tokens,
+                        seed=cfg.seed)
     return second_moment(model, tokenizer, spec, layer, stats)
 
 

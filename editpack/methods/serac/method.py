@@ -16,7 +16,6 @@ class SERAC(EditMethod):
     name = "serac"
     config_class = SERACConfig
     config: SERACConfig
-    pack_kind = "memory"
     summary = "a memory (facts + scope classifier), no weights: see Memory packs"
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec, state=None):
@@ -31,5 +30,5 @@ class SERAC(EditMethod):
         info = describe_base(model, [])
         base = BaseModel(id=info.id, fingerprint="", model_type=info.model_type, hub_id=info.hub_id,
                          revision=info.revision)
-        return MemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.to_dict(),
+        return MemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
                           facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)
