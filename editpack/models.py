@@ -171,12 +171,14 @@ def _convert_gguf(gguf_path: Path, target: Path, *, meta: dict[str, Any]) -> Non
     """Dequantize ``gguf_path`` into a safetensors folder at ``target`` (atomically, under a file lock)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with waiting_lock(target, f"the conversion of {gguf_path.name}"):
+    with waiting_lock(target, f"the conversion of {gguf_path.name}"), quiet_progress(), _quiet_gguf_bar():
         if (target / "config.json").is_file():  # another process finished while we waited
             return
+        size = gguf_path.stat().st_size
         logging.getLogger("editpack.models").info(
-            "Converting %s into a safetensors folder in %s, once (about 30 s per 100 MB of GGUF on 2 CPU cores); "
-            "later loads read the converted folder.", gguf_path.name, target.parent)
+            "Converting %s (%d MB) into a safetensors folder in %s, once: about %d s on 2 CPU cores (30 s per "
+            "100 MB); later loads read the converted folder.", gguf_path.name, size // 10**6, target.parent,
+            max(10, round(30 * size / 10**8)))
         steps = tqdm(total=3, desc=f"converting {gguf_path.name} (once)", unit="step")
         directory, filename = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
@@ -203,6 +205,25 @@ def _convert_gguf(gguf_path: Path, target: Path, *, meta: dict[str, Any]) -> Non
             atomic_write_json(tmp / "editpack_source.json", meta)
         steps.update(1)
         steps.close()
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers' GGUF reader draws its own per-tensor bar with tqdm directly (no switch turns it off);
+    editpack's three-step conversion bar stands for it."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support fails later, with its message
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def ensure_builtin(name: str) -> Path:

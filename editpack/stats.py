@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -136,11 +137,16 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
         total = keys.T @ keys if total is None else total + keys.T @ keys
         return keys.shape[0]
 
+    started = time.monotonic()
     for chunk in chunks:
         pending.append(chunk)
         if len(pending) == config.batch_size:
             added = flush(pending)
             pending = []
+            if count == 0:  # the first batch tells how long the rest takes here
+                rate = added / max(time.monotonic() - started, 1e-6)
+                log.info("  about %s at this machine's speed (%d tokens/s)",
+                         _duration(max(config.n_tokens - added, 0) / rate), rate)
             count += added
             bar.update(added)
             if count >= config.n_tokens:
@@ -156,6 +162,10 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
     return (total / count).to(torch.float32), count
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
     """Cached :func:`compute_second_moment` (computed under a file lock, written atomically)."""
     path = stats_cache_path(model, spec, layer, config)
@@ -163,8 +173,8 @@ def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsCon
         if path.is_file():
             return load_file(str(path))["mom2"]
         source = (f"{config.n_tokens:,} tokens of {Path(config.corpus).name}" if config.corpus else
-                  f"{config.n_tokens:,} tokens the model samples itself (slow: about 1.5 min for SmolLM2 on 2 CPU "
-                  "cores; --corpus FILE with plain text or JSONL is faster)")
+                  f"{config.n_tokens:,} tokens the model samples itself (slow: --corpus FILE with plain text or JSONL "
+                  "is faster)")
         log.info("Computing key statistics for %s from %s, once: they are cached in %s for every later edit.",
                  spec.mlp_out_name(layer), source, path.parent)
         with adapters_disabled(model):  # statistics of the base model, also while packs are applied

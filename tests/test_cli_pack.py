@@ -21,11 +21,8 @@ def run(*args):
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+def model_dir(tiny_dir):
+    return tiny_dir
 
 
 @pytest.fixture
