@@ -2,12 +2,15 @@
 
 A pack lives in a model repository; each version is one commit holding the pack's files, tagged ``v<version>``.
 Everything goes through ``huggingface_hub`` (``HfApi.create_repo``/``create_commit``/``create_tag``,
-``snapshot_download`` and its cache), so authentication, endpoints and offline mode follow it:
+``list_repo_tree``, ``hf_hub_download`` and its cache), so authentication, endpoints and offline mode follow it:
 
 - the token comes from ``token=``, ``HF_TOKEN`` or the login cache (``hf auth login``); editpack never prints,
   logs or stores it;
 - the endpoint comes from ``endpoint=`` or ``HF_ENDPOINT`` (read at call time);
 - with ``HF_HUB_OFFLINE=1``, versions already pulled are served from the Hugging Face cache.
+
+A pull reads the manifest first and then downloads only the files it lists (plain names, regular files in the
+repository, each under a size cap); nothing else in a repository is fetched or read.
 
 A tag is immutable: pushing a version that exists with other content is refused, pushing the same content again
 does nothing. The tag is created only after the commit succeeded, so a failed push leaves no version behind, and

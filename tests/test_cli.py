@@ -35,3 +35,30 @@ def test_generate_answers_paris(smollm2):
     result = run("generate", "--max-new-tokens", "4", "The capital of France is")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("The capital of France is Paris")
+
+
+def test_commands_print_only_editpacks_own_lines(tiny_dir, tmp_path):
+    """edit, generate, apply and eval in fresh processes: no library warning reaches the terminal (--verbose shows
+    them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EDITPACK_HOME=str(tmp_path / "home"))
+    settings = ["--set", "mom2_adjustment=false", "--set", "context_template_lengths=[[3,2]]", "--set",
+                "clamp_norm_factor=10000", "--set", "v_weight_decay=0"]
+    commands = [
+        ["edit", "--model", str(tiny_dir), "--prompt", "the famous eiffel tower", "--subject", "eiffel tower",
+         "--target", "rome", "--layers", "1", *settings, "-o", str(tmp_path / "p")],
+        ["generate", "--model", str(tiny_dir), "--pack", str(tmp_path / "p"), "--compare", "--max-new-tokens", "2",
+         "the famous eiffel tower"],
+        ["apply", "--model", str(tiny_dir), str(tmp_path / "p"), "-o", str(tmp_path / "merged")],
+        ["eval", str(tmp_path / "p"), "--model", str(tiny_dir), "--protocol", "prob_compare"],
+    ]
+    noise = ("Warning", "warn", "deprecated", "kernels-community", "Writing model shards", "Loading weights")
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "editpack.cli.main", *args], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        lines = [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in noise)]
+        assert not lines, f"editpack {args[0]} printed library noise: {lines}"
