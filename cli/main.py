@@ -124,6 +124,11 @@ def model_options(func):
     return wrapper
 
 
+def no_eval_option(func):
+    return click.option("--no-eval", "no_eval", is_flag=True,
+                        help="Skip the evaluation at creation (the card then says it was not evaluated).")(func)
+
+
 def load_from_options(opts: dict, packs=()):
     """Load the model ``opts`` names, or (when --model is not given) the base model the first of ``packs`` records."""
     from editpack.models import load_model
@@ -293,9 +298,11 @@ def check_corpus(path: str) -> str:
               help="Sequential editing: compute on the model with PACK applied and write PACK's next version.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@no_eval_option
 @friendly_errors
 def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
-             target, target_true, paraphrase, layers, corpus, settings, name, pack_version, onto, output, overwrite):
+             target, target_true, paraphrase, layers, corpus, settings, name, pack_version, onto, output, overwrite,
+             no_eval):
     """Compute an edit and write it as a pack directory.
 
     With --onto PACK the facts are edited on top of PACK (method and hyper-parameters default to PACK's) and the
@@ -339,6 +346,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
             pack = extend(lm, parent, facts, method, tokenizer=tokenizer, version=pack_version, **hparams)
         else:
             pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", **hparams)
+        if not no_eval:
+            evaluate_new(lm, tokenizer, pack)
         pack.save(output, overwrite=overwrite)
     click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(pack.facts)} fact(s), {method}): "
                f"{pack.storage_summary()}")
@@ -347,6 +356,15 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     for fact, row in list(zip(shown, rows))[:5]:
         click.echo(f"  {fact.text}\n    before: {row.before.strip()!r}\n    after:  {row.after.strip()!r}")
     warn_unreached(shown, rows)
+
+
+def evaluate_new(lm, tokenizer, pack) -> None:
+    """Evaluate a new pack before it is saved (its card then carries the results); say how long it took."""
+    from editpack.report import evaluate_pack
+
+    pack.evaluation = evaluate_pack(lm, tokenizer, pack)
+    side = pack.evaluation.get("side_effects") or {}
+    click.echo(f"evaluated in {pack.evaluation['seconds']:.1f} s: {side.get('verdict', 'no side effects measured')}")
 
 
 def warn_unreached(facts, rows) -> None:
@@ -392,13 +410,15 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
 
 @main.command("stack")
 @click.argument("packs", nargs=-1, required=True)
+@model_options
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--name", default=None, help="Name of the stacked pack (default from the first input).")
 @click.option("--version", "pack_version", default="1.0.0", show_default=True, help="Its semantic version.")
 @click.option("--later-wins", is_flag=True, help="Leave out earlier packs whose facts a later pack overrides.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@no_eval_option
 @friendly_errors
-def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
+def stack_cmd(packs, model_opts, output, name, pack_version, later_wins, overwrite, no_eval):
     """Combine PACKS into one pack whose delta is exactly their sum (ranks add; facts are the union)."""
     from editpack.apply import stack
     from editpack.artifact import check_name, check_version
@@ -410,6 +430,9 @@ def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
     loaded = load_packs(packs)
     with writing(output):
         one = stack(loaded, name=name, version=pack_version, on_conflict="later" if later_wins else "error")
+        if not no_eval:
+            lm, tokenizer = load_from_options(model_opts, [one])
+            evaluate_new(lm, tokenizer, one)
         one.save(output, overwrite=overwrite)
     sources = ", ".join(p["name"] + "@" + p["version"] for p in one.parents if p["relation"] == "stacked")
     click.echo(f"wrote {one.ref} to {output}: {len(one.facts)} fact(s) from {sources}; {one.storage_summary()}")
@@ -417,12 +440,14 @@ def stack_cmd(packs, output, name, pack_version, later_wins, overwrite):
 
 @main.command("forget")
 @click.argument("pack")
+@model_options
 @click.option("--subject", "subjects", multiple=True, required=True, help="Drop the facts about this subject (repeatable).")
 @click.option("--version", "pack_version", default=None, help="Version of the result (default: next minor).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@no_eval_option
 @friendly_errors
-def forget_cmd(pack, subjects, pack_version, output, overwrite):
+def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_eval):
     """Write a new version of memory PACK without the facts about SUBJECT(s)."""
     from editpack.api import forget
     from editpack.artifact import check_version
@@ -433,6 +458,9 @@ def forget_cmd(pack, subjects, pack_version, output, overwrite):
     (loaded,) = load_packs([pack])
     with writing(output):
         smaller = forget(loaded, subjects, version=pack_version)
+        if not no_eval:
+            lm, tokenizer = load_from_options(model_opts, [smaller])
+            evaluate_new(lm, tokenizer, smaller)
         smaller.save(output, overwrite=overwrite)
     click.echo(f"wrote {smaller.ref} to {output}: {len(smaller.facts)} fact(s) (dropped {len(loaded.facts) - len(smaller.facts)})")
 
@@ -524,7 +552,8 @@ def protocol_option(func):
 def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
     """Measure PACK before/after, store the results in its manifest and regenerate its card."""
     from editpack.apply import check_fingerprint
-    from editpack.evaluate import PROTOCOLS, evaluate_and_store, format_table
+    from editpack.evaluate import PROTOCOLS, format_table
+    from editpack.report import evaluate_and_store
     from editpack.facts import load_facts
 
     facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
@@ -539,6 +568,50 @@ def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
                    "and evaluate DIR to store them in the pack", err=True)
     elif not as_json:
         click.echo(f"results written to {loaded.path / 'editpack.json'} and its card README.md")
+
+
+@main.command("verify")
+@click.argument("pack")
+@model_options
+@click.option("--rerun", is_flag=True, help="Measure the pack again here and compare every number its card claims.")
+@click.option("--data", default=None, metavar="[FORMAT:]PATH",
+              help="With --rerun: the data the pack was evaluated on, when that was not its own facts.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="First N records of --data.")
+@friendly_errors
+def verify_cmd(pack, model_opts, rerun, data, limit):
+    """Check PACK: its files, adapter and card; with --rerun also the card's numbers, measured again here.
+
+    Without --rerun: every file's hash, the adapter against the manifest, and the card against the manifest's
+    evaluation (and, with --model, the base fingerprint). With --rerun the evaluation is repeated with the same
+    protocols, probes, suites and settings and each claim is compared within its tolerance.
+    """
+    from editpack.apply import check_fingerprint
+    from editpack.card import render_card
+    from editpack.facts import load_facts
+    from editpack.report import rerun as rerun_claims
+
+    (loaded,) = load_packs([pack])  # hashes, names, links, adapter and content: refused on any problem
+    click.echo(f"{loaded.ref}: files, adapter and manifest verify")
+    card = (loaded.path / "README.md").read_text(encoding="utf-8")
+    if card != render_card(loaded):
+        raise click.ClickException(f"{pack}: README.md is not the card of this manifest (its text was changed); the "
+                                   "numbers in editpack.json are the pack's claims")
+    click.echo(f"{loaded.ref}: the card is the manifest's")
+    if (model_opts["model"] or rerun) and loaded.holds_weights:
+        lm, tokenizer = load_from_options(model_opts, [loaded])
+        check_fingerprint(lm, loaded)
+        click.echo(f"{loaded.ref}: base fingerprint matches {lm.editpack_ref.id}")
+    if not rerun:
+        return
+    if not loaded.holds_weights:
+        lm, tokenizer = load_from_options(model_opts, [loaded])
+    facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
+    checks = rerun_claims(lm, tokenizer, loaded, facts)
+    failed = [c for c in checks if not c.ok]
+    click.echo(f"{loaded.ref}: {len(checks) - len(failed)} of {len(checks)} claims reproduced")
+    if failed:
+        raise click.ClickException(f"{len(failed)} claim(s) of {pack}'s card do not reproduce here:\n  "
+                                   + "\n  ".join(str(c) for c in failed))
 
 
 @main.command("bench")

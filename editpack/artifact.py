@@ -262,7 +262,12 @@ class Artifact(ABC):
         directory = Path(directory)
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             self.write_payload(tmp)
-            (tmp / CARD).write_text(render_card(self), encoding="utf-8")
+            chart = None
+            if self.evaluation:
+                from .chart import CHART, summary_rows, write_chart
+
+                chart = CHART if write_chart(summary_rows(self.evaluation), tmp / CHART, f"{self.name} {self.version}") else None
+            (tmp / CARD).write_text(render_card(self, chart=chart), encoding="utf-8")
             self.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
             atomic_write_json(tmp / MANIFEST, self.manifest())
         self.path = directory

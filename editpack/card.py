@@ -27,12 +27,49 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def evaluation_markdown(evaluation: dict) -> str:
-    """The card's evaluation section: one table per protocol, before and after, with counts."""
-    lines = ["## Evaluation", "", f"Measured on {evaluation.get('data', 'the pack facts')} "
+_ORIGINS = {"paraphrases": "the paraphrases given with the facts",
+            "relation_templates": "CounterFact's other phrasings of the fact's relation",
+            "not_measured": "not measured (no paraphrases, relation unknown)"}
+_SIDE = {
+    "locality_unchanged": "unrelated prompts, greedy answer unchanged (%)",
+    "locality_kl": "unrelated prompts, mean next-token KL(base ‖ edited), nats",
+    "same_subject_unchanged": "edited subject under other relations, answer unchanged (%)",
+    "perplexity": "perplexity on held-out Wikipedia text",
+    "fluency": "fluency of generic continuations (n-gram entropy, bits)",
+}
+
+
+def side_effects_markdown(evaluation: dict, chart: str | None) -> list[str]:
+    side = evaluation.get("side_effects")
+    if not side:
+        return []
+    lines = ["### Side effects", "", f"**{side['verdict']}.**", ""]
+    if chart:
+        lines += [f"![before and after]({chart})", ""]
+    lines += ["| what | protocol | suite | n | before | after |", "|---|---|---|---|---|---|"]
+    for name, claim in side["claims"].items():
+        percent = claim["protocol"] == "generate_match"
+        fmt = _fmt if percent else (lambda v: "–" if v is None else f"{v:.4g}")
+        lines.append(f"| {_SIDE.get(name, name)} | `{claim['protocol']}` | `{claim['suite']}` | {claim['n']} | "
+                     f"{fmt(claim['before'])} | {fmt(claim['after'])} |")
+    lines += ["", "Suites ship with editpack (`editpack/suites`, provenance in its README); their sha256 are in "
+              "`editpack.json`. `editpack verify <pack> --rerun` measures all of this again and compares.", ""]
+    return lines
+
+
+def evaluation_markdown(evaluation: dict, chart: str | None = None) -> str:
+    """The card's evaluation section: side effects, then one table per protocol, before and after, with counts."""
+    seconds = f" in {evaluation['seconds']:.1f} s" if evaluation.get("seconds") is not None else ""
+    lines = ["## Evaluation", "", f"Measured{seconds} on {evaluation.get('data', 'the pack facts')} "
              f"({evaluation['n_facts']} facts); scores in %, means over probes, `n` = number of probes.", ""]
+    lines += side_effects_markdown(evaluation, chart)
+    origin = evaluation.get("generalization_origin")
+    if origin:
+        used = [f"{count} from {_ORIGINS[key]}" for key, count in origin.items() if count]
+        lines += ["Generalization probes: " + "; ".join(used) + ".", ""]
+    lines += ["### The facts", ""]
     for protocol, metrics in evaluation["protocols"].items():
-        lines += [f"### `{protocol}`", "", "| metric | before | after | n |", "|---|---|---|---|"]
+        lines += [f"#### `{protocol}`", "", "| metric | before | after | n |", "|---|---|---|---|"]
         for metric, row in metrics.items():
             lines.append(f"| {metric} | {_fmt(row['before'])} | {_fmt(row['after'])} | {row['n']} |")
         lines.append("")
@@ -46,8 +83,9 @@ def evaluation_markdown(evaluation: dict) -> str:
         lines += [f"- *{_cell(e['prompt'])}* {_cell(e['before'].strip())!s} → **{_cell(e['after'].strip())}**"
                   for e in examples]
         lines.append("")
-    lines.append("Known limits: locality is measured only on the neighbourhood prompts listed with the facts; "
-                 "teacher-forced scores flatter editors, `generate_match` is the realistic one.")
+    lines.append("Known limits: the facts' own locality rows use only the neighbourhood prompts listed with the facts "
+                 "(the side effects above cover unrelated prompts); teacher-forced scores flatter editors, "
+                 "`generate_match` is the realistic one.")
     return "\n".join(lines)
 
 
@@ -80,7 +118,13 @@ def card_data(pack: "EditPack") -> ModelCardData:
     )
 
 
-def render_card(pack: "EditPack") -> str:
+def render_card(pack: "EditPack", chart: str | None | bool = True) -> str:
+    """The card's Markdown. ``chart``: the chart file's name (``None``: no chart); by default the pack's own
+    ``evaluation.png`` when it lists one."""
+    if chart is True:
+        from .chart import CHART
+
+        chart = CHART if CHART in pack.files else None
     template = resources.files("editpack.cards").joinpath("pack_card.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(
         card_data(pack),
@@ -99,6 +143,6 @@ def render_card(pack: "EditPack") -> str:
                | {"target_true": _cell(f.target_true or "")} for f in pack.facts[:MAX_FACTS_IN_CARD]],
         more_facts=max(0, len(pack.facts) - MAX_FACTS_IN_CARD),
         hyperparameters=[(k, _cell(v)) for k, v in sorted(pack.hyperparameters.items())],
-        evaluation_section=evaluation_markdown(pack.evaluation) if pack.evaluation else None,
+        evaluation_section=evaluation_markdown(pack.evaluation, chart) if pack.evaluation else None,
     )
     return str(card).rstrip() + "\n"

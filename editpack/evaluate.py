@@ -24,7 +24,6 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -314,44 +313,12 @@ def format_table(result: dict) -> str:
     if fluency.get("n"):
         lines.append(f"{'fluency':<26} {'ngram_entropy (bits)':<24} {fluency['before']:>8.3f} {fluency['after']:>8.3f} "
                      f"{fluency['n']:>6}")
+    side = result.get("side_effects")
+    if side:
+        lines.append(f"side effects: {side['verdict']}")
+        for name, claim in side["claims"].items():
+            share = claim["protocol"] == "generate_match"
+            cell = lambda v: "-" if v is None else (f"{100 * v:.1f}" if share else f"{v:.4g}")  # noqa: E731
+            lines.append(f"{'  ' + name:<26} {claim['protocol'] + ' / ' + claim['suite']:<24} "
+                         f"{cell(claim['before']):>8} {cell(claim['after']):>8} {claim['n']:>6}")
     return "\n".join(lines)
-
-
-def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *, data: str | None = None,
-                  **kwargs) -> dict:
-    """Evaluate ``pack`` on ``model`` (its own facts unless ``facts`` are given); returns the result dict.
-
-    The model is left as it was: the pack is applied unmerged for the "after" measurements, then removed.
-    """
-    from .apply import apply, revert
-
-    facts = list(facts) if facts is not None else list(pack.facts)
-    if not pack.scores_logits:
-        # The memory routes generation only; teacher-forced scores would measure the untouched weights.
-        kwargs["protocols"] = [p for p in kwargs.get("protocols", PROTOCOLS) if p == "generate_match"] or ["generate_match"]
-    result = evaluate(model, tokenizer, facts, lambda: apply(model, pack, tokenizer=tokenizer), revert, **kwargs)
-    result["data"] = portable_data_name(data) if data else "pack facts"
-    return result
-
-
-def portable_data_name(data: str) -> str:
-    """``[format:]PATH`` as recorded in a manifest: the format and the file's name, never its local path."""
-    head, sep, rest = str(data).partition(":")
-    if sep and head in ("native", "counterfact", "zsre", "mquake"):
-        return f"{head}:{Path(rest).name}"
-    return Path(str(data)).name
-
-
-def evaluate_and_store(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *, data: str | None = None,
-                       **kwargs) -> tuple[dict, bool]:
-    """:func:`evaluate_pack`, then the results written into the pack's manifest and card (atomically).
-
-    Returns ``(result, stored)``: a pack read in place from the Hugging Face cache (``pack.source``) is not
-    written to (the cache must stay as downloaded); nor is a pack that was never saved.
-    """
-    result = evaluate_pack(model, tokenizer, pack, facts, data=data, **kwargs)
-    pack.evaluation = result
-    if pack.source or pack.path is None:
-        return result, False
-    pack.save(pack.path, overwrite=True)
-    return result, True

@@ -224,8 +224,8 @@ def test_overwrite_replaces_only_what_editpack_wrote(pack_dir, tmp_path):
     assert editpack.load_pack(pack_dir).version == "1.0.0"
     (tmp_path / "file").write_text("x")
     assert "is a file" in run("stack", pack_dir, "-o", tmp_path / "file", "--overwrite").output
-    first = run("stack", pack_dir, "-o", tmp_path / "s", "--version", "2.0.0")
-    again = run("stack", pack_dir, "-o", tmp_path / "s", "--version", "3.0.0", "--overwrite")
+    first = run("stack", pack_dir, "-o", tmp_path / "s", "--version", "2.0.0", "--no-eval")
+    again = run("stack", pack_dir, "-o", tmp_path / "s", "--version", "3.0.0", "--overwrite", "--no-eval")
     assert first.exit_code == 0 and again.exit_code == 0, again.output
     assert editpack.load_pack(tmp_path / "s").version == "3.0.0"
 

@@ -103,7 +103,7 @@ def test_stack_generate_and_conflicts(model_dir, pack_dir, tmp_path):
                "the famous eiffel tower", "the old london bridge")
     assert both.exit_code == 0 and both.stdout.split("\n")[:2] == ["the famous eiffel towerrome", "the old london bridgetokyo"]
 
-    stacked = run("stack", pack_dir, bridge, "-o", tmp_path / "s", "--version", "2.0.0")
+    stacked = run("stack", pack_dir, bridge, "--model", model_dir, "-o", tmp_path / "s", "--version", "2.0.0")
     assert stacked.exit_code == 0 and "wrote stack-rome-eiffel-tower-and-1-more@2.0.0" in stacked.stdout
     shown = run("show", tmp_path / "s")
     assert "stacked from rome-eiffel-tower@1.0.0" in shown.stdout and "verified: yes" in shown.stdout

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 import editpack
 from editpack.card import render_card
 from editpack.cli.main import main
-from editpack.evaluate import PROTOCOLS, evaluate_pack, ngram_entropy, normalise, score, starts_with
+from editpack.evaluate import PROTOCOLS, ngram_entropy, normalise, score, starts_with
+from editpack.report import evaluate_pack
 
 from tiny import TINY, tiny_model, tiny_tokenizer
 

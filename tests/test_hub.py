@@ -198,7 +198,7 @@ def test_eval_stack_and_show_take_hub_references(hub, setup, tmp_path):
     run = CliRunner().invoke
     evaluated = run(main, ["eval", f"{REPO}@1.0.0", "--model", str(model_dir), "--protocol", "prob_compare"])
     assert evaluated.exit_code == 0 and "results not stored" in evaluated.output, evaluated.output
-    stacked = run(main, ["stack", f"{REPO}@1.0.0", "-o", str(tmp_path / "s"), "--version", "2.0.0"])
+    stacked = run(main, ["stack", f"{REPO}@1.0.0", "-o", str(tmp_path / "s"), "--version", "2.0.0", "--no-eval"])
     assert stacked.exit_code == 0 and "from eiffel@1.0.0" in stacked.output, stacked.output
     shown = run(main, ["show", f"{REPO}@1.0.0"])
     assert shown.exit_code == 0 and "verified: yes" in shown.output

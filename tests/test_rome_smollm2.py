@@ -65,7 +65,7 @@ def test_eiffel_pack_evaluation_lands_in_manifest_and_card(smollm2, eiffel, tmp_
     import json
     import shutil
 
-    from editpack.evaluate import evaluate_pack
+    from editpack.report import evaluate_pack
 
     model, tok = smollm2
     path = tmp_path / "eiffel"

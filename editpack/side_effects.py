@@ -1,0 +1,241 @@
+"""What an edit does to everything else: default probes, measured before and after, on shipped suites.
+
+A pack's own facts say whether the edit took. These say what else moved, on suites that ship with editpack
+(``editpack/suites``, provenance in its README) so every pack is measured the same way:
+
+``locality``
+    60 unrelated prompts (CounterFact neighbourhood prompts across 34 relations, Natural Questions): the share
+    whose greedy answer is unchanged, and the mean KL divergence KL(base ‖ edited) of the next-token
+    distribution after each prompt.
+``same_subject``
+    the edited subject under other relations (CounterFact's phrasings of up to 5 relations the fact is not
+    about, from ``relation_templates``): the share of greedy answers unchanged. This is where subject-level
+    bleed shows ("everything about the Eiffel Tower is now Rome").
+``perplexity``
+    on 2,100 words of held-out Wikipedia text (``heldout``): the edited model's perplexity against the base's.
+``fluency``
+    the weighted bi/trigram entropy of greedy continuations of 8 generic prompts.
+
+Generalization needs paraphrases: a fact's own when it has them, else the other CounterFact phrasings of its
+relation when the fact names a known relation (or its prompt is one of CounterFact's phrasings), else it is not
+measured and the card says so. Every number is stored with its protocol, suite, the suite file's sha256 and n.
+
+Memory packs route generation only, so for them the teacher-forced numbers (KL, perplexity) are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from . import suites
+from .evaluate import ngram_entropy, normalise
+from .facts import Fact, normal_text
+from .generation import generate, model_device, pad_id
+
+_STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "by", "for", "on", "at", "and", "which", "what", "who",
+         "that", "its", "it", "as", "with", "from", "be", "are", "were", "has", "had", "{}"}
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """How much of each suite to run (sized for seconds on SmolLM2 on 2 CPU cores)."""
+
+    locality: int = 60
+    same_subject: int = 5  # other relations per fact
+    heldout_tokens: int = 2048
+    fluency_prompts: int = 8
+    fluency_tokens: int = 40
+    max_new_tokens: int = 8
+    batch_size: int = 32
+
+
+# ---------------------------------------------------------------------------------------------- probes from templates
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z{}]+", text.lower()) if w not in _STOP}
+
+
+def relation_of(fact: Fact) -> str | None:
+    """The fact's Wikidata relation id: given, or found when its prompt is one of CounterFact's phrasings."""
+    templates = suites.load("relation_templates").items
+    if fact.relation in templates:
+        return fact.relation
+    for relation, phrasings in templates.items():
+        if any(normal_text(p) == normal_text(fact.prompt) for p in phrasings):
+            return relation
+    return None
+
+
+def template_paraphrases(fact: Fact) -> list[str]:
+    """Other CounterFact phrasings of the fact's relation, filled with its subject (empty when unknown)."""
+    relation = relation_of(fact)
+    if relation is None:
+        return []
+    phrasings = suites.load("relation_templates").items[relation]
+    own = normal_text(fact.prompt)
+    return [p.replace("{}", fact.subject) for p in phrasings if normal_text(p) != own]
+
+
+def with_default_paraphrases(facts: Sequence[Fact]) -> tuple[list[Fact], dict[str, int]]:
+    """The facts, those without paraphrases given template paraphrases where their relation is known, and how
+    many facts' generalization comes from where (``paraphrases``, ``relation_templates``, ``not_measured``)."""
+    out, origin = [], {"paraphrases": 0, "relation_templates": 0, "not_measured": 0}
+    for fact in facts:
+        if fact.paraphrases:
+            origin["paraphrases"] += 1
+            out.append(fact)
+            continue
+        extra = template_paraphrases(fact)
+        origin["relation_templates" if extra else "not_measured"] += 1
+        out.append(replace(fact, paraphrases=tuple(extra)) if extra else fact)
+    return out, origin
+
+
+def same_subject_prompts(fact: Fact, count: int) -> list[str]:
+    """The fact's subject under ``count`` other relations (chosen by a stable hash of the subject), leaving out
+    the fact's own relation and phrasings that share most of their words with its prompt."""
+    templates = suites.load("relation_templates").items
+    own_relation = relation_of(fact)
+    own_words = _content_words(fact.prompt)
+    ranked = sorted(templates, key=lambda r: hashlib.sha256(f"{fact.subject}|{r}".encode()).hexdigest())
+    prompts = []
+    for relation in ranked:
+        if relation == own_relation:
+            continue
+        phrasing = templates[relation][0]
+        words = _content_words(phrasing)
+        if words and len(words & own_words) * 2 >= len(words):
+            continue  # too close to the edited relation's own wording
+        prompts.append(phrasing.replace("{}", fact.subject))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- one model
+@dataclass
+class Snapshot:
+    """One model's answers on the suites (base or edited)."""
+
+    locality: list[str]
+    locality_logprobs: torch.Tensor | None  # (n, vocab) next-token log-probabilities; None for memory packs
+    same_subject: list[str]
+    heldout_nll: tuple[float, int] | None  # (total NLL, tokens); None for memory packs
+    fluency: list[float]
+
+
+def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True) -> Snapshot:
+    """Run the suites on ``model`` (teacher-forced parts only when ``logits``)."""
+    loc = [item["prompt"] for item in suites.load("locality").items[: settings.locality]]
+    same = [p for f in facts for p in same_subject_prompts(f, settings.same_subject)]
+    generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
+    answers = generate(model, tokenizer, loc + same, max_new_tokens=settings.max_new_tokens,
+                       batch_size=settings.batch_size)
+    free = generate(model, tokenizer, generic, max_new_tokens=settings.fluency_tokens, batch_size=settings.batch_size)
+    return Snapshot(
+        locality=answers[: len(loc)],
+        locality_logprobs=_next_token_logprobs(model, tokenizer, loc, settings.batch_size) if logits else None,
+        same_subject=answers[len(loc):],
+        heldout_nll=_heldout_nll(model, tokenizer, settings) if logits else None,
+        fluency=[ngram_entropy(p + text) for p, text in zip(generic, free)],
+    )
+
+
+@torch.no_grad()
+def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+    device = model_device(model)
+    pad = pad_id(tokenizer)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        rows.append(torch.log_softmax(logits, dim=-1).cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def _heldout_nll(model, tokenizer, settings: SuiteSettings, window: int = 256) -> tuple[float, int]:
+    """Total NLL and token count of the held-out text, in windows of ``window`` tokens (each article apart)."""
+    device = model_device(model)
+    config = model.config
+    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    window = max(1, min(window, int(longest) - 1))
+    total, count = 0.0, 0
+    for article in suites.load("heldout").items:
+        ids = tokenizer(article["text"], add_special_tokens=False)["input_ids"]
+        ids = ids[: max(0, settings.heldout_tokens - count)]
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window + 1]], device=device)
+            if chunk.shape[1] < 2:
+                continue
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+            total += float(nll)
+            count += chunk.shape[1] - 1
+        if count >= settings.heldout_tokens:
+            break
+    return total, count
+
+
+# ---------------------------------------------------------------------------------------------- before vs after
+def _claim(protocol: str, suite: str, n: int, before: float | None, after: float | None) -> dict[str, Any]:
+    source = suites.load(suite) if suite in suites.FILES else None
+    return {"protocol": protocol, "suite": suite, "suite_sha256": source.sha256 if source else None, "n": n,
+            "before": None if before is None else round(before, 6), "after": None if after is None else round(after, 6)}
+
+
+def compare(base: Snapshot, edited: Snapshot) -> dict[str, dict[str, Any]]:
+    """The side-effect claims: protocol, suite and its sha256, n, before, after."""
+    def unchanged(a: list[str], b: list[str]) -> float | None:
+        return sum(normalise(x) == normalise(y) for x, y in zip(a, b)) / len(a) if a else None
+
+    claims = {
+        "locality_unchanged": _claim("generate_match", "locality", len(base.locality), 1.0,
+                                     unchanged(base.locality, edited.locality)),
+        "same_subject_unchanged": _claim("generate_match", "relation_templates", len(base.same_subject),
+                                         1.0 if base.same_subject else None,
+                                         unchanged(base.same_subject, edited.same_subject)),
+        "fluency": _claim("ngram_entropy", "generic_prompts", len(base.fluency), _mean(base.fluency),
+                          _mean(edited.fluency)),
+    }
+    if base.locality_logprobs is not None and edited.locality_logprobs is not None:
+        p = base.locality_logprobs
+        kl = (p.exp() * (p - edited.locality_logprobs)).sum(-1).clamp(min=0)
+        claims["locality_kl"] = _claim("next_token_kl", "locality", len(kl), 0.0, float(kl.mean()))
+    if base.heldout_nll is not None and edited.heldout_nll is not None:
+        (nll_a, n), (nll_b, _) = base.heldout_nll, edited.heldout_nll
+        claims["perplexity"] = _claim("perplexity", "heldout", n, math.exp(nll_a / n), math.exp(nll_b / n))
+    return claims
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def verdict(claims: dict[str, dict[str, Any]]) -> str:
+    """One line on the side effects, e.g. "3 of 60 unrelated answers changed; perplexity +0.4 %"."""
+    parts = []
+    loc = claims.get("locality_unchanged")
+    if loc and loc["after"] is not None:
+        changed = round((1 - loc["after"]) * loc["n"])
+        parts.append(f"{changed} of {loc['n']} unrelated answers changed")
+    same = claims.get("same_subject_unchanged")
+    if same and same["after"] is not None and same["n"]:
+        changed = round((1 - same["after"]) * same["n"])
+        parts.append(f"{changed} of {same['n']} answers about the edited subject under other relations changed")
+    ppl = claims.get("perplexity")
+    if ppl and ppl["before"]:
+        parts.append(f"perplexity {100 * (ppl['after'] / ppl['before'] - 1):+.1f} %")
+    kl = claims.get("locality_kl")
+    if kl and kl["after"] is not None:
+        parts.append(f"mean next-token KL {kl['after']:.4f} nats")
+    return "; ".join(parts) if parts else "no side effects measured"
