@@ -11,6 +11,7 @@ Public API (see the README):
 - :func:`pipeline` — a transformers text-generation pipeline over an edited model.
 - :func:`push` / :func:`pull` / :func:`versions` — packs on the Hugging Face Hub, by version.
 - :func:`generate` — batched greedy continuations.
+- :func:`evaluate_pack` — a pack's facts under three protocols and its side effects on shipped suites.
 - :mod:`editpack.arch` — architecture specs (data files, one per model family).
 - :mod:`editpack.nethook` — read and patch module inputs/outputs during a forward pass.
 """
@@ -28,6 +29,7 @@ from .memory import MemoryPack
 from .models import DEFAULT_MODEL, load_model
 from .pack import EditPack
 from .pipelines import pipeline
+from .report import evaluate_pack
 
 __all__ = [
     "__version__",
@@ -43,6 +45,7 @@ __all__ = [
     "applied",
     "apply",
     "edit",
+    "evaluate_pack",
     "extend",
     "generate",
     "load_facts",

@@ -9,6 +9,7 @@ and the blocks up to the layer), the module, the corpus content and the token co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from .arch import ArchSpec
 from .errors import EditpackError
 from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, pad_id, sample_from_start
-from .nethook import Trace
+from .nethook import TraceDict
 from .paths import cache_dir
 
 
@@ -70,15 +71,62 @@ def _corpus_chunks(tokenizer, path: Path, max_length: int) -> Iterator[list[int]
                 yield chunk
 
 
-def _sampled_chunks(model, tokenizer, config: StatsConfig) -> Iterator[list[int]]:
-    """Token chunks the model samples from its start token (seeded; the global RNG is left untouched)."""
-    batch = max(config.batch_size, 64)  # sampling is step-bound: wide batches give most tokens per second
-    round_ = 0
-    while True:
-        out = sample_from_start(model, tokenizer, batch, min(config.max_length, 128), top_k=50,
-                                seed=config.seed + round_)
-        yield from out.tolist()
-        round_ += 1
+SAMPLE_BATCH = 64  # sampling is step-bound: wide batches give most tokens per second
+SAMPLE_LENGTH = 128
+SAMPLE_TOP_K = 50
+
+
+def _sample_path(model, spec: ArchSpec, config: StatsConfig) -> Path:
+    """Where the model's own samples for ``config.seed`` are kept: keyed by the weights that decide them at the
+    ends of the model (input embedding, final norm, output head), its depth and the sampling settings."""
+    key = {
+        "weights": parameters_fingerprint(model, [spec.embed + ".", spec.final_norm + ".", spec.lm_head + "."]),
+        "model_type": model.config.model_type,
+        "layers": spec.num_layers(model),
+        "seed": config.seed, "batch": SAMPLE_BATCH, "length": min(config.max_length, SAMPLE_LENGTH),
+        "top_k": SAMPLE_TOP_K,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir("samples") / f"{digest}.safetensors"
+
+
+def sampled_rows(model, tokenizer, spec: ArchSpec, config: StatsConfig) -> list[list[int]]:
+    """At least ``config.n_tokens`` tokens the model samples from its start token, in rows.
+
+    Sampling is seeded per round of 64 rows (the global RNG is left untouched) and the rows are kept as token
+    ids under ``$EDITPACK_HOME/samples``: every layer and every later request reuses them, and a request for more
+    tokens samples only the rounds that are missing.
+    """
+    path = _sample_path(model, spec, config)
+    with waiting_lock(path, "the model's own sample text"):
+        rows: list[list[int]] = []
+        if path.is_file():
+            stored = load_file(str(path))
+            rows = [r[: int(n)] for r, n in zip(stored["ids"].tolist(), stored["lengths"].tolist())]
+        have = sum(map(len, rows))
+        rounds = len(rows) // SAMPLE_BATCH
+        added = False
+        while have < config.n_tokens:
+            with adapters_disabled(model):
+                out = sample_from_start(model, tokenizer, SAMPLE_BATCH, min(config.max_length, SAMPLE_LENGTH),
+                                        top_k=SAMPLE_TOP_K, seed=config.seed + rounds)
+            new = out.tolist()
+            rows.extend(new)
+            have += sum(map(len, new))
+            rounds += 1
+            added = True
+        if added:
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+            lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+            tmp = path.with_name(path.name + ".partial")
+            save_file({"ids": ids, "lengths": lengths}, str(tmp))
+            os.replace(tmp, path)
+    return rows
+
+
+def _sampled_chunks(model, tokenizer, spec: ArchSpec, config: StatsConfig) -> Iterator[list[int]]:
+    yield from sampled_rows(model, tokenizer, spec, config)
 
 
 def _corpus_id(config: StatsConfig) -> str:
@@ -106,36 +154,39 @@ def stats_cache_path(model, spec: ArchSpec, layer: int, config: StatsConfig) -> 
 
 
 @torch.no_grad()
-def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> tuple[torch.Tensor, int]:
-    """``(E[k kᵀ], n)`` over ``config.n_tokens`` key vectors at the input of layer ``layer``'s MLP output."""
-    module = spec.mlp_out_name(layer)
+def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
+                           config: StatsConfig) -> tuple[dict[int, torch.Tensor], int]:
+    """``({layer: E[k kᵀ]}, n)`` over ``config.n_tokens`` key vectors at the input of each layer's MLP output,
+    all layers in one pass: one forward per batch, hooked at every layer, stopped after the deepest."""
+    modules = {layer: spec.mlp_out_name(layer) for layer in sorted(layers)}
     device = model_device(model)
     if config.corpus is not None:
         if not Path(config.corpus).is_file():
-            raise EditpackError(f"the key statistics for {module} from corpus {Path(config.corpus).name} (sha256 "
-                                f"{(config.corpus_sha256 or '?')[:16]}…) are not cached here and the corpus is not at "
-                                "hand; pass it with --corpus (stats_corpus=PATH)")
+            raise EditpackError(f"the key statistics for {', '.join(modules.values())} from corpus "
+                                f"{Path(config.corpus).name} (sha256 {(config.corpus_sha256 or '?')[:16]}…) are not "
+                                "cached here and the corpus is not at hand; pass it with --corpus (stats_corpus=PATH)")
         chunks = _corpus_chunks(tokenizer, Path(config.corpus), config.max_length)
         source = Path(config.corpus).name
     else:
-        chunks = _sampled_chunks(model, tokenizer, config)
+        chunks = _sampled_chunks(model, tokenizer, spec, config)
         source = "model-sampled text"
-    total: torch.Tensor | None = None
+    totals: dict[int, torch.Tensor] = {}
     count = 0
-    bar = tqdm(total=config.n_tokens, desc=f"key statistics {module} ({source})", unit="tok")
+    what = modules[min(modules)] if len(modules) == 1 else f"{len(modules)} layers"
+    bar = tqdm(total=config.n_tokens, desc=f"key statistics {what} ({source})", unit="tok")
     pad = pad_id(tokenizer)
     pending: list[list[int]] = []
 
     def flush(rows: list[list[int]]) -> int:
-        nonlocal total
         width = max(map(len, rows))
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
+        with TraceDict(model, list(modules.values()), retain_input=True, retain_output=False, stop=True) as td:
             model(input_ids=ids, attention_mask=mask)
-        keys = tr.input[mask.bool()].to(torch.float64)
-        total = keys.T @ keys if total is None else total + keys.T @ keys
-        return keys.shape[0]
+        for layer, name in modules.items():
+            keys = td[name].input[mask.bool()].to(torch.float64)
+            totals[layer] = keys.T @ keys if layer not in totals else totals[layer] + keys.T @ keys
+        return int(mask.sum())
 
     started = time.monotonic()
     for chunk in chunks:
@@ -157,30 +208,53 @@ def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: 
             count += added
             bar.update(added)
     bar.close()
-    if total is None or count == 0:
+    if not totals or count == 0:
         raise ValueError(f"statistics corpus {config.corpus} gave no text to compute key statistics from")
-    return (total / count).to(torch.float32), count
+    return {layer: (total / count).to(torch.float32) for layer, total in totals.items()}, count
+
+
+def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> tuple[torch.Tensor, int]:
+    """``(E[k kᵀ], n)`` over ``config.n_tokens`` key vectors at the input of layer ``layer``'s MLP output."""
+    moments, count = compute_second_moments(model, tokenizer, spec, [layer], config)
+    return moments[layer], count
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
-    """Cached :func:`compute_second_moment` (computed under a file lock, written atomically)."""
-    path = stats_cache_path(model, spec, layer, config)
-    with waiting_lock(path, f"key statistics for {spec.mlp_out_name(layer)}"):
-        if path.is_file():
-            return load_file(str(path))["mom2"]
+def second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], config: StatsConfig) -> dict[int, torch.Tensor]:
+    """Cached statistics for ``layers``: those not cached yet are computed together in one pass (under file
+    locks, written atomically), so a method that needs five layers pays for one pass, not five."""
+    layers = sorted(set(layers))
+    paths = {layer: stats_cache_path(model, spec, layer, config) for layer in layers}
+    out: dict[int, torch.Tensor] = {}
+    with contextlib.ExitStack() as locks:
+        for layer in layers:
+            locks.enter_context(waiting_lock(paths[layer], f"key statistics for {spec.mlp_out_name(layer)}"))
+        missing = [layer for layer in layers if not paths[layer].is_file()]
+        for layer in layers:
+            if layer not in missing:
+                out[layer] = load_file(str(paths[layer]))["mom2"]
+        if not missing:
+            return out
         source = (f"{config.n_tokens:,} tokens of {Path(config.corpus).name}" if config.corpus else
-                  f"{config.n_tokens:,} tokens the model samples itself (slow: --corpus FILE with plain text or JSONL "
-                  "is faster)")
-        log.info("Computing key statistics for %s from %s, once: they are cached in %s for every later edit.",
-                 spec.mlp_out_name(layer), source, path.parent)
+                  f"{config.n_tokens:,} tokens the model samples itself (slow the first time, then kept under "
+                  f"{cache_dir('samples')}; --corpus FILE with plain text or JSONL is faster)")
+        log.info("Computing key statistics for %s from %s, once, in one pass: they are cached in %s for every "
+                 "later edit.", ", ".join(spec.mlp_out_name(layer) for layer in missing), source,
+                 paths[missing[0]].parent)
         with adapters_disabled(model):  # statistics of the base model, also while packs are applied
-            mom2, count = compute_second_moment(model, tokenizer, spec, layer, config)
-        tmp = path.with_name(path.name + ".partial")
+            moments, count = compute_second_moments(model, tokenizer, spec, missing, config)
         metadata = {"count": str(count), **{k: str(v) for k, v in asdict(config).items()}}
-        save_file({"mom2": mom2.contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)  # atomic: readers never see a partial file
-    return mom2
+        for layer in missing:
+            tmp = paths[layer].with_name(paths[layer].name + ".partial")
+            save_file({"mom2": moments[layer].contiguous()}, str(tmp), metadata=metadata)
+            os.replace(tmp, paths[layer])  # atomic: readers never see a partial file
+            out[layer] = moments[layer]
+    return out
+
+
+def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
+    """Cached statistics for one layer (see :func:`second_moments`)."""
+    return second_moments(model, tokenizer, spec, [layer], config)[layer]

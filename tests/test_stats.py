@@ -42,8 +42,8 @@ def test_cached_result_is_reused_and_keyed_by_weights(isolated_home, corpus, mon
     config = StatsConfig(corpus=str(corpus), n_tokens=200, batch_size=4)
     first = second_moment(model, tok, spec, 1, config)
     calls = []
-    real = stats.compute_second_moment
-    monkeypatch.setattr(stats, "compute_second_moment", lambda *a: calls.append(1) or real(*a))
+    real = stats.compute_second_moments
+    monkeypatch.setattr(stats, "compute_second_moments", lambda *a: calls.append(1) or real(*a))
     torch.testing.assert_close(second_moment(model, tok, spec, 1, config), first, rtol=0, atol=0)
     assert not calls, "the cached statistics must be read, not recomputed"
     path = stats_cache_path(model, spec, 1, config)
@@ -95,3 +95,41 @@ def test_a_pack_names_its_corpus_portably_and_extends_from_the_cached_statistics
         cached.unlink()  # neither the file nor its statistics: a clear request for the corpus
     with pytest.raises(EditpackError, match="from corpus corpus.jsonl .* are not cached here .* pass it with --corpus"):
         editpack.extend(model, editpack.load_pack(tmp_path / "p"), second)
+
+
+def test_several_layers_in_one_pass_equal_one_layer_at_a_time(isolated_home, corpus, monkeypatch, tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = spec_for(model)
+    config = StatsConfig(corpus=str(corpus), n_tokens=200, batch_size=4)
+    alone = {layer: second_moment(model, tok, spec, layer, config) for layer in (1, 2)}
+    monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "other-home"))  # nothing cached
+    forwards = []
+    hook = model.get_submodule(spec.embed).register_forward_hook(lambda *a: forwards.append(1))
+    together = stats.second_moments(model, tok, spec, [2, 1], config)
+    hook.remove()
+    for layer in (1, 2):
+        torch.testing.assert_close(together[layer], alone[layer], rtol=0, atol=0)
+    batches = -(-len(list(stats._corpus_chunks(tok, corpus, config.max_length))) // config.batch_size)
+    assert len(forwards) <= batches, "one forward per batch for all layers together"
+
+
+def test_model_samples_are_drawn_once_and_reused_by_every_layer(isolated_home, monkeypatch):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = spec_for(model)
+    rounds = []
+    real = stats.sample_from_start
+    monkeypatch.setattr(stats, "sample_from_start", lambda *a, **k: rounds.append(k["seed"]) or real(*a, **k))
+    config = StatsConfig(corpus=None, n_tokens=300, batch_size=16, seed=3)
+    first = second_moment(model, tok, spec, 0, config)
+    assert rounds == [3] and list((isolated_home / "samples").glob("*.safetensors"))
+    second_moment(model, tok, spec, 1, config)  # another layer: the kept samples, no new sampling
+    assert rounds == [3]
+    bigger = StatsConfig(corpus=None, n_tokens=2 * len(stats.sampled_rows(model, tok, spec, config)) * 64 + 1,
+                         batch_size=16, seed=3)
+    rows = stats.sampled_rows(model, tok, spec, bigger)
+    assert rounds[0] == 3 and rounds[1:] == list(range(4, 4 + len(rounds) - 1))  # only the missing rounds
+    assert sum(map(len, rows)) >= bigger.n_tokens
+    for path in (isolated_home / "stats").glob("*.safetensors"):
+        path.unlink()
+    again = second_moment(model, tok, spec, 0, config)  # statistics gone, samples kept: the same numbers
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -21,7 +21,7 @@ from ...arch import ArchSpec
 from ...facts import Fact
 from ..base import EditMethod, register_method
 from ..locate import add_update, applied_updates, frozen, keys, optimize_delta, outputs_at_subject
-from ..rome.method import layer_second_moment, resolve_locate_config
+from ..rome.method import layer_second_moments, resolve_locate_config
 from .config import MEMITConfig
 
 
@@ -37,7 +37,7 @@ class MEMIT(EditMethod):
         cfg = resolve_locate_config(self.config, self, model, tokenizer, spec)
         layers = sorted(cfg.layers)
         cfg.layers = layers
-        mom2 = {layer: layer_second_moment(cfg, model, tokenizer, spec, layer) for layer in layers}
+        mom2 = layer_second_moments(cfg, model, tokenizer, spec, layers)  # missing layers: one pass for all
         block = spec.block_name(layers[-1])
         result = WeightDelta()
         with frozen(model):

@@ -25,7 +25,7 @@ from ...arch import ArchSpec
 from ...errors import EditpackError
 from ...facts import Fact
 from ...generation import model_device
-from ...stats import StatsConfig, second_moment
+from ...stats import StatsConfig, second_moments
 from ..base import EditMethod, register_method
 from ..locate import (
     add_update,
@@ -69,13 +69,14 @@ def resolve_locate_config(cfg, method: EditMethod, model, tokenizer, spec: ArchS
     return cfg
 
 
-def layer_second_moment(cfg, model, tokenizer, spec: ArchSpec, layer: int) -> torch.Tensor | None:
-    """The cached key second moment at ``layer`` (``None`` when ``mom2_adjustment`` is off)."""
+def layer_second_moments(cfg, model, tokenizer, spec: ArchSpec, layers) -> dict[int, torch.Tensor | None]:
+    """The cached key second moments at ``layers``, missing ones computed in one pass (``None`` for each when
+    ``mom2_adjustment`` is off)."""
     if not cfg.mom2_adjustment:
-        return None
+        return {layer: None for layer in layers}
     stats = StatsConfig(corpus=cfg.stats_corpus, corpus_sha256=cfg.stats_corpus_sha256, n_tokens=cfg.stats_tokens,
                         seed=cfg.seed)
-    return second_moment(model, tokenizer, spec, layer, stats)
+    return second_moments(model, tokenizer, spec, list(layers), stats)
 
 
 @register_method
@@ -93,7 +94,7 @@ class ROME(EditMethod):
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
         cfg = self.resolve(model, tokenizer, spec)
         # Statistics come from the unedited model: fetch them all before any weight changes.
-        inv_source = {layer: layer_second_moment(cfg, model, tokenizer, spec, layer) for layer in cfg.layers}
+        inv_source = layer_second_moments(cfg, model, tokenizer, spec, cfg.layers)
         result = WeightDelta()
         with applied_updates(model, spec) as originals, frozen(model), torch.enable_grad():
             for fact in facts:
