@@ -133,3 +133,19 @@ def test_model_samples_are_drawn_once_and_reused_by_every_layer(isolated_home, m
         path.unlink()
     again = second_moment(model, tok, spec, 0, config)  # statistics gone, samples kept: the same numbers
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_key_stats_benchmark_small_mode(tmp_path, monkeypatch):
+    """bench/key_stats.py --small: the benchmark's own code path on a tiny model (numbers are not checked)."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
+    path = Path(__file__).resolve().parents[1] / "bench" / "key_stats.py"
+    spec = importlib.util.spec_from_file_location("key_stats_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--small", "--out", str(tmp_path / "out.json")])
+    assert result["corpus_layer"]["tokens"] >= 3000 and result["ratio_to_floor"] > 0
+    assert result["one_pass"]["layers"] == [0, 1, 2] and result["model_sampled"]["later_layer_seconds"] >= 0
+    assert (tmp_path / "out.json").is_file()

@@ -1,0 +1,139 @@
+"""Key statistics: tokens per second against a plain forward, one pass for five layers, samples kept.
+
+    python bench/key_stats.py [--tokens 1000000] [--layer 5] [--run 3,4,5,6,7] [--sampled 20000] [--small]
+
+In one process, each in a fresh private cache (``EDITPACK_HOME`` is a temporary folder, so nothing is reused by
+accident): corpus statistics for one layer (``--tokens``), and the floor: a plain forward of the same batches
+through the blocks up to that layer; the five layers of a MEMIT run in one pass against one layer alone; and
+statistics from the model's own samples: the first layer (which samples) and a second layer (which reuses the
+kept samples). Prints one JSON object with ratios to the floor (``--out`` also writes it). ``--small`` runs a
+tiny random model on a few thousand tokens (the test suite does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def forward_floor(model, tokenizer, spec, layer: int, config) -> tuple[float, int]:
+    """Seconds and tokens of a plain forward over the same batches, stopped after ``layer``'s block."""
+    from editpack import stats
+    from editpack.generation import pad_id
+    from editpack.nethook import Trace
+
+    pad, rows, count = pad_id(tokenizer), [], 0
+    start = time.perf_counter()
+    for chunk in stats._corpus_chunks(tokenizer, Path(config.corpus), config.max_length):
+        rows.append(chunk)
+        if len(rows) == config.batch_size:
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            with Trace(model, spec.block_name(layer), retain_output=False, stop=True):
+                model(input_ids=ids, attention_mask=mask)
+            count += int(mask.sum())
+            rows = []
+            if count >= config.n_tokens:
+                break
+    return time.perf_counter() - start, count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--corpus", default=str(DATA / "corpus" / "wikipedia_en_sample.jsonl"))
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--layer", type=int, default=5)
+    parser.add_argument("--run", default="3,4,5,6,7")
+    parser.add_argument("--sampled", type=int, default=20_000)
+    parser.add_argument("--small", action="store_true", help="a tiny random model and a few thousand tokens")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "key_stats.json"))
+    args = parser.parse_args(argv)
+
+    home = tempfile.mkdtemp(prefix="editpack-bench-home-")
+    previous = os.environ.get("EDITPACK_HOME")
+    os.environ["EDITPACK_HOME"] = home
+    try:
+        return run(args, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("EDITPACK_HOME", None)
+        else:
+            os.environ["EDITPACK_HOME"] = previous
+
+
+def run(args, home: str) -> dict:
+    from editpack import stats
+    from editpack.arch import spec_for
+
+    if args.small:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny import WORDS, tiny_model, tiny_tokenizer
+
+        model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+        corpus = Path(home) / "corpus.jsonl"
+        corpus.write_text("\n".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) for i in range(40)) + "\n")
+        args.corpus, args.tokens, args.layer, args.run, args.sampled = str(corpus), 3000, 1, "0,1,2", 600
+    else:
+        import editpack
+
+        model, tokenizer = editpack.load_model(args.model)
+        if not Path(args.corpus).is_file():
+            args.corpus = str(REPO / "tests" / "data" / "wikipedia-slice.jsonl")
+    spec = spec_for(model)
+    run_layers = [int(x) for x in args.run.split(",")]
+    config = stats.StatsConfig(corpus=args.corpus, n_tokens=args.tokens)
+
+    (_, count), seconds = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, [args.layer], config))
+    floor_seconds, floor_tokens = forward_floor(model, tokenizer, spec, args.layer, config)
+    few = stats.StatsConfig(corpus=args.corpus, n_tokens=max(args.tokens // 10, 1000))
+    _, one_layer = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, [max(run_layers)], few))
+    _, all_layers = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, run_layers, few))
+    sampled = stats.StatsConfig(corpus=None, n_tokens=args.sampled)
+    _, first_sampled = timed(lambda: stats.second_moments(model, tokenizer, spec, [run_layers[0]], sampled))
+    _, later_sampled = timed(lambda: stats.second_moments(model, tokenizer, spec, [run_layers[-1]], sampled))
+    result = {
+        "benchmark": "key_stats", "model": getattr(getattr(model, "editpack_ref", None), "id", "tiny-llama"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "corpus_layer": {"layer": args.layer, "tokens": count, "seconds": round(seconds, 2),
+                         "tokens_per_second": round(count / seconds), "seconds_per_million": round(1e6 * seconds / count, 1)},
+        "floor_plain_forward": {"tokens": floor_tokens, "seconds": round(floor_seconds, 2),
+                                "tokens_per_second": round(floor_tokens / floor_seconds)},
+        "ratio_to_floor": round((count / seconds) / (floor_tokens / floor_seconds), 3),
+        "one_pass": {"layers": run_layers, "tokens": few.n_tokens, "seconds_deepest_layer_alone": round(one_layer, 2),
+                     "seconds_all_layers_one_pass": round(all_layers, 2),
+                     "ratio_to_one_layer": round(all_layers / one_layer, 3)},
+        "model_sampled": {"tokens": args.sampled, "first_layer_seconds": round(first_sampled, 2),
+                          "later_layer_seconds": round(later_sampled, 2)},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
