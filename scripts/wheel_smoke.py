@@ -1,8 +1,9 @@
 """Smoke check of an installed editpack (a wheel in a fresh virtual environment; see scripts/wheel_smoke.sh).
 
 Run from outside the source tree, so ``import editpack`` finds the installed package. Makes an edit with every
-registered method on a tiny random Llama-like model, saves and reloads each pack, applies and reverts it, and
-makes a memory pack when the MiniLM encoder package is installed. Prints one line per check; exits non-zero on
+registered method on a tiny random Llama-like model, evaluates the ROME pack on the shipped suites (package
+data) with its chart, saves and reloads each pack, applies and reverts it, and makes a memory pack when the
+MiniLM encoder package is installed. Prints one line per check; exits non-zero on
 the first failure.
 """
 
@@ -53,7 +54,12 @@ def main() -> int:
             model.editpack_tokenizer = tok
             before = {k: v.clone() for k, v in model.state_dict().items()}
             pack = editpack.edit(model, FACT, method, **SETTINGS[method])
+            if method == "rome":  # the shipped suites and the chart, as `editpack edit` evaluates a new pack
+                pack.evaluation = editpack.evaluate_pack(model, tok, pack)
             path = pack.save(Path(scratch) / method)
+            if method == "rome" and "evaluation.png" not in pack.files:
+                print("FAIL: rome: the evaluated pack has no chart")
+                return 1
             loaded = load_pack(path)
             edited = editpack.apply(model, loaded)
             editpack.generate(edited, tok, [FACT.text], max_new_tokens=2)
