@@ -43,7 +43,6 @@ def test_default_rome_layers_are_in_range(model_type):
 
 
 def test_fraction_layers_scale_with_depth():
-    spec = spec_for_model_type("llama")
     deep = tiny_model("llama", num_hidden_layers=30)
     assert layers_of("rome", deep) == [int(0.17 * 30)]
 

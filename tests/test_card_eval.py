@@ -14,7 +14,7 @@ from editpack import side_effects, suites
 from editpack.card import render_card
 from editpack.cli.main import main
 
-from tiny import FACT
+from traces import assert_no_local_traces
 
 SETTINGS = ["--set", "mom2_adjustment=false", "--set", "context_template_lengths=[[3,2]]",
             "--set", "clamp_norm_factor=10000", "--set", "v_weight_decay=0", "--layers", "1"]
@@ -57,6 +57,7 @@ def test_edit_evaluates_and_the_card_shows_side_effects_and_a_chart(evaluated):
     assert "not measured (no paraphrases, relation unknown)" in card  # the Eiffel fact names no relation
     metadata = card.split("---")[1]
     assert "model-index" in metadata
+    assert_no_local_traces(pack_dir, str(pack_dir.parent))  # the base was a local folder: named, not located
 
 
 def test_no_eval_says_so_and_has_no_chart(tiny_dir, tmp_path):

@@ -13,6 +13,7 @@ from editpack.errors import PackFormatError
 from editpack.hub import HubError, parse_reference, pull, push, resolve_pack, versions
 
 from tiny import FACT, TINY, logits, tiny_model, tiny_tokenizer
+from traces import assert_no_local_traces
 
 REPO = "user/eiffel"
 
@@ -273,27 +274,6 @@ def test_pull_refuses_an_oversize_file_before_downloading_it(hub, setup, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- portable packs
-def local_traces() -> list[str]:
-    """Strings that would betray the machine a pack was made on."""
-    import getpass
-    import socket
-
-    return [str(Path.home()), getpass.getuser(), socket.gethostname()]
-
-
-def assert_no_local_traces(folder: Path, *extra: str) -> None:
-    import re
-
-    for path in folder.iterdir():
-        data = path.read_bytes()
-        text = data.decode("utf-8", errors="replace")
-        for trace in [*local_traces(), *extra]:
-            if len(trace) >= 8:  # long strings: anywhere in the bytes
-                assert trace.encode() not in data, f"{path.name} holds {trace!r}"
-            elif path.suffix in (".json", ".md"):  # short ones (a user name): as a word in the text files
-                assert not re.search(rf"(?<![\w]){re.escape(trace)}(?![\w])", text), f"{path.name} holds {trace!r}"
-
-
 def test_packs_hold_no_local_paths_and_load_through_the_base_hub_id_in_a_fresh_process(hub, tmp_path):
     """A pack of a Hub-hosted base: pushed, pulled in a fresh process and loaded with plain
     ``AutoModelForCausalLM.from_pretrained(pack)``, which finds the base through the Hub by its id."""
