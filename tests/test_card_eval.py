@@ -127,3 +127,11 @@ def test_stack_evaluates_the_stacked_pack(tiny_dir, tmp_path):
     pack = editpack.load_pack(tmp_path / "s")
     assert pack.evaluation["n_facts"] == 2 and pack.evaluation["side_effects"]["claims"]["same_subject_unchanged"]["n"] == 10
     assert render_card(pack) == (tmp_path / "s" / "README.md").read_text()
+
+
+def test_verify_takes_hub_references(evaluated, tiny_dir, hub):
+    pack_dir, _ = evaluated
+    editpack.push(pack_dir, "user/eiffel")
+    shown = run("verify", "user/eiffel@1.0.0", "--rerun", "--model", tiny_dir)
+    assert shown.exit_code == 0 and "the card is the manifest's" in shown.output, shown.output
+    assert "claims reproduced" in shown.output
