@@ -27,8 +27,8 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-_ORIGINS = {"paraphrases": "the paraphrases given with the facts",
-            "relation_templates": "CounterFact's other phrasings of the fact's relation",
+_ORIGINS = {"paraphrases": "from the paraphrases given with the facts",
+            "relation_templates": "from CounterFact's other phrasings of the fact's relation",
             "not_measured": "not measured (no paraphrases, relation unknown)"}
 _SIDE = {
     "locality_unchanged": "unrelated prompts, greedy answer unchanged (%)",
@@ -60,13 +60,14 @@ def side_effects_markdown(evaluation: dict, chart: str | None) -> list[str]:
 def evaluation_markdown(evaluation: dict, chart: str | None = None) -> str:
     """The card's evaluation section: side effects, then one table per protocol, before and after, with counts."""
     seconds = f" in {evaluation['seconds']:.1f} s" if evaluation.get("seconds") is not None else ""
+    n = evaluation["n_facts"]
     lines = ["## Evaluation", "", f"Measured{seconds} on {evaluation.get('data', 'the pack facts')} "
-             f"({evaluation['n_facts']} facts); scores in %, means over probes, `n` = number of probes.", ""]
+             f"({n} fact{'s' if n != 1 else ''}); scores in %, means over probes, `n` = number of probes.", ""]
     lines += side_effects_markdown(evaluation, chart)
     origin = evaluation.get("generalization_origin")
     if origin:
-        used = [f"{count} from {_ORIGINS[key]}" for key, count in origin.items() if count]
-        lines += ["Generalization probes: " + "; ".join(used) + ".", ""]
+        used = [f"{count} fact{'s' if count != 1 else ''} {_ORIGINS[key]}" for key, count in origin.items() if count]
+        lines += ["Generalization: " + "; ".join(used) + ".", ""]
     lines += ["### The facts", ""]
     for protocol, metrics in evaluation["protocols"].items():
         lines += [f"#### `{protocol}`", "", "| metric | before | after | n |", "|---|---|---|---|"]

@@ -54,7 +54,7 @@ def test_edit_evaluates_and_the_card_shows_side_effects_and_a_chart(evaluated):
     assert "### Side effects" in card and side["verdict"] in card and "![before and after](evaluation.png)" in card
     assert "evaluation.png" in pack.files and (pack_dir / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"Measured in {pack.evaluation['seconds']:.1f} s" in card
-    assert "not measured (no paraphrases, relation unknown)" in card  # the Eiffel fact names no relation
+    assert "Generalization: 1 fact not measured (no paraphrases, relation unknown)" in card  # no relation named
     metadata = card.split("---")[1]
     assert "model-index" in metadata
     assert_no_local_traces(pack_dir, str(pack_dir.parent))  # the base was a local folder: named, not located
