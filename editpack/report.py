@@ -175,7 +175,8 @@ def rerun(model, tokenizer, pack, facts: Sequence[Fact] | None = None) -> list[C
     again = evaluate_pack(
         model, tokenizer, pack, facts, data=None, protocols=list(stored.get("protocols") or PROTOCOLS),
         default_probes=bool(settings.get("default_probes", side is not None)),
-        suite_settings=side_effects.SuiteSettings(**side["settings"]) if side else None,
+        # (an evaluation recorded before the same-subject cap existed used every fact)
+        suite_settings=side_effects.SuiteSettings(**{"same_subject_facts": 10**9, **side["settings"]}) if side else None,
         max_new_tokens=settings["max_new_tokens"], fluency_tokens=settings["fluency_tokens"],
     )
     measured = claims_of(again)

@@ -48,6 +48,7 @@ class SuiteSettings:
 
     locality: int = 60
     same_subject: int = 5  # other relations per fact
+    same_subject_facts: int = 20  # at most this many facts, evenly spaced through the pack
     heldout_tokens: int = 2048
     fluency_prompts: int = 8
     fluency_tokens: int = 40
@@ -117,6 +118,13 @@ def same_subject_prompts(fact: Fact, count: int) -> list[str]:
     return prompts
 
 
+def spread(items: Sequence, count: int) -> list:
+    """At most ``count`` of ``items``, evenly spaced (all of them when there are few)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)] if count > 1 else [items[0]]
+
+
 # ---------------------------------------------------------------------------------------------- one model
 @dataclass
 class Snapshot:
@@ -132,7 +140,7 @@ class Snapshot:
 def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True) -> Snapshot:
     """Run the suites on ``model`` (teacher-forced parts only when ``logits``)."""
     loc = [item["prompt"] for item in suites.load("locality").items[: settings.locality]]
-    same = [p for f in facts for p in same_subject_prompts(f, settings.same_subject)]
+    same = [p for f in spread(facts, settings.same_subject_facts) for p in same_subject_prompts(f, settings.same_subject)]
     generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
     answers = generate(model, tokenizer, loc + same, max_new_tokens=settings.max_new_tokens,
                        batch_size=settings.batch_size)
