@@ -196,8 +196,9 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
             pending = []
             if count == 0:  # the first batch tells how long the rest takes here
                 rate = added / max(time.monotonic() - started, 1e-6)
-                log.info("  about %s at this machine's speed (%d tokens/s)",
-                         _duration(max(config.n_tokens - added, 0) / rate), rate)
+                with tqdm.external_write_mode():  # a line of its own, not in the middle of the bar
+                    log.info("  about %s at this machine's speed (%d tokens/s)",
+                             _duration(max(config.n_tokens - added, 0) / rate), rate)
             count += added
             bar.update(added)
             if count >= config.n_tokens:
