@@ -12,9 +12,9 @@ A pack's own facts say whether the edit took. These say what else moved, on suit
     about, from ``relation_templates``): the share of greedy answers unchanged. This is where subject-level
     bleed shows ("everything about the Eiffel Tower is now Rome").
 ``perplexity``
-    on 2,100 words of held-out Wikipedia text (``heldout``): the edited model's perplexity against the base's.
+    on the first 1,024 tokens of held-out Wikipedia text (``heldout``): the edited model's against the base's.
 ``fluency``
-    the weighted bi/trigram entropy of greedy continuations of 8 generic prompts.
+    the weighted bi/trigram entropy of 24-token greedy continuations of 8 generic prompts.
 
 Generalization needs paraphrases: a fact's own when it has them, else the other CounterFact phrasings of its
 relation when the fact names a known relation (or its prompt is one of CounterFact's phrasings), else it is not
@@ -49,11 +49,11 @@ class SuiteSettings:
     locality: int = 60
     same_subject: int = 5  # other relations per fact
     same_subject_facts: int = 20  # at most this many facts, evenly spaced through the pack
-    heldout_tokens: int = 2048
+    heldout_tokens: int = 1024
     fluency_prompts: int = 8
-    fluency_tokens: int = 40
+    fluency_tokens: int = 24
     max_new_tokens: int = 8
-    batch_size: int = 32
+    batch_size: int = 96
 
 
 # ---------------------------------------------------------------------------------------------- probes from templates
