@@ -34,8 +34,8 @@ def write_chart(rows: dict[str, tuple[float | None, float | None]], path: Path, 
     ax.set_ylim(0, 112)
     ax.set_ylabel("%", fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()

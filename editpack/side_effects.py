@@ -242,7 +242,8 @@ def verdict(claims: dict[str, dict[str, Any]]) -> str:
         parts.append(f"{changed} of {same['n']} answers about the edited subject under other relations changed")
     ppl = claims.get("perplexity")
     if ppl and ppl["before"]:
-        parts.append(f"perplexity {100 * (ppl['after'] / ppl['before'] - 1):+.1f} %")
+        change = round(100 * (ppl["after"] / ppl["before"] - 1), 1) + 0.0  # + 0.0: no "-0.0"
+        parts.append(f"perplexity {change:+.1f} %")
     kl = claims.get("locality_kl")
     if kl and kl["after"] is not None:
         parts.append(f"mean next-token KL {kl['after']:.4f} nats")
