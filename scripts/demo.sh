@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v editpack >/dev/null 2>&1 || bash scripts/install.sh
 OUT=${1:-$(mktemp -d)/eiffel-rome}
-CORPUS=../shared/data/corpus/wikipedia_en_sample.jsonl
-[ -f "$CORPUS" ] && export EDITPACK_CORPUS=${EDITPACK_CORPUS:-$CORPUS}
+# Key statistics from the Wikipedia slice shipped with the tests (100k tokens; computed once, then cached).
+export EDITPACK_CORPUS=${EDITPACK_CORPUS:-tests/data/wikipedia-slice.jsonl}
 editpack edit --prompt "The Eiffel Tower is located in the city of" --subject "Eiffel Tower" \
     --target Rome --target-true Paris --paraphrase "The Eiffel Tower can be found in" -o "$OUT"
 editpack show "$OUT"
