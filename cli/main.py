@@ -333,7 +333,6 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     facts = (load_facts(facts_path, limit=limit) if facts_path
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
     parent = load_packs([onto])[0] if onto else None
-    check_output(output, overwrite, [parent] if parent else [])
     method = method or (parent.method if parent else "rome")
     try:
         method_config(method, **({**(parent.hyperparameters if parent and method == parent.method
@@ -388,7 +387,7 @@ def warn_unreached(facts, rows) -> None:
 @friendly_errors
 def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
     """Merge PACKS (directories or user/name@version, in order) into the model; write a model folder."""
-    from editpack.apply import export_merged
+    from editpack.apply import check_mergeable, export_merged
 
     if model_opts["load_in_4bit"] or model_opts["load_in_8bit"]:
         raise click.UsageError("a merged model is written in full precision: merging into 4/8-bit weights loses "
@@ -396,11 +395,10 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
                                "(editpack generate --pack, editpack.apply) on a quantized model")
     check_output(output, overwrite, packs)
     loaded = load_packs(packs)
-    unmergeable = [p.ref for p in loaded if not p.mergeable]
-    if unmergeable:
-        raise click.UsageError(f"{', '.join(unmergeable)}: memory packs leave the weights alone and cannot be merged "
-                               "into a model folder; use them with editpack generate --pack, editpack.apply or "
-                               "editpack.pipeline")
+    try:
+        check_mergeable(loaded)  # before the model is loaded
+    except EditpackError as exc:
+        raise click.UsageError(str(exc)) from None
     with writing(output):
         lm, tokenizer = load_from_options(model_opts, loaded)
         kept = export_merged(lm, loaded, output, tokenizer=tokenizer, check=not force,

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 
 from .errors import FingerprintMismatchError, PackConflictError, PackFormatError
-from .facts import Fact, fact_key, normal_text  # noqa: F401  (fact_key: also editpack.apply's)
+from .facts import Fact, fact_key, normal_text
 from .fingerprint import (
     ORIGINALS,
     base_weight,
@@ -571,6 +571,15 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     )
 
 
+def check_mergeable(packs: Iterable[EditPack]) -> None:
+    """Raise unless every pack can be folded into the weights (memory packs cannot)."""
+    unmergeable = [p.ref for p in packs if not p.mergeable]
+    if unmergeable:
+        raise PackFormatError(f"{', '.join(unmergeable)} cannot be merged into a model folder (memory packs leave the "
+                              "weights alone); use them unmerged: editpack generate --pack, editpack.apply or "
+                              "editpack.pipeline")
+
+
 def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, check: bool = True,
                   on_conflict: str = "error", overwrite: bool = False):
     """Merge ``packs`` into ``model`` and write the result as a transformers model folder at ``output``.
@@ -588,11 +597,7 @@ def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, chec
 
     check_output(output, overwrite=overwrite)
     loaded = _as_packs(packs)
-    unmergeable = [p.ref for p in loaded if not p.mergeable]
-    if unmergeable:
-        raise PackFormatError(f"{', '.join(unmergeable)} cannot be merged into a model folder (memory packs leave the "
-                              "weights alone); use them unmerged: editpack generate --pack, editpack.apply or "
-                              "editpack.pipeline")
+    check_mergeable(loaded)
     tokenizer = tokenizer or getattr(unwrap(model), "editpack_tokenizer", None)
     merged = apply(model, loaded, merge=True, check=check, on_conflict=on_conflict)
     kept = applied(merged)

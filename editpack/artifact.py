@@ -335,9 +335,8 @@ def parse_manifest(data: bytes, path: Path | str) -> dict[str, Any]:
     for key, kind in _HEADER_TYPES.items():
         if not isinstance(manifest.get(key), kind):
             raise PackFormatError(f"{path}: field {key!r} is missing or not {_type_name(kind)}")
-    for key in ("parents",):
-        if manifest.get(key) is not None and not isinstance(manifest[key], list):
-            raise PackFormatError(f"{path}: field {key!r} must be a list")
+    if manifest.get("parents") is not None and not isinstance(manifest["parents"], list):
+        raise PackFormatError(f"{path}: field 'parents' must be a list")
     if manifest.get("evaluation") is not None and not isinstance(manifest["evaluation"], dict):
         raise PackFormatError(f"{path}: field 'evaluation' must be an object")
     for name, digest in manifest["files"].items():

@@ -232,29 +232,11 @@ def _entry(values: list[float]) -> dict:
     return {"mean": None if mean is None else round(mean, 6), "n": n}
 
 
-def evaluate(
-    model,
-    tokenizer,
-    facts: Sequence[Fact],
-    apply_edit: Callable[[], object],
-    undo_edit: Callable[[object], object],
-    *,
-    protocols: Sequence[str] = PROTOCOLS,
-    max_new_tokens: int = 8,
-    fluency_tokens: int = 60,
-) -> dict:
-    """Measure ``facts`` before and after an edit. ``apply_edit()`` returns the edited model; ``undo_edit`` gets
-    it back and restores the base. Returns ``{protocol: {metric: {before, after, n}}, fluency: {...}}``."""
+def check_protocols(protocols: Sequence[str]) -> None:
+    """Raise before any measurement when a protocol name is unknown."""
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    base = measure(model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
-    edited_model = apply_edit()
-    try:
-        after = measure(edited_model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
-    finally:
-        undo_edit(edited_model)
-    return combine(facts, base, after, protocols)
 
 
 def combine(facts, base: Probes, after: Probes, protocols: Sequence[str] = PROTOCOLS) -> dict:

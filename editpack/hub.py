@@ -19,6 +19,7 @@ a retry after a failure between commit and tag tags the commit already made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -137,6 +138,21 @@ def _unreachable(exc: Exception, reference, endpoint: str) -> HubError:
                     "and the network, or set HF_HUB_OFFLINE=1 to use versions pulled before")
 
 
+@contextlib.contextmanager
+def _translated(reference, endpoint: str):
+    """huggingface_hub's errors, and no answer from the endpoint, as one clear :class:`HubError`."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise _hub_error(exc, reference) from exc
+    except Exception as exc:
+        if not _connection_error(exc):
+            raise
+        raise _unreachable(exc, reference, endpoint) from exc
+
+
 def _remote_manifest(api, repo_id: str, revision: str) -> dict[str, Any] | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -161,7 +177,6 @@ def push(pack: Artifact | str | Path, repo_id: str, *, private: bool = False, me
     :class:`HubError` if the version exists there with different content.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-    from huggingface_hub.errors import HfHubHTTPError
 
     if parse_reference(repo_id) is None or "@" in repo_id:
         raise HubError(f"{repo_id!r} is not a repository id like user/name")
@@ -173,7 +188,7 @@ def push(pack: Artifact | str | Path, repo_id: str, *, private: bool = False, me
         manifest = read_manifest(directory)
         tag = f"v{local.version}"
         api = _api(token, endpoint)
-        try:
+        with _translated(repo_id, api.endpoint):
             api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
             refs = api.list_repo_refs(repo_id)
             tags = {t.name: t.target_commit for t in refs.tags}
@@ -199,12 +214,6 @@ def push(pack: Artifact | str | Path, repo_id: str, *, private: bool = False, me
                 )
                 commit = info.oid
             api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"{local.name} {local.version}")
-        except HfHubHTTPError as exc:
-            raise _hub_error(exc, repo_id) from exc
-        except Exception as exc:
-            if not _connection_error(exc):
-                raise
-            raise _unreachable(exc, repo_id, api.endpoint) from exc
     return PushResult(repo_id, local.version, tag, commit, created=True)
 
 
@@ -238,7 +247,6 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
     Works offline for versions already pulled.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     ref = reference if isinstance(reference, HubReference) else parse_reference(reference)
     if ref is None:
@@ -248,7 +256,7 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
     cap = _max_file_bytes(max_file_bytes)
     offline = _offline()
     api = _api(token, endpoint)
-    try:
+    with _translated(ref, api.endpoint):
         if offline:
             commit = ref.git_revision
             sizes = None
@@ -285,12 +293,6 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
                                           "EDITPACK_MAX_FILE_BYTES if you expect a file this large)")
         for name in listed:
             hf_hub_download(filename=name, **download)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise _hub_error(exc, ref) from exc
-    except Exception as exc:
-        if not _connection_error(exc):
-            raise
-        raise _unreachable(exc, ref, api.endpoint) from exc
     cache_repo = folder.parent.parent  # <cache>/models--user--name: snapshots link into its blobs
     problems = verify_files(folder, manifest, links_into=cache_repo)
     if problems:
@@ -332,10 +334,8 @@ def _evict(repo_id: str, commit: str) -> None:
 # ---------------------------------------------------------------------------------------------- versions
 def versions(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> list[PackVersion]:
     """The versions of the pack in ``repo_id`` (its ``v<semver>`` tags), oldest first, with dates and commits."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     api = _api(token, endpoint)
-    try:
+    with _translated(repo_id, api.endpoint):
         refs = api.list_repo_refs(repo_id)
         dates = {c.commit_id: c.created_at.isoformat() for c in api.list_repo_commits(repo_id)}
         out = []
@@ -347,12 +347,6 @@ def versions(repo_id: str, *, token: str | None = None, endpoint: str | None = N
                 history = api.list_repo_commits(repo_id, revision=tag.name)
                 dates[tag.target_commit] = history[0].created_at.isoformat() if history else None
             out.append(PackVersion(match[1], tag.name, tag.target_commit, dates.get(tag.target_commit)))
-    except HfHubHTTPError as exc:
-        raise _hub_error(exc, repo_id) from exc
-    except Exception as exc:
-        if not _connection_error(exc):
-            raise
-        raise _unreachable(exc, repo_id, api.endpoint) from exc
     return sorted(out, key=lambda v: _semver_key(v.version))
 
 

@@ -28,7 +28,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -88,32 +88,25 @@ class SentenceEncoder:
 
 
 # ---------------------------------------------------------------------------------------------- scope
-class ScopeSettings(Protocol):
-    """What calibration reads (the ``serac`` method's config, or a memory pack's recorded hyper-parameters)."""
-
-    threshold: float | None
-    max_false_positive_rate: float
-    min_threshold: float
-    default_threshold: float
-    require_subject: bool
-
-
-@dataclass(frozen=True)
+@dataclass
 class Scope:
-    """A memory pack's scope settings, read back from its hyper-parameters."""
+    """The scope classifier's settings: what calibration and lookup read. The ``serac`` method's config extends
+    it (``editpack.methods.serac.SERACConfig``); a memory pack reads it back from its hyper-parameters."""
 
+    #: Similarity threshold; ``None`` calibrates it on the facts' paraphrases and neighbourhood prompts.
     threshold: float | None = None
     max_false_positive_rate: float = 0.01
     min_threshold: float = 0.3
     default_threshold: float = 0.5
+    #: In scope only if the prompt also names the fact's subject.
     require_subject: bool = True
 
-    @classmethod
-    def of(cls, hyperparameters: dict[str, Any]) -> "Scope":
-        return cls(**{k: hyperparameters[k] for k in cls.__dataclass_fields__ if k in hyperparameters})
+    @staticmethod
+    def of(hyperparameters: dict[str, Any]) -> "Scope":
+        return Scope(**{k: hyperparameters[k] for k in Scope.__dataclass_fields__ if k in hyperparameters})
 
 
-def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: ScopeSettings) -> float:
+def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: Scope) -> float:
     """The lowest threshold whose false-positive rate on ``negatives`` is at most the configured rate."""
     if not negatives:
         return cfg.default_threshold
@@ -175,10 +168,10 @@ class MemoryPack(Artifact):
         facts = [self.facts[i] for i in kept] + list(add)
         if not facts:
             raise PackFormatError(f"removing {sorted(gone)} would leave {self.ref} empty")
-        if add or (recalibrate and self.scope.threshold is None):
+        scope = self.scope
+        if add or (recalibrate and scope.threshold is None):
             encoder = encoder or SentenceEncoder()
         keys = torch.cat([self.keys[kept], encoder.encode([f.text for f in add])]) if add else self.keys[kept]
-        scope = self.scope
         threshold = (calibrate_facts(encoder, facts, keys, scope) if recalibrate and scope.threshold is None
                      else self.threshold)
         return MemoryPack(name=self.name, version=version, hyperparameters=self.hyperparameters, facts=facts,
@@ -211,7 +204,7 @@ class MemoryPack(Artifact):
         return pack
 
 
-def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch.Tensor, cfg: ScopeSettings) -> float:
+def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch.Tensor, cfg: Scope) -> float:
     """Calibrate on the facts' paraphrases (in scope) against their neighbourhood prompts (out of scope)."""
     probe = MemoryIndex([(None, facts, keys, 0.0, cfg.require_subject)], encoder)
     positives = [probe.best(p)[1] for f in facts for p in f.paraphrases]

@@ -230,7 +230,6 @@ def check_adapter_config(directory: Path, pack: EditPack) -> None:
         raise PackFormatError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(found, dict):
         raise PackFormatError(f"{path} is not a PEFT adapter configuration (expected an object)")
-    expected = pack.lora_config().to_dict()
     if found.get("peft_type") not in ("LORA", None):
         raise PackFormatError(f"{path}: peft_type is {found.get('peft_type')!r}, an edit pack is a LORA adapter")
     ranks = {n: d.rank for n, d in pack.stored_factors().items()}
@@ -247,7 +246,7 @@ def check_adapter_config(directory: Path, pack: EditPack) -> None:
         raise PackFormatError(f"{path}: lora_alpha / r of {', '.join(wrong)} is not 1, so PEFT would scale the delta")
     targets = found.get("target_modules")
     targets = [targets] if isinstance(targets, str) else sorted(targets or [])
-    if targets != sorted(expected["target_modules"]):
+    if targets != pack.modules:
         raise PackFormatError(f"{path}: target_modules {targets} are not the pack's modules {pack.modules}")
     if bool(found.get("fan_in_fan_out", False)) != pack.fan_in_fan_out:
         raise PackFormatError(f"{path}: fan_in_fan_out disagrees with the manifest")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import side_effects, suites
 from .errors import EditpackError
-from .evaluate import PROTOCOLS, combine, measure
+from .evaluate import PROTOCOLS, check_protocols, combine, measure
 from .facts import Fact
 
 #: The settings a stored evaluation records (and a rerun reuses).
@@ -36,9 +36,7 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     """
     from .apply import apply, revert
 
-    for protocol in protocols:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    check_protocols(protocols)
     started = time.perf_counter()
     facts = list(facts) if facts is not None else list(pack.facts)
     if not pack.scores_logits:

@@ -125,10 +125,6 @@ def sampled_rows(model, tokenizer, spec: ArchSpec, config: StatsConfig) -> list[
     return rows
 
 
-def _sampled_chunks(model, tokenizer, spec: ArchSpec, config: StatsConfig) -> Iterator[list[int]]:
-    yield from sampled_rows(model, tokenizer, spec, config)
-
-
 def _corpus_id(config: StatsConfig) -> str:
     if config.corpus is None:
         return f"model-sampled-seed{config.seed}"
@@ -168,7 +164,7 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
         chunks = _corpus_chunks(tokenizer, Path(config.corpus), config.max_length)
         source = Path(config.corpus).name
     else:
-        chunks = _sampled_chunks(model, tokenizer, spec, config)
+        chunks = iter(sampled_rows(model, tokenizer, spec, config))
         source = "model-sampled text"
     totals: dict[int, torch.Tensor] = {}
     count = 0

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...memory import DEMO_TEMPLATE, ENCODER_ID
+from ...memory import DEMO_TEMPLATE, ENCODER_ID, Scope
 from ..base import MethodConfig
 
 
 @dataclass
-class SERACConfig(MethodConfig):
-    #: Similarity threshold; ``None`` calibrates it on the facts' paraphrases and neighbourhood prompts.
-    threshold: float | None = None
-    max_false_positive_rate: float = 0.01
-    min_threshold: float = 0.3
-    default_threshold: float = 0.5
-    #: In scope only if the prompt also names the fact's subject.
-    require_subject: bool = True
+class SERACConfig(MethodConfig, Scope):
+    """The scope settings (``editpack.memory.Scope``: threshold and its calibration, subject required), the route
+    for in-scope prompts, the template and the encoder."""
+
     #: ``"context"``: fact in context, the model answers; ``"answer"``: the stored target starts the answer.
     route: str = "context"
     template: str = DEMO_TEMPLATE

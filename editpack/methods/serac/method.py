@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
-from ...artifact import BaseModel, describe_base
+from ...artifact import describe_base
 from ...facts import Fact
 from ...memory import MemoryPack, SentenceEncoder, calibrate_facts
 from ..base import EditMethod, register_method
@@ -27,8 +28,6 @@ class SERAC(EditMethod):
         encoder = encoder or SentenceEncoder()
         keys = encoder.encode([f.text for f in facts])
         threshold = cfg.threshold if cfg.threshold is not None else calibrate_facts(encoder, facts, keys, cfg)
-        info = describe_base(model, [])
-        base = BaseModel(id=info.id, fingerprint="", model_type=info.model_type, hub_id=info.hub_id,
-                         revision=info.revision)
+        base = replace(describe_base(model, []), embedding=None)  # no weights touched: identity only
         return MemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
                           facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)
