@@ -36,7 +36,7 @@ import torch
 from . import suites
 from .evaluate import ngram_entropy, normalise
 from .facts import Fact, normal_text
-from .generation import generate, model_device, pad_id
+from .generation import generate, model_device, next_token_logits
 
 _STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "by", "for", "on", "at", "and", "which", "what", "who",
          "that", "its", "it", "as", "with", "from", "be", "are", "were", "has", "had", "{}"}
@@ -147,27 +147,12 @@ def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *
     free = generate(model, tokenizer, generic, max_new_tokens=settings.fluency_tokens, batch_size=settings.batch_size)
     return Snapshot(
         locality=answers[: len(loc)],
-        locality_logprobs=_next_token_logprobs(model, tokenizer, loc, settings.batch_size) if logits else None,
+        locality_logprobs=(torch.log_softmax(next_token_logits(model, tokenizer, loc, settings.batch_size), dim=-1)
+                           if logits else None),
         same_subject=answers[len(loc):],
         heldout_nll=_heldout_nll(model, tokenizer, settings) if logits else None,
         fluency=[ngram_entropy(p + text) for p, text in zip(generic, free)],
     )
-
-
-@torch.no_grad()
-def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-    device = model_device(model)
-    pad = pad_id(tokenizer)
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-        rows.append(torch.log_softmax(logits, dim=-1).cpu())
-    return torch.cat(rows)
 
 
 @torch.no_grad()
