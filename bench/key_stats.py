@@ -14,48 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-@torch.no_grad()
-def forward_floor(model, tokenizer, spec, layer: int, config) -> tuple[float, int]:
-    """Seconds and tokens of a plain forward over the same batches, stopped after ``layer``'s block."""
-    from editpack import stats
-    from editpack.generation import pad_id
-    from editpack.nethook import Trace
-
-    pad, rows, count = pad_id(tokenizer), [], 0
-    start = time.perf_counter()
-    for chunk in stats._corpus_chunks(tokenizer, Path(config.corpus), config.max_length):
-        rows.append(chunk)
-        if len(rows) == config.batch_size:
-            width = max(map(len, rows))
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-            with Trace(model, spec.block_name(layer), retain_output=False, stop=True):
-                model(input_ids=ids, attention_mask=mask)
-            count += int(mask.sum())
-            rows = []
-            if count >= config.n_tokens:
-                break
-    return time.perf_counter() - start, count
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, REPO, emit, forward_floor, private_home, timed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,17 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "key_stats.json"))
     args = parser.parse_args(argv)
 
-    home = tempfile.mkdtemp(prefix="editpack-bench-home-")
-    previous = os.environ.get("EDITPACK_HOME")
-    os.environ["EDITPACK_HOME"] = home
-    try:
+    with private_home() as home:
         return run(args, home)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-        if previous is None:
-            os.environ.pop("EDITPACK_HOME", None)
-        else:
-            os.environ["EDITPACK_HOME"] = previous
 
 
 def run(args, home: str) -> dict:
@@ -128,11 +85,7 @@ def run(args, home: str) -> dict:
                           "later_layer_seconds": round(later_sampled, 2)},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

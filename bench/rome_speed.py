@@ -3,7 +3,10 @@
     python bench/rome_speed.py [--model smollm2-135m] [--limit 20] [--data PATH] [--corpus PATH] [--set k=v]
 
 Prints one JSON object: seconds per edit (key statistics cached by a warm-up edit first, so they are not
-counted), peak resident memory, how many records end with the new target as the top-1 next token, on the edit
+counted) beside two references measured in the same run for each edit: the floor (the bare δ loop of
+``bench/_common.py``: the same prompts, the same number of Adam steps the edit took, the same precision, plain
+PyTorch over the whole prompts) and the seconds editpack's own δ loop took inside the edit (so
+``seconds_per_edit / delta_loop_seconds`` is what an edit costs beyond its optimisation), peak resident memory, how many records end with the new target as the top-1 next token, on the edit
 prompt and on its paraphrases, and how many neighbourhood prompts keep their top-1 token. (The full metrics,
 under named protocols, are the evaluation engine's job; these are the quick first-token checks.)
 """
@@ -11,7 +14,6 @@ under named protocols, are the evaluation engine's job; these are the quick firs
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-import editpack
-from editpack.generation import next_token_logits
-from editpack.methods.base import parse_settings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, StepCounter, delta_loop_floor, emit, in_dtype, rewrite_prompts  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+import editpack  # noqa: E402
+from editpack.arch import spec_for  # noqa: E402
+from editpack.generation import next_token_logits  # noqa: E402
+from editpack.methods.base import parse_settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,14 +48,22 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = editpack.load_model(args.model)
     facts = editpack.load_facts(args.data, limit=args.limit)
     warm = time.perf_counter()
-    editpack.edit(model, facts[0], **hparams)  # computes (or loads) key statistics and context templates
+    warm_pack = editpack.edit(model, facts[0], **hparams)  # computes (or loads) key statistics, context templates
     warmup_s = time.perf_counter() - warm
 
-    seconds, hits, para_hits, para_n, kept, kept_n, rows = [], 0, 0, 0, 0, 0, []
+    floor_model = in_dtype(model, pack_dtype := warm_pack.hyperparameters["optimize_dtype"])
+    spec = spec_for(model)
+    seconds, floors, loops, hits, para_hits, para_n, kept, kept_n, rows = [], [], [], 0, 0, 0, 0, 0, []
     for fact in facts:
-        start = time.perf_counter()
-        pack = editpack.edit(model, fact, **hparams)
-        seconds.append(time.perf_counter() - start)
+        with StepCounter() as counter:
+            start = time.perf_counter()
+            pack = editpack.edit(model, fact, **hparams)
+            seconds.append(time.perf_counter() - start)
+        loops.append(counter.seconds)
+        hp = pack.hyperparameters
+        module = spec.mlp_out_name(hp["layers"][0])
+        prompts = rewrite_prompts(tokenizer, fact, hp["context_templates"])
+        floors.append(delta_loop_floor(floor_model, tokenizer, module, [prompts], counter.steps[0], hp["v_lr"]))
         target = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"][0]
         probes = [fact.text, *fact.paraphrases, *(p.prompt for p in fact.neighborhood)]
         before = next_token_logits(model, tokenizer, probes).argmax(-1)
@@ -67,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
         kept += int((after[1 + n_para :] == before[1 + n_para :]).sum())
         kept_n += len(fact.neighborhood)
         rows.append({"id": fact.id, "target_new": fact.target_new, "top1": tokenizer.decode([top]),
-                     "hit": top == target, "seconds": round(seconds[-1], 3)})
+                     "hit": top == target, "seconds": round(seconds[-1], 3), "floor_seconds": round(floors[-1], 3),
+                     "delta_loop_seconds": round(loops[-1], 3),
+                     "steps": counter.steps[0]})
     result = {
         "benchmark": "rome_speed",
         "model": model.editpack_ref.id,
@@ -76,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_seconds_incl_stats": round(warmup_s, 2),
         "seconds_per_edit_mean": round(statistics.mean(seconds), 3),
         "seconds_per_edit_median": round(statistics.median(seconds), 3),
+        "floor_seconds_per_edit_mean": round(statistics.mean(floors), 3),
+        "ratio_to_floor": round(statistics.mean(seconds) / statistics.mean(floors), 3),
+        "floor": f"bare δ loop in {pack_dtype}: same prompts and Adam steps, NLL only, whole prompts each step",
+        "delta_loop_seconds_per_edit_mean": round(statistics.mean(loops), 3),
+        "ratio_to_own_delta_loop": round(statistics.mean(seconds) / statistics.mean(loops), 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "top1_new_target": hits,
         "paraphrase_top1_new_target": f"{para_hits}/{para_n}",
@@ -83,11 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "per_record": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import torch
 from editpack.arch import spec_for
 from editpack.methods.locate import (
     attention_for_gradients,
+    frozen,
+    optimize_delta,
+    optimize_deltas,
     resolve_optimize_dtype,
     subject_last_index,
     weights_in,
@@ -13,7 +16,7 @@ from editpack.methods.locate import (
 from editpack.methods.split_batch import split_batch
 from editpack.nethook import Trace
 
-from tiny import tiny_model, tiny_tokenizer
+from tiny import TINY, _fact, tiny_model, tiny_tokenizer
 
 TEXTS = ["the famous eiffel tower is in paris", "eiffel tower", "a red bridge . the old london bridge is big"]
 
@@ -126,3 +129,57 @@ def test_weights_in_bfloat16_restores_the_exact_tensors(model_type):
 
 def get_dtype(model, spec):
     return next(model.get_submodule(spec.blocks).parameters()).dtype
+
+
+def _delta_config(**extra):
+    from editpack.methods.memit.config import MEMITConfig
+
+    cfg = MEMITConfig(**{**TINY, "early_stop_loss": 0.0, "optimize_dtype": "float32", **extra})
+    cfg.context_templates = ["{}", "the a one. {}", "it is two three. {}"]
+    return cfg
+
+
+FACTS = [
+    _fact("the famous {} is in", "eiffel tower", "rome", "paris"),
+    _fact("{} is the capital of", "berlin", "italy", "germany"),
+    _fact("the old {} plays", "famous painter", "football", "piano"),
+    _fact("{} speaks", "madrid", "japan", "spain"),
+]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_batched_deltas_match_one_fact_at_a_time(model_type):
+    """Each fact's δ has its own loss, and Adam is element-wise: one batch gives the one-by-one results."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    spec = spec_for(model)
+    module = spec.block_name(2)
+    cfg = _delta_config()
+    with frozen(model), torch.enable_grad():
+        together = optimize_deltas(model, tok, spec, module, FACTS, cfg)
+        alone = [optimize_delta(model, tok, spec, module, fact, cfg) for fact in FACTS]
+    for a, b in zip(together, alone):
+        assert a.steps == b.steps == cfg.v_num_grad_steps
+        assert b.delta.norm() > 0
+        assert (a.delta - b.delta).norm() <= 1e-4 * b.delta.norm()
+        torch.testing.assert_close(a.init, b.init, rtol=1e-5, atol=1e-6)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
+
+
+def test_a_fact_that_stops_early_keeps_its_delta_while_others_go_on():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = spec_for(model)
+    module = spec.block_name(2)
+    # Stop half-way down the loss of the fact whose loss falls most: it stops early, the others do not all.
+    with frozen(model), torch.enable_grad():
+        first = [optimize_delta(model, tok, spec, module, f, _delta_config(v_num_grad_steps=1)) for f in FACTS]
+        last = [optimize_delta(model, tok, spec, module, f, _delta_config()) for f in FACTS]
+    a, b = max(zip(first, last), key=lambda pair: pair[0].loss - pair[1].loss)
+    threshold = (a.loss + b.loss) / 2
+    cfg = _delta_config(early_stop_loss=threshold)
+    with frozen(model), torch.enable_grad():
+        together = optimize_deltas(model, tok, spec, module, FACTS, cfg)
+        alone = [optimize_delta(model, tok, spec, module, fact, cfg) for fact in FACTS]
+    assert len({r.steps for r in together}) > 1  # some stopped early, others did not
+    for a, b in zip(together, alone):
+        assert a.steps == b.steps
+        assert (a.delta - b.delta).norm() <= 1e-4 * b.delta.norm()

@@ -1,6 +1,7 @@
 """Key statistics: the right numbers, computed once, cached by what they depend on."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,17 +136,32 @@ def test_model_samples_are_drawn_once_and_reused_by_every_layer(isolated_home, m
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
+def load_bench(name: str):
+    """A script of ``bench/`` as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_key_stats_benchmark_small_mode(tmp_path, monkeypatch):
     """bench/key_stats.py --small: the benchmark's own code path on a tiny model (numbers are not checked)."""
-    import importlib.util
-    from pathlib import Path
-
     monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
-    path = Path(__file__).resolve().parents[1] / "bench" / "key_stats.py"
-    spec = importlib.util.spec_from_file_location("key_stats_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--small", "--out", str(tmp_path / "out.json")])
+    result = load_bench("key_stats").main(["--small", "--out", str(tmp_path / "out.json")])
     assert result["corpus_layer"]["tokens"] >= 3000 and result["ratio_to_floor"] > 0
     assert result["one_pass"]["layers"] == [0, 1, 2] and result["model_sampled"]["later_layer_seconds"] >= 0
     assert (tmp_path / "out.json").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_scale_benchmark_small_mode(tmp_path):
+    """bench/gpu_scale.py --small: its own code path on a tiny shape on the CPU, with the built-in's tokenizer."""
+    result = load_bench("gpu_scale").main(["--small", "--out", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == result
+    assert result["rome"]["edits"] == 1 and result["rome"]["ratio_to_floor"] > 0
+    for key in ("memit_4", "alphaedit_4"):
+        assert result[key]["facts"] == 4 and result[key]["pack_bytes"] > 0 and result[key]["floor_seconds"] > 0
+    assert result["key_statistics"]["tokens"] >= 4000

@@ -112,18 +112,22 @@ def attention_for_gradients(model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Iterator[None]:
-    """Run with the decoder blocks' floating-point weights cast to ``dtype_name``; originals put back after.
+    """Run with the decoder blocks' and the LM head's floating-point weights cast to ``dtype_name``; originals
+    put back after.
 
     The original tensors are kept by reference and restored as they were (no round trip), so the model's
-    weights afterwards are bit for bit what they were before. The embedding and LM head keep their dtype: the
-    head is applied to a handful of positions, where a low-precision copy gains nothing.
+    weights afterwards are bit for bit what they were before. The head is cast too: a batch of facts asks for
+    logits at hundreds of positions, and over a vocabulary of 50k–128k that product costs as much as the blocks.
+    (A head tied to the input embedding is cast once, with it; the final norm keeps its own dtype.)
     """
     if dtype_name not in _OPT_DTYPES:
         raise ValueError(f"optimize_dtype must be one of {', '.join(_OPT_DTYPES)}, not {dtype_name!r}")
     dtype = _OPT_DTYPES[dtype_name]
     saved = []
     blocks = get_module(model, spec.blocks)
-    for tensor in list(blocks.parameters()) + list(blocks.buffers()):
+    head = get_module(model, spec.lm_head)
+    tensors = list(blocks.parameters()) + list(blocks.buffers()) + list(head.parameters())
+    for tensor in {id(t): t for t in tensors}.values():
         if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor.dtype != dtype:
             saved.append((tensor, tensor.data))
     if not saved:
@@ -155,6 +159,8 @@ def weights_in(model: torch.nn.Module, dtype_name: str, spec: ArchSpec) -> Itera
 
     handles = [block.register_forward_pre_hook(into_blocks, with_kwargs=True) for block in blocks]
     handles.append(final_norm.register_forward_pre_hook(out_of_blocks, with_kwargs=True))
+    handles.append(head.register_forward_pre_hook(into_blocks, with_kwargs=True))
+    handles.append(head.register_forward_hook(lambda _module, _args, output: to(output, out_dtype)))
     cast: dict[int, torch.Tensor] = {}
     try:
         for tensor, data in saved:
@@ -264,40 +270,79 @@ class Optimized:
     steps: int
 
 
+def suffix_length(tokenizer, fact: Fact) -> int:
+    """Tokens from the subject's last one to the end of the prompt and the new target: the part of each of the
+    fact's prompts that δ-optimisation recomputes. Batching facts of equal length wastes no padding."""
+    text, start, end = fill(fact.prompt, fact)
+    return len(tokenizer(text + " " + fact.target_new)["input_ids"]) - subject_last_index(tokenizer, text, start, end)
+
+
 def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cfg) -> Optimized:
-    """Optimise δ added to ``module``'s output at the subject's last token (see the module docstring).
+    """:func:`optimize_deltas` for one fact."""
+    return optimize_deltas(model, tokenizer, spec, module, [fact], cfg)[0]
+
+
+def _target_ids(tokenizer, fact: Fact) -> list[int]:
+    ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
+    return ids
+
+
+def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequence[Fact], cfg) -> list[Optimized]:
+    """Optimise one δ per fact, added to ``module``'s output at the subject's last token, all in one batch.
+
+    Each fact's loss is its own (NLL on its new target over its rewrite prompts, KL on its "{subject} is a",
+    the norm penalty), and the total is their sum, so each δ's gradient is that of its fact alone; Adam is
+    element-wise, so the result is that of optimising each fact by itself (up to floating-point order). A fact
+    whose loss falls below ``early_stop_loss`` stops there: its δ is kept as it is for the remaining steps.
 
     ``cfg`` carries ``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``,
     ``early_stop_loss``, ``optimize_dtype`` and the resolved ``context_templates``. Call inside :func:`frozen`
-    with gradients enabled.
+    with gradients enabled. Memory grows with ``len(facts)``: callers chunk (MEMIT's ``facts_per_batch``).
     """
     device = model_device(model)
-    target_ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
-    if not target_ids:
-        raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
-    target_prefix = tokenizer.decode(target_ids[:-1])
-    rewrite_templates = [t.format(fact.prompt) + target_prefix for t in cfg.context_templates]
-    texts, idxs = lookups(tokenizer, rewrite_templates + ["{} is a"], fact)
-    n_rewrite = len(rewrite_templates)
+    n_facts = len(facts)
+    texts, idxs, owners, targets = [], [], [], []
+    for f, fact in enumerate(facts):
+        target_ids = _target_ids(tokenizer, fact)
+        targets.append(target_ids)
+        target_prefix = tokenizer.decode(target_ids[:-1])
+        rewrite = [t.format(fact.prompt) + target_prefix for t in cfg.context_templates]
+        t, i = lookups(tokenizer, rewrite, fact)
+        texts += t
+        idxs += i
+        owners += [f] * len(rewrite)
+    n_rewrite = len(cfg.context_templates)  # rows per fact; the facts' rewrite rows come first, in order
+    first_rows = torch.arange(n_facts, device=device) * n_rewrite  # each fact's bare prompt + target prefix
+    for fact in facts:
+        t, i = lookups(tokenizer, ["{} is a"], fact)
+        texts += t
+        idxs += i
     # Nothing before the subject's last token depends on δ: cache it once, optimise over the suffixes.
     batch = split_batch(tokenizer, texts, idxs, device)
     cols = torch.tensor(batch.edit_columns, device=device)
     rows = torch.arange(len(texts), device=device)
+    owner_of_row = torch.tensor(owners + list(range(n_facts)), device=device)
 
-    # Only some positions need logits: those predicting the new answer's tokens, and the KL lookups.
-    target_rows, target_cols, target_tokens = [], [], []
-    for i in range(n_rewrite):
-        end = batch.suffix_lengths[i]
-        for j, token in enumerate(target_ids):
-            target_rows.append(i)
-            target_cols.append(end - len(target_ids) + j)
+    # Only some positions need logits: those predicting the new answers' tokens, and the KL lookups.
+    target_rows, target_cols, target_tokens, target_owner = [], [], [], []
+    for r in range(n_facts * n_rewrite):
+        ids = targets[owners[r]]
+        end = batch.suffix_lengths[r]
+        for j, token in enumerate(ids):
+            target_rows.append(r)
+            target_cols.append(end - len(ids) + j)
             target_tokens.append(token)
+            target_owner.append(owners[r])
     target_rows = torch.tensor(target_rows, device=device)
     target_cols = torch.tensor(target_cols, device=device)
     target_tokens = torch.tensor(target_tokens, device=device)
-    kl_rows = rows[n_rewrite:]
+    target_owner = torch.tensor(target_owner, device=device)
+    nll_scale = torch.tensor([1.0 / (len(ids) * n_rewrite) for ids in targets], device=device)
+    kl_rows = rows[n_facts * n_rewrite :]
 
-    delta: torch.Tensor | None = None
+    delta: torch.Tensor | None = None  # (n_facts, hidden)
     optimizer = None
     init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
@@ -306,14 +351,16 @@ def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cf
         nonlocal init, delta, optimizer
         hidden = _first(output)
         if init is None:
-            init = hidden[0, batch.edit_columns[0]].detach().float().clone()
-            delta = torch.zeros(hidden.shape[-1], device=hidden.device, requires_grad=True)
+            init = hidden[first_rows, cols[first_rows]].detach().float().clone()
+            delta = torch.zeros(n_facts, hidden.shape[-1], device=hidden.device, requires_grad=True)
             optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
         mask = torch.zeros(hidden.shape[:2] + (1,), device=hidden.device, dtype=hidden.dtype)
         mask[rows, cols] = 1
-        return _replace_first(output, hidden + mask * delta.to(hidden.dtype))
+        return _replace_first(output, hidden + mask * delta.to(hidden.dtype)[owner_of_row].unsqueeze(1))
 
-    loss_value, step = float("nan"), 0
+    active = torch.ones(n_facts, dtype=torch.bool, device=device)
+    losses = torch.full((n_facts,), float("nan"))
+    steps = torch.zeros(n_facts, dtype=torch.long)
     dtype_name = resolve_optimize_dtype(cfg.optimize_dtype, device)
     with weights_in(model, dtype_name, spec), attention_for_gradients(model):
         # Blocks below the one holding ``module`` see no δ: computed once in prime() and replayed per step.
@@ -323,26 +370,35 @@ def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cf
                 optimizer.zero_grad()
             with Trace(model, module, retain_output=False, edit_output=add_delta):
                 hidden = batch.run(model)  # the final norm's output
-            picked_hidden = torch.cat([hidden[kl_rows, cols[n_rewrite:]], hidden[target_rows, target_cols]])
+            picked_hidden = torch.cat([hidden[kl_rows, cols[kl_rows]], hidden[target_rows, target_cols]])
             all_log_probs = F.log_softmax(head_logits(model, spec, picked_hidden), dim=-1)  # one pass over the head
-            kl_log_probs, log_probs = all_log_probs[: len(kl_rows)], all_log_probs[len(kl_rows) :]
+            kl_log_probs, log_probs = all_log_probs[:n_facts], all_log_probs[n_facts:]
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
             picked = log_probs.gather(1, target_tokens.unsqueeze(1)).squeeze(1)
-            nll = -picked.sum() / (len(target_ids) * n_rewrite)
-            kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
-            decay = cfg.v_weight_decay * (delta.norm() / init.norm() ** 2)
-            loss = nll + kl + decay
-            loss_value = loss.item()
-            if loss_value < cfg.early_stop_loss or step == cfg.v_num_grad_steps - 1:
+            nll = -torch.zeros(n_facts, device=device).index_add(0, target_owner, picked) * nll_scale
+            kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="none").sum(-1)
+            decay = cfg.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
+            loss = nll + kl + decay  # (n_facts,)
+            values = loss.detach().cpu()  # one host sync per step
+            live = active.cpu()
+            losses[live] = values[live]
+            steps[live] = step + 1
+            if step == cfg.v_num_grad_steps - 1:
                 break
-            loss.backward()
+            active &= (values >= cfg.early_stop_loss).to(device)
+            if not bool(active.any()):
+                break
+            (loss * active).sum().backward()
+            kept = delta.detach()[~active].clone()
             optimizer.step()
-            max_norm = cfg.clamp_norm_factor * init.norm()
             with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    return Optimized(delta.detach().float(), init, loss_value, step + 1)
+                delta[~active] = kept  # Adam's momentum would move a finished fact's δ: put it back
+                max_norm = cfg.clamp_norm_factor * init.norm(dim=1, keepdim=True)
+                norm = delta.norm(dim=1, keepdim=True)
+                delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+    final = delta.detach().float()
+    return [Optimized(final[f].clone(), init[f], float(losses[f]), int(steps[f])) for f in range(n_facts)]
 
 
 @contextlib.contextmanager

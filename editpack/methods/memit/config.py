@@ -15,3 +15,11 @@ class MEMITConfig(ROMEConfig):
     mom2_update_weight: float = 15000.0
     #: MEMIT's own setting (ROME's is 20); ``optimize_dtype`` defaults to "auto" as for ROME.
     v_num_grad_steps: int = 25
+    #: How many facts' δ are optimised together in one batch (each with its own loss and early stop). More is
+    #: faster until the device is busy; memory grows with it (activations of ``facts × prompts`` sequences).
+    facts_per_batch: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        if self.facts_per_batch < 1:
+            raise ValueError(f"facts_per_batch must be at least 1, not {self.facts_per_batch}")

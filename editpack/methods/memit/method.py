@@ -1,7 +1,8 @@
 """MEMIT (Meng et al. 2023): a batch of facts, the residual spread over the layers of a critical range.
 
 1. For each fact, a target hidden state ``z = h + δ`` at the output of the last edited block, at the subject's
-   last token, with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp).
+   last token, with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp); the facts' δ
+   are optimised together, ``facts_per_batch`` at a time, each with its own loss and early stop.
 2. For each edited layer ``l`` in order: keys ``K`` (the MLP output projection's input at the subject's last
    token, averaged over context prefixes), the remaining residual ``R = (z − h_now) / (layers left)``, and the
    update ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹``, applied before the next layer is processed.
@@ -20,7 +21,7 @@ from ...delta import LowRankDelta, WeightDelta
 from ...arch import ArchSpec
 from ...facts import Fact
 from ..base import EditMethod, register_method
-from ..locate import add_update, applied_updates, frozen, keys, optimize_delta, outputs_at_subject
+from ..locate import add_update, applied_updates, frozen, keys, optimize_deltas, outputs_at_subject, suffix_length
 from ..rome.method import layer_second_moments, resolve_locate_config
 from .config import MEMITConfig
 
@@ -42,7 +43,14 @@ class MEMIT(EditMethod):
         result = WeightDelta()
         with frozen(model):
             with torch.enable_grad():
-                optimized = [optimize_delta(model, tokenizer, spec, block, fact, cfg) for fact in facts]
+                # Facts of similar prompt length share a batch (less padding); results come back in order.
+                order = sorted(range(len(facts)), key=lambda i: suffix_length(tokenizer, facts[i]))
+                found = {}
+                for start in range(0, len(order), cfg.facts_per_batch):
+                    chunk = order[start : start + cfg.facts_per_batch]
+                    found.update(zip(chunk, optimize_deltas(model, tokenizer, spec, block,
+                                                            [facts[i] for i in chunk], cfg)))
+                optimized = [found[i] for i in range(len(facts))]
             targets = torch.stack([o.init + o.delta for o in optimized])  # (n, hidden)
             with applied_updates(model, spec) as originals:
                 for i, layer in enumerate(layers):
