@@ -34,7 +34,7 @@ from .fingerprint import (
     memory_wrapper,
     module_fingerprints,
     unwrap,
-    weight_fingerprint,
+    memo_fingerprint,
 )
 from .artifact import Artifact
 from .pack import EditPack
@@ -136,7 +136,7 @@ def _check_quantized(base: torch.nn.Module, pack: EditPack, quantized: list[str]
                       "model", stacklevel=3)
         return
     embed = spec_for(base).embed
-    found = weight_fingerprint(base.get_submodule(embed).weight)
+    found = memo_fingerprint(base, f"{embed}.weight", base.get_submodule(embed).weight)
     if found != pack.base.embedding:
         raise FingerprintMismatchError(
             f"pack {pack.ref} was made for {pack.base.id}, but this quantized model's input embedding differs from "

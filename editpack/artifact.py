@@ -95,7 +95,7 @@ class BaseModel:
 def describe_base(model, modules: Iterable[str]) -> BaseModel:
     """What an artifact records about the model it was computed on (original weights, before any pack)."""
     from .arch import spec_for
-    from .fingerprint import combine, materialized, module_fingerprints, unwrap, weight_fingerprint
+    from .fingerprint import combine, materialized, memo_fingerprint, module_fingerprints, unwrap
     from .models import BUILTINS, ModelRef
 
     model = unwrap(model)
@@ -105,8 +105,9 @@ def describe_base(model, modules: Iterable[str]) -> BaseModel:
     hub_id = builtin.hub_id if builtin else (model_id if ref and ref.hub else None)
     modules = list(modules)
     fingerprints = module_fingerprints(model, modules) if modules else {}
-    with materialized(model.get_submodule(spec_for(model).embed)) as embed:
-        embedding = weight_fingerprint(embed.weight)
+    embed_name = spec_for(model).embed
+    with materialized(model.get_submodule(embed_name)) as embed:
+        embedding = memo_fingerprint(model, f"{embed_name}.weight", embed.weight)
     return BaseModel(
         id=model_id,
         fingerprint=combine(fingerprints) if fingerprints else "",

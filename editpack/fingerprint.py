@@ -9,6 +9,12 @@ A pack records one hash per module it edits (:func:`module_fingerprints`) and th
 Weights that :func:`editpack.apply` merged packs into are hashed as they were before the merge; weights that
 accelerate offloaded are read back from their offload store; bitsandbytes-quantized weights cannot be compared
 exactly and are reported by :func:`is_quantized` so callers can fall back to the embedding fingerprint.
+
+Hashing is the expensive part at scale (a 7B model's embedding and first blocks are gigabytes, copied to the host
+and hashed for every edit), so each tensor's hash is remembered on the model object (:func:`memo_fingerprint`)
+together with a signature computed where the tensor lives: its storage, version counter, and float64 sum and
+norm. In-place writes through ``.data`` (as PEFT's merge does) leave the version counter alone but change the sum
+or the norm, so a remembered hash is used only for the same storage with the same contents.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Iterable
 import torch
 
 ORIGINALS = "_editpack_originals"  # {module name: weight before merge}, set by editpack.apply(merge=True)
+_MEMO = "_editpack_fingerprints"  # {key: (signature, fingerprint)} on the model object
 
 
 def memory_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -77,6 +84,28 @@ def weight_fingerprint(tensor: torch.Tensor) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _signature(tensor: torch.Tensor) -> tuple | None:
+    """What must be unchanged for a remembered hash of ``tensor`` to hold (``None``: do not remember)."""
+    data = tensor.detach()
+    if data.device.type == "meta" or not data.is_floating_point():
+        return None
+    sums = torch.stack([data.sum(dtype=torch.float64), torch.linalg.vector_norm(data, dtype=torch.float64)])
+    return (data.data_ptr(), data.device, tuple(data.shape), data.dtype, tensor._version, tuple(sums.tolist()))
+
+
+def memo_fingerprint(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> str:
+    """:func:`weight_fingerprint` of ``tensor``, remembered on ``model`` under ``key`` (see the module docstring)."""
+    memo = model.__dict__.setdefault(_MEMO, {})
+    signature = _signature(tensor)
+    known = memo.get(key)
+    if signature is not None and known is not None and known[0] == signature:
+        return known[1]
+    value = weight_fingerprint(tensor)
+    if signature is not None:
+        memo[key] = (signature, value)
+    return value
+
+
 def module_fingerprints(model: torch.nn.Module, module_names: Iterable[str]) -> dict[str, str]:
     """``{module: sha256:<hex>}`` over each module's original weight (before any merged pack)."""
     base = unwrap(model)
@@ -84,10 +113,10 @@ def module_fingerprints(model: torch.nn.Module, module_names: Iterable[str]) -> 
     out = {}
     for name in sorted(set(module_names)):
         if name in originals:
-            out[name] = weight_fingerprint(originals[name])
+            out[name] = memo_fingerprint(base, f"original:{name}", originals[name])
             continue
         with materialized(base.get_submodule(name)) as layer:
-            out[name] = weight_fingerprint(layer.weight)
+            out[name] = memo_fingerprint(base, f"{name}.weight", layer.weight)
     return out
 
 
@@ -100,20 +129,21 @@ def combine(fingerprints: dict[str, str]) -> str:
 
 
 def parameters_fingerprint(model: torch.nn.Module, prefixes: Iterable[str]) -> str:
-    """``sha256:<hex>`` over every base parameter whose name starts with one of ``prefixes``.
+    """``sha256:<hex>`` over every base parameter whose name starts with one of ``prefixes`` (each parameter's
+    name and :func:`weight_fingerprint`, in order).
 
     PEFT adapters (unmerged packs) are left out and wrapped layers named as before wrapping, so a model with
     unmerged packs has the fingerprint of its base.
     """
     prefixes = tuple(prefixes)
+    base = unwrap(model)
     digest = hashlib.sha256()
-    for name, param in unwrap(model).named_parameters():
+    for name, param in base.named_parameters():
         if "lora_" in name:  # applied packs' adapters are not part of the base weights
             continue
         name = name.replace(".base_layer.", ".")
         if name.startswith(prefixes):
-            digest.update(name.encode() + b"\0")
-            tensor_digest(param, digest)
+            digest.update(f"{name}={memo_fingerprint(base, name, param)}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 

@@ -158,3 +158,37 @@ def test_bad_arguments(setup, tmp_path):
         edit(model, FACT, tokenizer=tok, version="v1", **TINY)
     with pytest.raises(PackFormatError, match="holds no editpack.json"):
         EditPack.load(tmp_path)
+
+
+def test_remembered_fingerprints_follow_every_change_to_the_weights(setup, monkeypatch):
+    """Hashes are remembered on the model, and a write through ``.data`` (PEFT's merge) or in place is seen."""
+    from editpack import fingerprint
+
+    model, tok = setup
+    hashed = []
+    real = fingerprint.weight_fingerprint
+    monkeypatch.setattr(fingerprint, "weight_fingerprint", lambda t: hashed.append(1) or real(t))
+    names = [n for n, _ in model.named_parameters()][:4]
+    first = fingerprint.parameters_fingerprint(model, names)
+    assert len(hashed) == 4
+    assert fingerprint.parameters_fingerprint(model, names) == first and len(hashed) == 4  # remembered
+    param = dict(model.named_parameters())[names[-1]]
+    param.data.view(-1)[0] += 1.0  # through .data: no version bump
+    changed = fingerprint.parameters_fingerprint(model, names)
+    assert changed != first and len(hashed) == 5  # only the changed tensor hashed again
+    with torch.no_grad():
+        param.view(-1)[0] -= 1.0
+    assert fingerprint.parameters_fingerprint(model, names) == first
+    # The same weights in another model object are hashed afresh (the memory is per model).
+    assert fingerprint.parameters_fingerprint(tiny_model(model.config.model_type), names) == first
+
+
+def test_merge_then_revert_keeps_pack_fingerprints_right(setup):
+    model, tok = setup
+    pack = edit(model, FACT, tokenizer=tok, layers=[1], **TINY)
+    merged = apply(model, pack, merge=True)  # PEFT writes the merged weights through .data
+    second = edit(merged, FACT, tokenizer=tok, layers=[1], **TINY)  # computed on the merged model
+    assert second.base.modules == pack.base.modules  # the base (pre-merge) weights' hashes
+    restored = revert(merged)
+    again = edit(restored, FACT, tokenizer=tok, layers=[1], **TINY)
+    assert again.base.modules == pack.base.modules
