@@ -464,6 +464,43 @@ def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_e
 
 
 # ------------------------------------------------------------------------------------------------ the Hub
+@main.command("export")
+@click.argument("packs", nargs=-1, required=True)
+@click.option("--to", "target", required=True, type=click.Choice(["gguf", "vllm", "sglang", "lorax", "tgi"]),
+              help="gguf: a llama.cpp LoRA adapter (or, with --merged, a whole model); the others: a PEFT folder that "
+                   "engine loads as is.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="The .gguf file or the adapter folder to write.")
+@click.option("--base", "base_gguf", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The base model's GGUF (names and shapes are checked against it; needed for --merged).")
+@click.option("--merged", is_flag=True, help="With --to gguf: a whole edited GGUF model instead of an adapter.")
+@click.option("--model", default=None, help="The base model, for its depth (LoRAX/TGI want every layer); default: "
+                                            "the packs' base.")
+@click.option("--overwrite", is_flag=True, help="Replace an export editpack wrote before.")
+@friendly_errors
+def export_cmd(packs, target, output, base_gguf, merged, model, overwrite):
+    """Write PACKS (one adapter for all of them) in the form llama.cpp or a multi-LoRA server reads."""
+    from editpack.export import export_gguf, export_peft
+
+    if merged and target != "gguf":
+        raise click.UsageError("--merged writes a whole GGUF model; use it with --to gguf")
+    loaded = load_packs(packs)
+    if target == "gguf":
+        if Path(output).exists() and not overwrite:
+            raise click.UsageError(f"{output} already exists (pass --overwrite to replace it)")
+        with writing(output):
+            result = export_gguf(loaded, output, base=base_gguf, merged=merged, overwrite=overwrite)
+    else:
+        check_output(output, overwrite, packs)
+        with writing(output):
+            result = export_peft(loaded, target, output, model=model, overwrite=overwrite)
+    what = "merged GGUF model" if merged else ("GGUF LoRA adapter" if target == "gguf" else f"{target} adapter")
+    rank = f", rank {result.rank}" if result.rank else ""
+    click.echo(f"wrote {result.path}: {what} of {len(loaded)} pack(s), {len(result.modules)} module(s){rank}, "
+               f"{result.bytes:,} bytes")
+    for note in result.notes:
+        click.echo(f"  {note}")
+
+
 @main.command("push")
 @click.argument("pack")
 @click.argument("repo_id")

@@ -59,7 +59,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 #: Files that mark a directory as editpack's own output, which ``overwrite`` may replace: an artifact's manifest,
 #: the record of a merged model folder, the source record of a converted built-in model.
-OWN_MARKERS = ("editpack.json", "editpack_applied.json", "editpack_source.json")
+OWN_MARKERS = ("editpack.json", "editpack_applied.json", "editpack_source.json", "editpack_export.json")
 
 
 def check_output(final: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -44,6 +44,10 @@ class ArchSpec:
     description: str = ""
     layer_roles: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: How llama.cpp names this family (``arch``, its ``general.architecture``) and which modules its converter
+    #: copies without transforming them (``plain_modules``, suffixes after the layer): only those can be exported
+    #: as GGUF LoRA tensors. Absent: no GGUF export.
+    gguf: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ArchSpec":
