@@ -501,6 +501,38 @@ def export_cmd(packs, target, output, base_gguf, merged, model, overwrite):
         click.echo(f"  {note}")
 
 
+@main.command("ui")
+@click.option("--packs", "packs_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder of packs to offer; new edits are saved here (default: $EDITPACK_HOME/playground).")
+@click.option("--model", default=None, help="Model to load (default: the default built-in).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (this machine only by default).")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--no-eval", is_flag=True, help="Save new edits without evaluating them (faster, cards without scores).")
+@click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH", help="Key-statistics corpus.")
+@friendly_errors
+def ui_cmd(packs_dir, model, host, port, no_eval, corpus):
+    """A local web page: browse packs and their cards, switch them on and off, compare, and edit."""
+    try:
+        import uvicorn
+
+        from editpack.ui.app import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the playground needs its extra ({exc.name} is missing): "
+                                   "pip install 'editpack[ui]'") from None
+    from editpack.models import load_model
+    from editpack.paths import cache_dir
+    from editpack.ui import Playground
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Warning: binding {host}: anyone who can reach it can run edits on this machine.", err=True)
+    lm, tokenizer = load_model(model)
+    folder = Path(packs_dir) if packs_dir else cache_dir("playground")
+    playground = Playground(lm, tokenizer, folder, evaluate=not no_eval,
+                            corpus=check_corpus(corpus) if corpus else None)
+    click.echo(f"editpack playground on http://{host}:{port}/ ({lm.editpack_ref.id}; packs in {folder}); Ctrl+C stops")
+    uvicorn.run(create_app(playground), host=host, port=port, log_level="warning")
+
+
 @main.command("push")
 @click.argument("pack")
 @click.argument("repo_id")

@@ -1,0 +1,82 @@
+"""The playground's web layer: a FastAPI app over :class:`~editpack.ui.playground.Playground` and one page."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from ..errors import EditpackError
+from .playground import Playground
+
+
+def render_card(markdown: str, key: str) -> str:
+    """The card as HTML (no raw HTML passes through); the chart's relative link points at the pack's file."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return body.replace('src="evaluation.png"', f'src="/api/file?key={quote(key)}&amp;name=evaluation.png"')
+
+
+def create_app(playground: Playground):
+    """A FastAPI application serving the page and its JSON API for ``playground``."""
+    from fastapi import Body, FastAPI
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+    app = FastAPI(title="editpack playground", docs_url=None, redoc_url=None, openapi_url=None)
+    page = resources.files("editpack.ui").joinpath("index.html").read_text(encoding="utf-8")
+
+    def guarded(action):
+        try:
+            return action()
+        except KeyError as exc:
+            return JSONResponse({"error": str(exc.args[0] if exc.args else exc)}, status_code=404)
+        except (EditpackError, ValueError, OSError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/packs")
+    def packs() -> Any:
+        return {"packs": playground.listing(), "folder": str(playground.packs_dir)}
+
+    @app.post("/api/refresh")
+    def refresh() -> Any:
+        return guarded(lambda: {"packs": playground.refresh()})
+
+    @app.post("/api/switch")
+    def switch(key: str = Body(...), on: bool = Body(...)) -> Any:
+        return guarded(lambda: playground.switch(key, on))
+
+    @app.get("/api/card")
+    def card(key: str) -> Any:
+        return guarded(lambda: {"key": key, "html": render_card(playground.card(key), key)})
+
+    @app.get("/api/file")
+    def file(key: str, name: str) -> Any:
+        return guarded(lambda: FileResponse(playground.file(key, name)))
+
+    @app.get("/api/versions")
+    def versions(repo: str) -> Any:
+        return guarded(lambda: {"repo": repo, "versions": playground.hub_versions(repo)})
+
+    @app.post("/api/pull")
+    def pull(reference: str = Body(..., embed=True)) -> Any:
+        return guarded(lambda: playground.pull(reference))
+
+    @app.post("/api/compare")
+    def compare(prompt: str = Body(...), max_new_tokens: int = Body(20)) -> Any:
+        return guarded(lambda: playground.compare(prompt, max_new_tokens=max(1, min(max_new_tokens, 200))))
+
+    @app.post("/api/edit")
+    def edit(prompt: str = Body(...), subject: str = Body(...), target: str = Body(...),
+             method: str = Body("rome")) -> Any:
+        return guarded(lambda: playground.start_edit(prompt, subject, target, method).status())
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: int) -> Any:
+        return guarded(lambda: playground.jobs[job_id].status())
+
+    return app
