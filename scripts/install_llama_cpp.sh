@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's Python binding (llama-cpp-python) from its source package with this machine's compiler,
+# CPU only, so the slow test tier can run exported GGUF packs in the real runtime
+# (tests/test_export_llama_cpp.py; it is skipped when the binding is not installed). Prints how long it took.
+set -euo pipefail
+PY=${PYTHON:-python3}
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+start=$(date +%s)
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" \
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+  "$PY" -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==${VERSION}"
+"$PY" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'built')"
+echo "built in $(( $(date +%s) - start )) s"
