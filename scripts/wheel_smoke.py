@@ -2,8 +2,9 @@
 
 Run from outside the source tree, so ``import editpack`` finds the installed package. Makes an edit with every
 registered method on a tiny random Llama-like model, evaluates the ROME pack on the shipped suites (package
-data) with its chart, saves and reloads each pack, applies and reverts it, and makes a memory pack when the
-MiniLM encoder package is installed. Prints one line per check; exits non-zero on
+data) with its chart, saves and reloads each pack, applies and reverts it, makes a memory pack when the
+MiniLM encoder package is installed, and exports the ROME pack for every serving engine and as GGUF (the
+engines' rules and the playground page are package data). Prints one line per check; exits non-zero on
 the first failure.
 """
 
@@ -69,6 +70,25 @@ def main() -> int:
                 print(f"FAIL: {method}: revert did not restore the weights")
                 return 1
             print(f"ok {method}: {loaded.kind} pack {loaded.ref}, {sorted(p.name for p in path.iterdir())}")
+        # Package data of the export rules and the playground page, and an export of the ROME pack for each.
+        from importlib import resources
+
+        from editpack.export import check_export, engines, export_gguf, export_peft
+
+        if engines() != ["lorax", "sglang", "tgi", "vllm"]:
+            print(f"FAIL: the engine rules shipped are {engines()}")
+            return 1
+        if "editpack playground" not in resources.files("editpack.ui").joinpath("index.html").read_text():
+            print("FAIL: the playground page is not in the wheel")
+            return 1
+        for engine in engines():
+            out = export_peft([Path(scratch) / "rome"], engine, Path(scratch) / f"export-{engine}", num_layers=4)
+            problems = check_export(out.path, engine, num_layers=4)
+            if problems:
+                print(f"FAIL: export for {engine}: {problems}")
+                return 1
+        export_gguf([Path(scratch) / "rome"], Path(scratch) / "rome.gguf")
+        print(f"ok export: {', '.join(engines())} and gguf")
     return 0
 
 
