@@ -96,3 +96,20 @@ def test_the_json_api(playground):
                                          "method": "no-such-method"})
     assert job.status_code == 400 and "no-such-method" in job.json()["error"]
     assert client.get("/api/jobs/999").status_code == 404
+
+
+def test_hub_versions_are_listed_pulled_and_then_found_in_the_cache(playground, hub):
+    from editpack.hub import push
+
+    repo = "tester/existing"
+    push(playground.packs_dir / "existing", repo)
+    assert [v["version"] for v in playground.hub_versions(repo)] == ["1.0.0"]
+    pulled = playground.pull(f"{repo}@1.0.0")
+    assert pulled["key"] == f"hub:{repo}@1.0.0" and pulled["origin"] == "hub"
+    # After a refresh the same pack is found in the Hugging Face cache (with its tag), not lost.
+    keys = {p["key"]: p["origin"] for p in playground.refresh()}
+    assert keys["cache:tester/existing@v1.0.0"] == "cache" and keys["folder:existing"] == "folder"
+    playground.switch("cache:tester/existing@v1.0.0", True)
+    assert playground.compare("the famous eiffel tower", max_new_tokens=2)["packs"] == ["existing@1.0.0"]
+    with pytest.raises(editpack.EditpackError):
+        playground.hub_versions("tester/no-such-repo")

@@ -215,9 +215,9 @@ class Playground:
 def _cached_packs() -> list[tuple[str, Artifact]]:
     """Packs in the Hugging Face cache: every snapshot of a model repository that holds an editpack manifest."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        info = scan_cache_dir()
+        info = scan_cache_dir(constants.HF_HUB_CACHE)  # read now: the cache may have moved since import
     except Exception:  # noqa: BLE001  (no cache yet, or an unreadable one: nothing to offer)
         return []
     out = []
