@@ -502,24 +502,28 @@ def export_gguf(packs, output: str | os.PathLike, *, base: str | os.PathLike | N
                   [f"llama.cpp scale alpha/rank = {rank}/{rank} = 1 for every tensor"])
 
 
-def _requantized(gguf, weight, delta, qtypes) -> tuple[Any, Any, float]:
+def _requantized(gguf, weight, delta, qtypes) -> tuple[Any, Any, float, dict]:
     """The first of ``qtypes`` whose requantized ``weight + delta`` keeps at least :data:`GGUF_RETAINED` of
-    ``delta``: ``(type, data, retained)``; F32 always does."""
+    ``delta``: ``(type, data, retained, {type tried: share kept, or None where the gguf package cannot
+    quantize it})``; F32 always qualifies."""
     import numpy as np
 
     target = weight + delta
     norm = float(np.linalg.norm(delta)) or 1.0
+    tried: dict = {}
     for qtype in qtypes:
         if qtype == gguf.GGMLQuantizationType.F32:
-            return qtype, target.astype(np.float32), 1.0
+            return qtype, target.astype(np.float32), 1.0, tried
         try:
             data = gguf.quants.quantize(target, qtype)
             back = gguf.quants.dequantize(data, qtype)
         except (NotImplementedError, gguf.quants.QuantError, ValueError):
+            tried[qtype] = None
             continue
         retained = 1.0 - float(np.linalg.norm(back - weight - delta)) / norm
         if retained >= GGUF_RETAINED:
-            return qtype, data, retained
+            return qtype, data, retained, tried
+        tried[qtype] = retained
     raise AssertionError("unreachable: F32 is always a candidate")
 
 
@@ -535,14 +539,16 @@ def _export_merged_gguf(packs, deltas, names, reader, output: Path, overwrite: b
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
             tuple(reversed(tensor.shape.tolist()))).astype("float32")
         delta = deltas[module].dense().numpy().astype("float32")
-        qtype, data, retained = _requantized(gguf, weight, delta, [tensor.tensor_type, gguf.GGMLQuantizationType.F16,
-                                                                   gguf.GGMLQuantizationType.F32])
+        qtype, data, retained, tried = _requantized(
+            gguf, weight, delta, [tensor.tensor_type, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32])
         edited[tensor.name] = (qtype, data)
-        kept = tensor.tensor_type.name
-        notes.append(f"{tensor.name}: {qtype.name}" + (f" (as in the base; keeps {retained:.1%} of the edit)"
-                                                       if qtype == tensor.tensor_type else
-                                                       f" instead of the base's {kept}: requantizing to {kept} "
-                                                       f"{'is not implemented in the gguf package' if not _can_quantize(gguf, tensor.tensor_type) else f'keeps under {GGUF_RETAINED:.0%} of the edit'}"))
+        if qtype == tensor.tensor_type:
+            notes.append(f"{tensor.name}: {qtype.name} as in the base (keeps {retained:.1%} of the edit)")
+        else:
+            why = "; ".join(f"{t.name} is not implemented in the gguf package" if kept is None else
+                            f"{t.name} keeps {kept:.1%} of the edit (under {GGUF_RETAINED:.0%})"
+                            for t, kept in tried.items())
+            notes.append(f"{tensor.name}: {qtype.name} instead of the base's {tensor.tensor_type.name}: {why}")
 
     def write(tmp: Path) -> None:
         arch = reader.fields["general.architecture"].contents()

@@ -170,9 +170,9 @@ def test_merged_gguf_keeps_the_base_type_only_where_the_edit_survives(packs, tmp
         assert kept >= 0.9
         note = next(n for n in out.notes if n.startswith("blk.1.ffn_down.weight"))
         if expect:
-            assert edited.tensor_type == qtype and "as in the base" in note
+            assert edited.tensor_type == qtype and "Q8_0 as in the base" in note
         else:  # a 4-bit grid loses the small edit: written at higher precision, and said so
-            assert edited.tensor_type != qtype and "keeps under 90%" in note
+            assert edited.tensor_type != qtype and "Q4_1 keeps" in note and "(under 90%)" in note
     with pytest.raises(ExportError, match="pass it"):
         export_gguf([packs[0]], tmp_path / "m.gguf", merged=True)
 
