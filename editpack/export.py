@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
@@ -37,15 +35,14 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import atomic_directory, atomic_write_json, read_safetensors, write_safetensors
+from ._io import atomic_directory, atomic_file, atomic_write_json, read_safetensors, write_safetensors
 from .arch import ArchSpec, spec_for_model_type
 from .delta import LowRankDelta
 from .errors import EditpackError
-from .pack import EditPack
+from .pack import ADAPTER_KEY, EditPack, lora_state_dict
 
 EXPORT_RECORD = "editpack_export.json"
 GGUF_RETAINED = 0.9  # share of an edit a requantized tensor must keep (1 - relative error of the delta)
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
 class ExportError(EditpackError):
@@ -216,7 +213,7 @@ def export_peft(packs, engine: str, output: str | os.PathLike, *, model: str | N
     deltas = {name: _fit_rank(name, d, rules.max_rank, rules.title) for name, d in combined_delta(loaded).items()}
     notes: list[str] = []
     placed = {name: _split(spec, name) for name in deltas}
-    shapes = {suffix: (d.B.shape[0], d.A.shape[1]) for name, d in deltas.items() for suffix in [placed[name][1]]}
+    shapes = {placed[name][1]: (d.B.shape[0], d.A.shape[1]) for name, d in deltas.items()}
 
     def zero(suffix: str) -> LowRankDelta:
         out_features, in_features = shapes[suffix]
@@ -253,11 +250,7 @@ def export_peft(packs, engine: str, output: str | os.PathLike, *, model: str | N
     rank = max(max(d.rank for d in deltas.values()), rules.min_rank)
     if rules.max_rank is not None and rank > rules.max_rank:
         raise ExportError(f"rank {rank} is over {rules.title}'s maximum of {rules.max_rank}")
-    state = {}
-    for name in sorted(deltas):
-        padded = _pad(deltas[name], rank)
-        state[f"base_model.model.{name}.lora_A.weight"] = padded.A.contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = padded.B.contiguous()
+    state = lora_state_dict({name: _pad(deltas[name], rank) for name in sorted(deltas)})
     server = rules.server_rank(rank)
     if server is not None:
         notes.append(f"serve with a maximum LoRA rank of at least {server} (e.g. vLLM --max-lora-rank {server})")
@@ -310,7 +303,7 @@ def check_export(directory: str | os.PathLike, engine: str, *, num_layers: int |
         problems.append(f"bias is {config.get('bias')!r}")
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        match = _KEY.match(key)
+        match = ADAPTER_KEY.match(key)
         if not match:
             problems.append(f"tensor {key} is not named base_model.model.<module>.lora_A/B.weight")
             continue
@@ -413,27 +406,14 @@ def _gguf_base(path: str | os.PathLike):
 
 
 def _write_atomic_file(output: Path, overwrite: bool, write) -> None:
+    """``write(tmp)`` a file that replaces ``output`` atomically; an existing file only with ``overwrite``."""
     output = Path(output)
     if output.is_symlink() or output.is_dir():
         raise FileExistsError(f"{output} is a {'link' if output.is_symlink() else 'directory'}; refusing to write there")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    from ._io import _umask as umask
-
-    return umask()
+    with atomic_file(output) as tmp:
+        write(tmp)
 
 
 def _metadata(writer, packs: Sequence[EditPack]) -> None:
@@ -580,13 +560,3 @@ def _export_merged_gguf(packs, deltas, names, reader, output: Path, overwrite: b
 
     _write_atomic_file(output, overwrite, write)
     return Export(output, "gguf-merged", 0, sorted(deltas), output.stat().st_size, notes)
-
-
-def _can_quantize(gguf, qtype) -> bool:
-    import numpy as np
-
-    try:
-        gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), qtype)
-        return True
-    except (NotImplementedError, gguf.quants.QuantError, ValueError):
-        return False

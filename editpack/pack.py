@@ -47,7 +47,17 @@ from .errors import PackFormatError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STATE = "method_state.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+#: The key of a LoRA factor in a saved PEFT adapter (no adapter name, as ``save_pretrained`` writes them).
+ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def lora_state_dict(factors: dict[str, LowRankDelta]) -> dict[str, torch.Tensor]:
+    """``{module: B @ A}`` factors under PEFT's saved key names, float32, contiguous, on the CPU."""
+    state = {}
+    for name, d in factors.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = d.A.detach().float().contiguous().cpu()
+        state[f"base_model.model.{name}.lora_B.weight"] = d.B.detach().float().contiguous().cpu()
+    return state
 
 
 def stored_dense(delta: LowRankDelta) -> bool:
@@ -134,11 +144,7 @@ class EditPack(Artifact):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA weights under PEFT's saved key names (no adapter name, as ``save_pretrained`` writes them)."""
-        state = {}
-        for name, d in self.stored_factors().items():
-            state[f"base_model.model.{name}.lora_A.weight"] = d.A.detach().float().contiguous().cpu()
-            state[f"base_model.model.{name}.lora_B.weight"] = d.B.detach().float().contiguous().cpu()
-        return state
+        return lora_state_dict(self.stored_factors())
 
     # ------------------------------------------------------------------------------------------ manifest
     def payload_manifest(self) -> dict[str, Any]:
@@ -172,7 +178,7 @@ class EditPack(Artifact):
         state = read_safetensors(weights)
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
-            match = _KEY.match(key)
+            match = ADAPTER_KEY.match(key)
             if not match:
                 raise PackFormatError(f"{weights}: unexpected tensor {key!r}")
             factors.setdefault(match["module"], {})[match["factor"]] = tensor
