@@ -296,7 +296,7 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
     cache_repo = folder.parent.parent  # <cache>/models--user--name: snapshots link into its blobs
     problems = verify_files(folder, manifest, links_into=cache_repo)
     if problems:
-        _evict(ref.repo_id, folder.name)
+        _evict(ref.repo_id, folder.name, cache_repo.parent)
         raise PackFormatError(f"{ref} (commit {folder.name[:12]}) failed verification, nothing was kept: "
                               + "; ".join(problems))
     if output is None:
@@ -317,13 +317,22 @@ def _file_sizes(api, ref: HubReference, commit: str) -> dict[str, int]:
             if isinstance(entry, RepoFile)}
 
 
-def _evict(repo_id: str, commit: str) -> None:
-    """Drop a revision that failed verification from the Hugging Face cache, so it is not served again."""
-    from huggingface_hub import scan_cache_dir
+def scan_cache(cache_dir: str | Path | None = None):
+    """The Hugging Face cache scanned (``cache_dir``, else where huggingface_hub points now), or ``None`` when
+    there is none to scan. ``scan_cache_dir``'s own default is read when huggingface_hub is first imported, so a
+    cache moved later (``HF_HUB_CACHE`` set in the process) would be missed."""
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        cache = scan_cache_dir()
-    except Exception:  # noqa: BLE001 - a cache we cannot scan is simply left alone
+        return scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
+    except Exception:  # noqa: BLE001 - no cache yet, or one we cannot read: nothing to see
+        return None
+
+
+def _evict(repo_id: str, commit: str, cache_dir: Path) -> None:
+    """Drop a revision that failed verification from the cache it was downloaded into, so it is not served again."""
+    cache = scan_cache(cache_dir)
+    if cache is None:
         return
     hashes = [r.commit_hash for repo in cache.repos if repo.repo_id == repo_id for r in repo.revisions
               if r.commit_hash == commit]

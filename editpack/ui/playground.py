@@ -214,11 +214,10 @@ class Playground:
 
 def _cached_packs() -> list[tuple[str, Artifact]]:
     """Packs in the Hugging Face cache: every snapshot of a model repository that holds an editpack manifest."""
-    try:
-        from huggingface_hub import constants, scan_cache_dir
+    from ..hub import scan_cache
 
-        info = scan_cache_dir(constants.HF_HUB_CACHE)  # read now: the cache may have moved since import
-    except Exception:  # noqa: BLE001  (no cache yet, or an unreadable one: nothing to offer)
+    info = scan_cache()
+    if info is None:
         return []
     out = []
     for repo in info.repos:
