@@ -64,17 +64,6 @@ def emit(result: dict, out: str | None) -> dict:
     return result
 
 
-def rewrite_prompts(tokenizer, fact, templates: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
-    """The prompts a locate-then-edit method optimises over for ``fact`` (each template + prompt + the new
-    target's tokens but the last), each one's subject-last token index, and the target's token ids."""
-    from editpack.methods.locate import lookups
-
-    target_ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
-    prefix = tokenizer.decode(target_ids[:-1])
-    texts, idxs = lookups(tokenizer, [t.format(fact.prompt) + prefix for t in templates], fact)
-    return texts, idxs, target_ids
-
-
 def in_dtype(model, dtype_name: str):
     """``model`` itself when its weights are in ``dtype_name`` already, else a copy cast to it."""
     dtype = getattr(torch, dtype_name)
@@ -84,20 +73,18 @@ def in_dtype(model, dtype_name: str):
 def delta_loop_floor(model, tokenizer, module: str, prompts: Sequence[tuple[list[str], list[int], list[int]]],
                      steps: int, lr: float = 0.5) -> float:
     """Seconds for ``steps`` Adam steps of the bare δ loop (see the module docstring) for one or more facts in
-    one batch, each with its own δ; ``prompts`` holds each fact's :func:`rewrite_prompts`. ``model`` should be
+    one batch, each with its own δ; ``prompts`` holds each fact's
+    :func:`editpack.methods.locate.rewrite_lookups`. ``model`` should be
     in the precision editpack optimises in (:func:`in_dtype`)."""
-    work = model
     device = next(model.parameters()).device
     texts = [t for texts, _, _ in prompts for t in texts]
     owners = [f for f, (texts_, _, _) in enumerate(prompts) for _ in texts_]
     idxs = [i for _, idxs_, _ in prompts for i in idxs_]
     targets = [ids for f, (texts_, _, ids) in enumerate(prompts) for _ in texts_]
-    with_padding = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
+    from editpack.generation import padding_side
+
+    with padding_side(tokenizer, "right"):
         batch = tokenizer(texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = with_padding
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     lengths = mask.sum(1).tolist()
     rows = torch.arange(len(texts), device=device)
@@ -107,38 +94,35 @@ def delta_loop_floor(model, tokenizer, module: str, prompts: Sequence[tuple[list
     target_cols = torch.tensor([lengths[r] - len(t) + j for r, t in enumerate(targets) for j in range(len(t))],
                                device=device)
     tokens = torch.tensor([token for t in targets for token in t], device=device)
-    head = work.get_output_embeddings()
-    delta = torch.zeros(len(prompts), work.config.hidden_size, device=device, requires_grad=True)
+    head = model.get_output_embeddings()
+    delta = torch.zeros(len(prompts), model.config.hidden_size, device=device, requires_grad=True)
 
     def add(_module, _args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.index_put((rows, at), hidden[rows, at] + delta[owner].to(hidden.dtype))
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-    flags = [(p, p.requires_grad) for p in work.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    handle = work.get_submodule(module).register_forward_hook(add)
-    if device.type == "cpu" and hasattr(work, "set_attn_implementation"):
-        work.set_attn_implementation("eager")  # PyTorch's CPU SDPA backward is slow; eager gives the same values
-    try:
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer = torch.optim.Adam([delta], lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            hidden = work.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = head(hidden[target_rows, target_cols]).float()
-            # The facts' losses summed: each δ gets its own fact's gradient.
-            loss = torch.nn.functional.cross_entropy(logits, tokens, reduction="sum") / len(rows)
-            loss.backward()
-            optimizer.step()
-        synchronize(device)
-        return time.perf_counter() - start
-    finally:
-        handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    from editpack.methods.locate import attention_for_gradients, frozen
+
+    # No parameter gradients, and on a CPU the matmul ("eager") attention, whose backward is fast; both restored.
+    with frozen(model), attention_for_gradients(model), torch.enable_grad():
+        handle = model.get_submodule(module).register_forward_hook(add)
+        try:
+            synchronize(device)
+            start = time.perf_counter()
+            optimizer = torch.optim.Adam([delta], lr=lr)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                logits = head(hidden[target_rows, target_cols]).float()
+                # The facts' losses summed: each δ gets its own fact's gradient.
+                loss = torch.nn.functional.cross_entropy(logits, tokens, reduction="sum") / len(rows)
+                loss.backward()
+                optimizer.step()
+            synchronize(device)
+            return time.perf_counter() - start
+        finally:
+            handle.remove()
 
 
 @torch.no_grad()

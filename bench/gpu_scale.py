@@ -41,7 +41,6 @@ from _common import (  # noqa: E402
     forward_floor,
     in_dtype,
     private_home,
-    rewrite_prompts,
     synchronize,
     timed,
 )
@@ -156,6 +155,7 @@ def run(args, tokenizer_folder: str, home: Path) -> dict:
     import editpack
     from editpack import stats
     from editpack.arch import spec_for
+    from editpack.methods.locate import rewrite_lookups
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
@@ -198,7 +198,7 @@ def run(args, tokenizer_folder: str, home: Path) -> dict:
             with StepCounter() as counter:
                 pack, took = timed(lambda: editpack.edit(model, fact, "rome", tokenizer=tokenizer, **common))
             seconds.append(took)
-            prompts = rewrite_prompts(tokenizer, fact, pack.hyperparameters["context_templates"])
+            prompts = rewrite_lookups(tokenizer, fact, pack.hyperparameters["context_templates"])
             floors.append(delta_loop_floor(floor_model, tokenizer, module, [prompts], counter.steps[0]))
     result["rome"] = {
         "edits": len(seconds), "layer": rome_layer, "seconds_per_edit_median": round(statistics.median(seconds), 3),
@@ -218,7 +218,7 @@ def run(args, tokenizer_folder: str, home: Path) -> dict:
             with Peak(args.device) as peak, StepCounter() as counter:
                 pack, took = timed(lambda: editpack.edit(model, batch, method, tokenizer=tokenizer, **common))
             chunk = pack.hyperparameters["facts_per_batch"]
-            first = [rewrite_prompts(tokenizer, f, pack.hyperparameters["context_templates"]) for f in batch[:chunk]]
+            first = [rewrite_lookups(tokenizer, f, pack.hyperparameters["context_templates"]) for f in batch[:chunk]]
             floor = delta_loop_floor(floor_model, tokenizer, run_module, first, max(counter.steps)) * (-(-n // chunk))
             result[f"{method}_{n}"] = {
                 "facts": n, "layers": run_layers, "facts_per_batch": chunk, "seconds": round(took, 2),

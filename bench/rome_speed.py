@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, StepCounter, delta_loop_floor, emit, in_dtype, rewrite_prompts  # noqa: E402
+from _common import DATA, StepCounter, delta_loop_floor, emit, in_dtype  # noqa: E402
 
 import editpack  # noqa: E402
 from editpack.arch import spec_for  # noqa: E402
 from editpack.generation import next_token_logits  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
+from editpack.methods.locate import rewrite_lookups  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         loops.append(counter.seconds)
         hp = pack.hyperparameters
         module = spec.mlp_out_name(hp["layers"][0])
-        prompts = rewrite_prompts(tokenizer, fact, hp["context_templates"])
+        prompts = rewrite_lookups(tokenizer, fact, hp["context_templates"])
         floors.append(delta_loop_floor(floor_model, tokenizer, module, [prompts], counter.steps[0], hp["v_lr"]))
         target = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"][0]
         probes = [fact.text, *fact.paraphrases, *(p.prompt for p in fact.neighborhood)]

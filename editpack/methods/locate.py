@@ -282,11 +282,15 @@ def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cf
     return optimize_deltas(model, tokenizer, spec, module, [fact], cfg)[0]
 
 
-def _target_ids(tokenizer, fact: Fact) -> list[int]:
-    ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
-    if not ids:
+def rewrite_lookups(tokenizer, fact: Fact, templates: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
+    """The prompts δ is optimised over for ``fact``: each context template filled with the prompt and the new
+    target's tokens but the last; each one's subject-last token index; and the target's token ids."""
+    target_ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+    if not target_ids:
         raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
-    return ids
+    target_prefix = tokenizer.decode(target_ids[:-1])
+    texts, idxs = lookups(tokenizer, [t.format(fact.prompt) + target_prefix for t in templates], fact)
+    return texts, idxs, target_ids
 
 
 def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequence[Fact], cfg) -> list[Optimized]:
@@ -305,14 +309,11 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
     n_facts = len(facts)
     texts, idxs, owners, targets = [], [], [], []
     for f, fact in enumerate(facts):
-        target_ids = _target_ids(tokenizer, fact)
+        t, i, target_ids = rewrite_lookups(tokenizer, fact, cfg.context_templates)
         targets.append(target_ids)
-        target_prefix = tokenizer.decode(target_ids[:-1])
-        rewrite = [t.format(fact.prompt) + target_prefix for t in cfg.context_templates]
-        t, i = lookups(tokenizer, rewrite, fact)
         texts += t
         idxs += i
-        owners += [f] * len(rewrite)
+        owners += [f] * len(t)
     n_rewrite = len(cfg.context_templates)  # rows per fact; the facts' rewrite rows come first, in order
     first_rows = torch.arange(n_facts, device=device) * n_rewrite  # each fact's bare prompt + target prefix
     for fact in facts:
