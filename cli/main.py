@@ -586,6 +586,40 @@ def versions_cmd(repo_id, as_json):
         click.echo(f"{v.version:<12} {v.tag:<13} {v.date or '-':<26} {v.commit}")
 
 
+@main.command("log")
+@click.argument("pack")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@friendly_errors
+def log_cmd(pack, as_json):
+    """List the versions of PACK, oldest first: facts added (+), replaced (~) and removed (-), payload, size and
+    recorded scores (reliability/generalization/locality per protocol).
+
+    PACK is a Hub repository (user/name: every version tag), a pack directory (the versions it extends, found
+    beside it), or a folder of pack directories of one pack.
+    """
+    from editpack.history import log
+
+    entries = log(pack)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    for entry in entries:
+        click.echo(entry.line())
+
+
+@main.command("diff")
+@click.argument("old")
+@click.argument("new")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@friendly_errors
+def diff_cmd(old, new, as_json):
+    """What changed from pack OLD to pack NEW: facts, modules and ranks (or entries), settings, scores."""
+    from editpack.history import diff
+
+    found = diff(old, new)
+    click.echo(json.dumps(found.to_dict(), indent=2) if as_json else "\n".join(found.lines()))
+
+
 @main.command("show")
 @click.argument("pack")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and verification as JSON.")

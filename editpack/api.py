@@ -68,8 +68,9 @@ def edit(
     if any(not r.enabled for r in on_model):
         off = [r.pack.ref for r in on_model if not r.enabled]
         raise EditpackError(f"packs {off} are switched off on this model; remove them or switch them on first")
-    # Only packs that hold weights shape the weights an edit is computed on (memories route generation only).
-    parents = [r.pack.lineage_record("onto") for r in on_model if r.pack.holds_weights]
+    # Packs that change the logits (weights, codebooks) shape what an edit is computed on; memories route
+    # generation only.
+    parents = [r.pack.lineage_record("onto") for r in on_model if r.pack.scores_logits]
     model = unwrap(model)
     tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
     if tokenizer is None:
@@ -105,7 +106,8 @@ def extend(
     replaces an earlier one about the same subject and relation), the method's new state, and ``pack`` as its
     ``extends`` parent. It applies to the base model on its own. ``method`` and hyper-parameters default to
     ``pack``'s; ``version`` to the next minor version. ``model`` must carry no packs (it is left unchanged).
-    An artifact that does not hold weights (a memory pack) grows by its facts alone.
+    A codebook (GRACE) grows by new entries, computed on ``model`` and inserted by the method's deferral rules;
+    an artifact that holds neither weights nor a codebook (a memory pack) grows by its facts alone.
     """
     from .apply import applied, apply, revert
     from .delta import WeightDelta
@@ -114,6 +116,18 @@ def extend(
     parent = resolve_pack(pack)
     if applied(model):
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
+    if parent.hooks_modules:  # a codebook grows by entries computed on the model it wraps
+        if method not in (None, parent.method):
+            raise EditpackError(f"{parent.ref} is a {parent.kind} pack made by {parent.method}; it grows with "
+                                f"{parent.method} only")
+        tokenizer = tokenizer or getattr(unwrap(model), "editpack_tokenizer", None)
+        if tokenizer is None:
+            raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
+        version = check_version(version or next_version(parent.version))
+        method_cls, config = method_config(parent.method, model, **{**parent.hyperparameters, **hyperparameters})
+        return method_cls(config).build_pack(
+            unwrap(model), tokenizer, as_facts(facts), spec_for(unwrap(model)), name=parent.name, version=version,
+            parents=list(parent.requires) + [parent.lineage_record("extends")], previous=parent)
     if not parent.holds_weights:
         if method not in (None, parent.method) or hyperparameters:
             raise EditpackError(f"{parent.ref} is a {parent.kind} pack: it is extended with more facts only")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -53,6 +53,7 @@ class AppliedPack:
     merged: bool = False
     enabled: bool = True
     memory: bool = False  # a memory pack, consulted by the MemoryModel wrapper
+    hook: Any = None  # a codebook's forward hook on the layer it wraps (``editpack.codebook.CodebookHook``)
 
     @property
     def name(self) -> str:
@@ -66,7 +67,8 @@ class AppliedPack:
         return key in (self.pack.name, self.pack.ref, self.adapter)
 
     def __repr__(self) -> str:
-        state = "merged" if self.merged else ("on" if self.enabled else "off") + (", memory" if self.memory else "")
+        state = "merged" if self.merged else ("on" if self.enabled else "off") + (
+            ", memory" if self.memory else ", hook" if self.hook is not None else "")
         return f"AppliedPack({self.pack.ref}, {state})"
 
 
@@ -88,7 +90,7 @@ def _load(reference) -> EditPack:
 def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
     """Raise :class:`FingerprintMismatchError` unless ``model`` has the weights ``pack`` was made for."""
     base = unwrap(model)
-    missing = [m for m in pack.modules if _find(base, m) is None]
+    missing = [m for m in pack.base_modules if _find(base, m) is None]
     if missing:
         raise FingerprintMismatchError(
             f"pack {pack.ref} edits modules this model does not have: {', '.join(missing)} "
@@ -97,10 +99,10 @@ def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
     shown = "; ".join(f"{f.text!r} -> {f.target_new!r}" for f in pack.facts[:3])
     more = f" and {len(pack.facts) - 3} more" if len(pack.facts) > 3 else ""
     override = f"(Its facts: {shown}{more}.) Pass check=False (CLI: --force) to apply it anyway."
-    quantized = [m for m in pack.modules if is_quantized(base.get_submodule(m))]
+    quantized = [m for m in pack.base_modules if is_quantized(base.get_submodule(m))]
     if quantized:
         _check_quantized(base, pack, quantized, override)
-    exact = [m for m in pack.modules if m not in quantized]
+    exact = [m for m in pack.base_modules if m not in quantized]
     if not exact:
         return
     found = module_fingerprints(base, exact)
@@ -128,7 +130,7 @@ def _check_quantized(base: torch.nn.Module, pack: EditPack, quantized: list[str]
         layer = base.get_submodule(name)
         layer = getattr(layer, "base_layer", layer)
         shape = (layer.out_features, layer.in_features)
-        want = (pack.delta.modules[name].B.shape[0], pack.delta.modules[name].A.shape[1])  # (out, in)
+        want = pack.module_shape(name)  # (out, in)
         if shape != want:
             raise FingerprintMismatchError(f"pack {pack.ref}: {name} is {shape} here but {want} in the pack. {override}")
     if not pack.base.embedding:
@@ -288,19 +290,22 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         raise PackFormatError(f"a pack is applied twice: {sorted(n for n in names if names.count(n) > 1)}")
     if check:
         for pack in new:
-            if pack.holds_weights:
+            if pack.base_modules:
                 check_fingerprint(model, pack)
         check_parents(new, [r.pack for r in present if r not in dropped and r.enabled])
     for record in dropped:
         model = remove(model, record.pack.ref)
     if not new:
         return model
-    memories = [p for p in new if not p.holds_weights]
     weights = [p for p in new if p.holds_weights]
+    hooked = [p for p in new if p.hooks_modules]
+    memories = [p for p in new if not p.holds_weights and not p.hooks_modules]
     wrapper = memory_wrapper(model)
     inner = wrapper.model if wrapper is not None else model
     if weights:
         inner = _apply_weights(inner, weights, merge)
+    for pack in hooked:  # codebooks wrap their layer (under any LoRA layer PEFT put there); weights untouched
+        records(inner).append(AppliedPack(pack, None, hook=pack.attach(inner)))
     if not memories and wrapper is None:
         return inner
     from .memory import MemoryModel
@@ -447,6 +452,9 @@ def _wrapper(model: torch.nn.Module):
 def set_enabled(model: torch.nn.Module, key: str, enabled: bool) -> None:
     """Switch the unmerged pack ``key`` (name, ``name@version`` or adapter name) on or off."""
     record = _lookup(model, key)
+    if record.hook is not None:
+        record.hook.enabled = record.enabled = enabled
+        return
     if record.memory:
         wrapper = _wrapper(model)
         record.enabled = enabled
@@ -466,6 +474,13 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
     from peft import PeftModel
 
     record = _lookup(model, key)
+    if record.hook is not None:
+        if _dependents(model, record):
+            raise PackConflictError(f"{[r.pack.ref for r in _dependents(model, record)]} were made on top of "
+                                    f"{record.pack.ref}; remove them first")
+        record.hook.remove()
+        records(model).remove(record)
+        return model
     if record.memory:
         wrapper = _wrapper(model)
         records(model).remove(record)
@@ -482,7 +497,7 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
                                 f"{record.pack.ref}; remove them first")
     remaining = [r for r in records(model) if r.adapter and r is not record]
     if not remaining and isinstance(model, PeftModel):
-        merged = [r for r in records(model) if r.merged or r.memory]
+        merged = [r for r in records(model) if not r.adapter]  # merged packs, memories, codebooks stay
         base = model.unload()
         if hasattr(base, "peft_config"):
             del base.peft_config
@@ -499,6 +514,9 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Remove every applied pack; returns the plain transformers model with its original weights exactly."""
     from peft import PeftModel
 
+    for record in records(model):  # codebooks: take their hooks off the layers
+        if record.hook is not None:
+            record.hook.remove()
     if memory_wrapper(model) is not None:  # memory packs: drop the wrapper
         model = model.model
     if not isinstance(model, PeftModel) and _WRAPPER in model.__dict__:
@@ -531,6 +549,9 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     if len(kinds) > 1:
         raise PackConflictError(f"packs of different kinds ({', '.join(kinds)}) cannot be stacked into one; apply "
                                 "them together")
+    if packs[0].hooks_modules:
+        raise PackConflictError(f"{packs[0].kind} packs are not summed into one: apply them together "
+                                "(editpack.apply with a list; each wraps its layer) or grow one with editpack.extend")
     if not packs[0].holds_weights:  # memories stack by the union of their facts
         from dataclasses import replace
 

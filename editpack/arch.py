@@ -4,7 +4,8 @@ Each family is one JSON file in the ``editpack.adapters`` package data (the repo
 A spec is chosen by the model config's ``model_type``; nothing here tests model names. Module paths are
 templates in which ``{}`` stands for the layer index. ``layer_roles`` says where the layers that methods edit
 lie: each method declares a role (``critical``: the layer(s) a single-layer method such as ROME edits; ``run``:
-the run of consecutive layers MEMIT-style methods spread an update over), and the family's file places each
+the run of consecutive layers MEMIT-style methods spread an update over; ``late``: the one layer a codebook
+wraps (GRACE); ``tail``: the last MLPs a gradient-based lifelong method edits (UltraEdit)), and the file places each
 role as integers (a layer index) or floats in ``(0, 1)`` (a fraction of the model's depth, rounded down), so one
 file serves every size of a family. ``method_settings`` holds a family's hyper-parameter defaults for a method.
 

@@ -165,6 +165,8 @@ class Artifact(ABC):
     mergeable: ClassVar[bool] = False
     #: Changes the model's logits, so teacher-forced protocols can score it (else only generation is routed).
     scores_logits: ClassVar[bool] = False
+    #: Applied by wrapping model layers with a forward hook (codebooks); the weights stay untouched.
+    hooks_modules: ClassVar[bool] = False
     #: The pack is an ordinary PEFT adapter directory.
     is_peft_adapter: ClassVar[bool] = False
     #: The card's tag for the payload.
@@ -189,6 +191,19 @@ class Artifact(ABC):
     def modules(self) -> list[str]:
         """The model modules whose weights the artifact changes (none for a memory)."""
         return []
+
+    def parts(self) -> dict[str, str]:
+        """What the payload holds, part by part (``{module: "rank 2"}``, …), for logs and diffs."""
+        return {}
+
+    @property
+    def base_modules(self) -> list[str]:
+        """The modules whose original weights the artifact was computed for (its fingerprint covers them)."""
+        return self.modules
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """``(out_features, in_features)`` the artifact expects of ``module`` (checked on quantized models)."""
+        raise PackFormatError(f"{self.ref} expects nothing of {module}")
 
     def lineage_record(self, relation: str) -> dict[str, str]:
         """How another artifact records this one as a parent (``onto``, ``stacked`` or ``extends``)."""

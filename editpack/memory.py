@@ -144,6 +144,9 @@ class MemoryPack(Artifact):
     def requires(self) -> list[dict[str, Any]]:
         return []  # generation is routed; no weights depend on another pack
 
+    def parts(self) -> dict[str, str]:
+        return {"memory": f"{len(self.facts)} keys, threshold {self.threshold}"}
+
     @property
     def scope(self) -> Scope:
         return Scope.of(self.hyperparameters)

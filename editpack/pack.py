@@ -95,6 +95,13 @@ class EditPack(Artifact):
     def modules(self) -> list[str]:
         return sorted(self.delta.modules)
 
+    def parts(self) -> dict[str, str]:
+        return {m: "dense" if stored_dense(d) else f"rank {d.rank}" for m, d in self.stored_factors().items()}
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        delta = self.delta.modules[module]
+        return int(delta.B.shape[0]), int(delta.A.shape[1])
+
     @property
     def adapter_name(self) -> str:
         """The name this pack's adapter gets inside a PEFT model (PEFT forbids dots)."""

@@ -151,8 +151,12 @@ class EditMethod(ABC):
         return spec.role_layers(self.layer_role, model)
 
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
-                   parents: list[dict[str, Any]], state: dict[str, torch.Tensor] | None = None):
-        """The artifact this method makes: by default a weight pack around :meth:`compute`'s delta."""
+                   parents: list[dict[str, Any]], state: dict[str, torch.Tensor] | None = None,
+                   previous=None):
+        """The artifact this method makes: by default a weight pack around :meth:`compute`'s delta.
+
+        ``previous``: the pack being grown, for methods whose artifact grows by itself (a codebook's entries);
+        weight packs are combined by :func:`editpack.extend` and receive ``state`` instead."""
         from ..artifact import describe_base
         from ..pack import EditPack
 

@@ -212,6 +212,24 @@ def lookups(tokenizer, templates: Sequence[str], fact: Fact) -> tuple[list[str],
     return texts, idxs
 
 
+#: Where an edit reads its key and writes its value: the subject's last token (ROME, MEMIT) or the prompt's
+#: last token (GRACE's codebook keys).
+POSITIONS = ("subject", "prompt")
+
+
+def prompt_lookups(tokenizer, templates: Sequence[str], fact: Fact) -> tuple[list[str], list[int]]:
+    """Each template filled with the fact's subject, and the index of its last token."""
+    texts = [fill(template, fact)[0] for template in templates]
+    return texts, [len(tokenizer(text)["input_ids"]) - 1 for text in texts]
+
+
+def position_lookups(tokenizer, templates: Sequence[str], fact: Fact, at: str) -> tuple[list[str], list[int]]:
+    """:func:`lookups` (``at="subject"``) or :func:`prompt_lookups` (``at="prompt"``)."""
+    if at not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, not {at!r}")
+    return (lookups if at == "subject" else prompt_lookups)(tokenizer, templates, fact)
+
+
 @torch.no_grad()
 def read_at(model, tokenizer, module: str, texts: Sequence[str], idxs: Sequence[int], *, inputs: bool,
             batch_size: int = 64) -> torch.Tensor:
@@ -282,19 +300,26 @@ def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cf
     return optimize_deltas(model, tokenizer, spec, module, [fact], cfg)[0]
 
 
-def rewrite_lookups(tokenizer, fact: Fact, templates: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
+def rewrite_lookups(tokenizer, fact: Fact, templates: Sequence[str],
+                    at: str = "subject") -> tuple[list[str], list[int], list[int]]:
     """The prompts δ is optimised over for ``fact``: each context template filled with the prompt and the new
-    target's tokens but the last; each one's subject-last token index; and the target's token ids."""
+    target's tokens but the last; each one's edited token index (``at``: the subject's last token, or the
+    prompt's last token); and the target's token ids."""
     target_ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
     if not target_ids:
         raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
     target_prefix = tokenizer.decode(target_ids[:-1])
-    texts, idxs = lookups(tokenizer, [t.format(fact.prompt) + target_prefix for t in templates], fact)
+    prompts = [t.format(fact.prompt) for t in templates]
+    texts, idxs = lookups(tokenizer, [p + target_prefix for p in prompts], fact)
+    if at != "subject":
+        idxs = position_lookups(tokenizer, prompts, fact, at)[1]
     return texts, idxs, target_ids
 
 
-def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequence[Fact], cfg) -> list[Optimized]:
-    """Optimise one δ per fact, added to ``module``'s output at the subject's last token, all in one batch.
+def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequence[Fact], cfg,
+                    at: str = "subject") -> list[Optimized]:
+    """Optimise one δ per fact, added to ``module``'s output at the subject's last token (``at="prompt"``: at
+    the prompt's last token), all in one batch.
 
     Each fact's loss is its own (NLL on its new target over its rewrite prompts, KL on its "{subject} is a",
     the norm penalty), and the total is their sum, so each δ's gradient is that of its fact alone; Adam is
@@ -309,7 +334,7 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
     n_facts = len(facts)
     texts, idxs, owners, targets = [], [], [], []
     for f, fact in enumerate(facts):
-        t, i, target_ids = rewrite_lookups(tokenizer, fact, cfg.context_templates)
+        t, i, target_ids = rewrite_lookups(tokenizer, fact, cfg.context_templates, at)
         targets.append(target_ids)
         texts += t
         idxs += i

@@ -1,0 +1,44 @@
+"""GRACE hyper-parameters: where the codebook sits, how its values are optimised, how wide its radii start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..base import MethodConfig
+from ..locate import POSITIONS
+
+
+@dataclass
+class GRACEConfig(MethodConfig):
+    #: The one layer whose MLP output projection the codebook wraps; ``None``: the architecture's ``late`` layer.
+    layers: list[int] | None = None
+    #: The token whose activation is the key and whose output is replaced: ``prompt`` (the prompt's last token,
+    #: as GRACE does: the key holds subject and relation) or ``subject`` (the subject's last token, as ROME's
+    #: key: paraphrases match more often, other relations of the same subject too).
+    key_position: str = "prompt"
+    #: Value optimisation, as ROME's δ (NLL on the new target over context-prefixed prompts, KL, norm penalty).
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    optimize_dtype: str = "auto"
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 5], [10, 5]])
+    context_templates: list[str] | None = None
+    seed: int = 0
+    #: A new entry's deferral radius: ``radius_scale`` × the farthest its key moves when the prompt is preceded
+    #: by the context prefixes (the spread of the same question in other contexts).
+    radius_scale: float = 1.0
+    #: Values are optimised this many facts at a time (memory grows with it).
+    facts_per_batch: int = 16
+
+    def validate(self) -> None:
+        if self.layers is not None and len(self.layers) != 1:
+            raise ValueError(f"GRACE wraps one layer; layers={self.layers} names {len(self.layers)}")
+        if self.key_position not in POSITIONS:
+            raise ValueError(f"key_position must be one of {', '.join(POSITIONS)}, not {self.key_position!r}")
+        if self.radius_scale <= 0:
+            raise ValueError(f"radius_scale must be positive, not {self.radius_scale}")
+        if self.facts_per_batch < 1:
+            raise ValueError(f"facts_per_batch must be at least 1, not {self.facts_per_batch}")

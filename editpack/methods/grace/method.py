@@ -1,0 +1,110 @@
+"""GRACE (Hartvigsen et al. 2023): each fact becomes a codebook entry at one layer; the weights never change.
+
+For each fact, at the wrapped module (the ``late`` layer's MLP output projection):
+
+- the **key** is the module's input at the bare prompt's last token (``key_position="prompt"``; or the subject's
+  last token);
+- the **value** is the module's output there plus δ, with δ optimised as ROME optimises its value (NLL on the
+  new target over context-prefixed prompts, KL, norm penalty; :func:`editpack.methods.locate.optimize_deltas`,
+  ``facts_per_batch`` facts at a time), so replacing the output by the value makes the model answer the target;
+- the **deferral radius** starts at ``radius_scale`` × the farthest the key moves when context prefixes precede
+  the prompt, and GRACE's rules (:func:`editpack.codebook.insert`) grow it (an overlapping key with the same
+  answer) or split it (another answer) as entries are added, one fact after another.
+
+The result is a :class:`~editpack.codebook.CodebookPack`; :func:`editpack.extend` adds entries to it round after
+round (a fact about the same subject and relation replaces its old entry).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...arch import ArchSpec
+from ...codebook import CodebookPack, insert
+from ...errors import EditpackError
+from ...facts import Fact
+from ...generation import model_device
+from ..base import EditMethod, register_method
+from ..locate import (
+    context_templates,
+    frozen,
+    optimize_deltas,
+    position_lookups,
+    read_at,
+    resolve_optimize_dtype,
+    suffix_length,
+)
+from .config import GRACEConfig
+
+
+@register_method
+class GRACE(EditMethod):
+    name = "grace"
+    config_class = GRACEConfig
+    layer_role = "late"
+    summary = "a codebook at one layer (lookups with deferral radii); weights untouched, for lifelong editing"
+    config: GRACEConfig
+
+    def compute(self, model, tokenizer, facts, spec, state=None):
+        raise EditpackError("GRACE makes a codebook pack, not a weight delta: use editpack.edit(..., method='grace')")
+
+    def resolve(self, model, tokenizer, spec: ArchSpec) -> GRACEConfig:
+        cfg = self.config
+        if cfg.layers is None:
+            cfg.layers = self.default_layers(model, spec)[:1]
+        depth = spec.num_layers(model)
+        if not 0 <= cfg.layers[0] < depth:
+            raise ValueError(f"grace layer {cfg.layers[0]} is outside 0..{depth - 1} for this {spec.family} model")
+        if cfg.context_templates is None:
+            cfg.context_templates = context_templates(model, tokenizer, cfg.context_template_lengths, cfg.seed)
+        cfg.optimize_dtype = resolve_optimize_dtype(cfg.optimize_dtype, model_device(model))
+        return cfg
+
+    def entries(self, model, tokenizer, spec: ArchSpec, module: str,
+                facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys ``(n, d_in)``, values ``(n, d_out)`` and key spreads ``(n,)`` for ``facts`` on ``model``."""
+        cfg = self.config
+        with frozen(model), torch.enable_grad():
+            order = sorted(range(len(facts)), key=lambda i: suffix_length(tokenizer, facts[i]))
+            found = {}
+            for start in range(0, len(order), cfg.facts_per_batch):
+                chunk = order[start : start + cfg.facts_per_batch]
+                found.update(zip(chunk, optimize_deltas(model, tokenizer, spec, module, [facts[i] for i in chunk],
+                                                        cfg, at=cfg.key_position)))
+        values = torch.stack([found[i].init + found[i].delta for i in range(len(facts))])
+        texts, idxs = [], []
+        for fact in facts:  # the bare prompt first, then the prompt after each context prefix
+            t, i = position_lookups(tokenizer, [t.format(fact.prompt) for t in ["{}", *cfg.context_templates]],
+                                    fact, cfg.key_position)
+            texts += t
+            idxs += i
+        read = read_at(model, tokenizer, module, texts, idxs, inputs=True)
+        read = read.reshape(len(facts), len(cfg.context_templates) + 1, -1)
+        keys = read[:, 0]
+        spreads = (read[:, 1:] - keys[:, None]).norm(dim=-1).amax(dim=1)
+        return keys.cpu(), values.cpu(), spreads.cpu()
+
+    def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
+                   parents, state=None, previous: CodebookPack | None = None) -> CodebookPack:
+        from ...artifact import describe_base
+
+        cfg = self.resolve(model, tokenizer, spec)
+        module = spec.mlp_out_name(cfg.layers[0])
+        if previous is not None and previous.module != module:
+            raise EditpackError(f"{previous.ref} is a codebook at {previous.module}; it cannot grow at {module}")
+        keys, values, spreads = self.entries(model, tokenizer, spec, module, facts)
+        kept = previous.without(facts) if previous is not None else []
+        book_keys = previous.keys[kept] if previous is not None else torch.zeros(0, keys.shape[1])
+        book_radii = previous.radii[kept] if previous is not None else torch.zeros(0)
+        book_values = previous.values[kept] if previous is not None else torch.zeros(0, values.shape[1])
+        old_facts = [previous.facts[i] for i in kept] if previous is not None else []
+        targets = [f.target_new for f in old_facts]
+        for i, fact in enumerate(facts):
+            book_keys, book_radii, _ = insert(book_keys, book_radii, targets, keys[i],
+                                                  cfg.radius_scale * float(spreads[i]), fact.target_new)
+            targets.append(fact.target_new)
+        return CodebookPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
+                            facts=old_facts + list(facts), base=describe_base(model, [module]), parents=parents,
+                            module=module, keys=book_keys, values=torch.cat([book_values, values]), radii=book_radii)

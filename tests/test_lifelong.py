@@ -1,0 +1,244 @@
+"""Lifelong editing on tiny random models: GRACE codebook packs, UltraEdit, and a pack's log and diff."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+
+import editpack
+from editpack import apply, edit, extend, revert
+from editpack.codebook import CODEBOOK_WEIGHTS, CodebookPack, insert
+from editpack.errors import EditpackError, PackConflictError, PackFormatError
+from editpack.history import diff, fact_changes, log
+from editpack.methods.ultraedit.method import UltraEdit, running_update
+
+from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
+
+mk = editpack.make_fact
+FACTS = [
+    FACT,
+    mk("the old {}", "london bridge", "tokyo", "london"),
+    mk("the red {}", "river", "madrid", "paris"),
+    mk("the big {}", "museum", "berlin", "paris"),
+    mk("the blue {}", "lake", "japan", "france"),
+    mk("the green {}", "mountain", "spain", "italy"),
+    mk("the new {}", "company", "italy", "france"),
+    mk("the small {}", "bridge", "france", "spain"),
+]
+GRACE = dict(layers=[1], context_template_lengths=[[3, 2]], clamp_norm_factor=1e4, v_weight_decay=0.0,
+             v_num_grad_steps=40)
+UNRELATED = "the famous louvre"
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def setup(request):
+    return tiny_model(request.param), tiny_tokenizer()
+
+
+def top1(model, tok, fact):
+    return tok.decode(logits(model, tok, fact.text).argmax())
+
+
+# ---------------------------------------------------------------------------------------------- GRACE
+def test_grace_answers_from_its_codebook_and_reverts_bit_for_bit(setup, tmp_path):
+    model, tok = setup
+    before, base_other = state(model), logits(model, tok, UNRELATED)
+    pack = edit(model, FACTS[:2], "grace", tokenizer=tok, **GRACE)
+    assert isinstance(pack, CodebookPack) and pack.kind == "codebook"
+    assert pack.module == editpack.spec_for(model).mlp_out_name(1) and pack.keys.shape[0] == 2
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())  # computing changed nothing
+    edited = apply(model, pack)
+    assert edited is model  # a hook on the layer: no wrapper, no adapter
+    assert [top1(edited, tok, f) for f in FACTS[:2]] == ["rome", "tokyo"]
+    assert torch.equal(logits(edited, tok, UNRELATED), base_other)  # no key near: the layer computes as before
+    assert "hook" in repr(editpack.applied(edited)[0])
+    editpack.set_enabled(edited, pack.name, False)
+    assert top1(edited, tok, FACT) != "rome"
+    editpack.set_enabled(edited, pack.name, True)
+    plain = revert(edited)
+    assert not editpack.applied(plain) and top1(plain, tok, FACT) != "rome"
+    assert all(torch.equal(before[k], v) for k, v in state(plain).items())
+    assert not plain.get_submodule(pack.module)._forward_hooks
+
+    pack.save(tmp_path / "g")
+    manifest = json.loads((tmp_path / "g" / "editpack.json").read_text())
+    assert manifest["kind"] == "codebook" and manifest["codebook"]["entries"] == 2
+    assert str(tmp_path) not in (tmp_path / "g" / "editpack.json").read_text()
+    loaded = editpack.load_pack(tmp_path / "g")
+    assert isinstance(loaded, CodebookPack) and loaded.content_id == pack.content_id
+    assert torch.equal(loaded.values, pack.values) and torch.equal(loaded.radii, pack.radii)
+    assert "codebook" in (tmp_path / "g" / "README.md").read_text()
+
+
+def test_a_tampered_codebook_is_refused(setup, tmp_path):
+    model, tok = setup
+    pack = edit(model, FACT, "grace", tokenizer=tok, **GRACE)
+    pack.save(tmp_path / "g")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "g" / CODEBOOK_WEIGHTS)
+    tensors["radii"] = tensors["radii"] * 100
+    save_file(tensors, tmp_path / "g" / CODEBOOK_WEIGHTS)
+    with pytest.raises(PackFormatError, match="does not match its sha256"):
+        editpack.load_pack(tmp_path / "g")
+
+
+def test_grace_grows_round_by_round_and_a_corrected_fact_replaces_its_entry(setup):
+    model, tok = setup
+    first = edit(model, FACTS[:2], "grace", tokenizer=tok, name="life", **GRACE)
+    second = extend(model, first, FACTS[2], tokenizer=tok)
+    assert second.version == "1.1.0" and len(second.facts) == 3 and second.keys.shape[0] == 3
+    assert second.parents[-1]["relation"] == "extends" and second.parents[-1]["content"] == first.content_id
+    assert torch.equal(second.keys[:2], first.keys)  # earlier entries kept (radii may change by GRACE's rules)
+    corrected = mk("the famous {}", "eiffel tower", "berlin", "paris")
+    third = extend(model, second, corrected, tokenizer=tok)
+    assert [f.target_new for f in third.facts] == ["tokyo", "madrid", "berlin"]
+    edited = apply(model, third)
+    assert top1(edited, tok, FACT) == "berlin" and top1(edited, tok, FACTS[1]) == "tokyo"
+    revert(edited)
+    with pytest.raises(EditpackError, match="grows with grace only"):
+        extend(model, second, FACTS[3], method="rome", tokenizer=tok)
+
+
+def test_insert_adds_grows_and_splits_radii():
+    keys, radii = torch.zeros(0, 2), torch.zeros(0)
+    keys, radii, event = insert(keys, radii, [], torch.tensor([0.0, 0.0]), 1.0, "rome")
+    assert event == "added"
+    keys, radii, event = insert(keys, radii, ["rome"], torch.tensor([5.0, 0.0]), 1.0, "paris")
+    assert event == "added" and radii.tolist() == [1.0, 1.0]  # 5 > 1 + 1: no overlap
+    keys, radii, event = insert(keys, radii, ["rome", "paris"], torch.tensor([0.0, 1.5]), 1.0, "Rome")
+    assert event == "expanded" and radii.tolist() == [1.5, 1.0, 1.0]  # same answer: the old radius reaches it
+    keys, radii, event = insert(keys, radii, ["rome", "paris", "rome"], torch.tensor([5.0, 1.0]), 1.0, "tokyo")
+    assert event == "split" and radii.tolist() == [1.5, 0.5, 1.0, 0.5]  # another answer: both shrink to d/2
+
+
+def test_grace_stacks_with_a_weight_pack_and_each_comes_off_alone(setup):
+    model, tok = setup
+    before = state(model)
+    rome = edit(model, FACTS[1], tokenizer=tok, layers=[1], **TINY)
+    grace = edit(model, FACT, "grace", tokenizer=tok, **GRACE)
+    edited = apply(model, [rome, grace])
+    assert isinstance(edited, PeftModel)
+    assert [top1(edited, tok, f) for f in FACTS[:2]] == ["rome", "tokyo"]
+    edited = editpack.remove(edited, grace.ref)
+    assert top1(edited, tok, FACT) != "rome" and top1(edited, tok, FACTS[1]) == "tokyo"
+    edited = apply(edited, grace)
+    edited = editpack.remove(edited, rome.ref)  # the last adapter: PEFT unloads, the codebook stays on
+    assert not isinstance(edited, PeftModel) and [r.pack.ref for r in editpack.applied(edited)] == [grace.ref]
+    assert top1(edited, tok, FACT) == "rome"
+    plain = revert(edited)
+    assert all(torch.equal(before[k], v) for k, v in state(plain).items())
+    with pytest.raises(PackConflictError, match="not summed into one"):
+        editpack.stack([grace, grace])
+
+
+def test_grace_pack_on_another_model_is_refused(setup):
+    model, tok = setup
+    pack = edit(model, FACT, "grace", tokenizer=tok, **GRACE)
+    other = tiny_model(model.config.model_type, seed=5)
+    with pytest.raises(editpack.errors.FingerprintMismatchError):
+        apply(other, pack)
+
+
+def test_grace_settings_are_checked_before_any_work(setup):
+    model, tok = setup
+    with pytest.raises(ValueError, match="one layer"):
+        edit(model, FACT, "grace", tokenizer=tok, layers=[1, 2])
+    with pytest.raises(ValueError, match="key_position"):
+        edit(model, FACT, "grace", tokenizer=tok, key_position="middle")
+
+
+def test_codebook_pushes_and_pulls_through_the_hub(hub, tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    pack = edit(model, FACTS[:2], "grace", tokenizer=tok, name="life", **GRACE)
+    pack.save(tmp_path / "g")
+    editpack.push(tmp_path / "g", "team/life")
+    pulled = editpack.pull("team/life@1.0.0")
+    assert isinstance(pulled, CodebookPack) and pulled.content_id == pack.content_id
+    edited = apply(model, "team/life@1.0.0")
+    assert top1(edited, tok, FACT) == "rome"
+    revert(edited)
+
+
+# ---------------------------------------------------------------------------------------------- UltraEdit
+def test_ultraedit_is_the_ridge_solution_of_its_normalised_gradients(setup):
+    model, tok = setup
+    spec = editpack.spec_for(model)
+    pack = edit(model, FACTS, "ultraedit", tokenizer=tok, layers=[2, 3], lr=0.05)
+    keys, grads = UltraEdit().keys_and_gradients(model, tok, spec, [spec.mlp_out_name(i) for i in (2, 3)], FACTS)
+    for name in keys:
+        K, G = keys[name], grads[name]
+        assert K.shape[0] == len(FACTS)  # one target token per fact here
+        stats: dict = {}
+        mean, var = running_update(stats, name, torch.cat([K, G], 1))
+        z = ((torch.cat([K, G], 1).double() - mean) / (var + 1e-8).sqrt()).float()
+        k_hat, g_hat = z.split([K.shape[1], G.shape[1]], 1)
+        V = -0.05 * k_hat.square().sum(1, keepdim=True) * g_hat
+        reference = torch.linalg.solve(K.T @ K + torch.eye(K.shape[1]), K.T @ V).T  # the authors' (in × in) form
+        torch.testing.assert_close(pack.delta.modules[name].dense(), reference, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(pack.delta.state[f"{name}.mean"].double(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_ultraedit_moves_the_answers_and_keeps_normalising_across_rounds(setup, tmp_path):
+    model, tok = setup
+    base = [float(logits(model, tok, f.text).log_softmax(-1)[tok.convert_tokens_to_ids(f.target_new)]) for f in FACTS]
+    first = edit(model, FACTS, "ultraedit", tokenizer=tok, lr=0.05, name="ultra")
+    edited = apply(model, first)
+    after = [float(logits(edited, tok, f.text).log_softmax(-1)[tok.convert_tokens_to_ids(f.target_new)]) for f in FACTS]
+    model = revert(edited)
+    assert sum(a > b for a, b in zip(after, base)) >= 7, (base, after)
+    first.save(tmp_path / "u1")
+    second = extend(model, editpack.load_pack(tmp_path / "u1"), [mk("the two {}", "museum", "london", "paris")],
+                    tokenizer=tok)
+    name = next(iter(second.delta.modules))
+    assert float(second.delta.state[f"{name}.count"]) == pytest.approx(len(FACTS) + 1, abs=1e-3)
+    assert second.parents[-1]["relation"] == "extends" and len(second.facts) == len(FACTS) + 1
+
+
+def test_ultraedit_refuses_a_first_round_too_small_to_normalise(setup):
+    model, tok = setup
+    with pytest.raises(EditpackError, match="too few to normalise"):
+        edit(model, FACT, "ultraedit", tokenizer=tok)
+
+
+# ---------------------------------------------------------------------------------------------- log and diff
+def test_log_and_diff_of_a_lifelong_pack(setup, tmp_path):
+    model, tok = setup
+    versions = tmp_path / "versions"
+    pack = edit(model, FACTS[:2], "grace", tokenizer=tok, name="life", **GRACE)
+    pack.save(versions / "life-1.0.0")
+    corrected = mk("the famous {}", "eiffel tower", "berlin", "paris")
+    for i, batch in enumerate([FACTS[2:4], [corrected]]):
+        pack = extend(model, pack, batch, tokenizer=tok)
+        pack.save(versions / f"life-{pack.version}")
+    (versions / "notes").mkdir()  # anything that is not a pack is passed over
+    entries = log(versions / "life-1.2.0")
+    assert [e.pack.version for e in entries] == ["1.0.0", "1.1.0", "1.2.0"]
+    assert [e.changes.counts for e in entries] == ["+2 ~0 -0", "+2 ~0 -0", "+0 ~1 -0"]
+    assert entries[-1].parts == {pack.module: "4 codebook entries"} and entries[0].size > 0
+    assert [e.pack.version for e in log(versions)] == ["1.0.0", "1.1.0", "1.2.0"]
+
+    found = diff(versions / "life-1.0.0", versions / "life-1.2.0")
+    assert len(found.changes.added) == 2 and len(found.changes.replaced) == 1
+    text = "\n".join(found.lines())
+    assert "'rome' → 'berlin'" in text and "2 codebook entries → 4 codebook entries" in text
+
+    from cli.main import main
+
+    result = CliRunner().invoke(main, ["log", str(versions / "life-1.2.0")])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines()] == ["1.0.0", "1.1.0", "1.2.0"]
+    result = CliRunner().invoke(main, ["diff", str(versions / "life-1.1.0"), str(versions / "life-1.2.0"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["replaced"][0]["new"]["target_new"] == "berlin"
+
+
+def test_fact_changes_match_by_subject_and_relation():
+    old = [FACT, FACTS[1]]
+    new = [mk("the famous {}", "eiffel tower", "berlin", "paris"), FACTS[2]]
+    changes = fact_changes(old, new)
+    assert [f.subject for f in changes.added] == ["river"]
+    assert [(o.target_new, n.target_new) for o, n in changes.replaced] == [("rome", "berlin")]
+    assert [f.subject for f in changes.removed] == ["london bridge"]
