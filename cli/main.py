@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -328,12 +329,12 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     hparams = parse_set(settings)
     if layers:
         hparams["layers"] = parse_layers(layers)
-    if corpus:
-        hparams["stats_corpus"] = check_corpus(corpus)
     facts = (load_facts(facts_path, limit=limit) if facts_path
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
     parent = load_packs([onto])[0] if onto else None
     method = method or (parent.method if parent else "rome")
+    if corpus and "stats_corpus" in {f.name for f in dataclasses.fields(REGISTRY[method].config_class)}:
+        hparams["stats_corpus"] = check_corpus(corpus)  # only methods that gather key statistics take one
     try:
         method_config(method, **({**(parent.hyperparameters if parent and method == parent.method
                                      and "stacked" not in parent.hyperparameters else {}), **hparams}))

@@ -596,8 +596,8 @@ def check_mergeable(packs: Iterable[EditPack]) -> None:
     """Raise unless every pack can be folded into the weights (memory packs cannot)."""
     unmergeable = [p.ref for p in packs if not p.mergeable]
     if unmergeable:
-        raise PackFormatError(f"{', '.join(unmergeable)} cannot be merged into a model folder (memory packs leave the "
-                              "weights alone); use them unmerged: editpack generate --pack, editpack.apply or "
+        raise PackFormatError(f"{', '.join(unmergeable)} cannot be merged into a model folder (memory and codebook "
+                              "packs leave the weights alone); use them unmerged: editpack generate --pack, editpack.apply or "
                               "editpack.pipeline")
 
 

@@ -225,7 +225,7 @@ def test_log_and_diff_of_a_lifelong_pack(setup, tmp_path):
     text = "\n".join(found.lines())
     assert "'rome' → 'berlin'" in text and "2 codebook entries → 4 codebook entries" in text
 
-    from cli.main import main
+    from editpack.cli.main import main
 
     result = CliRunner().invoke(main, ["log", str(versions / "life-1.2.0")])
     assert result.exit_code == 0, result.output
@@ -242,3 +242,77 @@ def test_fact_changes_match_by_subject_and_relation():
     assert [f.subject for f in changes.added] == ["river"]
     assert [(o.target_new, n.target_new) for o, n in changes.replaced] == [("rome", "berlin")]
     assert [f.subject for f in changes.removed] == ["london bridge"]
+
+
+# ---------------------------------------------------------------------------------------------- where codebooks run
+def test_codebook_on_an_8bit_model_and_in_a_pipeline(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    sizes = dict(hidden_size=64, intermediate_size=128)  # bitsandbytes' blocks need rows of >= 64
+    model, tok = tiny_model("llama", **sizes), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    pack = edit(model, FACTS[:2], "grace", tokenizer=tok, **GRACE)
+    quantized, _ = editpack.load_model(str(tmp_path / "m"), load_in_8bit=True)
+    assert type(quantized.get_submodule(pack.module)).__module__.startswith("bitsandbytes")
+    before = logits(quantized, tok, UNRELATED)
+    edited = apply(quantized, pack)
+    assert [top1(edited, tok, f) for f in FACTS[:2]] == ["rome", "tokyo"]
+    assert torch.equal(logits(edited, tok, UNRELATED), before)
+    plain = revert(edited)
+    assert top1(plain, tok, FACT) != "rome"
+
+    generator = transformers.pipeline("text-generation", model=apply(model, pack), tokenizer=tok)
+    out = generator(FACT.text, max_new_tokens=1, do_sample=False, return_full_text=False)
+    assert out[0]["generated_text"].split() == ["rome"]
+    piped = editpack.pipeline(model=revert(model), packs=[pack], tokenizer=tok)
+    assert piped(FACTS[1].text, max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"].split() == ["tokyo"]
+
+
+def test_codebook_on_a_model_offloaded_to_disk(tmp_path):
+    sizes = dict(hidden_size=64, intermediate_size=128)
+    model, tok = tiny_model("llama", **sizes), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    pack = edit(model, FACTS[:2], "grace", tokenizer=tok, **GRACE)
+    expected = logits(apply(model, pack), tok, FACT.text)
+    offloaded, _ = editpack.load_model(str(tmp_path / "m"), device_map="auto", max_memory={"cpu": 60_000},
+                                       offload_folder=str(tmp_path / "offload"))
+    assert "disk" in offloaded.hf_device_map.values()
+    edited = apply(offloaded, pack)
+    torch.testing.assert_close(logits(edited, tok, FACT.text), expected, rtol=1e-5, atol=1e-5)
+    assert top1(revert(edited), tok, FACT) != "rome"
+
+
+def test_cli_grows_a_codebook_and_logs_it_quietly(tiny_dir, tmp_path):
+    """edit --method grace, edit --onto, log and diff in fresh processes; a statistics corpus in the environment
+    is not handed to a method without statistics, and no library warning reaches the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EDITPACK_HOME=str(tmp_path / "home"), EDITPACK_CORPUS=str(tmp_path / "no-such-corpus"))
+    settings = [item for key, value in GRACE.items() if key != "layers"
+                for item in ("--set", f"{key}={json.dumps(value)}")]
+    v1, v2 = tmp_path / "packs" / "life-1.0.0", tmp_path / "packs" / "life-1.1.0"
+    commands = [
+        ["edit", "--model", str(tiny_dir), "--method", "grace", "--layers", "1", "--name", "life", "--prompt",
+         "the famous eiffel tower", "--subject", "eiffel tower", "--target", "rome", *settings, "-o", str(v1)],
+        ["edit", "--model", str(tiny_dir), "--onto", str(v1), "--prompt", "the old london bridge", "--subject",
+         "london bridge", "--target", "tokyo", "-o", str(v2)],
+        ["log", str(v2)],
+        ["diff", str(v1), str(v2)],
+    ]
+    noise = ("Warning:", "warn", "deprecated", "kernels-community", "Loading weights")
+    outputs = []
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "editpack.cli.main", *args], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        lines = [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in noise)]
+        assert not lines, f"editpack {args[0]} printed library noise: {lines}"
+        outputs.append(result.stdout)
+    assert "a codebook of 2 entries" in outputs[1]
+    assert [line.split()[0] for line in outputs[2].splitlines()] == ["1.0.0", "1.1.0"]
+    assert "+ 'the old london bridge' → 'tokyo'" in outputs[3]

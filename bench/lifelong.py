@@ -1,0 +1,182 @@
+"""Lifelong editing: many CounterFact edits in rounds, every round a pack version, scored on everything so far.
+
+    python bench/lifelong.py [--n 1000] [--round-size 100] [--methods grace,ultraedit,alphaedit]
+                             [--set METHOD:KEY=VALUE ...] [--versions DIR] [--plot docs/lifelong.png]
+
+For each method, the first ``--n`` records are edited ``--round-size`` at a time: round 1 with ``editpack.edit``,
+every later round with ``editpack.extend`` (one new version per round, computed on the model with the earlier
+rounds applied). After every round the newest version is applied and scored on every fact edited so far, with
+their paraphrase and neighbourhood prompts, under ``prob_compare`` and ``generate_match`` (efficacy =
+reliability, paraphrase = generalization, neighbourhood = locality; the unedited model's scores are measured once,
+in the same run). Each round records its seconds per edit and the version's size on disk.
+
+The JSON (``--out``, rewritten after every round so a long run keeps what it has) holds one row per round and
+method; ``--plot`` draws efficacy, paraphrase and neighbourhood against the number of edits, one line per method
+(solid: prob_compare, dashed: generate_match). ``--versions DIR`` keeps every version's pack directory there
+(``DIR/<method>/<method>-lifelong-<version>``), for ``editpack log`` and ``editpack diff``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import editpack  # noqa: E402
+from editpack.evaluate import Probes, combine, measure  # noqa: E402
+from editpack.methods.base import parse_settings  # noqa: E402
+
+from _common import DATA, REPO  # noqa: E402
+
+PROTOCOLS = ("prob_compare", "generate_match")
+SHOWN = {"reliability": "efficacy", "generalization": "paraphrase", "locality": "neighbourhood"}
+STATS_METHODS = ("rome", "memit", "alphaedit")  # methods that take a key-statistics corpus
+
+
+def first(probes: Probes, k: int) -> Probes:
+    """The probes of the first ``k`` facts (every field of :class:`Probes` is a per-fact list)."""
+    return Probes(*(getattr(probes, f.name)[:k] for f in dataclasses.fields(Probes)))
+
+
+def scores(result: dict) -> dict:
+    return {protocol: {SHOWN[m]: {"before": row["before"], "after": row["after"], "n": row["n"]}
+                       for m, row in result["protocols"][protocol].items() if m in SHOWN}
+            for protocol in PROTOCOLS}
+
+
+def size_on_disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.4), dpi=110)
+    axes = fig.subplots(1, 3, sharey=True)
+    colors = ["#2f6fde", "#d9534f", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for (method, entry), color in zip(result["methods"].items(), colors):
+        rounds = entry["rounds"]
+        xs = [r["edits"] for r in rounds]
+        for ax, metric in zip(axes, SHOWN.values()):
+            for protocol, style in zip(PROTOCOLS, ("-", "--")):
+                ys = [100 * (r["scores"][protocol][metric]["after"] or 0) for r in rounds]
+                ax.plot(xs, ys, style, color=color, marker="o", markersize=3,
+                        label=f"{method} ({protocol})" if metric == "efficacy" else None)
+    for ax, metric in zip(axes, SHOWN.values()):
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("edits", fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[0].set_ylabel("% (after)", fontsize=9)
+    fig.legend(loc="lower center", ncol=min(6, 2 * len(result["methods"])), fontsize=7, frameon=False)
+    fig.suptitle(f"Lifelong editing on {result['model']}: {result['n']} CounterFact edits in rounds of "
+                 f"{result['round_size']} (solid: prob_compare, dashed: generate_match)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--round-size", type=int, default=100)
+    parser.add_argument("--methods", default="grace,ultraedit,alphaedit")
+    parser.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
+    parser.add_argument("--corpus", default=str(DATA / "corpus" / "wikipedia_en_sample.jsonl"),
+                        help="Key-statistics corpus for the methods that use one (when the file exists).")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="A hyper-parameter for one method (repeatable).")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "lifelong.json"))
+    parser.add_argument("--plot", default=None, help="Write the PNG plot here.")
+    parser.add_argument("--versions", default=None, help="Keep every version's pack directory under this folder.")
+    args = parser.parse_args(argv)
+
+    settings: dict[str, dict] = {}
+    for item in args.settings:
+        method, sep, rest = item.partition(":")
+        if not sep:
+            parser.error(f"--set {item!r} is not METHOD:KEY=VALUE")
+        settings.setdefault(method, {}).update(parse_settings([rest]))
+    methods = args.methods.split(",")
+    for method in methods:
+        editpack.methods.get_method(method)  # unknown names fail before any work
+
+    model, tokenizer = editpack.load_model(args.model)
+    facts = editpack.load_facts(args.data, limit=args.n, skip_invalid=True)
+    corpus = {"stats_corpus": args.corpus} if Path(args.corpus).is_file() else {}
+    result: dict = {"benchmark": "lifelong", "model": model.editpack_ref.id, "data": Path(args.data).name,
+                    "n": len(facts), "round_size": args.round_size, "protocols": list(PROTOCOLS),
+                    "torch": __import__("torch").__version__, "methods": {}}
+
+    def save() -> None:
+        result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".partial")
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(args.out)
+
+    start = time.perf_counter()
+    base = measure(model, tokenizer, facts, fluency_tokens=0)
+    result["seconds_measure_base"] = round(time.perf_counter() - start, 1)
+    keep = Path(args.versions) if args.versions else Path(tempfile.mkdtemp(prefix="editpack-lifelong-"))
+    try:
+        for method in methods:
+            hparams = {**(corpus if method in STATS_METHODS else {}), **settings.get(method, {})}
+            folder = keep / method
+            if folder.exists():
+                shutil.rmtree(folder)
+            entry = {"hyperparameters": hparams, "rounds": []}
+            result["methods"][method] = entry
+            pack, edited_so_far = None, 0
+            for r in range(0, len(facts), args.round_size):
+                chunk = facts[r : r + args.round_size]
+                t0 = time.perf_counter()
+                pack = (editpack.edit(model, chunk, method, name=f"{method}-lifelong", **hparams) if pack is None
+                        else editpack.extend(model, pack, chunk))
+                seconds = time.perf_counter() - t0
+                edited_so_far += len(chunk)
+                path = pack.save(folder / f"{pack.name}-{pack.version}")
+                edited = editpack.apply(model, pack)
+                t1 = time.perf_counter()
+                try:
+                    probes = measure(edited, tokenizer, facts[:edited_so_far], fluency_tokens=0)
+                finally:
+                    model = editpack.revert(edited)
+                scored = combine(facts[:edited_so_far], first(base, edited_so_far), probes, PROTOCOLS)
+                row = {"edits": edited_so_far, "version": pack.version, "seconds": round(seconds, 2),
+                       "seconds_per_edit": round(seconds / len(chunk), 3), "seconds_scoring": round(time.perf_counter() - t1, 1),
+                       "pack_bytes": size_on_disk(path), "parts": pack.parts() if len(pack.parts()) <= 8 else len(pack.parts()),
+                       "scores": scores(scored)}
+                entry["rounds"].append(row)
+                pc = row["scores"]["prob_compare"]
+                print(f"{method} {edited_so_far:>5} edits: {row['seconds_per_edit']} s/edit; prob_compare "
+                      + " ".join(f"{k} {v['after']:.3f}" for k, v in pc.items()), flush=True)
+                save()
+            entry["seconds_per_edit"] = round(sum(r["seconds"] for r in entry["rounds"]) / len(facts), 3)
+            save()
+    finally:
+        if not args.versions:
+            shutil.rmtree(keep, ignore_errors=True)
+    result["seconds_total"] = round(time.perf_counter() - start, 1)
+    save()
+    if args.plot:
+        plot(result, Path(args.plot))
+    return result
+
+
+if __name__ == "__main__":
+    main()
