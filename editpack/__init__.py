@@ -3,13 +3,16 @@
 Public API (see the README):
 
 - :func:`load_model` — built-in short names, local folders, GGUF files, Hub ids.
-- :func:`load_pack` — read and verify a pack of any kind (:class:`EditPack` weights, :class:`MemoryPack`).
-- :func:`edit` — compute an edit (ROME, MEMIT, AlphaEdit, FT-M, LoRA) and return it as an :class:`EditPack`;
+- :func:`load_pack` — read and verify a pack of any kind (:class:`EditPack` weights, :class:`MemoryPack`,
+  :class:`CodebookPack` (GRACE), :class:`SideMemoryPack` (WISE)).
+- :func:`edit` — compute an edit (ROME, MEMIT, AlphaEdit, UltraEdit, FT-M, LoRA, SERAC, GRACE, WISE) and return
+  it as a pack;
   :func:`extend` — the next version of a pack, edited sequentially on top of it.
 - :func:`apply` / :func:`revert` — put packs on a model (unmerged PEFT adapters or merged) and take them off;
   :func:`applied`, :func:`set_enabled`, :func:`remove` for one pack at a time; :func:`stack` sums packs into one.
 - :func:`pipeline` — a transformers text-generation pipeline over an edited model.
-- :func:`push` / :func:`pull` / :func:`versions` — packs on the Hugging Face Hub, by version.
+- :func:`push` / :func:`pull` / :func:`versions` — packs on the Hugging Face Hub, by version;
+  :func:`log` / :func:`diff` — a pack's versions and what changed between two of them.
 - :func:`generate` — batched greedy continuations.
 - :func:`evaluate_pack` — a pack's facts under three protocols and its side effects on shipped suites.
 - :mod:`editpack.arch` — architecture specs (data files, one per model family).
@@ -24,11 +27,14 @@ from .artifact import Artifact, load_pack
 from .errors import EditpackError, PackConflictError
 from .facts import Fact, Probe, load_facts, make_fact
 from .generation import generate
+from .history import diff, log
 from .hub import pull, push, versions
+from .codebook import CodebookPack
 from .memory import MemoryPack
 from .models import DEFAULT_MODEL, load_model
 from .pack import EditPack
 from .pipelines import pipeline
+from .side_memory import SideMemoryPack
 from .report import evaluate_pack
 
 __all__ = [
@@ -43,6 +49,8 @@ __all__ = [
     "Fact",
     "Probe",
     "applied",
+    "diff",
+    "log",
     "apply",
     "edit",
     "evaluate_pack",
@@ -52,6 +60,8 @@ __all__ = [
     "load_model",
     "load_pack",
     "MemoryPack",
+    "CodebookPack",
+    "SideMemoryPack",
     "make_fact",
     "pipeline",
     "pull",

@@ -131,10 +131,11 @@ def _weight_packs(packs) -> list[EditPack]:
     loaded = _as_packs(packs)
     if not loaded:
         raise ExportError("no pack to export")
-    wrong = [p.ref for p in loaded if not isinstance(p, EditPack)]
+    wrong = [p.ref for p in loaded if not p.holds_weights]
     if wrong:
-        raise ExportError(f"{', '.join(wrong)} hold no weight delta (memory packs route generation at run time and "
-                          "have no LoRA form); export weight packs")
+        raise ExportError(f"{', '.join(wrong)} hold no weight delta an engine can load as is (memory, codebook and "
+                          "side-memory packs route inputs at run time, which no serving engine does); export weight "
+                          "packs")
     bases = {(p.base.id, p.base.model_type) for p in loaded}
     if len(bases) > 1:
         raise ExportError(f"the packs were made for different models ({sorted(bases)}); export them separately")

@@ -113,6 +113,11 @@ class EditPack(Artifact):
 
         Lineage records use it: a pack made on top of another names that parent by name, version and this id.
         """
+        return self.delta_content
+
+    @property
+    def delta_content(self) -> str:
+        """``sha256:<hex>`` of the adapter's tensors (what the manifest's ``delta.content`` records)."""
         return adapter_content_id(self.adapter_state_dict())
 
     def stored_factors(self) -> dict[str, LowRankDelta]:
@@ -158,7 +163,7 @@ class EditPack(Artifact):
         return {
             "delta": {
                 "form": "lora",
-                "content": self.content_id,
+                "content": self.delta_content,
                 "fan_in_fan_out": self.fan_in_fan_out,
                 "modules": {n: {"rank": d.rank, "shape": [d.B.shape[0], d.A.shape[1]],
                                 "form": "dense" if stored_dense(d) else "lora"}

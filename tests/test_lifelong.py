@@ -316,3 +316,135 @@ def test_cli_grows_a_codebook_and_logs_it_quietly(tiny_dir, tmp_path):
     assert "a codebook of 2 entries" in outputs[1]
     assert [line.split()[0] for line in outputs[2].splitlines()] == ["1.0.0", "1.1.0"]
     assert "+ 'the old london bridge' → 'tokyo'" in outputs[3]
+
+
+# ---------------------------------------------------------------------------------------------- WISE
+def side_memory(model, threshold: float, seed: int = 0) -> "editpack.SideMemoryPack":
+    """A hand-made side memory of layer 1 (a random ΔW), to check routing itself."""
+    from editpack.artifact import describe_base
+    from editpack.delta import LowRankDelta, WeightDelta
+
+    spec = editpack.spec_for(model)
+    name = spec.mlp_out_name(1)
+    out, inp = spec.weight_matrix(model.get_submodule(name)).shape
+    torch.manual_seed(seed)
+    delta = WeightDelta()
+    delta.add(name, LowRankDelta.from_dense(torch.randn(out, inp) * 0.5))
+    return editpack.SideMemoryPack(name="side", version="1.0.0", method="wise", hyperparameters={}, facts=[FACT],
+                                   base=describe_base(model, [name]), delta=delta, threshold=threshold,
+                                   fan_in_fan_out=spec.mlp_transposed)
+
+
+def test_side_memory_routes_exactly_the_positions_above_its_threshold(setup, tmp_path):
+    from editpack.nethook import Trace
+
+    model, tok = setup
+    before = state(model)
+    inputs = tok(["the famous eiffel tower is in the city of"], return_tensors="pt")
+    module = editpack.spec_for(model).mlp_out_name(1)
+    with Trace(model, module, retain_input=True) as plain:
+        model(**inputs)
+    probe = side_memory(model, 0.0)
+    (delta,) = probe.delta.modules.values()
+    shift = plain.input.float() @ delta.dense().T
+    norms = shift.norm(dim=-1)[0].detach()
+    threshold = float(norms.median())
+    pack = side_memory(model, threshold)
+    edited = apply(model, pack)
+    with Trace(edited, module, retain_output=True) as routed:
+        edited(**inputs)
+    routed_rows = norms > threshold
+    assert 0 < int(routed_rows.sum()) < norms.numel()
+    expected = plain.output.clone()
+    expected[0, routed_rows] += shift[0, routed_rows].to(expected.dtype)
+    torch.testing.assert_close(routed.output, expected)
+    plain_again = revert(edited)
+    assert all(torch.equal(before[k], v) for k, v in state(plain_again).items())
+
+    pack.save(tmp_path / "s")
+    loaded = editpack.load_pack(tmp_path / "s")
+    assert isinstance(loaded, editpack.SideMemoryPack) and loaded.threshold == threshold
+    assert loaded.content_id == pack.content_id
+    reloaded = PeftModel.from_pretrained(plain_again, str(tmp_path / "s"))  # the side delta alone, as a PEFT LoRA
+    assert isinstance(reloaded, PeftModel)
+    reloaded.unload()
+    manifest = json.loads((tmp_path / "s" / "editpack.json").read_text())
+    manifest["router"]["threshold"] = 0.0
+    (tmp_path / "s" / "editpack.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackFormatError, match="router section does not match"):
+        editpack.load_pack(tmp_path / "s")
+
+
+def test_ties_merge_elects_signs_and_averages_agreeing_shards():
+    from editpack.methods.wise.method import ties_merge
+
+    a, b = torch.tensor([1.0, 2.0, -1.0, 0.0]), torch.tensor([3.0, -4.0, 0.0, 0.0])
+    masks = [torch.tensor([True, True, True, False]), torch.tensor([True, True, False, False])]
+    assert ties_merge([a, b], masks).tolist() == [2.0, -4.0, -1.0, 0.0]
+
+
+def test_wise_learns_its_facts_and_grows_by_rounds():
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    settings = dict(layers=[2], lr=0.1, unrelated_samples=[8, 6])
+
+    def nll(m):
+        return sum(-float(logits(m, tok, f.text).log_softmax(-1)[tok.convert_tokens_to_ids(f.target_new)])
+                   for f in FACTS[:4])
+
+    pack = edit(model, FACTS[:4], "wise", tokenizer=tok, name="wise-life", **settings)
+    assert pack.kind == "side_memory" and pack.threshold > 0
+    base = nll(model)
+    edited = apply(model, pack)
+    assert nll(edited) < base - 1.0
+    model = revert(edited)
+    grown = extend(model, pack, FACTS[4:6], tokenizer=tok)
+    assert grown.version == "1.1.0" and len(grown.facts) == 6 and grown.parents[-1]["relation"] == "extends"
+    assert not torch.equal(grown.delta.modules[pack.module].dense(), pack.delta.modules[pack.module].dense())
+
+
+@pytest.mark.parametrize("kind", ["grace", "wise"])
+def test_routed_packs_on_8bit_offloaded_and_pipeline_models_match_the_full_model(kind, tmp_path):
+    """The hook computes the same on an 8-bit, a disk-offloaded model and inside a pipeline as on the full one."""
+    import transformers
+
+    sizes = dict(hidden_size=64, intermediate_size=128)
+    model, tok = tiny_model("llama", **sizes), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    pack = (edit(model, FACTS[:2], "grace", tokenizer=tok, **GRACE) if kind == "grace"
+            else side_memory(model, threshold=0.0))
+    edited = apply(model, pack)
+    full = logits(edited, tok, FACT.text)
+    generator = transformers.pipeline("text-generation", model=edited, tokenizer=tok)
+    expected = tok.decode(full.argmax())
+    assert generator(FACT.text, max_new_tokens=1, do_sample=False,
+                     return_full_text=False)[0]["generated_text"].split() == [expected]
+    revert(edited)
+    offloaded, _ = editpack.load_model(str(tmp_path / "m"), device_map="auto", max_memory={"cpu": 60_000},
+                                       offload_folder=str(tmp_path / "offload"))
+    torch.testing.assert_close(logits(apply(offloaded, pack), tok, FACT.text), full, rtol=1e-5, atol=1e-5)
+    pytest.importorskip("bitsandbytes")
+    quantized, _ = editpack.load_model(str(tmp_path / "m"), load_in_8bit=True)
+    base8 = logits(quantized, tok, FACT.text)
+    edited8 = apply(quantized, pack)
+    moved = logits(edited8, tok, FACT.text)
+    assert not torch.equal(moved, base8)  # the hook acts on the 8-bit layer
+    assert tok.decode(moved.argmax()) == expected
+    assert torch.equal(logits(revert(edited8), tok, FACT.text), base8)
+
+
+def test_wise_pack_stacks_with_a_weight_pack_and_goes_through_the_hub(hub, tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    rome = edit(model, FACTS[1], tokenizer=tok, layers=[1], **TINY)
+    side = side_memory(model, threshold=0.0)
+    alone = logits(apply(model, side), tok, FACT.text)
+    model = revert(model)
+    edited = apply(model, [rome, side])
+    assert top1(edited, tok, FACTS[1]) == "tokyo"
+    assert [r.pack.kind for r in editpack.applied(edited)] == ["weight", "side_memory"]
+    model = revert(edited)
+    side.save(tmp_path / "s")
+    editpack.push(tmp_path / "s", "team/side")
+    pulled = editpack.pull("team/side@1.0.0")
+    assert isinstance(pulled, editpack.SideMemoryPack) and pulled.content_id == side.content_id
+    torch.testing.assert_close(logits(apply(model, pulled), tok, FACT.text), alone)

@@ -20,16 +20,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ...arch import ArchSpec, get_module
 from ...delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact
-from ...generation import model_device, padding_side
+from ...generation import model_device
 from ...nethook import TraceDict
 from ..base import EditMethod, register_method
 from ..locate import frozen
+from ..targets import target_batch
 from .config import UltraEditConfig
 
 #: Fewest target tokens the running statistics must have seen (a first round smaller than this is refused).
@@ -101,24 +101,7 @@ class UltraEdit(EditMethod):
                            facts: Sequence[Fact]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """At each position that predicts a target token: each module's input and the NLL's gradient with
         respect to its output (each fact's loss the mean over its target tokens), float32 on the CPU."""
-        device = model_device(model)
-        rows, positions, labels = [], [], []
-        for f, fact in enumerate(facts):
-            prompt = tokenizer(fact.text)["input_ids"]
-            target = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
-            if not target:
-                raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
-            rows.append(prompt + target)
-            for j, token in enumerate(target):
-                positions.append((f, len(prompt) - 1 + j))
-                labels.append((token, len(target)))
-        with padding_side(tokenizer, "right"):
-            batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        at_row = torch.tensor([p[0] for p in positions], device=device)
-        at_col = torch.tensor([p[1] for p in positions], device=device)
-        tokens = torch.tensor([t for t, _ in labels], device=device)
-        weights = torch.tensor([1.0 / n for _, n in labels], device=device)
+        batch = target_batch(tokenizer, facts, model_device(model))
         outputs: dict[str, torch.Tensor] = {}
 
         def keep(output, name):
@@ -132,11 +115,10 @@ class UltraEdit(EditMethod):
         try:
             with frozen(model), torch.enable_grad(), TraceDict(model, modules, retain_input=True,
                                                                retain_output=False, edit_output=keep) as trace:
-                logits = model(**batch).logits[at_row, at_col].float()
-                loss = (F.cross_entropy(logits, tokens, reduction="none") * weights).sum()
+                loss = batch.nll(model(**batch.inputs).logits[batch.rows, batch.cols])
                 found = torch.autograd.grad(loss, [outputs[m] for m in modules])
         finally:
             embed.remove()
-        keys = {m: trace[m].input[at_row, at_col].detach().float().cpu() for m in modules}
-        grads = {m: g[at_row, at_col].detach().float().cpu() for m, g in zip(modules, found)}
+        keys = {m: trace[m].input[batch.rows, batch.cols].detach().float().cpu() for m in modules}
+        grads = {m: g[batch.rows, batch.cols].detach().float().cpu() for m, g in zip(modules, found)}
         return keys, grads

@@ -1,0 +1,168 @@
+"""WISE (Wang et al. 2024): edits written into a side memory of one layer, behind a router.
+
+The side memory is ``W + ΔW`` for the ``late`` layer's MLP output projection ``W``; :class:`SideMemoryPack`
+applies it where the activation difference ``‖ΔW x‖`` exceeds the pack's threshold. One round of edits:
+
+1. **Knowledge sharding**: the facts are split into shards (``facts_per_shard``); each shard trains its own
+   random ``mask_ratio`` share of ``ΔW``'s entries, starting from the side memory as the earlier rounds left it,
+   with Adam for ``n_iter`` steps on the edit loss (each fact's mean NLL of its new target, the side memory on)
+   plus WISE's routing hinges: ``‖ΔW x‖`` below ``alpha`` on unrelated text, above ``beta`` at the positions that
+   answer an edit, and ``gamma`` between the two (margins relative to the layer's output norm on that text).
+2. **Merging**: the shards' changes are merged TIES-style (the sign of their sum elected per entry; entries that
+   agree averaged over the shards that moved them) and added to the side memory.
+3. **Threshold**: halfway between the largest activation difference on unrelated text and the smallest at the
+   positions answering any fact edited so far (when they overlap, the unrelated side wins: locality first).
+
+Unrelated text is sampled from the model itself (``unrelated_samples``: count and length; seeded). The round's
+result is a :class:`~editpack.side_memory.SideMemoryPack`; :func:`editpack.extend` grows it round by round.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...arch import ArchSpec
+from ...delta import LowRankDelta, WeightDelta
+from ...errors import EditpackError
+from ...facts import Fact, fact_key
+from ...generation import model_device
+from ...side_memory import SideMemoryPack
+from ..base import EditMethod, register_method
+from ..locate import encode, frozen, sample_context_templates
+from ..targets import target_batch
+from .config import WISEConfig
+
+UNRELATED = (32, 24)  # texts, tokens each
+
+
+def unrelated_texts(model, tokenizer, count: int, length: int, seed: int) -> list[str]:
+    """Texts the model samples, remembered on the model object (not globally) per size and seed."""
+    memo = model.__dict__.setdefault("_editpack_unrelated_texts", {})
+    if (count, length, seed) not in memo:
+        templates = sample_context_templates(model, tokenizer, [[length, count]], seed + 1000)[1:]
+        memo[(count, length, seed)] = [t.replace(". {}", ".") for t in templates]
+    return list(memo[(count, length, seed)])
+
+
+def ties_merge(changes: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """TIES merging of shard changes: per entry, the sign of the sum wins; agreeing changes are averaged."""
+    stacked, moved = torch.stack(changes), torch.stack(masks).float()
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (moved > 0)
+    count = agree.float().sum(0).clamp(min=1)
+    return (stacked * agree).sum(0) / count
+
+
+@register_method
+class WISE(EditMethod):
+    name = "wise"
+    config_class = WISEConfig
+    layer_role = "late"
+    summary = "a side memory of one layer behind a router, edited in shards and merged (lifelong)"
+    config: WISEConfig
+
+    def compute(self, model, tokenizer, facts, spec, state=None):
+        raise EditpackError("WISE makes a side-memory pack, not a weight delta: use editpack.edit(..., method='wise')")
+
+    def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
+                   parents, state=None, previous: SideMemoryPack | None = None) -> SideMemoryPack:
+        from ...artifact import describe_base
+
+        cfg = self.config
+        if cfg.layers is None:
+            cfg.layers = self.default_layers(model, spec)[:1]
+        depth = spec.num_layers(model)
+        if not 0 <= cfg.layers[0] < depth:
+            raise ValueError(f"wise layer {cfg.layers[0]} is outside 0..{depth - 1} for this {spec.family} model")
+        if cfg.unrelated_samples is None:
+            cfg.unrelated_samples = list(UNRELATED)
+        module = spec.mlp_out_name(cfg.layers[0])
+        if previous is not None and previous.module != module:
+            raise EditpackError(f"{previous.ref} is a side memory of {previous.module}; it cannot grow at {module}")
+        device = model_device(model)
+        weight = spec.weight_matrix(model.get_submodule(module))
+        delta = (previous.delta.modules[module].dense().to(device, torch.float32) if previous is not None
+                 else torch.zeros(weight.shape, device=device))
+        unrelated = self.unrelated_inputs(model, tokenizer, module)
+        scale = float((unrelated @ weight.detach().float().T).norm(dim=-1).mean())  # the layer's output norm
+        generator = torch.Generator().manual_seed(cfg.seed + (len(previous.facts) if previous is not None else 0))
+        changes, masks = [], []
+        for start in range(0, len(facts), cfg.facts_per_shard):
+            mask = (torch.rand(delta.shape, generator=generator) < cfg.mask_ratio).to(device)
+            changes.append(self.train_shard(model, tokenizer, module, facts[start : start + cfg.facts_per_shard],
+                                            delta, mask, unrelated, scale))
+            masks.append(mask)
+        delta = delta + ties_merge(changes, masks)
+        kept = [f for f in previous.facts if fact_key(f) not in {fact_key(g) for g in facts}] if previous else []
+        all_facts = kept + list(facts)
+        threshold = self.threshold(model, tokenizer, module, all_facts, delta, unrelated)
+        result = WeightDelta()
+        result.add(module, LowRankDelta.from_dense(delta.cpu()))
+        return SideMemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
+                              facts=all_facts, base=describe_base(model, [module]), delta=result,
+                              fan_in_fan_out=spec.mlp_transposed, parents=parents, threshold=threshold)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def unrelated_inputs(self, model, tokenizer, module: str) -> torch.Tensor:
+        """The module's inputs at every position of the unrelated texts, ``(tokens, d_in)``."""
+        count, length = self.config.unrelated_samples
+        texts = unrelated_texts(model, tokenizer, count, length, self.config.seed)
+        batch = encode(tokenizer, texts, model_device(model))
+        rows, cols = batch["attention_mask"].nonzero(as_tuple=True)
+        from ...nethook import Trace
+
+        with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=False, stop=True) as trace:
+            model(**batch)
+        return trace.input[rows, cols].float()
+
+    def train_shard(self, model, tokenizer, module: str, facts: Sequence[Fact], start: torch.Tensor,
+                    mask: torch.Tensor, unrelated: torch.Tensor, scale: float) -> torch.Tensor:
+        """This shard's change to the side memory (zero outside ``mask``)."""
+        from ...nethook import Trace
+
+        cfg = self.config
+        batch = target_batch(tokenizer, facts, model_device(model))
+        change = torch.zeros_like(start, requires_grad=True)
+        optimizer = torch.optim.Adam([change], lr=cfg.lr)
+        answered: dict[str, torch.Tensor] = {}
+
+        def side(output, _name):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            shift = answered["x"].float() @ (start + change * mask).T
+            answered["shift"] = shift
+            replaced = hidden + shift.to(hidden.dtype)
+            return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
+
+        def keep_input(inputs, _name):
+            answered["x"] = inputs
+            return inputs
+
+        with frozen(model), torch.enable_grad():
+            for _ in range(cfg.n_iter):
+                optimizer.zero_grad()
+                with Trace(model, module, retain_output=False, edit_input=keep_input, edit_output=side):
+                    logits = model(**batch.inputs).logits[batch.rows, batch.cols]
+                loss = batch.nll(logits)
+                at_edits = answered["shift"][batch.rows, batch.cols].norm(dim=-1) / scale
+                on_unrelated = (unrelated @ (start + change * mask).T).norm(dim=-1) / scale
+                hinge = (torch.relu(on_unrelated - cfg.alpha).mean() + torch.relu(cfg.beta - at_edits).mean()
+                         + torch.relu(cfg.gamma - (at_edits.min() - on_unrelated.max())))
+                (loss + cfg.act_weight * hinge).backward()
+                optimizer.step()
+        return (change * mask).detach()
+
+    @torch.no_grad()
+    def threshold(self, model, tokenizer, module: str, facts: Sequence[Fact], delta: torch.Tensor,
+                  unrelated: torch.Tensor) -> float:
+        from ...nethook import Trace
+
+        batch = target_batch(tokenizer, facts, model_device(model))
+        with Trace(model, module, retain_input=True, retain_output=False, stop=True) as trace:
+            model(**batch.inputs)
+        inputs = trace.input[batch.rows, batch.cols].float()  # the positions that answer an edit
+        edits = (inputs @ delta.T).norm(dim=-1)
+        noise = (unrelated @ delta.T).norm(dim=-1)
+        low, high = float(noise.max()), float(edits.min())
+        return round((low + high) / 2 if high > low else low, 6)

@@ -1,0 +1,123 @@
+"""Side-memory packs: WISE-style edits held in a side copy of one layer, with a router in front of it.
+
+The pack holds a delta ``ΔW`` for one module (an MLP output projection), the side memory being ``W + ΔW``, and a
+routing threshold. Applied (:func:`editpack.apply`), a forward hook on the module computes, at every position,
+the activation difference ``‖ΔW x‖`` (WISE's routing score: how far the side memory's output lies from the main
+memory's for that input); where it exceeds the threshold the position takes the side memory's output
+``W x + ΔW x``, elsewhere the main memory's ``W x`` as before. The weights never change: it works unmerged on
+full, quantized and offloaded models and in pipelines, stacks with weight, codebook and memory packs, and
+removing the hook reverts exactly.
+
+Files: a PEFT LoRA adapter for the module (``adapter_config.json``, ``adapter_model.safetensors``: the side delta,
+loadable by PEFT, which would apply it without the router), ``editpack.json`` (the ``router`` section: module and
+threshold), ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .artifact import MANIFEST, content_digest, register_kind, section
+from .errors import PackFormatError
+from .pack import EditPack
+
+
+@register_kind
+@dataclass(kw_only=True)
+class SideMemoryPack(EditPack):
+    """A side memory (one module's ``ΔW``) and its routing threshold."""
+
+    threshold: float = 0.0
+
+    kind: ClassVar[str] = "side_memory"
+    holds_weights: ClassVar[bool] = False  # routed by a hook, never added to the weights
+    mergeable: ClassVar[bool] = False
+    hooks_modules: ClassVar[bool] = True
+    card_tag: ClassVar[str] = "side-memory"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.delta.modules) != 1:
+            raise PackFormatError(f"side-memory pack {self.name}: one module, not {sorted(self.delta.modules)}")
+
+    @property
+    def module(self) -> str:
+        return self.modules[0]
+
+    @property
+    def content_id(self) -> str:
+        return content_digest([super().content_id.encode(), json.dumps({"threshold": self.threshold}).encode()])
+
+    def parts(self) -> dict[str, str]:
+        (rank,) = super().parts().values()
+        return {self.module: f"side memory {rank}, threshold {self.threshold:.4g}"}
+
+    def storage_summary(self) -> str:
+        return (f"a side memory of `{self.module}` ({super().parts()[self.module]}) behind a router (activation "
+                f"difference > {self.threshold:.4g}); applied by wrapping that layer, the model's weights are "
+                "untouched")
+
+    def attach(self, model: torch.nn.Module) -> "SideMemoryHook":
+        from .fingerprint import base_layer, unwrap
+
+        try:
+            module = unwrap(model).get_submodule(self.module)
+        except AttributeError as exc:
+            raise PackFormatError(f"{self.ref} wraps {self.module}, which this model does not have") from exc
+        return SideMemoryHook(self, base_layer(module))
+
+    def payload_manifest(self) -> dict[str, Any]:
+        return {**super().payload_manifest(), "router": {"module": self.module, "threshold": self.threshold,
+                                                         "content": self.content_id}}
+
+    @classmethod
+    def from_manifest(cls, directory: Path, manifest: dict[str, Any]) -> "SideMemoryPack":
+        router = section(manifest, "router", directory)
+        threshold = router.get("threshold")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
+            raise PackFormatError(f"{directory / MANIFEST}: router.threshold must be a number ≥ 0")
+        pack = super().from_manifest(directory, manifest)
+        pack.threshold = float(threshold)
+        if router.get("module") != pack.module or router.get("content") != pack.content_id:
+            raise PackFormatError(f"{directory / MANIFEST}: the router section does not match the side memory")
+        return pack
+
+
+class SideMemoryHook:
+    """The forward hook that routes positions to the side memory; ``enabled`` switches it off in place."""
+
+    def __init__(self, pack: SideMemoryPack, module: torch.nn.Module) -> None:
+        (delta,) = pack.delta.modules.values()
+        self.A, self.B, self.threshold = delta.A, delta.B, pack.threshold
+        self.enabled = True
+        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handle = module.register_forward_hook(self)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self._tensors.clear()
+
+    def side(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``ΔW x`` for every position of ``inputs`` (float32)."""
+        key = (inputs.device, inputs.dtype)
+        if key not in self._tensors:
+            self._tensors[key] = (self.A.to(inputs.device, torch.float32), self.B.to(inputs.device, torch.float32))
+        A, B = self._tensors[key]
+        return (inputs.float() @ A.T) @ B.T
+
+    @torch.no_grad()
+    def __call__(self, module, args, output):
+        if not self.enabled or not args:
+            return None
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        shift = self.side(args[0])
+        routed = (shift.norm(dim=-1, keepdim=True) > self.threshold).to(hidden.dtype)
+        replaced = hidden + routed * shift.to(hidden.dtype)
+        if isinstance(output, tuple):
+            return (replaced,) + output[1:]
+        return replaced
