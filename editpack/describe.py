@@ -41,6 +41,13 @@ class PackDescription:
             lines.append("delta:   " + ", ".join(
                 f"{name} (rank {v.get('rank')}{', dense' if v.get('form') == 'dense' else ''})"
                 for name, v in delta["modules"].items() if isinstance(v, dict)))
+        codebook, router = m.get("codebook"), m.get("router")
+        if isinstance(codebook, dict):
+            lines.append(f"codebook: {codebook.get('entries')} entries at {codebook.get('module')} (keys of width "
+                         f"{codebook.get('key_dim')}); weights untouched")
+        if isinstance(router, dict):
+            lines.append(f"router:  side memory of {router.get('module')} where ‖ΔW x‖ > {router.get('threshold')}; "
+                         "weights untouched")
         for parent in m.get("parents") or []:
             how = _RELATIONS.get(parent.get("relation", "onto"), parent.get("relation"))
             lines.append(f"lineage: {how} {parent.get('name')}@{parent.get('version')} "
