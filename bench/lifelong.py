@@ -1,6 +1,6 @@
 """Lifelong editing: many CounterFact edits in rounds, every round a pack version, scored on everything so far.
 
-    python bench/lifelong.py [--n 1000] [--round-size 100] [--methods grace,ultraedit,alphaedit]
+    python bench/lifelong.py [--n 1000] [--round-size 100] [--methods grace,ultraedit,wise,alphaedit] [--score-at N,…]
                              [--set METHOD:KEY=VALUE ...] [--versions DIR] [--plot docs/lifelong.png]
 
 For each method, the first ``--n`` records are edited ``--round-size`` at a time: round 1 with ``editpack.edit``,
@@ -66,7 +66,7 @@ def plot(result: dict, path: Path) -> None:
     axes = fig.subplots(1, 3, sharey=True)
     colors = ["#2f6fde", "#d9534f", "#2ca02c", "#9467bd", "#ff7f0e"]
     for (method, entry), color in zip(result["methods"].items(), colors):
-        rounds = entry["rounds"]
+        rounds = [r for r in entry["rounds"] if "scores" in r]
         xs = [r["edits"] for r in rounds]
         for ax, metric in zip(axes, SHOWN.values()):
             for protocol, style in zip(PROTOCOLS, ("-", "--")):
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--round-size", type=int, default=100)
-    parser.add_argument("--methods", default="grace,ultraedit,alphaedit")
+    parser.add_argument("--methods", default="grace,ultraedit,wise,alphaedit")
     parser.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
     parser.add_argument("--corpus", default=str(DATA / "corpus" / "wikipedia_en_sample.jsonl"),
                         help="Key-statistics corpus for the methods that use one (when the file exists).")
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "lifelong.json"))
     parser.add_argument("--plot", default=None, help="Write the PNG plot here.")
     parser.add_argument("--versions", default=None, help="Keep every version's pack directory under this folder.")
+    parser.add_argument("--score-at", default=None, metavar="N,N,…",
+                        help="Score only after the rounds that reach these edit counts (default: after every round; "
+                             "the last round is always scored). Scoring all facts so far is most of a long run.")
     args = parser.parse_args(argv)
 
     settings: dict[str, dict] = {}
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--set {item!r} is not METHOD:KEY=VALUE")
         settings.setdefault(method, {}).update(parse_settings([rest]))
     methods = args.methods.split(",")
+    score_at = {int(n) for n in args.score_at.split(",")} if args.score_at else None
     for method in methods:
         editpack.methods.get_method(method)  # unknown names fail before any work
 
@@ -150,6 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds = time.perf_counter() - t0
                 edited_so_far += len(chunk)
                 path = pack.save(folder / f"{pack.name}-{pack.version}")
+                row = {"edits": edited_so_far, "version": pack.version, "seconds": round(seconds, 2),
+                       "seconds_per_edit": round(seconds / len(chunk), 3), "pack_bytes": size_on_disk(path),
+                       "parts": pack.parts() if len(pack.parts()) <= 8 else len(pack.parts())}
+                entry["rounds"].append(row)
+                if score_at is not None and edited_so_far not in score_at and edited_so_far < len(facts):
+                    print(f"{method} {edited_so_far:>5} edits: {row['seconds_per_edit']} s/edit", flush=True)
+                    save()
+                    continue
                 edited = editpack.apply(model, pack)
                 t1 = time.perf_counter()
                 try:
@@ -157,11 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                 finally:
                     model = editpack.revert(edited)
                 scored = combine(facts[:edited_so_far], first(base, edited_so_far), probes, PROTOCOLS)
-                row = {"edits": edited_so_far, "version": pack.version, "seconds": round(seconds, 2),
-                       "seconds_per_edit": round(seconds / len(chunk), 3), "seconds_scoring": round(time.perf_counter() - t1, 1),
-                       "pack_bytes": size_on_disk(path), "parts": pack.parts() if len(pack.parts()) <= 8 else len(pack.parts()),
-                       "scores": scores(scored)}
-                entry["rounds"].append(row)
+                row.update(seconds_scoring=round(time.perf_counter() - t1, 1), scores=scores(scored))
                 pc = row["scores"]["prob_compare"]
                 print(f"{method} {edited_so_far:>5} edits: {row['seconds_per_edit']} s/edit; prob_compare "
                       + " ".join(f"{k} {v['after']:.3f}" for k, v in pc.items()), flush=True)

@@ -1,9 +1,10 @@
 """GRACE (Hartvigsen et al. 2023): each fact becomes a codebook entry at one layer; the weights never change.
 
-For each fact, at the wrapped module (the ``late`` layer's MLP output projection):
+For each fact, at the wrapped module (an MLP output projection: the ``critical`` layer for subject keys, the
+``late`` layer for prompt keys):
 
-- the **key** is the module's input at the bare prompt's last token (``key_position="prompt"``; or the subject's
-  last token);
+- the **key** is the module's input at the bare prompt's subject's last token (``key_position="subject"``,
+  default) or at its last token (``"prompt"``, the paper's choice);
 - the **value** is the module's output there plus δ, with δ optimised as ROME optimises its value (NLL on the
   new target over context-prefixed prompts, KL, norm penalty; :func:`editpack.methods.locate.optimize_deltas`,
   ``facts_per_batch`` facts at a time), so replacing the output by the value makes the model answer the target;
@@ -49,6 +50,11 @@ class GRACE(EditMethod):
 
     def compute(self, model, tokenizer, facts, spec, state=None):
         raise EditpackError("GRACE makes a codebook pack, not a weight delta: use editpack.edit(..., method='grace')")
+
+    def default_layers(self, model, spec: ArchSpec) -> list[int]:
+        """Subject keys sit where ROME edits (the ``critical`` layer, where the subject's MLPs recall it); prompt keys
+        at the ``late`` layer, where the prompt's last token holds subject and relation (GRACE's setting)."""
+        return spec.role_layers("critical" if self.config.key_position == "subject" else "late", model)[:1]
 
     def resolve(self, model, tokenizer, spec: ArchSpec) -> GRACEConfig:
         cfg = self.config

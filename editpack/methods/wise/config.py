@@ -13,7 +13,7 @@ class WISEConfig(MethodConfig):
     layers: list[int] | None = None
     #: Optimisation of the side delta: Adam steps per shard and their learning rate.
     n_iter: int = 60
-    lr: float = 1e-3
+    lr: float = 1e-2
     #: Knowledge sharding: a round's facts are split into shards of at most this many facts; each shard trains a
     #: random ``mask_ratio`` share of the side memory's entries (its own mask), and the shards are merged
     #: (TIES: signs elected, agreeing entries averaged).

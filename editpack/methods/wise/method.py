@@ -13,7 +13,9 @@ applies it where the activation difference ``‖ΔW x‖`` exceeds the pack's th
 3. **Threshold**: halfway between the largest activation difference on unrelated text and the smallest at the
    positions answering any fact edited so far (when they overlap, the unrelated side wins: locality first).
 
-Unrelated text is sampled from the model itself (``unrelated_samples``: count and length; seeded). The round's
+Unrelated text is sampled from the model itself (``unrelated_samples``: count and length; seeded), plus the facts'
+own prompts asked about another fact's subject (same relation, other subject: in-distribution negatives that need
+no outside data). The round's
 result is a :class:`~editpack.side_memory.SideMemoryPack`; :func:`editpack.extend` grows it round by round.
 """
 
@@ -44,6 +46,23 @@ def unrelated_texts(model, tokenizer, count: int, length: int, seed: int) -> lis
         templates = sample_context_templates(model, tokenizer, [[length, count]], seed + 1000)[1:]
         memo[(count, length, seed)] = [t.replace(". {}", ".") for t in templates]
     return list(memo[(count, length, seed)])
+
+
+def swapped_prompts(facts: Sequence[Fact], count: int, seed: int) -> list[str]:
+    """Up to ``count`` prompts of one fact asked about another fact's subject (none that is itself an edit)."""
+    if len(facts) < 2:
+        return []
+    edits = {f.text for f in facts}
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(4 * count):
+        i, j = torch.randint(len(facts), (2,), generator=generator).tolist()
+        text = facts[i].prompt.replace("{}", facts[j].subject)
+        if i != j and facts[i].subject != facts[j].subject and text not in edits and text not in out:
+            out.append(text)
+        if len(out) == count:
+            break
+    return out
 
 
 def ties_merge(changes: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
@@ -85,7 +104,9 @@ class WISE(EditMethod):
         weight = spec.weight_matrix(model.get_submodule(module))
         delta = (previous.delta.modules[module].dense().to(device, torch.float32) if previous is not None
                  else torch.zeros(weight.shape, device=device))
-        unrelated = self.unrelated_inputs(model, tokenizer, module)
+        kept = [f for f in previous.facts if fact_key(f) not in {fact_key(g) for g in facts}] if previous else []
+        all_facts = kept + list(facts)
+        unrelated = self.unrelated_inputs(model, tokenizer, module, all_facts)
         scale = float((unrelated @ weight.detach().float().T).norm(dim=-1).mean())  # the layer's output norm
         generator = torch.Generator().manual_seed(cfg.seed + (len(previous.facts) if previous is not None else 0))
         changes, masks = [], []
@@ -95,8 +116,6 @@ class WISE(EditMethod):
                                             delta, mask, unrelated, scale))
             masks.append(mask)
         delta = delta + ties_merge(changes, masks)
-        kept = [f for f in previous.facts if fact_key(f) not in {fact_key(g) for g in facts}] if previous else []
-        all_facts = kept + list(facts)
         threshold = self.threshold(model, tokenizer, module, all_facts, delta, unrelated)
         result = WeightDelta()
         result.add(module, LowRankDelta.from_dense(delta.cpu()))
@@ -105,10 +124,13 @@ class WISE(EditMethod):
                               fan_in_fan_out=spec.mlp_transposed, parents=parents, threshold=threshold)
 
     # ------------------------------------------------------------------------------------------ internals
-    def unrelated_inputs(self, model, tokenizer, module: str) -> torch.Tensor:
-        """The module's inputs at every position of the unrelated texts, ``(tokens, d_in)``."""
+    def unrelated_inputs(self, model, tokenizer, module: str, facts: Sequence[Fact]) -> torch.Tensor:
+        """The module's inputs at every position of unrelated text, ``(tokens, d_in)``: texts the model samples,
+        and the facts' own prompts with another fact's subject (same relation, another subject: the router must
+        tell them apart), up to ``len(unrelated_samples[0])`` of those."""
         count, length = self.config.unrelated_samples
         texts = unrelated_texts(model, tokenizer, count, length, self.config.seed)
+        texts += swapped_prompts(facts, count, self.config.seed)
         batch = encode(tokenizer, texts, model_device(model))
         rows, cols = batch["attention_mask"].nonzero(as_tuple=True)
         from ...nethook import Trace
