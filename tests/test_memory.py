@@ -143,3 +143,25 @@ def test_evaluation_of_a_memory_pack_reports_generate_match(setup):
     scores = result["protocols"]["generate_match"]
     assert scores["reliability"]["after"] == 1.0 and scores["locality"]["after"] == 1.0
     assert not editpack.applied(model)
+
+
+def test_weight_codebook_and_memory_packs_together(setup):
+    model, tok = setup
+    before = state(model)
+    weight = editpack.edit(model, editpack.make_fact("the capital of {}", "germany", "madrid", "berlin"),
+                           layers=[1], **TINY)
+    codebook = editpack.edit(model, BRIDGE, "grace", layers=[1], context_template_lengths=[[3, 2]],
+                             clamp_norm_factor=1e4, v_weight_decay=0.0, v_num_grad_steps=40)
+    memory = editpack.edit(model, [TOWER], "serac", route="answer")
+    every = editpack.apply(model, [weight, codebook, memory])
+    assert isinstance(every, MemoryModel)
+    assert [r.pack.kind for r in editpack.applied(every)] == ["weight", "codebook", "memory"]
+    assert tok.decode(logits(every, tok, "the capital of germany").argmax()) == "madrid"
+    assert tok.decode(logits(every, tok, BRIDGE.text).argmax()) == "tokyo"  # the codebook, under the wrapper
+    assert first_words(editpack.generate(every, tok, [TOWER.text], max_new_tokens=1)) == ["rome"]
+    every = editpack.remove(every, codebook.ref)
+    assert tok.decode(logits(every, tok, BRIDGE.text).argmax()) != "tokyo"
+    every = editpack.apply(every, codebook)
+    plain = editpack.revert(every)
+    assert not editpack.applied(plain) and all(torch.equal(before[k], v) for k, v in state(plain).items())
+    assert tok.decode(logits(plain, tok, BRIDGE.text).argmax()) != "tokyo"
