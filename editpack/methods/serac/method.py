@@ -9,7 +9,7 @@ from ...artifact import describe_base
 from ...facts import Fact
 from ...memory import MemoryPack, SentenceEncoder, calibrate_facts
 from ..base import EditMethod, register_method
-from .config import SERACConfig
+from .config import IKEConfig, SERACConfig
 
 
 @register_method
@@ -31,3 +31,10 @@ class SERAC(EditMethod):
         base = replace(describe_base(model, []), embedding=None)  # no weights touched: identity only
         return MemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
                           facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)
+
+
+@register_method
+class IKE(SERAC):
+    name = "ike"
+    config_class = IKEConfig
+    summary = "a memory pack answered in context with demonstrations of its nearest facts (IKE)"
