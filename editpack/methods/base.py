@@ -150,6 +150,18 @@ class EditMethod(ABC):
         """The layers this method edits on ``model`` when none are given: its role, placed by ``spec``."""
         return spec.role_layers(self.layer_role, model)
 
+    def resolve_layers(self, model, spec: ArchSpec) -> list[int]:
+        """``config.layers``, filled in from :meth:`default_layers` when unset and checked against the model's
+        depth; the resolved list is what the pack records."""
+        cfg = self.config
+        if cfg.layers is None:
+            cfg.layers = self.default_layers(model, spec)
+        depth = spec.num_layers(model)
+        bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
+        if bad:
+            raise ValueError(f"{self.name} layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
+        return cfg.layers
+
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
                    parents: list[dict[str, Any]], state: dict[str, torch.Tensor] | None = None,
                    previous=None):

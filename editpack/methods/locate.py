@@ -12,17 +12,41 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..arch import ArchSpec, get_module
+from .base import MethodConfig
 from ..facts import Fact
 from ..generation import model_device, padding_side, sample_from_start
 from ..nethook import Trace
 from .split_batch import split_batch
+
+@dataclass
+class ValueOptimization(MethodConfig):
+    """The settings of :func:`optimize_deltas` that a method's config carries (ROME, MEMIT, AlphaEdit, GRACE)."""
+
+    #: Optimisation of the value: 20 steps as in the ROME paper (EasyEdit's Llama files use 25).
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    #: Precision of the decoder blocks while δ is optimised: "float32", "bfloat16", or "auto" (bfloat16 where
+    #: the device has fast bf16 arithmetic: a CUDA GPU that supports it, a CPU with AVX-512 BF16 / AMX; else
+    #: float32). The resolved value is what the pack records. Keys, the covariance solve and the update stay in
+    #: float32 either way.
+    optimize_dtype: str = "auto"
+    #: Context prefixes: (length in tokens, how many), sampled from the model with ``seed``. The resolved
+    #: prefixes are recorded in ``context_templates`` so a pack says exactly what it was computed with.
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 5], [10, 5]])
+    context_templates: list[str] | None = None
+    seed: int = 0
+
 
 CORPUS_STATS_TOKENS = 100_000
 SAMPLED_STATS_TOKENS = 20_000

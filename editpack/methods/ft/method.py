@@ -29,9 +29,7 @@ class FT(EditMethod):
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
         cfg = self.config
-        if cfg.layers is None:
-            cfg.layers = self.default_layers(model, spec)
-        names = [spec.mlp_out_name(layer) for layer in cfg.layers]
+        names = [spec.mlp_out_name(layer) for layer in self.resolve_layers(model, spec)]
         weights = [get_module(model, name).weight for name in names]
         originals = [w.detach().clone() for w in weights]
         result = WeightDelta()

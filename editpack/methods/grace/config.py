@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..base import MethodConfig
-from ..locate import POSITIONS
+from ..locate import POSITIONS, ValueOptimization
 
 
 @dataclass
-class GRACEConfig(MethodConfig):
+class GRACEConfig(ValueOptimization):
     #: The one layer whose MLP output projection the codebook wraps; ``None``: the architecture's ``critical``
     #: layer for subject keys, its ``late`` layer for prompt keys.
     layers: list[int] | None = None
@@ -19,18 +18,10 @@ class GRACEConfig(MethodConfig):
     #: beyond the unedited 30 % (prob_compare), subject keys at the critical layer 75 %, both with neighbourhood
     #: unchanged; subject keys also answer the subject's other relations from the codebook, as ROME does.
     key_position: str = "subject"
-    #: Value optimisation, as ROME's δ; fewer context prefixes than ROME's (3 prompts, not 11) keep a lifelong
-    #: stream of edits cheap.
+    #: Value optimisation as ROME's (``ValueOptimization``), with fewer context prefixes (3 prompts, not 11):
+    #: a lifelong stream of edits stays cheap.
     v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    optimize_dtype: str = "auto"
     context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 2]])
-    context_templates: list[str] | None = None
-    seed: int = 0
     #: A new entry's deferral radius: ``radius_scale`` × the farthest its key moves when the prompt is preceded
     #: by the context prefixes (the spread of the same question in other contexts).
     radius_scale: float = 1.0

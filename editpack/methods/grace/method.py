@@ -58,11 +58,7 @@ class GRACE(EditMethod):
 
     def resolve(self, model, tokenizer, spec: ArchSpec) -> GRACEConfig:
         cfg = self.config
-        if cfg.layers is None:
-            cfg.layers = self.default_layers(model, spec)[:1]
-        depth = spec.num_layers(model)
-        if not 0 <= cfg.layers[0] < depth:
-            raise ValueError(f"grace layer {cfg.layers[0]} is outside 0..{depth - 1} for this {spec.family} model")
+        self.resolve_layers(model, spec)
         if cfg.context_templates is None:
             cfg.context_templates = context_templates(model, tokenizer, cfg.context_template_lengths, cfg.seed)
         cfg.optimize_dtype = resolve_optimize_dtype(cfg.optimize_dtype, model_device(model))

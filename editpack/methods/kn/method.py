@@ -44,12 +44,7 @@ class KN(EditMethod):
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
         cfg = self.config
-        if cfg.layers is None:
-            cfg.layers = self.default_layers(model, spec)
-        depth = spec.num_layers(model)
-        bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
-        if bad:
-            raise ValueError(f"kn layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
+        self.resolve_layers(model, spec)
         head = get_module(model, spec.lm_head).weight  # (vocab, hidden): output embeddings
         result = WeightDelta()
         for fact in facts:

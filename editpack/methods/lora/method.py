@@ -37,9 +37,7 @@ class LoRA(EditMethod):
         if any(hasattr(m, "base_layer") for m in model.modules()):
             raise EditpackError("LoRA training needs a model without unmerged packs: apply them with merge=True "
                                 "first, or use another method")
-        if cfg.layers is None:
-            cfg.layers = self.default_layers(model, spec)
-        names = [spec.mlp_out_name(layer) for layer in cfg.layers]
+        names = [spec.mlp_out_name(layer) for layer in self.resolve_layers(model, spec)]
         peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=names, lora_dropout=0.0,
                                  bias="none", fan_in_fan_out=spec.mlp_transposed, task_type="CAUSAL_LM")
         result = WeightDelta()

@@ -46,12 +46,7 @@ SAMPLED_STATS_TOKENS = 20_000
 
 def resolve_locate_config(cfg, method: EditMethod, model, tokenizer, spec: ArchSpec):
     """Fill in what a locate-then-edit config leaves open (layers, statistics size, context templates)."""
-    if cfg.layers is None:
-        cfg.layers = method.default_layers(model, spec)
-    depth = spec.num_layers(model)
-    bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
-    if bad:
-        raise ValueError(f"{method.name} layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
+    method.resolve_layers(model, spec)
     if cfg.stats_corpus and Path(cfg.stats_corpus).is_file():
         digest = sha256_file(cfg.stats_corpus)
         if cfg.stats_corpus_sha256 not in (None, digest):

@@ -62,13 +62,7 @@ class UltraEdit(EditMethod):
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
         cfg = self.config
-        if cfg.layers is None:
-            cfg.layers = self.default_layers(model, spec)
-        depth = spec.num_layers(model)
-        bad = [layer for layer in cfg.layers if not 0 <= layer < depth]
-        if bad:
-            raise ValueError(f"ultraedit layers {bad} are outside 0..{depth - 1} for this {spec.family} model")
-        modules = [spec.mlp_out_name(layer) for layer in sorted(cfg.layers)]
+        modules = [spec.mlp_out_name(layer) for layer in sorted(self.resolve_layers(model, spec))]
         keys: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
         grads: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
         for start in range(0, len(facts), cfg.facts_per_batch):

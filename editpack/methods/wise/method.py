@@ -82,6 +82,9 @@ class WISE(EditMethod):
     summary = "a side memory of one layer behind a router, edited in shards and merged (lifelong)"
     config: WISEConfig
 
+    def default_layers(self, model, spec: ArchSpec) -> list[int]:
+        return super().default_layers(model, spec)[:1]
+
     def compute(self, model, tokenizer, facts, spec, state=None):
         raise EditpackError("WISE makes a side-memory pack, not a weight delta: use editpack.edit(..., method='wise')")
 
@@ -90,11 +93,7 @@ class WISE(EditMethod):
         from ...artifact import describe_base
 
         cfg = self.config
-        if cfg.layers is None:
-            cfg.layers = self.default_layers(model, spec)[:1]
-        depth = spec.num_layers(model)
-        if not 0 <= cfg.layers[0] < depth:
-            raise ValueError(f"wise layer {cfg.layers[0]} is outside 0..{depth - 1} for this {spec.family} model")
+        self.resolve_layers(model, spec)
         if cfg.unrelated_samples is None:
             cfg.unrelated_samples = list(UNRELATED)
         module = spec.mlp_out_name(cfg.layers[0])
