@@ -64,6 +64,17 @@ def emit(result: dict, out: str | None) -> dict:
     return result
 
 
+def checkpoint(result: dict, out: str | os.PathLike) -> None:
+    """Write ``result`` (with the process's peak RSS so far) to ``out`` atomically: a long run keeps what it has."""
+    import resource
+
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".partial")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
 def in_dtype(model, dtype_name: str):
     """``model`` itself when its weights are in ``dtype_name`` already, else a copy cast to it."""
     dtype = getattr(torch, dtype_name)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -34,7 +32,7 @@ import editpack  # noqa: E402
 from editpack.evaluate import Probes, combine, measure  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 
-from _common import DATA, REPO  # noqa: E402
+from _common import DATA, REPO, checkpoint  # noqa: E402
 
 PROTOCOLS = ("prob_compare", "generate_match")
 SHOWN = {"reliability": "efficacy", "generalization": "paraphrase", "locality": "neighbourhood"}
@@ -127,11 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": __import__("torch").__version__, "methods": {}}
 
     def save() -> None:
-        result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+        checkpoint(result, args.out)
 
     start = time.perf_counter()
     base = measure(model, tokenizer, facts, fluency_tokens=0)

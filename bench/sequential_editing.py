@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import editpack
 from editpack.api import extend
 from editpack.evaluate import PROTOCOLS, combine, measure
 from editpack.methods.base import parse_settings
+
+from _common import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -50,11 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "n": len(facts), "rounds": args.rounds, "protocols": list(PROTOCOLS), "methods": {}}
 
     def save() -> None:
-        result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+        checkpoint(result, args.out)
 
     start = time.perf_counter()
     base = measure(model, tokenizer, facts)

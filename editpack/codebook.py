@@ -31,6 +31,7 @@ from ._io import read_safetensors, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import PackFormatError
 from .facts import fact_key, normal_text
+from .hooks import LayerHook, hook_target
 
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 
@@ -94,15 +95,7 @@ class CodebookPack(Artifact):
     # -------------------------------------------------------------------------------------- applying
     def attach(self, model: torch.nn.Module) -> "CodebookHook":
         """Wrap the pack's module of ``model`` with this codebook (a forward hook); returns the hook."""
-        from .fingerprint import base_layer, unwrap
-
-        try:
-            module = unwrap(model).get_submodule(self.module)
-        except AttributeError as exc:
-            raise PackFormatError(f"codebook {self.ref} wraps {self.module}, which this model does not have") from exc
-        # On the layer itself, under any PEFT LoRA layer: adapters added or unloaded later leave the hook in place
-        # (a LoRA on the same module then adds its change to the codebook's value).
-        return CodebookHook(self, base_layer(module))
+        return CodebookHook(self, hook_target(model, self.module, self.ref))
 
     # -------------------------------------------------------------------------------------- disk
     def payload_manifest(self) -> dict[str, Any]:
@@ -164,46 +157,33 @@ def insert(keys: torch.Tensor, radii: torch.Tensor, targets: list[str], key: tor
     return torch.cat([keys.float(), key]), torch.cat([radii, torch.tensor([float(radius)])]), event
 
 
-class CodebookHook:
-    """The forward hook that answers from one codebook; ``enabled`` switches it off without removing it."""
+class CodebookHook(LayerHook):
+    """Answers from one codebook: the output at a position whose input lies within the nearest key's radius
+    becomes that key's value."""
 
     def __init__(self, pack: CodebookPack, module: torch.nn.Module) -> None:
         self.pack = pack
-        self.enabled = True
-        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
-        self.handle = module.register_forward_hook(self)
+        super().__init__(module)
 
-    def remove(self) -> None:
-        self.handle.remove()
-        self._tensors.clear()
-
-    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (device, dtype)
-        if key not in self._tensors:  # moved once per device, not per call
-            self._tensors[key] = (self.pack.keys.to(device, torch.float32), self.pack.values.to(device, dtype),
-                                  self.pack.radii.to(device, torch.float32))
-        return self._tensors[key]
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return self.on(device, dtype, lambda d, t: (self.pack.keys.to(d, torch.float32), self.pack.values.to(d, t),
+                                                     self.pack.radii.to(d, torch.float32)))
 
     @torch.no_grad()
     def match(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each row of ``inputs`` (…, d_in): the nearest entry, and whether it lies within that entry's radius."""
         keys, _, radii = self.tensors(inputs.device, inputs.dtype)
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()
-        distances = torch.cdist(flat, keys)
+        distances = torch.cdist(inputs.reshape(-1, inputs.shape[-1]).float(), keys)
         best, index = distances.min(dim=1)
         return index, best <= radii[index]
 
-    def __call__(self, module, args, output):
-        if not self.enabled or not len(self.pack.facts) or not args:
+    def change(self, inputs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not len(self.pack.facts):
             return None
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        index, hit = self.match(args[0])
+        index, hit = self.match(inputs)
         if not bool(hit.any()):
             return None
         _, values, _ = self.tensors(hidden.device, hidden.dtype)
         flat = hidden.reshape(-1, hidden.shape[-1]).clone()
         flat[hit] = values[index[hit]]
-        replaced = flat.reshape(hidden.shape)
-        if isinstance(output, tuple):
-            return (replaced,) + output[1:]
-        return replaced
+        return flat.reshape(hidden.shape)

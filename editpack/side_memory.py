@@ -24,6 +24,7 @@ import torch
 
 from .artifact import MANIFEST, content_digest, register_kind, section
 from .errors import PackFormatError
+from .hooks import LayerHook, hook_target
 from .pack import EditPack
 
 
@@ -63,13 +64,7 @@ class SideMemoryPack(EditPack):
                 "untouched")
 
     def attach(self, model: torch.nn.Module) -> "SideMemoryHook":
-        from .fingerprint import base_layer, unwrap
-
-        try:
-            module = unwrap(model).get_submodule(self.module)
-        except AttributeError as exc:
-            raise PackFormatError(f"{self.ref} wraps {self.module}, which this model does not have") from exc
-        return SideMemoryHook(self, base_layer(module))
+        return SideMemoryHook(self, hook_target(model, self.module, self.ref))
 
     def payload_manifest(self) -> dict[str, Any]:
         return {**super().payload_manifest(), "router": {"module": self.module, "threshold": self.threshold,
@@ -88,36 +83,20 @@ class SideMemoryPack(EditPack):
         return pack
 
 
-class SideMemoryHook:
-    """The forward hook that routes positions to the side memory; ``enabled`` switches it off in place."""
+class SideMemoryHook(LayerHook):
+    """Routes positions to the side memory: ``W x + ΔW x`` where ``‖ΔW x‖`` exceeds the threshold."""
 
     def __init__(self, pack: SideMemoryPack, module: torch.nn.Module) -> None:
         (delta,) = pack.delta.modules.values()
         self.A, self.B, self.threshold = delta.A, delta.B, pack.threshold
-        self.enabled = True
-        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handle = module.register_forward_hook(self)
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self._tensors.clear()
+        super().__init__(module)
 
     def side(self, inputs: torch.Tensor) -> torch.Tensor:
         """``ΔW x`` for every position of ``inputs`` (float32)."""
-        key = (inputs.device, inputs.dtype)
-        if key not in self._tensors:
-            self._tensors[key] = (self.A.to(inputs.device, torch.float32), self.B.to(inputs.device, torch.float32))
-        A, B = self._tensors[key]
+        A, B = self.on(inputs.device, torch.float32, lambda d, t: (self.A.to(d, t), self.B.to(d, t)))
         return (inputs.float() @ A.T) @ B.T
 
-    @torch.no_grad()
-    def __call__(self, module, args, output):
-        if not self.enabled or not args:
-            return None
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        shift = self.side(args[0])
+    def change(self, inputs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        shift = self.side(inputs)
         routed = (shift.norm(dim=-1, keepdim=True) > self.threshold).to(hidden.dtype)
-        replaced = hidden + routed * shift.to(hidden.dtype)
-        if isinstance(output, tuple):
-            return (replaced,) + output[1:]
-        return replaced
+        return hidden + routed * shift.to(hidden.dtype)
