@@ -81,3 +81,24 @@ def tiny_dir(tmp_path):
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+LIBRARY_NOISE = ("Warning", "warn", "deprecated", "kernels-community", "Writing model shards", "Loading weights")
+
+
+def run_cli_quietly(commands, env) -> list[str]:
+    """Run each ``editpack`` command line in a fresh process; each must succeed and print no library noise (the
+    warnings and log lines of torch, transformers, PEFT, …). Returns their standard outputs."""
+    import subprocess
+    import sys
+
+    outputs = []
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "editpack.cli.main", *args], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        lines = [line for line in (result.stdout + result.stderr).splitlines()
+                 if any(n in line for n in LIBRARY_NOISE)]
+        assert not lines, f"editpack {args[0]} printed library noise: {lines}"
+        outputs.append(result.stdout)
+    return outputs

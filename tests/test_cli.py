@@ -41,8 +41,8 @@ def test_commands_print_only_editpacks_own_lines(tiny_dir, tmp_path):
     """edit, generate, apply and eval in fresh processes: no library warning reaches the terminal (--verbose shows
     them)."""
     import os
-    import subprocess
-    import sys
+
+    from conftest import run_cli_quietly
 
     env = dict(os.environ, EDITPACK_HOME=str(tmp_path / "home"))
     settings = ["--set", "mom2_adjustment=false", "--set", "context_template_lengths=[[3,2]]", "--set",
@@ -55,10 +55,4 @@ def test_commands_print_only_editpacks_own_lines(tiny_dir, tmp_path):
         ["apply", "--model", str(tiny_dir), str(tmp_path / "p"), "-o", str(tmp_path / "merged")],
         ["eval", str(tmp_path / "p"), "--model", str(tiny_dir), "--protocol", "prob_compare"],
     ]
-    noise = ("Warning", "warn", "deprecated", "kernels-community", "Writing model shards", "Loading weights")
-    for args in commands:
-        result = subprocess.run([sys.executable, "-m", "editpack.cli.main", *args], env=env, capture_output=True,
-                                text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        lines = [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in noise)]
-        assert not lines, f"editpack {args[0]} printed library noise: {lines}"
+    run_cli_quietly(commands, env)

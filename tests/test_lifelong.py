@@ -289,8 +289,8 @@ def test_cli_grows_a_codebook_and_logs_it_quietly(tiny_dir, tmp_path):
     """edit --method grace, edit --onto, log and diff in fresh processes; a statistics corpus in the environment
     is not handed to a method without statistics, and no library warning reaches the terminal."""
     import os
-    import subprocess
-    import sys
+
+    from conftest import run_cli_quietly
 
     env = dict(os.environ, EDITPACK_HOME=str(tmp_path / "home"), EDITPACK_CORPUS=str(tmp_path / "no-such-corpus"))
     settings = [item for key, value in GRACE.items() if key != "layers"
@@ -304,15 +304,7 @@ def test_cli_grows_a_codebook_and_logs_it_quietly(tiny_dir, tmp_path):
         ["log", str(v2)],
         ["diff", str(v1), str(v2)],
     ]
-    noise = ("Warning:", "warn", "deprecated", "kernels-community", "Loading weights")
-    outputs = []
-    for args in commands:
-        result = subprocess.run([sys.executable, "-m", "editpack.cli.main", *args], env=env, capture_output=True,
-                                text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        lines = [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in noise)]
-        assert not lines, f"editpack {args[0]} printed library noise: {lines}"
-        outputs.append(result.stdout)
+    outputs = run_cli_quietly(commands, env)
     assert "a codebook of 2 entries" in outputs[1]
     assert [line.split()[0] for line in outputs[2].splitlines()] == ["1.0.0", "1.1.0"]
     assert "+ 'the old london bridge' → 'tokyo'" in outputs[3]
