@@ -265,6 +265,11 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
+def gathers_statistics(method: str) -> bool:
+    """Whether ``method`` takes a key-statistics corpus (``--corpus`` / ``EDITPACK_CORPUS`` go only to those)."""
+    return "stats_corpus" in {f.name for f in dataclasses.fields(REGISTRY[method].config_class)}
+
+
 def check_corpus(path: str) -> str:
     corpus = Path(path)
     if not corpus.is_file():
@@ -333,8 +338,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
     parent = load_packs([onto])[0] if onto else None
     method = method or (parent.method if parent else "rome")
-    if corpus and "stats_corpus" in {f.name for f in dataclasses.fields(REGISTRY[method].config_class)}:
-        hparams["stats_corpus"] = check_corpus(corpus)  # only methods that gather key statistics take one
+    if corpus and gathers_statistics(method):
+        hparams["stats_corpus"] = check_corpus(corpus)
     try:
         method_config(method, **({**(parent.hyperparameters if parent and method == parent.method
                                      and "stacked" not in parent.hyperparameters else {}), **hparams}))
@@ -736,7 +741,7 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
     from editpack.api import method_config
 
     hparams = parse_set(settings)
-    if corpus:
+    if corpus and gathers_statistics(method):
         hparams["stats_corpus"] = check_corpus(corpus)
     try:
         method_config(method, **hparams)
