@@ -226,6 +226,26 @@ def context_templates(model, tokenizer, lengths: Sequence[Sequence[int]], seed: 
     return list(memo[key])
 
 
+def unrelated_texts(model, tokenizer, count: int, length: int, seed: int) -> list[str]:
+    """``count`` texts of ``length`` tokens the model samples (top-k 5), remembered on the model object (not
+    globally) per size and seed: unrelated text for calibrating what an edit must leave alone."""
+    memo = model.__dict__.setdefault("_editpack_unrelated_texts", {})
+    if (count, length, seed) not in memo:
+        templates = sample_context_templates(model, tokenizer, [[length, count]], seed + 1000)[1:]
+        memo[(count, length, seed)] = [t.replace(". {}", ".") for t in templates]
+    return list(memo[(count, length, seed)])
+
+
+@torch.no_grad()
+def inputs_everywhere(model, tokenizer, module: str, texts: Sequence[str]) -> torch.Tensor:
+    """``module``'s input at every (unpadded) position of ``texts``, float32, ``(tokens, d_in)``."""
+    batch = encode(tokenizer, texts, model_device(model))
+    rows, cols = batch["attention_mask"].nonzero(as_tuple=True)
+    with Trace(model, module, retain_input=True, retain_output=False, stop=True) as trace:
+        model(**batch)
+    return trace.input[rows, cols].float()
+
+
 def lookups(tokenizer, templates: Sequence[str], fact: Fact) -> tuple[list[str], list[int]]:
     """Each template (with one ``{}``) filled with the fact's subject, and the subject's last token index."""
     texts, idxs = [], []

@@ -25,6 +25,10 @@ class GRACEConfig(ValueOptimization):
     #: A new entry's deferral radius: ``radius_scale`` × the farthest its key moves when the prompt is preceded
     #: by the context prefixes (the spread of the same question in other contexts).
     radius_scale: float = 1.0
+    #: ... and at most this share of the distance to the nearest module input at any position of unrelated text
+    #: the model samples (``unrelated_samples``: count and tokens; ``None`` leaves radii uncapped).
+    radius_margin: float = 0.5
+    unrelated_samples: list[int] | None = field(default_factory=lambda: [32, 24])
     #: Values are optimised this many facts at a time (memory grows with it).
     facts_per_batch: int = 16
 
@@ -33,7 +37,8 @@ class GRACEConfig(ValueOptimization):
             raise ValueError(f"GRACE wraps one layer; layers={self.layers} names {len(self.layers)}")
         if self.key_position not in POSITIONS:
             raise ValueError(f"key_position must be one of {', '.join(POSITIONS)}, not {self.key_position!r}")
-        if self.radius_scale <= 0:
-            raise ValueError(f"radius_scale must be positive, not {self.radius_scale}")
+        if self.radius_scale <= 0 or not 0 < self.radius_margin <= 1:
+            raise ValueError(f"radius_scale must be positive and radius_margin in (0, 1], not {self.radius_scale}, "
+                             f"{self.radius_margin}")
         if self.facts_per_batch < 1:
             raise ValueError(f"facts_per_batch must be at least 1, not {self.facts_per_batch}")

@@ -9,7 +9,9 @@ For each fact, at the wrapped module (an MLP output projection: the ``critical``
   new target over context-prefixed prompts, KL, norm penalty; :func:`editpack.methods.locate.optimize_deltas`,
   ``facts_per_batch`` facts at a time), so replacing the output by the value makes the model answer the target;
 - the **deferral radius** starts at ``radius_scale`` × the farthest the key moves when context prefixes precede
-  the prompt, and GRACE's rules (:func:`editpack.codebook.insert`) grow it (an overlapping key with the same
+  the prompt, but at most ``radius_margin`` of the way to the nearest activation at any position of unrelated
+  text the model samples (``unrelated_samples``; without that cap a key near the first token's attention-sink
+  activation matched the first token of every prompt), and GRACE's rules (:func:`editpack.codebook.insert`) grow it (an overlapping key with the same
   answer) or split it (another answer) as entries are added, one fact after another.
 
 The result is a :class:`~editpack.codebook.CodebookPack`; :func:`editpack.extend` adds entries to it round after
@@ -31,11 +33,13 @@ from ..base import EditMethod, register_method
 from ..locate import (
     context_templates,
     frozen,
+    inputs_everywhere,
     optimize_deltas,
     position_lookups,
     read_at,
     resolve_optimize_dtype,
     suffix_length,
+    unrelated_texts,
 )
 from .config import GRACEConfig
 
@@ -66,7 +70,7 @@ class GRACE(EditMethod):
 
     def entries(self, model, tokenizer, spec: ArchSpec, module: str,
                 facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys ``(n, d_in)``, values ``(n, d_out)`` and key spreads ``(n,)`` for ``facts`` on ``model``."""
+        """Keys ``(n, d_in)``, values ``(n, d_out)`` and initial deferral radii ``(n,)`` for ``facts``."""
         cfg = self.config
         with frozen(model), torch.enable_grad():
             order = sorted(range(len(facts)), key=lambda i: suffix_length(tokenizer, facts[i]))
@@ -85,8 +89,15 @@ class GRACE(EditMethod):
         read = read_at(model, tokenizer, module, texts, idxs, inputs=True)
         read = read.reshape(len(facts), len(cfg.context_templates) + 1, -1)
         keys = read[:, 0]
-        spreads = (read[:, 1:] - keys[:, None]).norm(dim=-1).amax(dim=1)
-        return keys.cpu(), values.cpu(), spreads.cpu()
+        radii = cfg.radius_scale * (read[:, 1:] - keys[:, None]).norm(dim=-1).amax(dim=1)
+        if cfg.unrelated_samples:  # never reach an unrelated token: at most a margin of the way to the nearest
+            count, length = cfg.unrelated_samples
+            unrelated = inputs_everywhere(model, tokenizer, module,
+                                          unrelated_texts(model, tokenizer, count, length, cfg.seed))
+            nearest = torch.cdist(keys, unrelated.to(keys.device)).amin(dim=1)
+            radii = torch.minimum(radii, cfg.radius_margin * nearest)
+        radii = torch.maximum(radii, 1e-3 * keys.norm(dim=1))  # the edit prompt itself always matches
+        return keys.cpu(), values.cpu(), radii.cpu()
 
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
                    parents, state=None, previous: CodebookPack | None = None) -> CodebookPack:
@@ -96,7 +107,7 @@ class GRACE(EditMethod):
         module = spec.mlp_out_name(cfg.layers[0])
         if previous is not None and previous.module != module:
             raise EditpackError(f"{previous.ref} is a codebook at {previous.module}; it cannot grow at {module}")
-        keys, values, spreads = self.entries(model, tokenizer, spec, module, facts)
+        keys, values, radii = self.entries(model, tokenizer, spec, module, facts)
         kept = previous.without(facts) if previous is not None else []
         book_keys = previous.keys[kept] if previous is not None else torch.zeros(0, keys.shape[1])
         book_radii = previous.radii[kept] if previous is not None else torch.zeros(0)
@@ -104,8 +115,8 @@ class GRACE(EditMethod):
         old_facts = [previous.facts[i] for i in kept] if previous is not None else []
         targets = [f.target_new for f in old_facts]
         for i, fact in enumerate(facts):
-            book_keys, book_radii, _ = insert(book_keys, book_radii, targets, keys[i],
-                                                  cfg.radius_scale * float(spreads[i]), fact.target_new)
+            book_keys, book_radii, _ = insert(book_keys, book_radii, targets, keys[i], float(radii[i]),
+                                              fact.target_new)
             targets.append(fact.target_new)
         return CodebookPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
                             facts=old_facts + list(facts), base=describe_base(model, [module]), parents=parents,

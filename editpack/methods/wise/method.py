@@ -32,20 +32,11 @@ from ...facts import Fact, fact_key
 from ...generation import model_device
 from ...side_memory import SideMemoryPack
 from ..base import EditMethod, register_method
-from ..locate import encode, frozen, sample_context_templates
+from ..locate import frozen, inputs_everywhere, unrelated_texts
 from ..targets import target_batch
 from .config import WISEConfig
 
-UNRELATED = (32, 24)  # texts, tokens each
-
-
-def unrelated_texts(model, tokenizer, count: int, length: int, seed: int) -> list[str]:
-    """Texts the model samples, remembered on the model object (not globally) per size and seed."""
-    memo = model.__dict__.setdefault("_editpack_unrelated_texts", {})
-    if (count, length, seed) not in memo:
-        templates = sample_context_templates(model, tokenizer, [[length, count]], seed + 1000)[1:]
-        memo[(count, length, seed)] = [t.replace(". {}", ".") for t in templates]
-    return list(memo[(count, length, seed)])
+UNRELATED = (32, 24)  # texts, tokens each (``unrelated_samples``)
 
 
 def swapped_prompts(facts: Sequence[Fact], count: int, seed: int) -> list[str]:
@@ -130,13 +121,7 @@ class WISE(EditMethod):
         count, length = self.config.unrelated_samples
         texts = unrelated_texts(model, tokenizer, count, length, self.config.seed)
         texts += swapped_prompts(facts, count, self.config.seed)
-        batch = encode(tokenizer, texts, model_device(model))
-        rows, cols = batch["attention_mask"].nonzero(as_tuple=True)
-        from ...nethook import Trace
-
-        with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=False, stop=True) as trace:
-            model(**batch)
-        return trace.input[rows, cols].float()
+        return inputs_everywhere(model, tokenizer, module, texts)
 
     def train_shard(self, model, tokenizer, module: str, facts: Sequence[Fact], start: torch.Tensor,
                     mask: torch.Tensor, unrelated: torch.Tensor, scale: float) -> torch.Tensor:
