@@ -161,7 +161,7 @@ OPTIONS = {
     "--set v_num_grad_steps=abc": (["--set", "v_num_grad_steps=abc"],
                                    "hyper-parameter v_num_grad_steps must be an integer, not 'abc'"),
     "--set unknown": (["--set", "no_such=1"], "unknown hyper-parameter(s) for ROMEConfig: no_such"),
-    "--set route for serac": (["--method", "serac", "--set", "route=elsewhere"], "route must be 'context' or 'answer'"),
+    "--set route for serac": (["--method", "serac", "--set", "route=elsewhere"], "route must be one of context, answer, ike"),
     "missing --corpus": (["--corpus", "/nonexistent/corpus.jsonl"], "/nonexistent/corpus.jsonl does not exist"),
     "--layers not numbers": (["--layers", "five"], "'five' is not a comma-separated list of layer indices"),
     "--name with a slash": (["--name", "../evil"], "pack name '../evil' must be letters"),
