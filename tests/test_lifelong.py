@@ -440,3 +440,19 @@ def test_wise_pack_stacks_with_a_weight_pack_and_goes_through_the_hub(hub, tmp_p
     pulled = editpack.pull("team/side@1.0.0")
     assert isinstance(pulled, editpack.SideMemoryPack) and pulled.content_id == side.content_id
     torch.testing.assert_close(logits(apply(model, pulled), tok, FACT.text), alone)
+
+
+def test_grace_radii_stop_short_of_unrelated_text_when_asked():
+    from editpack.methods.locate import inputs_everywhere, unrelated_texts
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    free = edit(model, FACTS[:3], "grace", tokenizer=tok, **GRACE)
+    capped = edit(model, FACTS[:3], "grace", tokenizer=tok, unrelated_samples=[8, 6], radius_margin=0.5, **GRACE)
+    unrelated = inputs_everywhere(model, tok, capped.module, unrelated_texts(model, tok, 8, 6, 0))
+    limit = 0.5 * torch.cdist(capped.keys, unrelated).amin(dim=1)
+    floor = 1e-3 * capped.keys.norm(dim=1)
+    assert torch.all(capped.radii <= torch.maximum(limit, floor) + 1e-6)
+    assert torch.all(capped.radii <= free.radii + 1e-6) and torch.equal(capped.keys, free.keys)
+    edited = apply(model, capped)
+    assert [top1(edited, tok, f) for f in FACTS[:2]] == ["rome", "tokyo"]  # the edit prompts still match
+    revert(edited)

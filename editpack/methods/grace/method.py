@@ -9,9 +9,9 @@ For each fact, at the wrapped module (an MLP output projection: the ``critical``
   new target over context-prefixed prompts, KL, norm penalty; :func:`editpack.methods.locate.optimize_deltas`,
   ``facts_per_batch`` facts at a time), so replacing the output by the value makes the model answer the target;
 - the **deferral radius** starts at ``radius_scale`` × the farthest the key moves when context prefixes precede
-  the prompt, but at most ``radius_margin`` of the way to the nearest activation at any position of unrelated
-  text the model samples (``unrelated_samples``; without that cap a key near the first token's attention-sink
-  activation matched the first token of every prompt), and GRACE's rules (:func:`editpack.codebook.insert`) grow it (an overlapping key with the same
+  the prompt (with ``unrelated_samples``, at most ``radius_margin`` of the way to the nearest activation at any
+  position of text the model samples: without that cap a key near the first token's attention-sink activation
+  matched the first token of every prompt), and GRACE's rules (:func:`editpack.codebook.insert`) grow it (an overlapping key with the same
   answer) or split it (another answer) as entries are added, one fact after another.
 
 The result is a :class:`~editpack.codebook.CodebookPack`; :func:`editpack.extend` adds entries to it round after
