@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from ..facts import Fact
-from ..generation import padding_side
+from ..generation import pad_id
 
 
 @dataclass
@@ -21,6 +21,14 @@ class TargetBatch:
     cols: torch.Tensor
     tokens: torch.Tensor
     weights: torch.Tensor
+
+    def logits(self, model) -> torch.Tensor:
+        """The model's logits at the positions that predict the targets, ``(target tokens, vocab)``."""
+        return model(**self.inputs).logits[self.rows, self.cols]
+
+    def token_nll(self, logits_at: torch.Tensor) -> torch.Tensor:
+        """The mean NLL over every target token of the batch (FT-M's masked loss)."""
+        return torch.nn.functional.cross_entropy(logits_at.float(), self.tokens)
 
     def nll(self, logits_at: torch.Tensor) -> torch.Tensor:
         """The sum over facts of each fact's mean NLL, from the logits at ``(rows, cols)``."""
@@ -38,10 +46,10 @@ def target_batch(tokenizer, facts: Sequence[Fact], device) -> TargetBatch:
         for j, token in enumerate(target):
             positions.append((f, len(prompt) - 1 + j))
             labels.append((token, len(target)))
-    with padding_side(tokenizer, "right"):
-        batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    pad, width = pad_id(tokenizer), max(map(len, rows))
     return TargetBatch(
-        inputs={k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")},
+        inputs={"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)},
         rows=torch.tensor([p[0] for p in positions], device=device),
         cols=torch.tensor([p[1] for p in positions], device=device),
         tokens=torch.tensor([t for t, _ in labels], device=device),

@@ -109,7 +109,7 @@ class UltraEdit(EditMethod):
         try:
             with frozen(model), torch.enable_grad(), TraceDict(model, modules, retain_input=True,
                                                                retain_output=False, edit_output=keep) as trace:
-                loss = batch.nll(model(**batch.inputs).logits[batch.rows, batch.cols])
+                loss = batch.nll(batch.logits(model))
                 found = torch.autograd.grad(loss, [outputs[m] for m in modules])
         finally:
             embed.remove()

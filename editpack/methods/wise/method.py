@@ -149,8 +149,7 @@ class WISE(EditMethod):
             for _ in range(cfg.n_iter):
                 optimizer.zero_grad()
                 with Trace(model, module, retain_output=False, edit_input=keep_input, edit_output=side):
-                    logits = model(**batch.inputs).logits[batch.rows, batch.cols]
-                loss = batch.nll(logits)
+                    loss = batch.nll(batch.logits(model))
                 at_edits = answered["shift"][batch.rows, batch.cols].norm(dim=-1) / scale
                 on_unrelated = (unrelated @ (start + change * mask).T).norm(dim=-1) / scale
                 hinge = (torch.relu(on_unrelated - cfg.alpha).mean() + torch.relu(cfg.beta - at_edits).mean()
