@@ -30,6 +30,7 @@ from ...delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact, fact_key
 from ...generation import model_device
+from ...nethook import Trace
 from ...side_memory import SideMemoryPack
 from ..base import EditMethod, register_method
 from ..locate import frozen, inputs_everywhere, unrelated_texts
@@ -126,8 +127,6 @@ class WISE(EditMethod):
     def train_shard(self, model, tokenizer, module: str, facts: Sequence[Fact], start: torch.Tensor,
                     mask: torch.Tensor, unrelated: torch.Tensor, scale: float) -> torch.Tensor:
         """This shard's change to the side memory (zero outside ``mask``)."""
-        from ...nethook import Trace
-
         cfg = self.config
         batch = target_batch(tokenizer, facts, model_device(model))
         change = torch.zeros_like(start, requires_grad=True)
@@ -161,8 +160,6 @@ class WISE(EditMethod):
     @torch.no_grad()
     def threshold(self, model, tokenizer, module: str, facts: Sequence[Fact], delta: torch.Tensor,
                   unrelated: torch.Tensor) -> float:
-        from ...nethook import Trace
-
         batch = target_batch(tokenizer, facts, model_device(model))
         with Trace(model, module, retain_input=True, retain_output=False, stop=True) as trace:
             model(**batch.inputs)
