@@ -161,3 +161,18 @@ def test_settings_parse_json_values_and_reject_malformed_items():
     for bad in ["v_lr", "=3"]:
         with pytest.raises(ValueError, match="is not KEY=VALUE"):
             parse_settings([bad])
+
+
+def test_the_wheel_smoke_check_covers_every_registered_method():
+    """CI's wheel smoke check (scripts/wheel_smoke.py) edits with every method; a new one needs settings there."""
+    import importlib.util
+    from pathlib import Path
+
+    from editpack.methods import REGISTRY
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "wheel_smoke.py"
+    spec = importlib.util.spec_from_file_location("wheel_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert sorted(smoke.SETTINGS) == sorted(REGISTRY)
+    assert set(smoke.FACTS) <= set(REGISTRY) and smoke.NEEDS_ENCODER <= set(REGISTRY)
