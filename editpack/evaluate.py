@@ -58,10 +58,14 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 
 @torch.no_grad()
 def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Scored]:
-    """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded)."""
+    """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded; a model
+    with memory packs scores in-scope prompts in its memory's context)."""
     device = model_device(model)
     pad = pad_id(tokenizer)
     out: list[Scored] = []
+    in_context = getattr(model, "prompts_in_context", None)  # memory packs: prompts as the memory rewrites them
+    if callable(in_context) and pairs:
+        pairs = list(zip(in_context([p for p, _ in pairs]), [a for _, a in pairs]))
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows, answers = [], []

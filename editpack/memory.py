@@ -13,6 +13,14 @@ threshold is calibrated per pack: the lowest one that keeps the false-positive r
 neighbourhood prompts at or below ``max_false_positive_rate``, never below ``min_threshold`` (without
 neighbourhood prompts: ``default_threshold``).
 
+Relation-aware scope (``relation_margin``, default 0.2): a prompt naming the subject must also ask the fact's
+relation. The prompt's clause that names the subject, with the subject masked, is compared with CounterFact's
+phrasings of 34 relations (``editpack/suites/relation_templates.json``); the fact's relation is the one its edit
+prompt is nearest to (or its given relation id). The prompt is out of scope when some other relation's phrasing
+is nearer to it, by more than the margin, than the fact's own relation (its phrasings and the fact's own masked
+edit prompt). "The mother tongue of Danielle Darrieux is" → English leaves "Danielle Darrieux was born in"
+to the model. ``relation_margin=None`` checks the subject only.
+
 Routes for in-scope prompts (``route``): ``"context"`` (default) rewrites the prompt with the fact and one
 demonstration in context and lets the model answer; ``"answer"`` also starts the answer with the stored target
 (a lookup in the style of GRACE's codebook), then lets the model continue with the fact in context; ``"ike"``
@@ -34,11 +42,13 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from . import suites
 from ._io import read_safetensors, sha256_file, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
 from .facts import Fact, fact_key, normal_text
 from .generation import pad_id
+from .side_effects import relation_of
 
 MEMORY_WEIGHTS = "memory.safetensors"
 
@@ -103,10 +113,15 @@ class Scope:
     default_threshold: float = 0.5
     #: In scope only if the prompt also names the fact's subject.
     require_subject: bool = True
+    #: With ``require_subject``: out of scope when another relation's phrasing is nearer to the prompt than the
+    #: fact's relation by more than this (cosine of subject-masked clauses); ``None`` checks the subject only.
+    relation_margin: float | None = 0.2
 
     @staticmethod
     def of(hyperparameters: dict[str, Any]) -> "Scope":
-        return Scope(**{k: hyperparameters[k] for k in Scope.__dataclass_fields__ if k in hyperparameters})
+        """The scope a pack was made with (packs made before ``relation_margin`` existed checked the subject only)."""
+        given = {k: hyperparameters[k] for k in Scope.__dataclass_fields__ if k in hyperparameters}
+        return Scope(**{"relation_margin": None, **given})
 
 
 def calibrate(positives: Sequence[float], negatives: Sequence[float], cfg: Scope) -> float:
@@ -158,6 +173,8 @@ class MemoryPack(Artifact):
         return (f"a memory of {len(self.facts)} fact{'s' if len(self.facts) != 1 else ''} with a MiniLM scope "
                 f"classifier (cosine ≥ {self.threshold}"
                 + (", subject named" if self.scope.require_subject else "")
+                + (f", relation within {self.scope.relation_margin}" if self.scope.require_subject
+                   and self.scope.relation_margin is not None else "")
                 + f"; route `{self.hyperparameters.get('route', 'context')}`); the model's weights are untouched")
 
     # -------------------------------------------------------------------------------------- edits
@@ -212,11 +229,60 @@ class MemoryPack(Artifact):
 
 def calibrate_facts(encoder: SentenceEncoder, facts: Sequence[Fact], keys: torch.Tensor, cfg: Scope) -> float:
     """Calibrate on the facts' paraphrases (in scope) against their neighbourhood prompts (out of scope)."""
-    probe = MemoryIndex([(None, facts, keys, 0.0, cfg.require_subject)], encoder)
+    probe = MemoryIndex([(None, facts, keys, 0.0, cfg)], encoder)
     positives = [probe.best(p)[1] for f in facts for p in f.paraphrases]
     negatives = [probe.best(p.prompt)[1] for f in facts for p in f.neighborhood]
     return calibrate([s for s in positives if s is not None], [s if s is not None else float("-inf")
                                                                for s in negatives], cfg)
+
+
+# ---------------------------------------------------------------------------------------------- relations
+MASK = "X"
+
+
+def subject_clause(prompt: str, subject: str) -> str:
+    """The clause of ``prompt`` that names ``subject`` (from the sentence break before its last mention), the
+    subject replaced by a placeholder: what a prompt asks about its subject, without the subject or preamble."""
+    low, at = prompt.lower(), prompt.lower().rfind(subject.lower())
+    if at < 0:
+        return prompt
+    cut = max(low.rfind(". ", 0, at), low.rfind("\n", 0, at), low.rfind("? ", 0, at), low.rfind("! ", 0, at))
+    clause = prompt[cut + 1 :].strip() if cut >= 0 else prompt
+    i = clause.lower().find(subject.lower())
+    while i >= 0:
+        clause = clause[:i] + MASK + clause[i + len(subject) :]
+        i = clause.lower().find(subject.lower(), i + len(MASK))
+    return clause
+
+
+class RelationCheck:
+    """Whether a prompt about a fact's subject asks the fact's relation (see the module's *relation-aware
+    scope*): masked clauses against CounterFact's relation phrasings, embedded once per encoder."""
+
+    def __init__(self, encoder: "SentenceEncoder") -> None:
+        self.encoder = encoder
+        templates = suites.load("relation_templates").items
+        self.relations = list(templates)
+        phrasings = [(r, p) for r, ps in templates.items() for p in ps]
+        self.labels = torch.tensor([self.relations.index(r) for r, _ in phrasings])
+        self.keys = encoder.encode([p.replace("{}", MASK) for _, p in phrasings])
+
+    def margins(self, pairs: Sequence[tuple[str, Fact]]) -> torch.Tensor:
+        """For each (prompt, fact): how much nearer another relation's phrasing is to the prompt than the fact's
+        own relation (≤ 0: the fact's relation is nearest)."""
+        if not pairs:
+            return torch.zeros(0)
+        asked = self.encoder.encode([subject_clause(p, f.subject) for p, f in pairs])
+        own = self.encoder.encode([subject_clause(f.text, f.subject) for _, f in pairs])
+        sims = asked @ self.keys.T
+        relation = self.labels[(own @ self.keys.T).argmax(1)]
+        for k, (_, fact) in enumerate(pairs):
+            given = relation_of(fact)
+            if given in self.relations:
+                relation[k] = self.relations.index(given)
+        mine = self.labels[None, :] == relation[:, None]
+        nearest_own = torch.maximum(sims.masked_fill(~mine, -2.0).max(1).values, (asked * own).sum(1))
+        return sims.masked_fill(mine, -2.0).max(1).values - nearest_own
 
 
 # ---------------------------------------------------------------------------------------------- IKE
@@ -252,14 +318,29 @@ def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
     return "\n\n".join(demos + [f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}"])
 
 
+def in_context(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
+    """An in-scope prompt rewritten by its memory's route: IKE's demonstrations, or the template with the fact."""
+    cfg = memory.hyperparameters
+    if cfg.get("route") == "ike":
+        return ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
+    return cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}", prompt=prompt)
+
+
 # ---------------------------------------------------------------------------------------------- lookup
 class MemoryIndex:
     """Nearest stored fact for prompts, over one or more memories (searched in order; first match wins)."""
 
-    def __init__(self, memories: list[tuple[Any, Sequence[Fact], torch.Tensor, float, bool]],
-                 encoder: SentenceEncoder) -> None:
+    def __init__(self, memories: list[tuple[Any, Sequence[Fact], torch.Tensor, float, Scope]],
+                 encoder: SentenceEncoder, relations: RelationCheck | None = None) -> None:
         self.memories = memories
         self.encoder = encoder
+        self._relations = relations
+
+    @property
+    def relations(self) -> RelationCheck:
+        if self._relations is None:
+            self._relations = RelationCheck(self.encoder)
+        return self._relations
 
     def best(self, prompt: str) -> tuple[tuple[Any, Fact] | None, float | None]:
         (match,), (score,) = self.lookup([prompt], with_scores=True)
@@ -270,12 +351,17 @@ class MemoryIndex:
         embedded = self.encoder.encode(prompts)
         matches: list[tuple[Any, Fact] | None] = [None] * len(prompts)
         scores: list[float | None] = [None] * len(prompts)
-        for memory, facts, keys, threshold, require_subject in self.memories:
+        for memory, facts, keys, threshold, scope in self.memories:
             if not len(facts):
                 continue
             sims = embedded @ keys.T.to(embedded.dtype)
-            if require_subject:
+            if scope.require_subject:
                 named = torch.tensor([[normal_text(f.subject) in normal_text(p) for f in facts] for p in prompts])
+                if scope.relation_margin is not None and named.any():
+                    where = named.nonzero().tolist()
+                    margins = self.relations.margins([(prompts[i], facts[j]) for i, j in where])
+                    for (i, j), margin in zip(where, margins.tolist()):
+                        named[i, j] = margin <= scope.relation_margin
                 sims = sims.masked_fill(~named, float("-inf"))
             best, index = sims.max(1)
             for i, (score, j) in enumerate(zip(best.tolist(), index.tolist())):
@@ -293,8 +379,8 @@ class MemoryModel(torch.nn.Module):
     """A causal LM (plain, PEFT-wrapped or quantized) whose ``generate`` consults memory packs first.
 
     Every other attribute is the wrapped model's, so it goes wherever the model went (``transformers.pipeline``,
-    :func:`editpack.generate`). ``forward`` is the wrapped model's own: teacher-forced scores see no memory, so
-    memory packs are measured with the ``generate_match`` protocol.
+    :func:`editpack.generate`). ``forward`` is the wrapped model's own (token ids carry no prompt boundary to
+    route on); editpack's teacher-forced scoring rewrites in-scope prompts first (:meth:`prompts_in_context`).
     """
 
     editpack_wrapper = True  # editpack.fingerprint.memory_wrapper / unwrap recognise it and look through it
@@ -306,6 +392,7 @@ class MemoryModel(torch.nn.Module):
         self.memories = list(memories)
         self.editpack_tokenizer = tokenizer
         self.encoder = encoder or SentenceEncoder()
+        self._relations: RelationCheck | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -317,12 +404,21 @@ class MemoryModel(torch.nn.Module):
         return self.model(*args, **kwargs)
 
     def index(self) -> MemoryIndex:
-        return MemoryIndex([(m, m.facts, m.keys, m.threshold, m.scope.require_subject)
-                            for m in self.memories], self.encoder)
+        if self._relations is None or self._relations.encoder is not self.encoder:
+            self._relations = RelationCheck(self.encoder)
+        return MemoryIndex([(m, m.facts, m.keys, m.threshold, m.scope) for m in self.memories], self.encoder,
+                           self._relations)
 
     def route(self, prompts: Sequence[str]) -> list[tuple[MemoryPack, Fact] | None]:
         """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is)."""
         return self.index().lookup(prompts)
+
+    def prompts_in_context(self, prompts: Sequence[str]) -> list[str]:
+        """The text the model is given for each prompt: in scope, the prompt in its memory's context (the fact,
+        IKE's demonstrations); out of scope, the prompt itself. Teacher-forced scoring
+        (``editpack.evaluate.score``) reads answers after these, as generation does; the ``answer`` route scores
+        as the ``context`` route (the target it forces in generation has no probability of its own)."""
+        return [prompt if r is None else in_context(r[0], r[1], prompt) for prompt, r in zip(prompts, self.route(prompts))]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -347,14 +443,9 @@ class MemoryModel(torch.nn.Module):
         prompts, forced = [], []
         for i in inside:
             memory, fact = routes[i]
-            cfg = memory.hyperparameters
-            prompt = tok.decode(rows[i], skip_special_tokens=True)
-            if cfg.get("route") == "ike":
-                text = ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
-            else:
-                text = cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}",
-                                                                 prompt=prompt)
-            answer = tok(" " + fact.target_new, add_special_tokens=False)["input_ids"] if cfg.get("route") == "answer" else []
+            text = in_context(memory, fact, tok.decode(rows[i], skip_special_tokens=True))
+            answer = (tok(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+                      if memory.hyperparameters.get("route") == "answer" else [])
             prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)
         width = max(map(len, prompts))

@@ -39,9 +39,6 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     check_protocols(protocols)
     started = time.perf_counter()
     facts = list(facts) if facts is not None else list(pack.facts)
-    if not pack.scores_logits:
-        # The memory routes generation only; teacher-forced scores would measure the untouched weights.
-        protocols = [p for p in protocols if p == "generate_match"] or ["generate_match"]
     origin = None
     if default_probes:
         facts, origin = side_effects.with_default_paraphrases(facts)

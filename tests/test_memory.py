@@ -58,7 +58,9 @@ def test_memory_pack_round_trip_and_card(setup, tmp_path):
 def test_mixed_batch_routes_in_scope_prompts_and_leaves_the_rest_alone(setup, route):
     model, tok = setup
     original = state(model)
-    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route=route)
+    # The toy prompts ask no relation ("the old london bridge"), so the scope checks the subject only here; the
+    # relation check has its own tests below.
+    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route=route, relation_margin=None)
     prompts = [TOWER.text, OUTSIDE[0], "the london bridge is in", OUTSIDE[1]]
     base = editpack.generate(model, tok, prompts, max_new_tokens=3)
     edited = editpack.apply(model, memory)
@@ -133,16 +135,26 @@ def test_cli_edit_serac_and_generate(setup, tmp_path):
     assert refused.exit_code == 2 and "cannot be merged" in refused.output
 
 
-def test_evaluation_of_a_memory_pack_reports_generate_match(setup):
+def test_evaluation_of_a_memory_pack_scores_in_scope_prompts_in_the_memorys_context(setup):
+    from editpack.evaluate import score
+    from editpack.memory import in_context
     from editpack.report import evaluate_pack
 
     model, tok = setup
-    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route="answer")
+    memory = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1)
     result = evaluate_pack(model, tok, memory)
-    assert list(result["protocols"]) == ["generate_match"]
+    assert list(result["protocols"]) == ["teacher_forced_token_acc", "prob_compare", "generate_match"]
     scores = result["protocols"]["generate_match"]
-    assert scores["reliability"]["after"] == 1.0 and scores["locality"]["after"] == 1.0
+    assert scores["locality"]["after"] == 1.0
     assert not editpack.applied(model)
+    # Teacher forcing reads the answer after the text the memory gives the model, as generation does.
+    edited = editpack.apply(model, memory)
+    pairs = [(TOWER.text, "rome"), (OUTSIDE[0], "berlin")]
+    routed = score(edited, tok, pairs)
+    by_hand = score(model, tok, [(in_context(memory, TOWER, TOWER.text), "rome"), (OUTSIDE[0], "berlin")])
+    assert [r.nll for r in routed] == pytest.approx([r.nll for r in by_hand], abs=1e-5)
+    assert routed[0].nll != pytest.approx(score(model, tok, pairs[:1])[0].nll, abs=1e-5)
+    editpack.revert(edited)
 
 
 def test_weight_codebook_and_memory_packs_together(setup):
@@ -195,3 +207,43 @@ def test_ike_pack_answers_in_scope_prompts_with_demonstrations_of_its_nearest_fa
     editpack.revert(edited)
     with pytest.raises(ValueError, match="route must be one of"):
         editpack.edit(model, [TOWER], "serac", route="demo")
+
+
+DARRIEUX = editpack.make_fact("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+
+
+def test_subject_clause_drops_the_preamble_and_masks_the_subject():
+    from editpack.memory import subject_clause
+
+    assert subject_clause("Geography. The river forms a border. Uttaradit, in", "Uttaradit") == "X, in"
+    assert subject_clause("The mother tongue of danielle darrieux is", "Danielle Darrieux") == "The mother tongue of X is"
+    assert subject_clause("no subject here", "Danielle Darrieux") == "no subject here"
+
+
+def test_relation_aware_scope_leaves_the_subjects_other_relations_to_the_model(setup):
+    model, tok = setup
+    memory = editpack.edit(model, [DARRIEUX, TOWER], "serac")
+    assert memory.scope.relation_margin == 0.2 and "relation within 0.2" in memory.storage_summary()
+    same = ["Danielle Darrieux is a native speaker of", "The native language of Danielle Darrieux is"]
+    other = ["Danielle Darrieux works as", "Danielle Darrieux is a citizen of"]
+    edited = editpack.apply(model, memory)
+    routed = edited.route(same + other)
+    assert [r is not None for r in routed] == [True] * len(same) + [False] * len(other)
+    margins = edited.index().relations.margins([(p, DARRIEUX) for p in same + other])
+    assert (margins[: len(same)] <= 0.2).all() and (margins[len(same):] > 0.2).all()
+    # A near relation is nearer than the others, but still farther than the fact's own relation.
+    (born,) = edited.index().relations.margins([("Danielle Darrieux was born in", DARRIEUX)]).tolist()
+    assert max(margins[: len(same)].tolist()) < born < min(margins[len(same):].tolist())
+    # Subject only: every prompt naming her is in scope (the same memory, its scope widened).
+    wide = MemoryPack(**{**memory.__dict__, "hyperparameters": {**memory.hyperparameters, "relation_margin": None}})
+    assert all(r is not None for r in editpack.apply(editpack.revert(edited), wide).route(same + other))
+
+
+def test_a_memory_pack_made_before_the_relation_check_keeps_its_subject_only_scope(setup):
+    from editpack.memory import Scope
+
+    assert Scope.of({"threshold": 0.4}).relation_margin is None
+    assert Scope.of({"relation_margin": 0.1}).relation_margin == 0.1
+    model, _ = setup
+    with pytest.raises(ValueError, match="relation_margin"):
+        editpack.edit(model, DARRIEUX, "serac", relation_margin=5.0)

@@ -28,6 +28,9 @@ class SERACConfig(MethodConfig, Scope):
             raise ValueError(f"demonstrations must be ≥ 0, not {self.demonstrations}")
         if "{statement}" not in self.template or "{prompt}" not in self.template:
             raise ValueError("template must contain {statement} and {prompt}")
+        if self.relation_margin is not None and not -2 <= self.relation_margin <= 2:
+            raise ValueError(f"relation_margin must be between -2 and 2 (a difference of cosines) or None, "
+                             f"not {self.relation_margin}")
         if not 0 <= self.max_false_positive_rate <= 1:
             raise ValueError(f"max_false_positive_rate must be between 0 and 1, not {self.max_false_positive_rate}")
 

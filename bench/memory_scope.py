@@ -1,0 +1,165 @@
+"""Memory packs' scope: each route's scores, and how often it wrongly answers the subject's other relations.
+
+    python bench/memory_scope.py [--n 100] [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
+
+Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
+subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
+
+- ``generate_match`` reliability, generalization and locality of one memory pack holding the first ``--n``
+  records of ``counterfact-edit.json`` (the unedited model measured once, in the same run);
+- the **same-subject, other-relation probe set**: prompts about an edited fact's subject that ask another
+  relation, whose true answer differs from the fact's. From CounterFact (``counterfact-edit.json`` and
+  ``counterfact-train.json``: records sharing a subject, their relations found from CounterFact's phrasings in
+  ``editpack/suites/relation_templates.json`` and MQuAKE's rewrite templates) and MQuAKE (``MQuAKE-hard.json``:
+  a rewrite's subject in another case's single-hop cloze of another relation). One memory pack holds every
+  probed fact; a probe is **wrongly answered** when the greedy answer (8 tokens) starts with the fact's new
+  target. The rate in scope (routed to the memory) is reported beside it, and the unedited model's own rate.
+
+Prints one JSON object (``--out`` also writes it), with the route and margin that the rule below picks:
+reliability, generalization and locality each at least the floor given (``--floors``), then the lowest
+wrong-answer rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import editpack  # noqa: E402
+import editpack.console  # noqa: E402
+from editpack import suites  # noqa: E402
+from editpack.evaluate import combine, measure, starts_with  # noqa: E402
+from editpack.facts import Fact  # noqa: E402
+
+from _common import DATA, REPO, emit  # noqa: E402
+
+
+def relation_templates(data: Path) -> dict[str, str]:
+    """Phrasing (``{}`` for the subject) → Wikidata relation id: CounterFact's and MQuAKE's rewrite templates."""
+    found = {p: r for r, phrasings in suites.load("relation_templates").items.items() for p in phrasings}
+    for case in json.loads((data / "mquake" / "MQuAKE-hard.json").read_text()):
+        for rewrite in case["requested_rewrite"]:
+            found.setdefault(rewrite["prompt"], rewrite["relation_id"])
+    return found
+
+
+def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, str]]:
+    """``(fact, prompt, true answer)``: prompts about the fact's subject that ask another relation."""
+    templates = relation_templates(data)
+
+    def relation(prompt: str, subject: str) -> str | None:
+        return templates.get(prompt.replace(subject, "{}", 1)) if subject in prompt else None
+
+    counterfact: list[tuple[Fact, str, str]] = []
+    by_subject: dict[str, list[tuple[Fact, str]]] = defaultdict(list)
+    for name in ("counterfact-edit.json", "counterfact-train.json"):
+        for fact in editpack.load_facts(f"counterfact:{data / 'counterfact' / name}", skip_invalid=True):
+            found = relation(fact.text, fact.subject)
+            if found:
+                by_subject[fact.subject].append((fact, found))
+    for facts in by_subject.values():
+        for fact, rel in facts:
+            seen = set()
+            for other, other_rel in facts:
+                if (other_rel != rel and other.text not in seen
+                        and (other.target_true or "").lower() != (fact.target_true or "").lower()):
+                    seen.add(other.text)
+                    counterfact.append((fact, other.text, other.target_true or ""))
+
+    mquake: list[tuple[Fact, str, str]] = []
+    cases = json.loads((data / "mquake" / "MQuAKE-hard.json").read_text())
+    hops = {(h["cloze"], h["answer"]) for case in cases for h in case["single_hops"]}
+    rewrites = {(r["prompt"], r["subject"], r["target_new"]["str"], r["target_true"]["str"], r["relation_id"])
+                for case in cases for r in case["requested_rewrite"]}
+    for prompt, subject, new, true, rel in sorted(rewrites):
+        fact = editpack.make_fact(prompt, subject, new, true, relation=rel)
+        for cloze, answer in sorted(hops):
+            other_rel = relation(cloze, subject)
+            if other_rel and other_rel != rel and answer.lower() != true.lower():
+                mquake.append((fact, cloze, answer))
+    rng = random.Random(seed)
+    rng.shuffle(counterfact)
+    take_mquake = min(len(mquake), limit // 4)
+    return mquake[:take_mquake] + counterfact[: limit - take_mquake]
+
+
+def probe_rates(model, tokenizer, probes, route: str, margin: float | None) -> dict:
+    facts = list({id(f): f for f, _, _ in probes}.values())
+    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin)
+    prompts = [p for _, p, _ in probes]
+    edited = editpack.apply(model, memory)
+    try:
+        routed = edited.route(prompts)
+        answers = editpack.generate(edited, tokenizer, prompts, max_new_tokens=8)
+    finally:
+        editpack.revert(edited)
+    wrong = [starts_with(a, f.target_new) for (f, _, _), a in zip(probes, answers)]
+    return {"in_scope": round(sum(r is not None for r in routed) / len(probes), 4),
+            "wrongly_answered": round(sum(wrong) / len(probes), 4), "n": len(probes)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--probes", type=int, default=300)
+    parser.add_argument("--routes", default="context,answer,ike")
+    parser.add_argument("--margins", default="none,0.2", help="relation margins to compare; none = subject only")
+    parser.add_argument("--floors", default="0.95,0.85,0.98",
+                        help="reliability, generalization, locality a route must reach to be chosen")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_scope.json"))
+    args = parser.parse_args(argv)
+    editpack.console.configure()  # the libraries' warnings, as a normal command hides them
+    data = Path(args.data)
+    margins = [None if m.strip().lower() == "none" else float(m) for m in args.margins.split(",")]
+    floors = dict(zip(("reliability", "generalization", "locality"), map(float, args.floors.split(","))))
+
+    model, tokenizer = editpack.load_model(args.model)
+    facts = editpack.load_facts(f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}", limit=args.n,
+                                skip_invalid=True)
+    probes = probe_set(data, args.probes)
+    start = time.perf_counter()
+    base = measure(model, tokenizer, facts, fluency_tokens=0)
+    base_answers = editpack.generate(model, tokenizer, [p for _, p, _ in probes], max_new_tokens=8)
+    result: dict = {
+        "benchmark": "memory_scope", "model": model.editpack_ref.id, "n": len(facts),
+        "probes": {"n": len(probes), "mquake": sum(f.relation is not None for f, _, _ in probes),
+                   "examples": [{"fact": f"{f.text} → {f.target_new}", "probe": p, "answer": a}
+                                for f, p, a in probes[:3] + probes[-3:]]},
+        "unedited": {"wrongly_answered": round(sum(starts_with(a, f.target_new)
+                                                   for (f, _, _), a in zip(probes, base_answers)) / len(probes), 4),
+                     "seconds": round(time.perf_counter() - start, 1)},
+        "floors": floors, "configs": []}
+    for route in args.routes.split(","):
+        for margin in margins:
+            t0 = time.perf_counter()
+            memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin)
+            edited = editpack.apply(model, memory)
+            try:
+                after = measure(edited, tokenizer, facts, fluency_tokens=0)
+            finally:
+                model = editpack.revert(edited)
+            scored = combine(facts, base, after, ["generate_match"])["protocols"]["generate_match"]
+            row = {"route": route, "relation_margin": margin, "threshold": memory.threshold,
+                   **{k: scored[k]["after"] for k in floors},
+                   "probes": probe_rates(model, tokenizer, probes, route, margin),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            result["configs"].append(row)
+            print(json.dumps(row), flush=True)
+    safe = [r for r in result["configs"] if all((r[k] or 0) >= v for k, v in floors.items())]
+    pick = min(safe or result["configs"], key=lambda r: (r["probes"]["wrongly_answered"], -r["generalization"]))
+    result["chosen"] = {"route": pick["route"], "relation_margin": pick["relation_margin"],
+                        "meets_floors": bool(safe)}
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
