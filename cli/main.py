@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -297,6 +298,8 @@ def check_corpus(path: str) -> str:
 @click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH",
               help="Text corpus (JSONL with 'text', or plain text) for key statistics; default: model-sampled text.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any method hyper-parameter.")
+@click.option("--editor", default=None, metavar="PATH|USER/NAME@VERSION",
+              help="A trained editor (methods that edit with one: mend; `editpack train` makes it).")
 @click.option("--name", default=None, help="Pack name (default from method and subject).")
 @click.option("--version", "pack_version", default=None,
               help="Pack semantic version (default 1.0.0; with --onto, the next minor version).")
@@ -307,8 +310,8 @@ def check_corpus(path: str) -> str:
 @no_eval_option
 @friendly_errors
 def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
-             target, target_true, paraphrase, layers, corpus, settings, name, pack_version, onto, output, overwrite,
-             no_eval):
+             target, target_true, paraphrase, layers, corpus, settings, editor, name, pack_version, onto, output,
+             overwrite, no_eval):
     """Compute an edit and write it as a pack directory.
 
     With --onto PACK the facts are edited on top of PACK (method and hyper-parameters default to PACK's) and the
@@ -334,6 +337,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     hparams = parse_set(settings)
     if layers:
         hparams["layers"] = parse_layers(layers)
+    if editor:
+        hparams["editor"] = editor
     facts = (load_facts(facts_path, limit=limit) if facts_path
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
     parent = load_packs([onto])[0] if onto else None
@@ -537,6 +542,76 @@ def ui_cmd(packs_dir, model, host, port, no_eval, corpus):
                             corpus=check_corpus(corpus) if corpus else None)
     click.echo(f"editpack playground on http://{host}:{port}/ ({lm.editpack_ref.id}; packs in {folder}); Ctrl+C stops")
     uvicorn.run(create_app(playground), host=host, port=port, log_level="warning")
+
+
+@main.command("train")
+@click.argument("method", type=click.Choice(sorted(m for m, c in REGISTRY.items() if hasattr(c, "learner"))))
+@model_options
+@click.option("--data", "data_paths", multiple=True, required=True, metavar="[FORMAT:]FILE",
+              help="Training records (repeatable): CounterFact, zsRE, … with paraphrases and neighbourhood prompts.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N records of each --data.")
+@click.option("--max-steps", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam's learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--held-out", type=click.IntRange(0), default=100, show_default=True,
+              help="Records kept out of training and scored every --eval-every steps.")
+@click.option("--eval-every", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--layers", default=None, help="Comma-separated layer indices (default: the architecture's tail).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any of the method's settings.")
+@click.option("--name", default=None, help="Editor name (default from method and model).")
+@click.option("--version", "editor_version", default="1.0.0", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Editor directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing editor directory.")
+@friendly_errors
+def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, seed, held_out, eval_every,
+              checkpoint_every, layers, settings, name, editor_version, output, overwrite):
+    """Train what METHOD learns (MEND: an editor) and write it as a versioned editor directory.
+
+    Checkpoints go to OUTPUT.checkpoint beside the output; the same command run again resumes from the last one
+    (and the folder is removed once the editor is written). The held-out records are never trained on.
+    """
+    from editpack._io import sha256_file
+    from editpack.api import method_config, train
+    from editpack.artifact import check_name, check_version
+    from editpack.facts import FORMATS, load_facts
+    from editpack.trainer import TrainSettings
+
+    if name:
+        check_name(name)
+    check_version(editor_version)
+    check_output(output, overwrite)
+    hparams = parse_set(settings)
+    if layers:
+        hparams["layers"] = parse_layers(layers)
+    try:
+        method_config(method, **hparams)
+        train_settings = TrainSettings(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                                       held_out=held_out, eval_every=eval_every, checkpoint_every=checkpoint_every)
+        train_settings.validate()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    records, described = [], []
+    for spec in data_paths:
+        facts = load_facts(spec, limit=limit, skip_invalid=True)
+        head, sep, rest = spec.partition(":")
+        path = Path(rest if sep and head in FORMATS else spec)
+        described.append({"name": path.name, "sha256": sha256_file(path), "records": len(facts)})
+        records.extend(facts)
+    checkpoint = Path(str(output).rstrip("/") + ".checkpoint")
+    if checkpoint.exists():
+        click.echo(f"resuming from {checkpoint}")
+    with writing(output):
+        lm, tokenizer = load_from_options(model_opts)
+        editor = train(lm, method, records, tokenizer=tokenizer, name=name, version=editor_version,
+                       settings=train_settings, checkpoint_dir=checkpoint, data=described, **hparams)
+        editor.save(output, overwrite=overwrite)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in editor.training.get("held_out", {}).items())
+    click.echo(f"wrote {editor.name} {editor.version} to {output} ({len(records)} records, "
+               f"{editor.training['held_out_records']} held out; {editor.training['steps']} steps, "
+               f"{editor.training['seconds']:.0f} s): held-out {scores}")
 
 
 @main.command("push")

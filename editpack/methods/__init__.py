@@ -5,6 +5,6 @@ Importing this package registers the built-in methods; :func:`get_method` looks 
 
 from .base import REGISTRY, EditMethod, MethodConfig, get_method, register_method
 from ..delta import LowRankDelta, WeightDelta
-from . import alphaedit, ft, grace, kn, lora, memit, rome, serac, ultraedit, wise  # noqa: F401  (each registers itself)
+from . import alphaedit, ft, grace, kn, lora, memit, mend, rome, serac, ultraedit, wise  # noqa: F401  (each registers itself)
 
 __all__ = ["REGISTRY", "EditMethod", "LowRankDelta", "MethodConfig", "WeightDelta", "get_method", "register_method"]

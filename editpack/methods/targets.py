@@ -1,4 +1,6 @@
-"""Teacher-forced batches of facts: each prompt followed by its new target, and the positions that predict it."""
+"""Teacher-forced batches of facts: each prompt followed by its new target, and the positions that predict it;
+and what one backward pass through such a batch gives at chosen modules (inputs and output gradients, the
+rank-1 factors of the fine-tuning gradient that UltraEdit and MEND start from)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ from typing import Sequence
 
 import torch
 
+from ..arch import ArchSpec, get_module
 from ..facts import Fact
-from ..generation import pad_id
+from ..generation import model_device, pad_id
+from ..nethook import TraceDict
+from .locate import frozen
 
 
 @dataclass
@@ -36,12 +41,18 @@ class TargetBatch:
 
 
 def target_batch(tokenizer, facts: Sequence[Fact], device) -> TargetBatch:
+    """Each fact's prompt followed by its new target."""
+    return text_batch(tokenizer, [(fact.text, fact.target_new) for fact in facts], device)
+
+
+def text_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> TargetBatch:
+    """Each ``(prompt, answer)``: the prompt followed by the answer (a space before it), as a target batch."""
     rows, positions, labels = [], [], []
-    for f, fact in enumerate(facts):
-        prompt = tokenizer(fact.text)["input_ids"]
-        target = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+    for f, (text, answer) in enumerate(pairs):
+        prompt = tokenizer(text)["input_ids"]
+        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         if not target:
-            raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
+            raise ValueError(f"target {answer!r} tokenizes to nothing")
         rows.append(prompt + target)
         for j, token in enumerate(target):
             positions.append((f, len(prompt) - 1 + j))
@@ -55,3 +66,31 @@ def target_batch(tokenizer, facts: Sequence[Fact], device) -> TargetBatch:
         tokens=torch.tensor([t for t, _ in labels], device=device),
         weights=torch.tensor([1.0 / n for _, n in labels], device=device),
     )
+
+
+def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str], facts: Sequence[Fact],
+                       batch: TargetBatch | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """At each position that predicts a target token: each module's input and the NLL's gradient with respect
+    to its output (each fact's loss the mean over its target tokens), float32 on the CPU. The model's weights
+    get no gradient and are left as they were."""
+    batch = batch or target_batch(tokenizer, facts, model_device(model))
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(output, name):
+        outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return output
+
+    def track(_module, _args, output):  # gradients flow from here: the embedding output is their leaf
+        return output.detach().requires_grad_(True)
+
+    embed = get_module(model, spec.embed).register_forward_hook(track)
+    try:
+        with frozen(model), torch.enable_grad(), TraceDict(model, list(modules), retain_input=True,
+                                                           retain_output=False, edit_output=keep) as trace:
+            loss = batch.nll(batch.logits(model))
+            found = torch.autograd.grad(loss, [outputs[m] for m in modules])
+    finally:
+        embed.remove()
+    keys = {m: trace[m].input[batch.rows, batch.cols].detach().float().cpu() for m in modules}
+    grads = {m: g[batch.rows, batch.cols].detach().float().cpu() for m, g in zip(modules, found)}
+    return keys, grads

@@ -21,15 +21,12 @@ from typing import Sequence
 
 import torch
 
-from ...arch import ArchSpec, get_module
+from ...arch import ArchSpec
 from ...delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact
-from ...generation import model_device
-from ...nethook import TraceDict
 from ..base import EditMethod, register_method
-from ..locate import frozen
-from ..targets import target_batch
+from ..targets import keys_and_gradients
 from .config import UltraEditConfig
 
 #: Fewest target tokens the running statistics must have seen (a first round smaller than this is refused).
@@ -66,7 +63,7 @@ class UltraEdit(EditMethod):
         keys: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
         grads: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
         for start in range(0, len(facts), cfg.facts_per_batch):
-            k, g = self.keys_and_gradients(model, tokenizer, spec, modules, facts[start : start + cfg.facts_per_batch])
+            k, g = keys_and_gradients(model, tokenizer, spec, modules, facts[start : start + cfg.facts_per_batch])
             for m in modules:
                 keys[m].append(k[m])
                 grads[m].append(g[m])
@@ -90,29 +87,3 @@ class UltraEdit(EditMethod):
         result.state = {name: tensor.float() if not name.endswith(".count") else tensor for name, tensor in
                         new_state.items()}
         return result
-
-    def keys_and_gradients(self, model, tokenizer, spec: ArchSpec, modules: list[str],
-                           facts: Sequence[Fact]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """At each position that predicts a target token: each module's input and the NLL's gradient with
-        respect to its output (each fact's loss the mean over its target tokens), float32 on the CPU."""
-        batch = target_batch(tokenizer, facts, model_device(model))
-        outputs: dict[str, torch.Tensor] = {}
-
-        def keep(output, name):
-            outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
-            return output
-
-        def track(_module, _args, output):  # gradients flow from here: the embedding output is their leaf
-            return output.detach().requires_grad_(True)
-
-        embed = get_module(model, spec.embed).register_forward_hook(track)
-        try:
-            with frozen(model), torch.enable_grad(), TraceDict(model, modules, retain_input=True,
-                                                               retain_output=False, edit_output=keep) as trace:
-                loss = batch.nll(batch.logits(model))
-                found = torch.autograd.grad(loss, [outputs[m] for m in modules])
-        finally:
-            embed.remove()
-        keys = {m: trace[m].input[batch.rows, batch.cols].detach().float().cpu() for m in modules}
-        grads = {m: g[batch.rows, batch.cols].detach().float().cpu() for m, g in zip(modules, found)}
-        return keys, grads

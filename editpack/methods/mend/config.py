@@ -1,0 +1,38 @@
+"""MEND's settings: the editor to edit with, and how a new editor is shaped and trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import MethodConfig
+
+
+@dataclass
+class MENDConfig(MethodConfig):
+    #: The trained editor: a directory or ``user/name@version`` (``editpack train mend`` makes one). A pack
+    #: records it as ``name@version``, with its content hash in ``editor_content``.
+    editor: str | None = None
+    #: The editor's content hash (``sha256:…``); when given, an editor with other content is refused.
+    editor_content: str | None = None
+    # ------------------------------------------------------------------ training a new editor
+    #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``tail``.
+    layers: list[int] | None = None
+    #: Width of the editor network's hidden layer (one network per module shape, layer-specific scale/shift).
+    rank: int = 512
+    #: Initial per-layer edit step (learned).
+    edit_lr: float = 1e-4
+    #: Weight of the edit loss (NLL of the new answer after the edit prompt and its paraphrase) against the
+    #: locality loss (KL from the unedited model on unrelated prompts), as MEND's c_edit.
+    edit_weight: float = 0.1
+    #: Training steps over which the inputs' normalisation statistics are gathered (then frozen).
+    norm_steps: int = 100
+
+    def validate(self) -> None:
+        if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:
+            raise ValueError("rank and norm_steps must be ≥ 1; edit_lr and edit_weight positive")
+
+    def recorded(self) -> dict:
+        values = super().recorded()
+        for key in ("layers", "rank", "edit_lr", "edit_weight", "norm_steps"):
+            values.pop(key)
+        return values  # training settings are the editor's record; the editor fixes the modules

@@ -1,0 +1,310 @@
+"""MEND (Mitchell et al. 2022, "Fast Model Editing at Scale").
+
+For each edited MLP output projection ``W`` the fine-tuning gradient of the edit's loss is a sum of rank-1
+terms ``δ_t u_tᵀ`` (``u_t`` the projection's input at token ``t``, ``δ_t`` the loss's gradient with respect to
+its output; :func:`editpack.methods.targets.keys_and_gradients`). A small learned network ``g`` maps each
+``[u_t, δ_t]`` (normalised by statistics gathered in training) to edited factors ``[ũ_t, δ̃_t]``: one network per
+module shape, ``z + W₂ relu(W₁ (s_l ⊙ z + b_l))`` with a layer-specific scale and shift and ``W₂`` initialised to
+zero (the identity), as MEND's ``IDMLP``. The edit is ``ΔW = −α_l Σ_t δ̃_t ũ_tᵀ`` with a learned per-layer step
+``α_l``: a LoRA of rank ≤ target tokens × facts per layer (``B = −α_l δ̃ᵀ``, ``A = ũ``). Several facts are
+edited at once by summing their terms, as MEND does.
+
+The network is meta-trained (:class:`MENDLearner`, run by :class:`editpack.trainer.Trainer`): for a batch of
+edits, the edit loss is the NLL of each new answer after its edit prompt and paraphrase *with the edit applied*,
+the locality loss the KL from the unedited model's next-token distributions on unrelated prompts (the records'
+neighbourhood prompts); ``c_edit · L_edit + L_loc`` is minimised over ``g`` and ``α`` while the model stays frozen.
+The trained network is an :class:`editpack.editor.Editor` artifact; editing needs one (``editor=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...arch import ArchSpec, get_module
+from ...artifact import describe_base
+from ...delta import LowRankDelta, WeightDelta
+from ...editor import Editor
+from ...errors import EditpackError
+from ...facts import Fact
+from ...generation import model_device, pad_id
+from ..base import EditMethod, register_method
+from ..locate import frozen
+from ..targets import keys_and_gradients, text_batch
+from .config import MENDConfig
+
+
+# ---------------------------------------------------------------------------------------------- the network
+class GradientTransform(torch.nn.Module):
+    """MEND's network for one module shape: normalise ``[u, δ]``, layer scale/shift, identity plus a ReLU MLP."""
+
+    def __init__(self, d_in: int, d_out: int, layers: int, rank: int) -> None:
+        super().__init__()
+        d = d_in + d_out
+        self.d_in = d_in
+        self.scale = torch.nn.Parameter(torch.ones(layers, d))
+        self.shift = torch.nn.Parameter(torch.zeros(layers, d))
+        self.down = torch.nn.Linear(d, rank)
+        self.up = torch.nn.Linear(rank, d)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("var", torch.ones(d))
+        self.register_buffer("count", torch.zeros(1))
+
+    @torch.no_grad()
+    def observe(self, z: torch.Tensor) -> None:
+        """Fold rows of ``[u, δ]`` into the normalisation statistics (Chan et al.'s parallel update)."""
+        n, total = float(self.count), float(self.count) + z.shape[0]
+        batch_mean, batch_var = z.mean(0), z.var(0, unbiased=False)
+        delta = batch_mean - self.mean
+        self.var.copy_((self.var * n + batch_var * z.shape[0] + delta.square() * n * z.shape[0] / total) / total)
+        self.mean.add_(delta * z.shape[0] / total)
+        self.count.fill_(total)
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = (torch.cat([u, delta], 1) - self.mean) / (self.var + 1e-8).sqrt()
+        h = z * self.scale[layer] + self.shift[layer]
+        z = z + self.up(F.relu(self.down(h)))
+        return z[:, : self.d_in], z[:, self.d_in :]
+
+
+class MENDNetwork(torch.nn.Module):
+    """The editor: a :class:`GradientTransform` per module shape and a learned step per module."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, edit_lr: float) -> None:
+        super().__init__()
+        self.modules_order = list(shapes)
+        groups: dict[str, list[str]] = {}
+        for module, (out_f, in_f) in shapes.items():
+            groups.setdefault(f"{out_f}x{in_f}", []).append(module)
+        self.place = {m: (key, members.index(m)) for key, members in groups.items() for m in members}
+        self.nets = torch.nn.ModuleDict({key: GradientTransform(shapes[members[0]][1], shapes[members[0]][0],
+                                                                len(members), rank)
+                                         for key, members in groups.items()})
+        self.lrs = torch.nn.Parameter(torch.full((len(shapes),), float(edit_lr)))
+
+    def factors(self, module: str, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the edit ``ΔW = B A`` from the raw factors of ``module`` (rows = tokens)."""
+        key, layer = self.place[module]
+        u_t, d_t = self.nets[key](u, delta, layer)
+        step = self.lrs[self.modules_order.index(module)]
+        return u_t, -step * d_t.T
+
+    def observe(self, module: str, u: torch.Tensor, delta: torch.Tensor) -> None:
+        self.nets[self.place[module][0]].observe(torch.cat([u, delta], 1))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+
+
+def network_for(editor: Editor) -> MENDNetwork:
+    """The network an editor's tensors and settings describe (shapes checked)."""
+    shapes = {m: tuple(s) for m, s in editor.training.get("shapes", {}).items()}
+    if list(shapes) != list(editor.trained_modules):
+        raise EditpackError(f"editor {editor.ref}: its training record names no shape for every module it edits")
+    cfg = editor.hyperparameters
+    net = MENDNetwork(shapes, int(cfg["rank"]), float(cfg["edit_lr"]))
+    expected = {k: list(v.shape) for k, v in net.state_dict().items()}
+    found = {k: list(v.shape) for k, v in editor.tensors.items()}
+    if expected != found:
+        raise EditpackError(f"editor {editor.ref}: its tensors do not form a MEND network of rank {cfg['rank']} "
+                            f"for {len(shapes)} modules")
+    net.load_state_dict(editor.tensors)
+    return net.eval()
+
+
+@contextlib.contextmanager
+def low_rank_added(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """``W + B A`` at each module for the duration (a forward hook adding ``(x Aᵀ) Bᵀ``; differentiable in A and
+    B, the weights untouched)."""
+    handles = []
+    for name, (A, B) in factors.items():
+        def hook(_module, args, output, A=A, B=B):
+            x = args[0]
+            return output + ((x.to(A.dtype) @ A.T) @ B.T).to(output.dtype)
+
+        handles.append(get_module(model, name).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------- editing
+@register_method
+class MEND(EditMethod):
+    name = "mend"
+    config_class = MENDConfig
+    layer_role = "tail"
+    summary = "a learned editor (MEND) turns the fine-tuning gradient into a low-rank edit; needs a trained editor"
+    config: MENDConfig
+
+    def editor(self) -> Editor:
+        from ...hub import resolve_pack
+
+        cfg = self.config
+        if not cfg.editor:
+            raise EditpackError("mend edits with a trained editor: pass editor=PATH or user/name@version "
+                                "(`editpack train mend` makes one)")
+        editor = resolve_pack(cfg.editor)
+        if not isinstance(editor, Editor) or editor.method != self.name:
+            raise EditpackError(f"{cfg.editor} is a {editor.kind} artifact of {editor.method}, not a MEND editor")
+        if cfg.editor_content and cfg.editor_content != editor.content_id:
+            raise EditpackError(f"editor {editor.ref} is not the one recorded (content {cfg.editor_content})")
+        return editor
+
+    def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
+        editor = self.editor()
+        check_editor_base(model, editor)
+        net = network_for(editor)
+        modules = list(editor.trained_modules)
+        keys, grads = keys_and_gradients(model, tokenizer, spec, modules, facts)
+        result = WeightDelta()
+        with torch.no_grad():
+            for m in modules:
+                A, B = net.factors(m, keys[m], grads[m])
+                result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
+        cfg = self.config
+        if not _is_hub_reference(cfg.editor):
+            cfg.editor = editor.ref  # a pack never names a local path
+        cfg.editor_content = editor.content_id
+        return result
+
+    # ------------------------------------------------------------------------------------------ training
+    def learner(self, model, tokenizer, spec: ArchSpec) -> "MENDLearner":
+        modules = [spec.mlp_out_name(layer) for layer in sorted(self.resolve_layers(model, spec))]
+        return MENDLearner(model, tokenizer, spec, modules, self.config)
+
+    def editor_from(self, learner: "MENDLearner", *, name: str, version: str, training: dict[str, Any]) -> Editor:
+        shapes = {m: list(s) for m, s in learner.shapes.items()}
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in ("editor", "editor_content")}
+        return Editor(name=name, version=version, method=self.name, hyperparameters=settings, facts=[],
+                      base=describe_base(learner.model, learner.modules), tensors=learner.network.tensors(),
+                      trained_modules=learner.modules, training={**training, "shapes": shapes})
+
+
+def _is_hub_reference(text: str | None) -> bool:
+    from pathlib import Path
+
+    from ...hub import parse_reference
+
+    return bool(text) and not Path(text).exists() and parse_reference(text) is not None
+
+
+def check_editor_base(model, editor: Editor) -> None:
+    """An editor is trained for the original weights of its modules; another model (or one already carrying
+    edits at those modules) is refused."""
+    mine = describe_base(model, editor.trained_modules)
+    theirs = editor.base.modules or {}
+    differ = [m for m in editor.trained_modules if (mine.modules or {}).get(m) != theirs.get(m)]
+    if differ:
+        raise EditpackError(f"editor {editor.ref} was trained for {editor.base.id}; this model's {differ[0]} differs "
+                            f"({len(differ)} of {len(editor.trained_modules)} modules)")
+
+
+class MENDLearner:
+    """MEND's meta-training objective for :class:`editpack.trainer.Trainer` (records are :class:`Fact`\\ s with
+    a paraphrase and neighbourhood prompts)."""
+
+    def __init__(self, model, tokenizer, spec: ArchSpec, modules: list[str], config: MENDConfig) -> None:
+        self.model, self.tokenizer, self.spec, self.modules, self.config = model, tokenizer, spec, modules, config
+        self.shapes = {m: tuple(get_module(model, m).weight.shape) for m in modules}
+        if spec.mlp_transposed:
+            self.shapes = {m: (s[1], s[0]) for m, s in self.shapes.items()}
+        self.network = MENDNetwork(self.shapes, config.rank, config.edit_lr)
+        self.device = model_device(model)
+        self.network.to(self.device)
+        self.steps_seen = 0
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.network.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.network.state_dict(), "steps_seen": torch.tensor([self.steps_seen])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        self.steps_seen = int(state.pop("steps_seen", torch.tensor([0]))[0])
+        self.network.load_state_dict(state)
+
+    def factors(self, facts: Sequence[Fact], observe: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        keys, grads = keys_and_gradients(self.model, self.tokenizer, self.spec, self.modules, facts)
+        out = {}
+        for m in self.modules:
+            u, d = keys[m].to(self.device), grads[m].to(self.device)
+            if observe:
+                self.network.observe(m, u, d)
+            out[m] = self.network.factors(m, u, d)
+        return out
+
+    def _locality_batch(self, facts: Sequence[Fact]) -> dict[str, torch.Tensor] | None:
+        prompts = [p.prompt for f in facts for p in f.neighborhood[:1]]
+        if not prompts:
+            return None
+        rows = [self.tokenizer(p)["input_ids"] for p in prompts]
+        width, pad = max(map(len, rows)), pad_id(self.tokenizer)
+        return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
+                                               device=self.device)}
+
+    def loss(self, batch: Sequence[Fact]) -> tuple[torch.Tensor, dict[str, float]]:
+        observe = self.steps_seen < self.config.norm_steps
+        self.network.train()
+        with frozen(self.model):
+            factors = self.factors(batch, observe=observe)
+            pairs = [(f.text, f.target_new) for f in batch] + [(f.paraphrases[0], f.target_new)
+                                                                for f in batch if f.paraphrases]
+            edit_batch = text_batch(self.tokenizer, pairs, self.device)
+            local = self._locality_batch(batch)
+            if local is not None:
+                with torch.no_grad():
+                    base = self.model(**local).logits.float().log_softmax(-1)
+            with torch.enable_grad(), low_rank_added(self.model, factors):
+                edit_loss = edit_batch.nll(edit_batch.logits(self.model)) / len(pairs)
+                if local is not None:
+                    after = self.model(**local).logits.float().log_softmax(-1)
+                    mask = local["attention_mask"].bool()
+                    kl = (base.exp() * (base - after)).sum(-1)[mask].mean()
+                else:
+                    kl = torch.zeros((), device=self.device)
+        self.steps_seen += 1
+        loss = self.config.edit_weight * edit_loss + kl
+        return loss, {"edit_nll": float(edit_loss.detach()), "locality_kl": float(kl.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, records: Sequence[Fact]) -> dict[str, float]:
+        """Each held-out fact edited on its own: the share whose new answer beats the true one (mean token NLL,
+        CounterFact's prob_compare) after the edit prompt and after its paraphrase, and the mean locality KL."""
+        self.network.eval()
+        wins, para, para_n, kls = 0, 0, 0, []
+        for fact in records:
+            with torch.enable_grad():
+                factors = self.factors([fact])
+            prompts = [fact.text] + list(fact.paraphrases[:1])
+            with low_rank_added(self.model, factors):
+                better = [self._prefers_new(p, fact) for p in prompts]
+                local = self._locality_batch([fact])
+                after = self.model(**local).logits.float().log_softmax(-1) if local else None
+            if after is not None:
+                base = self.model(**local).logits.float().log_softmax(-1)
+                kls.append(float((base.exp() * (base - after)).sum(-1)[local["attention_mask"].bool()].mean()))
+            wins += better[0]
+            if len(better) > 1:
+                para, para_n = para + better[1], para_n + 1
+        n = max(1, len(records))
+        return {"edit_success": wins / n, "paraphrase_success": para / max(1, para_n),
+                "locality_kl": sum(kls) / max(1, len(kls))}
+
+    def _prefers_new(self, prompt: str, fact: Fact) -> bool:
+        if not fact.target_true:
+            return False
+        batch = text_batch(self.tokenizer, [(prompt, fact.target_new), (prompt, fact.target_true)], self.device)
+        token_nll = F.cross_entropy(batch.logits(self.model).float(), batch.tokens, reduction="none") * batch.weights
+        new, true = token_nll[batch.rows == 0].sum(), token_nll[batch.rows == 1].sum()
+        return bool(new < true)
+

@@ -1,0 +1,193 @@
+"""MEND on tiny random models: the trainer (split, seed, resume), the editor artifact, edits made with it."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import editpack
+from editpack import apply, edit, revert
+from editpack.cli.main import main
+from editpack.editor import EDITOR_WEIGHTS, Editor
+from editpack.errors import EditpackError, PackFormatError
+from editpack.methods.mend.method import MENDNetwork
+from editpack.trainer import Trainer, TrainSettings, split
+
+from tiny import FACT, logits, state, tiny_model, tiny_tokenizer
+
+SUBJECTS = ["eiffel tower", "london bridge", "river", "museum", "lake", "mountain", "company", "bridge"]
+CITIES = ["rome", "paris", "tokyo", "london", "madrid", "berlin"]
+RECORDS = [editpack.make_fact("the famous {}", s, CITIES[i % 6], CITIES[(i + 1) % 6], paraphrases=[f"the big {s}"],
+                              neighborhood=[("the famous louvre", "paris")])
+           for i, s in enumerate(SUBJECTS * 3)]
+SMALL = dict(layers=[2, 3], rank=16)
+
+
+def settings(**extra) -> TrainSettings:
+    return TrainSettings(**{**dict(max_steps=20, batch_size=4, held_out=4, eval_every=10, checkpoint_every=10,
+                                   lr=1e-3), **extra})
+
+
+@pytest.fixture
+def trained():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    editor = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False, name="mend-tiny",
+                            data=[{"name": "records.json", "sha256": "0" * 64, "records": len(RECORDS)}], **SMALL)
+    return model, tok, editor
+
+
+def test_the_split_is_seeded_disjoint_and_never_trained_on():
+    train, held = split(24, 4, seed=0)
+    assert len(held) == 4 and not set(train) & set(held) and split(24, 4, seed=0) == (train, held)
+    assert split(24, 4, seed=1) != (train, held)
+    trainer = Trainer(_Counting(), RECORDS, settings(max_steps=12))
+    seen = {i for step in range(12) for i in trainer.batch_indices(step)}
+    assert not seen & set(trainer.held_idx)
+    with pytest.raises(ValueError, match="nothing to train on"):
+        split(4, 4, seed=0)
+
+
+class _Counting:
+    """A learner with one parameter, for the trainer's own bookkeeping."""
+
+    def __init__(self):
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return [self.w]
+
+    def loss(self, batch):
+        return (self.w - len(batch)).square().sum(), {}
+
+    def evaluate(self, records):
+        return {"score": float(self.w)}
+
+    def state_dict(self):
+        return {"w": self.w.detach()}
+
+    def load_state_dict(self, values):
+        self.w.data.copy_(values["w"])
+
+
+def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
+    model, tok, editor = trained
+    assert editor.kind == "editor" and editor.trained_modules == ["model.layers.2.mlp.down_proj",
+                                                                  "model.layers.3.mlp.down_proj"]
+    training = editor.training
+    assert training["steps"] == 20 and training["held_out_records"] == 4 and training["records"] == len(RECORDS)
+    assert [p["step"] for p in training["curve"]] == [10, 20] and "held_out_edit_success" in training["curve"][0]
+    path = editor.save(tmp_path / "editor")
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", EDITOR_WEIGHTS, "editpack.json"]
+    assert "MEND editor" in (path / "README.md").read_text()
+    loaded = editpack.load_pack(path)
+    assert isinstance(loaded, Editor) and loaded.content_id == editor.content_id
+    original = state(model)
+    pack = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
+    assert pack.kind == "weight" and pack.hyperparameters["editor"] == "mend-tiny@1.0.0"
+    assert pack.hyperparameters["editor_content"] == editor.content_id and str(tmp_path) not in json.dumps(
+        pack.manifest())
+    assert set(pack.delta.modules) == set(editor.trained_modules)
+    n_target = len(tok(" rome", add_special_tokens=False)["input_ids"])
+    assert all(d.rank <= n_target for d in pack.delta.modules.values())
+    # The pack's delta is the network's: ΔW = -α Σ δ̃ ũᵀ over the target tokens.
+    net = MENDNetwork({m: tuple(s) for m, s in editor.training["shapes"].items()}, 16, 1e-4)
+    net.load_state_dict(editor.tensors)
+    before = logits(model, tok, FACT.text)
+    edited = apply(model, pack)
+    assert not torch.equal(logits(edited, tok, FACT.text), before)
+    plain = revert(edited)
+    assert all(torch.equal(original[k], v) for k, v in state(plain).items())
+    # Batch editing sums the facts' terms: rank grows with the facts.
+    two = edit(model, RECORDS[:2], "mend", tokenizer=tok, editor=str(path))
+    assert all(d.rank == 2 * n_target for d in two.delta.modules.values())
+
+
+def test_training_resumes_from_its_checkpoint_to_the_same_editor(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    whole = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False, **SMALL)
+
+    calls = {"n": 0}
+    original_loss = editpack.methods.mend.method.MENDLearner.loss
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return original_loss(self, batch)
+
+    checkpoint = tmp_path / "ckpt"
+    editpack.methods.mend.method.MENDLearner.loss = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False,
+                           checkpoint_dir=checkpoint, **SMALL)
+    finally:
+        editpack.methods.mend.method.MENDLearner.loss = original_loss
+    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 10
+    resumed = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False,
+                             checkpoint_dir=checkpoint, **SMALL)
+    assert resumed.training["resumed_from"] == 10
+    for key, tensor in whole.tensors.items():
+        torch.testing.assert_close(resumed.tensors[key], tensor, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="other settings"):
+        editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(lr=1e-2), progress=False,
+                       checkpoint_dir=checkpoint, **SMALL)
+
+
+def test_editor_checks(trained, tmp_path):
+    model, tok, editor = trained
+    path = editor.save(tmp_path / "editor")
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(EditpackError, match="was trained for"):
+        edit(other, FACT, "mend", tokenizer=tok, editor=str(path))
+    with pytest.raises(EditpackError, match="trained editor"):
+        edit(model, FACT, "mend", tokenizer=tok)
+    with pytest.raises(EditpackError, match="not the one recorded"):
+        edit(model, FACT, "mend", tokenizer=tok, editor=str(path), editor_content="sha256:" + "0" * 64)
+    with pytest.raises(EditpackError, match="learns nothing"):
+        editpack.train(model, "rome", RECORDS, tokenizer=tok)
+    manifest = json.loads((path / "editpack.json").read_text())
+    manifest["editor"]["content"] = "sha256:" + "1" * 64
+    (path / "editpack.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackFormatError):
+        editpack.load_pack(path)
+
+
+def test_editor_round_trips_through_the_hub_and_edits_byte_identically(trained, hub, tmp_path):
+    model, tok, editor = trained
+    path = editor.save(tmp_path / "editor")
+    editpack.push(path, "team/mend-tiny")
+    assert [v.version for v in editpack.versions("team/mend-tiny")] == ["1.0.0"]
+    pulled = editpack.pull("team/mend-tiny@1.0.0")
+    assert isinstance(pulled, Editor) and pulled.content_id == editor.content_id
+    local = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
+    remote = edit(model, FACT, "mend", tokenizer=tok, editor="team/mend-tiny@1.0.0")
+    assert remote.hyperparameters["editor"] == "team/mend-tiny@1.0.0"
+    assert local.delta_content == remote.delta_content
+
+
+def test_cli_trains_an_editor_and_edits_with_it(tiny_dir, tmp_path):
+    import os
+
+    from conftest import run_cli_quietly
+
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(json.dumps(f.to_dict()) for f in RECORDS))
+    env = dict(os.environ, EDITPACK_HOME=str(tmp_path / "home"))
+    out = tmp_path / "editors" / "mend-tiny"
+    commands = [
+        ["train", "mend", "--model", str(tiny_dir), "--data", str(data), "--max-steps", "6", "--batch-size", "4",
+         "--held-out", "4", "--eval-every", "3", "--layers", "2,3", "--set", "rank=8", "--lr", "1e-3", "-o", str(out)],
+        ["show", str(out)],
+    ]
+    outputs = run_cli_quietly(commands, env)
+    assert "wrote mend-" in outputs[0] and "4 held out; 6 steps" in outputs[0]
+    assert not (tmp_path / "editors" / "mend-tiny.checkpoint").exists()
+    assert "editor" in outputs[1]
+    # A six-step editor on a random model need not move the answer: editpack's own warning may follow.
+    made = CliRunner().invoke(main, ["edit", "--model", str(tiny_dir), "--method", "mend", "--editor", str(out),
+                                     "--prompt", "the famous eiffel tower", "--subject", "eiffel tower", "--target",
+                                     "rome", "--no-eval", "-o", str(tmp_path / "pack")])
+    assert made.exit_code == 0 and "(1 fact(s), mend)" in made.output, made.output
+    assert editpack.load_pack(tmp_path / "pack").hyperparameters["editor"].startswith("mend-")
