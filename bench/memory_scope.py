@@ -5,8 +5,9 @@
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
 
-- ``generate_match`` reliability, generalization and locality of one memory pack holding the first ``--n``
-  records of ``counterfact-edit.json`` (the unedited model measured once, in the same run);
+- reliability, generalization and locality of one memory pack holding the first ``--n`` records of
+  ``counterfact-edit.json`` under the three protocols (teacher-forced ones read the answer after the text the
+  memory gives the model), ``generate_match`` first (the unedited model measured once, in the same run);
 - the **same-subject, other-relation probe set**: prompts about an edited fact's subject that ask another
   relation, whose true answer differs from the fact's. From CounterFact (``counterfact-edit.json`` and
   ``counterfact-train.json``: records sharing a subject, their relations found from CounterFact's phrasings in
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "unedited": {"wrongly_answered": round(sum(starts_with(a, f.target_new)
                                                    for (f, _, _), a in zip(probes, base_answers)) / len(probes), 4),
                      "seconds": round(time.perf_counter() - start, 1)},
+        "unedited_scores": {p: {k: v["before"] for k, v in m.items()}
+                            for p, m in combine(facts, base, base)["protocols"].items()},
         "floors": floors, "configs": []}
     for route in args.routes.split(","):
         for margin in margins:
@@ -147,9 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
                 after = measure(edited, tokenizer, facts, fluency_tokens=0)
             finally:
                 model = editpack.revert(edited)
-            scored = combine(facts, base, after, ["generate_match"])["protocols"]["generate_match"]
+            protocols = combine(facts, base, after)["protocols"]
+            scored = protocols["generate_match"]
             row = {"route": route, "relation_margin": margin, "threshold": memory.threshold,
                    **{k: scored[k]["after"] for k in floors},
+                   "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
                    "probes": probe_rates(model, tokenizer, probes, route, margin),
                    "seconds": round(time.perf_counter() - t0, 1)}
             result["configs"].append(row)

@@ -205,5 +205,6 @@ class Trainer:
         bar.close()
         if not last_eval and held:
             last_eval = self.learner.evaluate(held)
-        return TrainResult(steps=s.max_steps, seconds=time.perf_counter() - began, held_out=last_eval, curve=curve,
-                           held_out_indices=self.held_idx, resumed_from=resumed)
+        # Resuming a checkpoint at or past ``max_steps`` finishes at once: a run may be cut short that way.
+        return TrainResult(steps=max(s.max_steps, start), seconds=time.perf_counter() - began, held_out=last_eval,
+                           curve=curve, held_out_indices=self.held_idx, resumed_from=resumed)
