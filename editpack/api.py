@@ -10,7 +10,7 @@ import torch
 from .arch import spec_for
 from .artifact import Artifact, BaseModel, check_version, slug
 from .errors import EditpackError, InvalidFactError
-from .facts import Fact, fact_key, facts_from_records, load_facts
+from .facts import Fact, facts_from_records, kept_indices, load_facts
 from .fingerprint import combine, unwrap
 from .methods import get_method
 from .pack import EditPack
@@ -205,7 +205,6 @@ def extend(
     for source in (parent, child):
         for module, part in sorted(source.delta.modules.items()):
             delta.add(module, part)
-    replaced = {fact_key(f) for f in child.facts}
     modules = {**(parent.base.modules or {}), **(child.base.modules or {})}
     base = BaseModel(**{**parent.base.to_dict(), "modules": modules, "fingerprint": combine(modules)})
     return EditPack(
@@ -213,7 +212,7 @@ def extend(
         version=version,
         method=method,
         hyperparameters=child.hyperparameters,
-        facts=[f for f in parent.facts if fact_key(f) not in replaced] + list(child.facts),
+        facts=[parent.facts[i] for i in kept_indices(parent.facts, child.facts)] + list(child.facts),
         base=base,
         delta=delta,
         fan_in_fan_out=parent.fan_in_fan_out,

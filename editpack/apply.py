@@ -474,10 +474,13 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
     from peft import PeftModel
 
     record = _lookup(model, key)
+    if record.merged:
+        raise PackFormatError(f"{record.pack.ref} is merged into the weights; use revert() to restore the model")
+    dependents = _dependents(model, record)
+    if dependents:
+        raise PackConflictError(f"{[r.pack.ref for r in dependents]} were made on top of {record.pack.ref}; "
+                                "remove them first")
     if record.hook is not None:
-        if _dependents(model, record):
-            raise PackConflictError(f"{[r.pack.ref for r in _dependents(model, record)]} were made on top of "
-                                    f"{record.pack.ref}; remove them first")
         record.hook.remove()
         records(model).remove(record)
         return model
@@ -490,11 +493,6 @@ def remove(model: torch.nn.Module, key: str) -> torch.nn.Module:
     if wrapper is not None:
         wrapper.model = remove(wrapper.model, key)
         return wrapper
-    if record.merged:
-        raise PackFormatError(f"{record.pack.ref} is merged into the weights; use revert() to restore the model")
-    if _dependents(model, record):
-        raise PackConflictError(f"{[r.pack.ref for r in _dependents(model, record)]} were made on top of "
-                                f"{record.pack.ref}; remove them first")
     remaining = [r for r in records(model) if r.adapter and r is not record]
     if not remaining and isinstance(model, PeftModel):
         merged = [r for r in records(model) if not r.adapter]  # merged packs, memories, codebooks stay

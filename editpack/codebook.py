@@ -30,7 +30,7 @@ import torch
 from ._io import read_safetensors, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import PackFormatError
-from .facts import fact_key, normal_text
+from .facts import kept_indices, normal_text
 from .hooks import LayerHook, hook_target
 
 CODEBOOK_WEIGHTS = "codebook.safetensors"
@@ -89,8 +89,7 @@ class CodebookPack(Artifact):
     # -------------------------------------------------------------------------------------- building
     def without(self, facts) -> list[int]:
         """Indices of the entries that stay when ``facts`` replace the ones about the same subject and relation."""
-        replaced = {fact_key(f) for f in facts}
-        return [i for i, f in enumerate(self.facts) if fact_key(f) not in replaced]
+        return kept_indices(self.facts, facts)
 
     # -------------------------------------------------------------------------------------- applying
     def attach(self, model: torch.nn.Module) -> "CodebookHook":

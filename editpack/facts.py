@@ -153,6 +153,13 @@ def fact_key(fact: Fact) -> tuple[str, str]:
     return subject, "prompt:" + normal_text(fact.text)
 
 
+def kept_indices(existing: Sequence[Fact], replacing: Iterable[Fact]) -> list[int]:
+    """Indices of ``existing`` facts that stay when ``replacing`` arrive: those about another subject and relation
+    (:func:`fact_key`); a newer fact about the same ones replaces the older."""
+    replaced = {fact_key(f) for f in replacing}
+    return [i for i, f in enumerate(existing) if fact_key(f) not in replaced]
+
+
 # -------------------------------------------------------------------------------------------- dataset schemas
 def _from_counterfact_flat(r: dict, where: str) -> Fact:
     neighborhood = [(r["locality_prompt"], r["locality_ground_truth"])] if r.get("locality_prompt") else []

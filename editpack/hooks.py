@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .fingerprint import base_layer, unwrap
+from .nethook import first_tensor, replace_first
 
 
 def hook_target(model: torch.nn.Module, name: str, ref: str) -> torch.nn.Module:
@@ -53,8 +54,5 @@ class LayerHook:
     def __call__(self, module, args, output: Any):
         if not self.enabled or not args:
             return None
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        replaced = self.change(args[0], hidden)
-        if replaced is None:
-            return None
-        return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
+        replaced = self.change(args[0], first_tensor(output))
+        return None if replaced is None else replace_first(output, replaced)

@@ -29,8 +29,18 @@ class StopForward(Exception):
     """Raised inside a forward pass to end it early; caught by :class:`Trace` / :class:`TraceDict`."""
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def first_tensor(value: Any) -> torch.Tensor:
+    """A module's output tensor: the value itself, or the first element of a tuple/list output."""
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def replace_first(output: Any, value: torch.Tensor) -> Any:
+    """``output`` with its tensor replaced by ``value``, in the same container (tuple, list or none)."""
+    if isinstance(output, tuple):
+        return (value,) + output[1:]
+    if isinstance(output, list):
+        return [value] + output[1:]
+    return value
 
 
 class Trace(contextlib.AbstractContextManager):
@@ -76,7 +86,7 @@ class Trace(contextlib.AbstractContextManager):
             if edit_output is not None:
                 output = edit_output(output, layer)
             if retain_output:
-                self.output = keep(_first_tensor(output)) if isinstance(output, (tuple, list)) else keep(output)
+                self.output = keep(first_tensor(output)) if isinstance(output, (tuple, list)) else keep(output)
             if stop:
                 raise StopForward()
             return output

@@ -22,7 +22,7 @@ from ..arch import ArchSpec, get_module
 from .base import MethodConfig
 from ..facts import Fact
 from ..generation import model_device, padding_side, sample_from_start
-from ..nethook import Trace
+from ..nethook import Trace, replace_first
 from .split_batch import split_batch
 
 @dataclass
@@ -316,14 +316,6 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _replace_first(output: Any, value: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (value,) + output[1:]
-    if isinstance(output, list):
-        return [value] + output[1:]
-    return value
-
-
 @dataclass
 class Optimized:
     delta: torch.Tensor  # float32, added to the module's output at the subject's last token
@@ -426,7 +418,7 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
             optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
         mask = torch.zeros(hidden.shape[:2] + (1,), device=hidden.device, dtype=hidden.dtype)
         mask[rows, cols] = 1
-        return _replace_first(output, hidden + mask * delta.to(hidden.dtype)[owner_of_row].unsqueeze(1))
+        return replace_first(output, hidden + mask * delta.to(hidden.dtype)[owner_of_row].unsqueeze(1))
 
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     losses = torch.full((n_facts,), float("nan"))

@@ -108,11 +108,13 @@ class GRACE(EditMethod):
         if previous is not None and previous.module != module:
             raise EditpackError(f"{previous.ref} is a codebook at {previous.module}; it cannot grow at {module}")
         keys, values, radii = self.entries(model, tokenizer, spec, module, facts)
-        kept = previous.without(facts) if previous is not None else []
-        book_keys = previous.keys[kept] if previous is not None else torch.zeros(0, keys.shape[1])
-        book_radii = previous.radii[kept] if previous is not None else torch.zeros(0)
-        book_values = previous.values[kept] if previous is not None else torch.zeros(0, values.shape[1])
-        old_facts = [previous.facts[i] for i in kept] if previous is not None else []
+        if previous is not None:  # the entries that stay: facts about other subjects and relations
+            kept = previous.without(facts)
+            book_keys, book_radii, book_values = previous.keys[kept], previous.radii[kept], previous.values[kept]
+            old_facts = [previous.facts[i] for i in kept]
+        else:
+            book_keys, book_radii = torch.zeros(0, keys.shape[1]), torch.zeros(0)
+            book_values, old_facts = torch.zeros(0, values.shape[1]), []
         targets = [f.target_new for f in old_facts]
         for i, fact in enumerate(facts):
             book_keys, book_radii, _ = insert(book_keys, book_radii, targets, keys[i], float(radii[i]),

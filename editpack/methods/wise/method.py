@@ -28,9 +28,9 @@ import torch
 from ...arch import ArchSpec
 from ...delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
-from ...facts import Fact, fact_key
+from ...facts import Fact, kept_indices
 from ...generation import model_device
-from ...nethook import Trace
+from ...nethook import Trace, first_tensor, replace_first
 from ...side_memory import SideMemoryPack
 from ..base import EditMethod, register_method
 from ..locate import frozen, inputs_everywhere, unrelated_texts
@@ -95,7 +95,7 @@ class WISE(EditMethod):
         weight = spec.weight_matrix(model.get_submodule(module))
         delta = (previous.delta.modules[module].dense().to(device, torch.float32) if previous is not None
                  else torch.zeros(weight.shape, device=device))
-        kept = [f for f in previous.facts if fact_key(f) not in {fact_key(g) for g in facts}] if previous else []
+        kept = [previous.facts[i] for i in kept_indices(previous.facts, facts)] if previous else []
         all_facts = kept + list(facts)
         unrelated = self.unrelated_inputs(model, tokenizer, module, all_facts)
         scale = float((unrelated @ weight.detach().float().T).norm(dim=-1).mean())  # the layer's output norm
@@ -134,11 +134,10 @@ class WISE(EditMethod):
         answered: dict[str, torch.Tensor] = {}
 
         def side(output, _name):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            hidden = first_tensor(output)
             shift = answered["x"].float() @ (start + change * mask).T
             answered["shift"] = shift
-            replaced = hidden + shift.to(hidden.dtype)
-            return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
+            return replace_first(output, hidden + shift.to(hidden.dtype))
 
         def keep_input(inputs, _name):
             answered["x"] = inputs
