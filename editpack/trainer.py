@@ -6,9 +6,9 @@ evaluation, and its state. The trainer owns everything else, the same way for ev
 - a **held-out split** chosen once from the seed and never trained on (its indices are in the result);
 - a **fixed seed**: the batch order of every epoch is a permutation drawn from ``(seed, epoch)``, so a run is the
   same whether or not it was interrupted;
-- **checkpoints** (``checkpoint_dir``, written atomically every ``checkpoint_every`` steps: the learner's and
-  Adam's tensors as safetensors, the step, curve and optimizer settings as JSON; nothing is pickled): a run
-  started again with the same directory resumes where the last checkpoint left it;
+- **checkpoints** (``checkpoint_dir``, every ``checkpoint_every`` steps: the learner's and Adam's tensors as
+  safetensors, then the step, curve and optimizer settings as JSON naming them, replaced in one rename; nothing is
+  pickled): a run started again with the same directory resumes where the last checkpoint left it;
 - a **progress bar** with the running loss and the latest held-out score, and the **learning curve** (training
   loss per ``eval_every`` steps beside the held-out scores) in the result.
 """
@@ -25,7 +25,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from ._io import atomic_directory, read_safetensors, write_safetensors
+from ._io import atomic_write_json, read_safetensors, write_safetensors
 
 STATE = "state.safetensors"
 PROGRESS = "trainer.json"
@@ -133,11 +133,17 @@ class Trainer:
                     tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(index), {})[key] = value
-        record = {"step": step, "curve": curve, "seconds": seconds, "settings": asdict(self.settings),
-                  "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
-        with atomic_directory(self.checkpoint_dir, overwrite=True) as tmp:
-            write_safetensors(tensors, tmp / STATE)
-            (tmp / PROGRESS).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        name = f"state-{step:08d}.safetensors"
+        record = {"step": step, "state_file": name, "curve": curve, "seconds": seconds,
+                  "settings": asdict(self.settings), "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+        # The tensors go to a file of their own first; then the record that names them replaces the last one in
+        # one rename; then older tensor files go. An interruption at any point leaves a consistent checkpoint.
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(tensors, self.checkpoint_dir / name)
+        atomic_write_json(self.checkpoint_dir / PROGRESS, record)
+        for old in self.checkpoint_dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
 
     def load_checkpoint(self) -> tuple[int, list[dict[str, Any]], float]:
         """Resume from ``checkpoint_dir`` when it holds one; returns (step, curve, seconds so far)."""
@@ -150,7 +156,7 @@ class Trainer:
             changed = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings ({', '.join(changed)}); "
                              "remove it to start again, or resume with the same settings")
-        tensors = read_safetensors(self.checkpoint_dir / STATE)
+        tensors = read_safetensors(self.checkpoint_dir / record.get("state_file", STATE))
         self.learner.load_state_dict({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():

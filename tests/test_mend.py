@@ -105,7 +105,8 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
 
 def test_training_resumes_from_its_checkpoint_to_the_same_editor(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    whole = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False, **SMALL)
+    whole = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(checkpoint_every=5), progress=False,
+                           **SMALL)
 
     calls = {"n": 0}
     original_loss = editpack.methods.mend.method.MENDLearner.loss
@@ -120,18 +121,18 @@ def test_training_resumes_from_its_checkpoint_to_the_same_editor(tmp_path):
     editpack.methods.mend.method.MENDLearner.loss = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False,
+            editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(checkpoint_every=5), progress=False,
                            checkpoint_dir=checkpoint, **SMALL)
     finally:
         editpack.methods.mend.method.MENDLearner.loss = original_loss
     assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 10
-    resumed = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False,
+    resumed = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(checkpoint_every=5), progress=False,
                              checkpoint_dir=checkpoint, **SMALL)
     assert resumed.training["resumed_from"] == 10
     for key, tensor in whole.tensors.items():
         torch.testing.assert_close(resumed.tensors[key], tensor, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="other settings"):
-        editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(lr=1e-2), progress=False,
+        editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(checkpoint_every=5, lr=1e-2), progress=False,
                        checkpoint_dir=checkpoint, **SMALL)
 
 
