@@ -171,6 +171,12 @@ class Artifact(ABC):
     is_peft_adapter: ClassVar[bool] = False
     #: The card's tag for the payload.
     card_tag: ClassVar[str] = ""
+    #: The card template (in ``editpack.cards``) and what the kind adds to its variables (:meth:`card_context`).
+    card_template: ClassVar[str] = "pack_card.md"
+
+    def card_context(self) -> dict[str, Any]:
+        """Template variables of the kind's own (the shared ones are filled in by :func:`editpack.card.render_card`)."""
+        return {}
 
     def __post_init__(self) -> None:
         check_version(self.version)

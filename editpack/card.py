@@ -126,7 +126,7 @@ def render_card(pack: "EditPack", chart: str | None | bool = True) -> str:
         from .chart import CHART
 
         chart = CHART if CHART in pack.files else None
-    template = resources.files("editpack.cards").joinpath("pack_card.md").read_text(encoding="utf-8")
+    template = resources.files("editpack.cards").joinpath(pack.card_template).read_text(encoding="utf-8")
     card = ModelCard.from_template(
         card_data(pack),
         template_str=template,
@@ -145,5 +145,6 @@ def render_card(pack: "EditPack", chart: str | None | bool = True) -> str:
         more_facts=max(0, len(pack.facts) - MAX_FACTS_IN_CARD),
         hyperparameters=[(k, _cell(v)) for k, v in sorted(pack.hyperparameters.items())],
         evaluation_section=evaluation_markdown(pack.evaluation, chart) if pack.evaluation else None,
+        **pack.card_context(),
     )
     return str(card).rstrip() + "\n"

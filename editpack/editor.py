@@ -38,6 +38,16 @@ class Editor(Artifact):
     kind: ClassVar[str] = "editor"
     payload_files: ClassVar[tuple[str, ...]] = (EDITOR_WEIGHTS,)
     card_tag: ClassVar[str] = "editor"
+    card_template: ClassVar[str] = "editor_card.md"
+
+    def card_context(self) -> dict[str, Any]:
+        curve = list(self.training.get("curve") or [])
+        keys = [k for k in dict.fromkeys(k for row in curve for k in row) if k != "step"]
+        training = {"steps": None, "seconds": None, "batch_size": None, "lr": None, "seed": None, "records": None,
+                    "data": [], "held_out_records": 0, **self.training}
+        held = training.get("held_out") or {}
+        return {"training": training, "held_out": [(k, round(v, 4)) for k, v in held.items()],
+                "curve": curve, "curve_keys": keys, "modules": self.trained_modules}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -79,7 +79,8 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
     assert [p["step"] for p in training["curve"]] == [10, 20] and "held_out_edit_success" in training["curve"][0]
     path = editor.save(tmp_path / "editor")
     assert sorted(p.name for p in path.iterdir()) == ["README.md", EDITOR_WEIGHTS, "editpack.json"]
-    assert "MEND editor" in (path / "README.md").read_text()
+    card = (path / "README.md").read_text()
+    assert "MEND editor" in card and "Learning curve" in card and "| 20 |" in card and "records.json" in card
     loaded = editpack.load_pack(path)
     assert isinstance(loaded, Editor) and loaded.content_id == editor.content_id
     original = state(model)
