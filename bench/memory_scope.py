@@ -91,9 +91,11 @@ def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, st
     return mquake[:take_mquake] + counterfact[: limit - take_mquake]
 
 
-def probe_rates(model, tokenizer, probes, route: str, margin: float | None) -> dict:
+def probe_rates(model, tokenizer, probes, route: str, margin: float | None, threshold: float) -> dict:
+    """The probe set against one pack of every probed fact, with the scope threshold of the scored pack (a pack
+    of the probed facts would calibrate its own, on neighbourhood prompts that differ in kind)."""
     facts = list({id(f): f for f, _, _ in probes}.values())
-    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin)
+    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold)
     prompts = [p for _, p, _ in probes]
     edited = editpack.apply(model, memory)
     try:
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"route": route, "relation_margin": margin, "threshold": memory.threshold,
                    **{k: scored[k]["after"] for k in floors},
                    "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
-                   "probes": probe_rates(model, tokenizer, probes, route, margin),
+                   "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold),
                    "seconds": round(time.perf_counter() - t0, 1)}
             result["configs"].append(row)
             print(json.dumps(row), flush=True)
