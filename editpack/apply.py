@@ -277,6 +277,10 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
     ``tokenizer`` defaults to the one :func:`editpack.load_model` attached to the model.
     """
     new = _as_packs(packs)
+    for pack in new:
+        if not pack.appliable:
+            raise PackFormatError(f"{pack.ref} is a {pack.kind}: it changes no model by itself "
+                                  f"(edit with it: editpack.edit(..., method={pack.method!r}, editor=...))")
     present = records(model)
     wanted = resolve_conflicts([r.pack for r in present] + new, on_conflict)
     dropped = [r for r in present if not any(p is r.pack for p in wanted)]

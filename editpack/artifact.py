@@ -171,6 +171,8 @@ class Artifact(ABC):
     is_peft_adapter: ClassVar[bool] = False
     #: The card's tag for the payload.
     card_tag: ClassVar[str] = ""
+    #: Can be applied to a model (``editpack.apply``); a trained editor cannot.
+    appliable: ClassVar[bool] = True
     #: The card template (in ``editpack.cards``) and what the kind adds to its variables (:meth:`card_context`).
     card_template: ClassVar[str] = "pack_card.md"
 

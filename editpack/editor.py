@@ -39,6 +39,7 @@ class Editor(Artifact):
     payload_files: ClassVar[tuple[str, ...]] = (EDITOR_WEIGHTS,)
     card_tag: ClassVar[str] = "editor"
     card_template: ClassVar[str] = "editor_card.md"
+    appliable: ClassVar[bool] = False
 
     def card_context(self) -> dict[str, Any]:
         curve = list(self.training.get("curve") or [])

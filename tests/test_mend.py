@@ -147,6 +147,8 @@ def test_editor_checks(trained, tmp_path):
         edit(model, FACT, "mend", tokenizer=tok)
     with pytest.raises(EditpackError, match="not the one recorded"):
         edit(model, FACT, "mend", tokenizer=tok, editor=str(path), editor_content="sha256:" + "0" * 64)
+    with pytest.raises(PackFormatError, match="changes no model by itself"):
+        apply(model, str(path))
     with pytest.raises(EditpackError, match="learns nothing"):
         editpack.train(model, "rome", RECORDS, tokenizer=tok)
     manifest = json.loads((path / "editpack.json").read_text())
