@@ -252,6 +252,18 @@ class MENDLearner:
                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
                                                device=self.device)}
 
+    def _locality_kl(self, facts: Sequence[Fact], factors) -> torch.Tensor:
+        """KL(unedited ‖ edited) of the next-token distributions over every position of the facts' first
+        neighbourhood prompts (zero without any); differentiable in ``factors`` where gradients are enabled."""
+        local = self._locality_batch(facts)
+        if local is None:
+            return torch.zeros((), device=self.device)
+        with torch.no_grad():
+            base = self.model(**local).logits.float().log_softmax(-1)
+        with low_rank_added(self.model, factors):
+            after = self.model(**local).logits.float().log_softmax(-1)
+        return (base.exp() * (base - after)).sum(-1)[local["attention_mask"].bool()].mean()
+
     def loss(self, batch: Sequence[Fact]) -> tuple[torch.Tensor, dict[str, float]]:
         observe = self.steps_seen < self.config.norm_steps
         self.network.train()
@@ -260,18 +272,10 @@ class MENDLearner:
             pairs = [(f.text, f.target_new) for f in batch] + [(f.paraphrases[0], f.target_new)
                                                                 for f in batch if f.paraphrases]
             edit_batch = text_batch(self.tokenizer, pairs, self.device)
-            local = self._locality_batch(batch)
-            if local is not None:
-                with torch.no_grad():
-                    base = self.model(**local).logits.float().log_softmax(-1)
-            with torch.enable_grad(), low_rank_added(self.model, factors):
-                edit_loss = edit_batch.nll(edit_batch.logits(self.model)) / len(pairs)
-                if local is not None:
-                    after = self.model(**local).logits.float().log_softmax(-1)
-                    mask = local["attention_mask"].bool()
-                    kl = (base.exp() * (base - after)).sum(-1)[mask].mean()
-                else:
-                    kl = torch.zeros((), device=self.device)
+            with torch.enable_grad():
+                with low_rank_added(self.model, factors):
+                    edit_loss = edit_batch.nll(edit_batch.logits(self.model)) / len(pairs)
+                kl = self._locality_kl(batch, factors)
         self.steps_seen += 1
         loss = self.config.edit_weight * edit_loss + kl
         return loss, {"edit_nll": float(edit_loss.detach()), "locality_kl": float(kl.detach())}
@@ -288,11 +292,8 @@ class MENDLearner:
             prompts = [fact.text] + list(fact.paraphrases[:1])
             with low_rank_added(self.model, factors):
                 better = [self._prefers_new(p, fact) for p in prompts]
-                local = self._locality_batch([fact])
-                after = self.model(**local).logits.float().log_softmax(-1) if local else None
-            if after is not None:
-                base = self.model(**local).logits.float().log_softmax(-1)
-                kls.append(float((base.exp() * (base - after)).sum(-1)[local["attention_mask"].bool()].mean()))
+            if fact.neighborhood:
+                kls.append(float(self._locality_kl([fact], factors)))
             wins += better[0]
             if len(better) > 1:
                 para, para_n = para + better[1], para_n + 1
