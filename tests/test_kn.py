@@ -1,5 +1,6 @@
 """KN on tiny random models: integrated gradients add up, the edit is rank one per layer on the kept neurons."""
 
+import pytest
 import torch
 
 import editpack
@@ -10,13 +11,17 @@ from editpack.nethook import Trace
 from tiny import FACT, logits, tiny_model, tiny_tokenizer
 
 
-def test_attributions_add_up_to_the_probability_change():
-    """Completeness of integrated gradients: Σ attributions ≈ p(y | a) − p(y | 0) (Riemann error shrinks with steps)."""
-    model, tok = tiny_model("llama"), tiny_tokenizer()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attributions_add_up_to_the_probability_change(family):
+    """Completeness of integrated gradients: Σ attributions ≈ p(y | a) − p(y | 0) (Riemann error shrinks with steps).
+    The path runs the last token alone on the prompt's cached prefix; p is read from full forward passes."""
+    model, tok = tiny_model(family), tiny_tokenizer()
     spec = editpack.spec_for(model)
     answer = tok.convert_tokens_to_ids("paris")
     module = spec.mlp_out_name(2)
-    scores = KN(KNConfig(ig_steps=200)).attribution(model, tok, spec, FACT.text, 2, answer)
+    kn = KN(KNConfig(ig_steps=200))
+    kn.resolve_layers(model, spec)
+    scores = kn.attribution(model, spec, kn.prompt_context(model, tok, spec, FACT.text), 2, answer)
 
     def prob(scale: float) -> float:
         def scaled(inputs, _name):

@@ -5,7 +5,9 @@ then move their value vectors from the old answer to the new one.
    intermediate activation ``a`` at the prompt's last token (the input of the MLP output projection) is scaled
    along the path ``α·a``, ``α = k/m`` for ``k = 1…m``; the attribution of neuron ``i`` is
    ``a_i · mean_k ∂p(y | α_k a)/∂a_i`` (integrated gradients with a zero baseline, Riemann sum), with ``y`` the
-   current answer's first token (``target_true``, or the model's own prediction).
+   current answer's first token (``target_true``, or the model's own prediction). Only the last token's
+   activations change along the path, so the prompt's prefix is run once and cached: each layer's path is one
+   batched pass of the last token alone (forward and backward), and one traced pass reads every layer's ``a``.
 2. **Knowledge neurons**: per prompt, the neurons above ``threshold`` × that prompt's largest attribution (over
    all layers); with several prompts, those kept for at least ``share`` of them; at most ``max_neurons``.
 3. **Edit**: each kept neuron's value vector (its column of the output projection ``W``) moves by
@@ -17,7 +19,9 @@ It is simple and known to be weak (it moves one token, with no optimisation); th
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -25,7 +29,7 @@ from ...arch import ArchSpec, get_module
 from ...delta import LowRankDelta, WeightDelta
 from ...facts import Fact
 from ...generation import model_device
-from ...nethook import Trace
+from ...nethook import Trace, TraceDict
 from ..base import EditMethod, register_method
 from ..locate import frozen
 from .config import KNConfig
@@ -74,7 +78,8 @@ class KN(EditMethod):
         votes: dict[tuple[int, int], int] = {}
         strength: dict[tuple[int, int], float] = {}
         for prompt in prompts:
-            scores = {layer: self.attribution(model, tokenizer, spec, prompt, layer, answer) for layer in cfg.layers}
+            context = self.prompt_context(model, tokenizer, spec, prompt)
+            scores = {layer: self.attribution(model, spec, context, layer, answer) for layer in cfg.layers}
             top = max(float(s.max()) for s in scores.values())
             if top <= 0:
                 continue
@@ -86,25 +91,48 @@ class KN(EditMethod):
         kept = [n for n, v in votes.items() if v >= need]
         return sorted(kept, key=lambda n: -strength[n])[: cfg.max_neurons]
 
-    def attribution(self, model, tokenizer, spec: ArchSpec, prompt: str, layer: int, answer: int) -> torch.Tensor:
+    @torch.no_grad()
+    def prompt_context(self, model, tokenizer, spec: ArchSpec, prompt: str) -> "_PromptContext":
+        """One forward pass of the prompt: every attributed layer's intermediate activation at the last token,
+        and the key/value cache of the tokens before it (the integrated-gradients passes then run the last token
+        alone: only its activations are scaled, so the prefix is the same on every step)."""
+        device = model_device(model)
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        modules = [spec.mlp_out_name(layer) for layer in self.config.layers]
+        with TraceDict(model, modules, retain_input=True, retain_output=False) as traces:
+            model(input_ids=ids)
+        activations = {m: traces[m].input[0, -1].detach().float() for m in modules}
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values if ids.shape[1] > 1 else None
+        return _PromptContext(ids=ids, activations=activations, cache=cache)
+
+    def attribution(self, model, spec: ArchSpec, context: "_PromptContext", layer: int, answer: int) -> torch.Tensor:
         """Integrated-gradients attribution of each intermediate neuron of ``layer`` at the prompt's last token."""
         steps = self.config.ig_steps
-        device = model_device(model)
-        batch = tokenizer([prompt] * steps, return_tensors="pt").to(device)
-        last = batch["input_ids"].shape[1] - 1
         module = spec.mlp_out_name(layer)
-        with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=False, stop=True) as trace:
-            model(**tokenizer(prompt, return_tensors="pt").to(device))
-        activation = trace.input[0, last].detach().float()
-        alphas = torch.arange(1, steps + 1, device=device, dtype=torch.float32) / steps
+        activation = context.activations[module]
+        alphas = torch.arange(1, steps + 1, device=activation.device, dtype=torch.float32) / steps
         scaled = (alphas[:, None] * activation[None]).requires_grad_(True)
 
         def inject(inputs, _name):
             inputs = inputs.clone()
-            inputs[:, last] = scaled.to(inputs.dtype)
+            inputs[:, -1] = scaled.to(inputs.dtype)
             return inputs
 
+        inputs = {"input_ids": context.ids[:, -1:].expand(steps, 1)}
+        if context.cache is not None:
+            cache = copy.deepcopy(context.cache)  # a forward pass appends to it
+            cache.batch_repeat_interleave(steps)
+            inputs.update(past_key_values=cache, use_cache=True,
+                          attention_mask=torch.ones(steps, context.ids.shape[1], dtype=torch.long,
+                                                    device=context.ids.device))
         with frozen(model), torch.enable_grad(), Trace(model, module, retain_output=False, edit_input=inject):
-            probs = model(**batch).logits[:, last].float().softmax(-1)[:, answer]
+            probs = model(**inputs).logits[:, -1].float().softmax(-1)[:, answer]
             (grad,) = torch.autograd.grad(probs.sum(), scaled)
         return (activation * grad.mean(0)).cpu()
+
+
+@dataclass
+class _PromptContext:
+    ids: torch.Tensor  # (1, T)
+    activations: dict[str, torch.Tensor]  # module name -> (d_ff,) at the last token
+    cache: Any  # the key/value cache of ids[:, :-1] (None for a one-token prompt)
