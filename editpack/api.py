@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +128,10 @@ def train(
     with torch.random.fork_rng(devices=[]):  # the learner's initial values follow the seed, not the caller's RNG
         torch.manual_seed(settings.seed)
         learner = runner.learner(model, tokenizer, spec_for(model))
-    result = Trainer(learner, facts, settings, checkpoint_dir=checkpoint_dir, progress=progress).fit()
+    digest = hashlib.sha256(json.dumps([f.to_dict() for f in facts], sort_keys=True).encode()).hexdigest()
+    identity = {"method": method, "config": dataclasses.asdict(config), "records": digest}
+    result = Trainer(learner, facts, settings, checkpoint_dir=checkpoint_dir, progress=progress,
+                     identity=identity).fit()
     training = {"data": data or [], "records": len(facts), "seed": settings.seed, "batch_size": settings.batch_size,
                 "lr": settings.lr, "held_out_records": len(result.held_out_indices), **result.summary()}
     ref = getattr(model, "editpack_ref", None)

@@ -27,7 +27,6 @@ import torch
 
 from ._io import atomic_write_json, read_safetensors, write_safetensors
 
-STATE = "state.safetensors"
 PROGRESS = "trainer.json"
 
 
@@ -101,8 +100,12 @@ class Trainer:
     """Adam over :meth:`Learner.parameters` on ``records`` (see the module docstring)."""
 
     def __init__(self, learner: Learner, records: Sequence[Any], settings: TrainSettings | None = None, *,
-                 checkpoint_dir: str | Path | None = None, progress: bool = True) -> None:
+                 checkpoint_dir: str | Path | None = None, progress: bool = True,
+                 identity: dict[str, Any] | None = None) -> None:
+        """``identity``: what else a checkpoint must have been made with to be resumed (JSON values: the
+        learner's settings, a digest of the records); a checkpoint made otherwise is refused."""
         self.learner = learner
+        self.identity = json.loads(json.dumps(identity or {}))
         self.records = list(records)
         self.settings = settings or TrainSettings()
         self.settings.validate()
@@ -135,7 +138,7 @@ class Trainer:
                     scalars.setdefault(str(index), {})[key] = value
         name = f"state-{step:08d}.safetensors"
         record = {"step": step, "state_file": name, "curve": curve, "seconds": seconds,
-                  "settings": asdict(self.settings), "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+                  "settings": asdict(self.settings), "identity": self.identity, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
         # The tensors go to a file of their own first; then the record that names them replaces the last one in
         # one rename; then older tensor files go. An interruption at any point leaves a consistent checkpoint.
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -152,11 +155,13 @@ class Trainer:
         record = json.loads((self.checkpoint_dir / PROGRESS).read_text(encoding="utf-8"))
         mine = {k: v for k, v in asdict(self.settings).items() if k != "max_steps"}
         theirs = {k: v for k, v in record["settings"].items() if k != "max_steps"}
+        mine.update({f"identity.{k}": v for k, v in self.identity.items()})
+        theirs.update({f"identity.{k}": v for k, v in record.get("identity", {}).items()})
         if mine != theirs:
-            changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+            changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings ({', '.join(changed)}); "
                              "remove it to start again, or resume with the same settings")
-        tensors = read_safetensors(self.checkpoint_dir / record.get("state_file", STATE))
+        tensors = read_safetensors(self.checkpoint_dir / record["state_file"])
         self.learner.load_state_dict({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
