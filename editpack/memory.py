@@ -266,6 +266,16 @@ class RelationCheck:
         phrasings = [(r, p) for r, ps in templates.items() for p in ps]
         self.labels = torch.tensor([self.relations.index(r) for r, _ in phrasings])
         self.keys = encoder.encode([p.replace("{}", MASK) for _, p in phrasings])
+        self._own: dict[str, torch.Tensor] = {}  # a fact's masked clause -> its embedding (the pack's facts)
+
+    def _own_clauses(self, facts: Sequence[Fact]) -> torch.Tensor:
+        """The facts' own masked clauses embedded, each once for the life of this check (a pack routes many
+        prompts to the same facts)."""
+        clauses = [subject_clause(f.text, f.subject) for f in facts]
+        missing = list(dict.fromkeys(c for c in clauses if c not in self._own))
+        if missing:
+            self._own.update(zip(missing, self.encoder.encode(missing)))
+        return torch.stack([self._own[c] for c in clauses])
 
     def margins(self, pairs: Sequence[tuple[str, Fact]]) -> torch.Tensor:
         """For each (prompt, fact): how much nearer another relation's phrasing is to the prompt than the fact's
@@ -273,7 +283,7 @@ class RelationCheck:
         if not pairs:
             return torch.zeros(0)
         asked = self.encoder.encode([subject_clause(p, f.subject) for p, f in pairs])
-        own = self.encoder.encode([subject_clause(f.text, f.subject) for _, f in pairs])
+        own = self._own_clauses([f for _, f in pairs])
         sims = asked @ self.keys.T
         relation = self.labels[(own @ self.keys.T).argmax(1)]
         for k, (_, fact) in enumerate(pairs):
