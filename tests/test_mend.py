@@ -11,7 +11,8 @@ from editpack import apply, edit, revert
 from editpack.cli.main import main
 from editpack.editor import EDITOR_WEIGHTS, Editor
 from editpack.errors import EditpackError, PackFormatError
-from editpack.methods.mend.method import MENDNetwork
+from editpack.methods.mend.config import MENDConfig
+from editpack.methods.mend.method import MENDLearner, MENDNetwork
 from editpack.trainer import Trainer, TrainSettings, split
 
 from tiny import FACT, logits, state, tiny_model, tiny_tokenizer
@@ -77,6 +78,7 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
     training = editor.training
     assert training["steps"] == 20 and training["held_out_records"] == 4 and training["records"] == len(RECORDS)
     assert [p["step"] for p in training["curve"]] == [10, 20] and "held_out_edit_success" in training["curve"][0]
+    assert 0 <= training["curve"][-1]["held_out_neighbourhood_kept"] <= 1
     path = editor.save(tmp_path / "editor")
     assert sorted(p.name for p in path.iterdir()) == ["README.md", EDITOR_WEIGHTS, "editpack.json"]
     card = (path / "README.md").read_text()
@@ -102,6 +104,24 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
     # Batch editing sums the facts' terms: rank grows with the facts.
     two = edit(model, RECORDS[:2], "mend", tokenizer=tok, editor=str(path))
     assert all(d.rank == 2 * n_target for d in two.delta.modules.values())
+
+
+@pytest.mark.parametrize("at", ["answer", "all"])
+def test_the_locality_kl_is_taken_where_locality_at_says(at):
+    """``answer``: the KL at each neighbourhood prompt's last real token only (padding never counts)."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    facts = [editpack.make_fact("the famous {}", "tower", "paris", "rome", neighborhood=[(p, "paris")])
+             for p in ("the famous louvre", "the old big red museum of the famous louvre")]
+    learner = MENDLearner(model, tok, editpack.spec_for(model), ["model.layers.2.mlp.down_proj"],
+                          MENDConfig(locality_at=at, rank=8))
+    local = learner._locality_batch(facts)
+    lengths = local["attention_mask"].sum(1)
+    assert lengths[0] < lengths[1]
+    if at == "all":
+        assert torch.equal(local["counted"], local["attention_mask"].bool())
+    else:
+        assert local["counted"].sum(1).tolist() == [1, 1]
+        assert local["counted"].nonzero()[:, 1].tolist() == (lengths - 1).tolist()
 
 
 def test_training_resumes_from_its_checkpoint_to_the_same_editor(tmp_path):
@@ -135,6 +155,13 @@ def test_training_resumes_from_its_checkpoint_to_the_same_editor(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(checkpoint_every=5, lr=1e-2), progress=False,
                        checkpoint_dir=checkpoint, **SMALL)
+    # The method's settings and the records are part of what a checkpoint resumes.
+    with pytest.raises(ValueError, match=r"other settings \(identity.config\)"):
+        editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(checkpoint_every=5), progress=False,
+                       checkpoint_dir=checkpoint, **{**SMALL, "locality_at": "all"})
+    with pytest.raises(ValueError, match=r"other settings \(identity.records\)"):
+        editpack.train(model, "mend", RECORDS[:-1], tokenizer=tok, settings=settings(checkpoint_every=5),
+                       progress=False, checkpoint_dir=checkpoint, **SMALL)
 
 
 def test_editor_checks(trained, tmp_path):

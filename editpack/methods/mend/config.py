@@ -26,13 +26,24 @@ class MENDConfig(MethodConfig):
     edit_weight: float = 0.1
     #: Training steps over which the inputs' normalisation statistics are gathered (then frozen).
     norm_steps: int = 100
+    #: Where the locality KL is taken on each neighbourhood prompt: ``"answer"``, the last position (where the
+    #: prompt's answer is predicted: CounterFact's neighbourhood prompts share the edit's relation and old answer,
+    #: so this is where an edit that learnt the relation instead of the subject shows), or ``"all"`` positions
+    #: (the first editors averaged over all positions, which dilutes that signal by the prompt's length).
+    locality_at: str = "answer"
+    #: Neighbourhood prompts per edit in the locality loss.
+    locality_prompts: int = 1
 
     def validate(self) -> None:
         if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:
             raise ValueError("rank and norm_steps must be ≥ 1; edit_lr and edit_weight positive")
+        if self.locality_at not in ("answer", "all"):
+            raise ValueError(f"locality_at must be 'answer' or 'all', not {self.locality_at!r}")
+        if self.locality_prompts < 1:
+            raise ValueError("locality_prompts must be ≥ 1")
 
     def recorded(self) -> dict:
         values = super().recorded()
-        for key in ("layers", "rank", "edit_lr", "edit_weight", "norm_steps"):
+        for key in ("layers", "rank", "edit_lr", "edit_weight", "norm_steps", "locality_at", "locality_prompts"):
             values.pop(key)
         return values  # training settings are the editor's record; the editor fixes the modules

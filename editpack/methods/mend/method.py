@@ -243,26 +243,32 @@ class MENDLearner:
         return out
 
     def _locality_batch(self, facts: Sequence[Fact]) -> dict[str, torch.Tensor] | None:
-        prompts = [p.prompt for f in facts for p in f.neighborhood[:1]]
+        prompts = [p.prompt for f in facts for p in f.neighborhood[: self.config.locality_prompts]]
         if not prompts:
             return None
         rows = [self.tokenizer(p)["input_ids"] for p in prompts]
         width, pad = max(map(len, rows)), pad_id(self.tokenizer)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        counted = mask.bool()
+        if self.config.locality_at == "answer":  # only the last real position: where the answer is predicted
+            counted = torch.zeros_like(counted)
+            counted[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])] = True
         return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device),
-                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
-                                               device=self.device)}
+                "attention_mask": mask, "counted": counted}
 
     def _locality_kl(self, facts: Sequence[Fact], factors) -> torch.Tensor:
-        """KL(unedited ‖ edited) of the next-token distributions over every position of the facts' first
-        neighbourhood prompts (zero without any); differentiable in ``factors`` where gradients are enabled."""
+        """KL(unedited ‖ edited) of the next-token distributions on the facts' neighbourhood prompts, at the
+        positions ``locality_at`` names (zero without any); differentiable in ``factors`` where gradients are
+        enabled."""
         local = self._locality_batch(facts)
         if local is None:
             return torch.zeros((), device=self.device)
+        counted = local.pop("counted")
         with torch.no_grad():
             base = self.model(**local).logits.float().log_softmax(-1)
         with low_rank_added(self.model, factors):
             after = self.model(**local).logits.float().log_softmax(-1)
-        return (base.exp() * (base - after)).sum(-1)[local["attention_mask"].bool()].mean()
+        return (base.exp() * (base - after)).sum(-1)[counted].mean()
 
     def loss(self, batch: Sequence[Fact]) -> tuple[torch.Tensor, dict[str, float]]:
         observe = self.steps_seen < self.config.norm_steps
@@ -283,23 +289,29 @@ class MENDLearner:
     @torch.no_grad()
     def evaluate(self, records: Sequence[Fact]) -> dict[str, float]:
         """Each held-out fact edited on its own: the share whose new answer beats the true one (mean token NLL,
-        CounterFact's prob_compare) after the edit prompt and after its paraphrase, and the mean locality KL."""
+        CounterFact's prob_compare) after the edit prompt and after its paraphrase; the share of first
+        neighbourhood prompts where the true answer still beats the new one (measured with the edit, and for
+        the records whose unedited model prefers the true answer there); and the mean locality KL."""
         self.network.eval()
-        wins, para, para_n, kls = 0, 0, 0, []
+        wins, para, para_n, kept, kept_n, kls = 0, 0, 0, 0, 0, []
         for fact in records:
+            neighbour = fact.neighborhood[0].prompt if fact.neighborhood else None
+            held = neighbour is not None and not self._prefers_new(neighbour, fact)
             with torch.enable_grad():
                 factors = self.factors([fact])
             prompts = [fact.text] + list(fact.paraphrases[:1])
             with low_rank_added(self.model, factors):
                 better = [self._prefers_new(p, fact) for p in prompts]
-            if fact.neighborhood:
+                if held:
+                    kept, kept_n = kept + (not self._prefers_new(neighbour, fact)), kept_n + 1
+            if neighbour is not None:
                 kls.append(float(self._locality_kl([fact], factors)))
             wins += better[0]
             if len(better) > 1:
                 para, para_n = para + better[1], para_n + 1
         n = max(1, len(records))
         return {"edit_success": wins / n, "paraphrase_success": para / max(1, para_n),
-                "locality_kl": sum(kls) / max(1, len(kls))}
+                "neighbourhood_kept": kept / max(1, kept_n), "locality_kl": sum(kls) / max(1, len(kls))}
 
     def _prefers_new(self, prompt: str, fact: Fact) -> bool:
         if not fact.target_true:
