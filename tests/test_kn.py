@@ -54,3 +54,16 @@ def test_kn_moves_the_kept_neurons_value_vectors_toward_the_new_answer():
     revert(edited)
     assert after[new] - after[old] > before[new] - before[old]  # the new answer gains on the old one
     assert spec.num_layers(model) == 4 and pack.hyperparameters["layers"] == [0, 1, 2, 3]
+
+
+def test_layers_batched_in_one_pass_give_each_layers_own_attribution():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = editpack.spec_for(model)
+    answer = tok.convert_tokens_to_ids("paris")
+    kn = KN(KNConfig(ig_steps=8))
+    context = kn.prompt_context(model, tok, spec, FACT.text) if kn.resolve_layers(model, spec) else None
+    together = kn.attributions(model, spec, context, [0, 1, 2, 3], answer)
+    assert list(together) == [0, 1, 2, 3]
+    for layer in range(4):
+        torch.testing.assert_close(together[layer], kn.attribution(model, spec, context, layer, answer),
+                                   rtol=1e-4, atol=1e-7)

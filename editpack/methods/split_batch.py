@@ -56,8 +56,7 @@ class SplitBatch:
             with torch.no_grad():
                 out = model.base_model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
                                        position_ids=self.prefix_positions, use_cache=True)
-            # transformers 5 names the KV cache ``cache`` (``past_key_values`` is its deprecated alias); older: the alias.
-            self.cache = out["cache"] if "cache" in out else out["past_key_values"]
+            self.cache = cache_of(out)
         self.blocks, self.replay = None, {}
         if blocks is None or live_from <= 0:
             return
@@ -89,7 +88,7 @@ class SplitBatch:
         body = model.base_model
         return body(
             input_ids=self.suffix_ids, attention_mask=self.full_mask if cache is not None else self.suffix_mask,
-            position_ids=self.suffix_positions, use_cache=cache is not None, **{_cache_argument(body): cache},
+            position_ids=self.suffix_positions, use_cache=cache is not None, **{cache_argument(body): cache},
         )
 
 
@@ -120,9 +119,15 @@ def _replaying(blocks: torch.nn.ModuleList | None, outputs: dict[int, Any]) -> I
             blocks[i] = block
 
 
-def _cache_argument(module: torch.nn.Module) -> str:
-    """Newer transformers models take the KV cache as ``cache``; older ones as ``past_key_values``."""
+def cache_argument(module: torch.nn.Module) -> str:
+    """Newer transformers models take the KV cache as ``cache``; older ones as ``past_key_values`` (in transformers
+    5 the deprecated alias, which warns)."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def split_batch(tokenizer, texts: Sequence[str], split_at: Sequence[int], device) -> SplitBatch:

@@ -13,6 +13,9 @@ class KNConfig(MethodConfig):
     layers: list[int] | None = None
     #: Riemann steps of the integrated-gradients path from zero to the neuron activations.
     ig_steps: int = 20
+    #: Layers whose paths share one batched pass (``ig_steps`` rows each): more is faster, and needs a KV cache of
+    #: the prompt for ``ig_steps × layers_per_pass`` rows.
+    layers_per_pass: int = 10
     #: A neuron is kept for a prompt when its attribution exceeds ``threshold`` × that prompt's largest.
     threshold: float = 0.2
     #: With several prompts (the fact's prompt and paraphrases, at most ``max_prompts``), a neuron is kept when it
@@ -27,7 +30,7 @@ class KNConfig(MethodConfig):
     edit_scale: float = 2.0
 
     def validate(self) -> None:
-        if self.ig_steps < 1 or self.max_prompts < 1 or self.max_neurons < 1:
-            raise ValueError("ig_steps, max_prompts and max_neurons must be at least 1")
+        if self.ig_steps < 1 or self.max_prompts < 1 or self.max_neurons < 1 or self.layers_per_pass < 1:
+            raise ValueError("ig_steps, max_prompts, max_neurons and layers_per_pass must be at least 1")
         if not 0 < self.threshold <= 1 or not 0 < self.share <= 1:
             raise ValueError("threshold and share must be in (0, 1]")

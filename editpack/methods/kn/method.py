@@ -29,9 +29,10 @@ from ...arch import ArchSpec, get_module
 from ...delta import LowRankDelta, WeightDelta
 from ...facts import Fact
 from ...generation import model_device
-from ...nethook import Trace, TraceDict
+from ...nethook import TraceDict
 from ..base import EditMethod, register_method
 from ..locate import frozen
+from ..split_batch import cache_argument, cache_of
 from .config import KNConfig
 
 
@@ -79,7 +80,10 @@ class KN(EditMethod):
         strength: dict[tuple[int, int], float] = {}
         for prompt in prompts:
             context = self.prompt_context(model, tokenizer, spec, prompt)
-            scores = {layer: self.attribution(model, spec, context, layer, answer) for layer in cfg.layers}
+            scores: dict[int, torch.Tensor] = {}
+            for start in range(0, len(cfg.layers), cfg.layers_per_pass):
+                scores.update(self.attributions(model, spec, context, cfg.layers[start : start + cfg.layers_per_pass],
+                                                answer))
             top = max(float(s.max()) for s in scores.values())
             if top <= 0:
                 continue
@@ -102,33 +106,43 @@ class KN(EditMethod):
         with TraceDict(model, modules, retain_input=True, retain_output=False) as traces:
             model(input_ids=ids)
         activations = {m: traces[m].input[0, -1].detach().float() for m in modules}
-        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values if ids.shape[1] > 1 else None
+        cache = cache_of(model(input_ids=ids[:, :-1], use_cache=True)) if ids.shape[1] > 1 else None
         return _PromptContext(ids=ids, activations=activations, cache=cache)
 
     def attribution(self, model, spec: ArchSpec, context: "_PromptContext", layer: int, answer: int) -> torch.Tensor:
         """Integrated-gradients attribution of each intermediate neuron of ``layer`` at the prompt's last token."""
-        steps = self.config.ig_steps
-        module = spec.mlp_out_name(layer)
-        activation = context.activations[module]
-        alphas = torch.arange(1, steps + 1, device=activation.device, dtype=torch.float32) / steps
-        scaled = (alphas[:, None] * activation[None]).requires_grad_(True)
+        return self.attributions(model, spec, context, [layer], answer)[layer]
 
-        def inject(inputs, _name):
+    def attributions(self, model, spec: ArchSpec, context: "_PromptContext", layers: Sequence[int],
+                     answer: int) -> dict[int, torch.Tensor]:
+        """:meth:`attribution` for several layers in one batched pass: ``ig_steps`` rows per layer, each block of
+        rows scaling its own layer's activation (rows never interact, so each block is that layer's path)."""
+        steps = self.config.ig_steps
+        modules = {spec.mlp_out_name(layer): k for k, layer in enumerate(layers)}
+        alphas = torch.arange(1, steps + 1, dtype=torch.float32) / steps
+        scaled = {m: (alphas.to(context.activations[m].device)[:, None] * context.activations[m][None])
+                  .requires_grad_(True) for m in modules}
+
+        def inject(inputs, name):
             inputs = inputs.clone()
-            inputs[:, -1] = scaled.to(inputs.dtype)
+            k = modules[name]
+            inputs[k * steps : (k + 1) * steps, -1] = scaled[name].to(inputs.dtype)
             return inputs
 
-        inputs = {"input_ids": context.ids[:, -1:].expand(steps, 1)}
+        rows = steps * len(layers)
+        inputs: dict[str, Any] = {"input_ids": context.ids[:, -1:].expand(rows, 1)}
         if context.cache is not None:
             cache = copy.deepcopy(context.cache)  # a forward pass appends to it
-            cache.batch_repeat_interleave(steps)
-            inputs.update(past_key_values=cache, use_cache=True,
-                          attention_mask=torch.ones(steps, context.ids.shape[1], dtype=torch.long,
-                                                    device=context.ids.device))
-        with frozen(model), torch.enable_grad(), Trace(model, module, retain_output=False, edit_input=inject):
+            cache.batch_repeat_interleave(rows)
+            inputs.update({cache_argument(model): cache, "use_cache": True,
+                           "attention_mask": torch.ones(rows, context.ids.shape[1], dtype=torch.long,
+                                                        device=context.ids.device)})
+        with frozen(model), torch.enable_grad(), TraceDict(model, list(modules), retain_output=False,
+                                                           edit_input=inject):
             probs = model(**inputs).logits[:, -1].float().softmax(-1)[:, answer]
-            (grad,) = torch.autograd.grad(probs.sum(), scaled)
-        return (activation * grad.mean(0)).cpu()
+            grads = torch.autograd.grad(probs.sum(), [scaled[m] for m in modules])
+        return {layer: (context.activations[m] * g.mean(0)).cpu() for (m, layer), g in
+                zip(((m, layers[k]) for m, k in modules.items()), grads)}
 
 
 @dataclass
