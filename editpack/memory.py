@@ -296,7 +296,9 @@ class RelationCheck:
 
 
 # ---------------------------------------------------------------------------------------------- IKE
-IKE_DEMONSTRATIONS = 4
+#: Stored facts whose copy, update and retain examples precede an IKE prompt. On SmolLM2 (the first 50 CounterFact
+#: edit records, generate_match) 8 answered 98 % of edit prompts and 60 % of paraphrases, 4 answered 92 % and 50 %.
+IKE_DEMONSTRATIONS = 8
 #: Used when a pack holds too few facts of its own to demonstrate with: one update and one retain example.
 IKE_FALLBACK = (
     "New Fact: The capital of Japan is Lisbon\nPrompt: The capital city of Japan is Lisbon",
@@ -305,13 +307,14 @@ IKE_FALLBACK = (
 
 
 def ike_demonstrations(memory: "MemoryPack", fact: Fact, k: int) -> list[str]:
-    """IKE's in-context demonstrations from the pack's own facts nearest to ``fact`` (MiniLM keys): for each, a
-    copy example (its prompt answered with its new target), an update example (a paraphrase answered with it)
-    and a retain example (a neighbourhood prompt answered as before); generic ones fill a pack too small."""
+    """IKE's in-context demonstrations from the ``k`` stored facts nearest to ``fact`` (MiniLM keys), the nearest
+    last: for each, a copy example (its prompt answered with its new target), an update example (a paraphrase
+    answered with it) and a retain example (a neighbourhood prompt answered as before); generic ones fill a pack
+    too small."""
     index = next(i for i, f in enumerate(memory.facts) if f is fact or fact_key(f) == fact_key(fact))
     order = (memory.keys @ memory.keys[index]).argsort(descending=True).tolist()
     demos: list[str] = []
-    for j in [j for j in order if j != index][:k]:
+    for j in reversed([j for j in order if j != index][:k]):  # the nearest fact last, next to the prompt
         other = memory.facts[j]
         head = f"New Fact: {other.text} {other.target_new}\nPrompt: "
         demos.append(head + f"{other.text} {other.target_new}")

@@ -192,6 +192,13 @@ def test_ike_pack_answers_in_scope_prompts_with_demonstrations_of_its_nearest_fa
     nearest = blocks[0].split("\n")[0]
     assert nearest in ("New Fact: the old london bridge tokyo", "New Fact: the red river madrid")
     assert len(blocks) in (3, 4)  # copy + update (+ retain when the demonstrating fact has a neighbour) + the fact
+    # With both other facts demonstrated, the nearer one (MiniLM keys) comes last, next to the prompt.
+    index = [f.text for f in pack.facts].index(TOWER.text)
+    order = [j for j in (pack.keys @ pack.keys[index]).argsort(descending=True).tolist() if j != index]
+    heads = [b.split("\n")[0] for b in ike_prompt(pack, TOWER, "the big eiffel tower is in", 2).split("\n\n")[:-1]]
+    nearer, farther = (pack.facts[j] for j in order)
+    assert heads[0] == f"New Fact: {farther.text} {farther.target_new}"
+    assert heads[-1] == f"New Fact: {nearer.text} {nearer.target_new}"
     seen = []
     edited = editpack.apply(model, pack)
     inner = edited.model.generate
