@@ -21,9 +21,10 @@ is nearer to it, by more than the margin, than the fact's own relation (its phra
 edit prompt). "The mother tongue of Danielle Darrieux is" → English leaves "Danielle Darrieux was born in"
 to the model. ``relation_margin=None`` checks the subject only.
 
-Routes for in-scope prompts (``route``): ``"context"`` (default) rewrites the prompt with the fact and one
-demonstration in context and lets the model answer; ``"answer"`` also starts the answer with the stored target
-(a lookup in the style of GRACE's codebook), then lets the model continue with the fact in context; ``"ike"``
+Routes for in-scope prompts (``route``): ``"context"`` rewrites the prompt with the fact and one demonstration in
+context and lets the model answer; ``"answer"`` (default for new packs; a pack that records no route is
+``context``) also starts the answer with the stored target (a lookup in the style of GRACE's codebook), then lets
+the model continue with the fact in context; ``"ike"``
 (IKE, Zheng et al. 2023) puts ``demonstrations`` of the pack's own facts nearest to the matched one before it
 (copy, update and retain examples: :func:`ike_demonstrations`).
 
