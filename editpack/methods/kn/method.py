@@ -141,8 +141,7 @@ class KN(EditMethod):
                                                            edit_input=inject):
             probs = model(**inputs).logits[:, -1].float().softmax(-1)[:, answer]
             grads = torch.autograd.grad(probs.sum(), [scaled[m] for m in modules])
-        return {layer: (context.activations[m] * g.mean(0)).cpu() for (m, layer), g in
-                zip(((m, layers[k]) for m, k in modules.items()), grads)}
+        return {layers[k]: (context.activations[m] * g.mean(0)).cpu() for (m, k), g in zip(modules.items(), grads)}
 
 
 @dataclass
