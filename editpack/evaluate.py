@@ -58,14 +58,20 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 
 @torch.no_grad()
 def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Scored]:
-    """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded; a model
-    with memory packs scores in-scope prompts in its memory's context)."""
+    """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded).
+
+    A model with memory packs scores as it generates (its ``teacher_forcing``): in-scope prompts in their memory's
+    context, and answer tokens that its route forces have probability one when the answer has them there and
+    zero (NLL infinite) when it does not, the forced token being the prediction."""
     device = model_device(model)
     pad = pad_id(tokenizer)
     out: list[Scored] = []
-    in_context = getattr(model, "prompts_in_context", None)  # memory packs: prompts as the memory rewrites them
-    if callable(in_context) and pairs:
-        pairs = list(zip(in_context([p for p, _ in pairs]), [a for _, a in pairs]))
+    forced: list[list[int]] = [[] for _ in pairs]
+    routed = getattr(model, "teacher_forcing", None)
+    if callable(routed) and pairs:
+        seen = routed([p for p, _ in pairs])
+        pairs = [(text, answer) for (text, _), (_, answer) in zip(seen, pairs)]
+        forced = [tokens for _, tokens in seen]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows, answers = [], []
@@ -84,7 +90,14 @@ def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 
             cols = torch.arange(width - n - 1, width - 1, device=device)  # positions predicting the answer
             target = torch.tensor(ids, device=device)
             lp = log_probs[i, cols, target]
-            out.append(Scored(nll=float(-lp.mean()), predictions=log_probs[i, cols].argmax(-1).tolist(), answer=ids))
+            predictions = log_probs[i, cols].argmax(-1).tolist()
+            kept = forced[start + i][:n]
+            if kept:
+                lp = lp.clone()
+                lp[: len(kept)] = torch.tensor([0.0 if a == f else float("-inf") for a, f in zip(ids, kept)],
+                                               device=device)
+                predictions[: len(kept)] = kept
+            out.append(Scored(nll=float(-lp.mean()), predictions=predictions, answer=ids))
     return out
 
 

@@ -332,6 +332,13 @@ def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
     return "\n\n".join(demos + [f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}"])
 
 
+def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
+    """The tokens an in-scope answer starts with: the fact's new target under the ``answer`` route, else none."""
+    if memory.hyperparameters.get("route") != "answer":
+        return []
+    return tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+
+
 def in_context(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
     """An in-scope prompt rewritten by its memory's route: IKE's demonstrations, or the template with the fact."""
     cfg = memory.hyperparameters
@@ -394,7 +401,7 @@ class MemoryModel(torch.nn.Module):
 
     Every other attribute is the wrapped model's, so it goes wherever the model went (``transformers.pipeline``,
     :func:`editpack.generate`). ``forward`` is the wrapped model's own (token ids carry no prompt boundary to
-    route on); editpack's teacher-forced scoring rewrites in-scope prompts first (:meth:`prompts_in_context`).
+    route on); editpack's teacher-forced scoring asks it what generation would see first (:meth:`teacher_forcing`).
     """
 
     editpack_wrapper = True  # editpack.fingerprint.memory_wrapper / unwrap recognise it and look through it
@@ -427,12 +434,15 @@ class MemoryModel(torch.nn.Module):
         """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is)."""
         return self.index().lookup(prompts)
 
-    def prompts_in_context(self, prompts: Sequence[str]) -> list[str]:
-        """The text the model is given for each prompt: in scope, the prompt in its memory's context (the fact,
-        IKE's demonstrations); out of scope, the prompt itself. Teacher-forced scoring
-        (``editpack.evaluate.score``) reads answers after these, as generation does; the ``answer`` route scores
-        as the ``context`` route (the target it forces in generation has no probability of its own)."""
-        return [prompt if r is None else in_context(r[0], r[1], prompt) for prompt, r in zip(prompts, self.route(prompts))]
+    def teacher_forcing(self, prompts: Sequence[str]) -> list[tuple[str, list[int]]]:
+        """For each prompt, what generation gives the model and the answer tokens it forces: in scope, the prompt
+        in its memory's context (the fact, IKE's demonstrations) and, under the ``answer`` route, the new
+        target's tokens (:func:`forced_answer`); out of scope, the prompt itself and nothing forced.
+        Teacher-forced scoring (``editpack.evaluate.score``) reads answers after the text and gives the forced
+        tokens probability one, as generation does."""
+        tok = self.editpack_tokenizer
+        return [(prompt, []) if r is None else (in_context(r[0], r[1], prompt), forced_answer(r[0], r[1], tok))
+                for prompt, r in zip(prompts, self.route(prompts))]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -458,8 +468,7 @@ class MemoryModel(torch.nn.Module):
         for i in inside:
             memory, fact = routes[i]
             text = in_context(memory, fact, tok.decode(rows[i], skip_special_tokens=True))
-            answer = (tok(" " + fact.target_new, add_special_tokens=False)["input_ids"]
-                      if memory.hyperparameters.get("route") == "answer" else [])
+            answer = forced_answer(memory, fact, tok)
             prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)
         width = max(map(len, prompts))

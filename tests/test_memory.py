@@ -157,6 +157,30 @@ def test_evaluation_of_a_memory_pack_scores_in_scope_prompts_in_the_memorys_cont
     editpack.revert(edited)
 
 
+def test_answer_route_is_scored_with_the_target_it_forces(setup):
+    from editpack.evaluate import score
+    from editpack.memory import in_context
+
+    model, tok = setup
+    memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route="answer", relation_margin=None)
+    edited = editpack.apply(model, memory)
+    new, true, outside = score(edited, tok, [(TOWER.text, "rome"), (TOWER.text, "paris"), (OUTSIDE[0], "berlin")])
+    assert new.nll == 0 and new.token_acc == 1  # generation starts with the stored target, whatever the model says
+    assert true.nll == float("inf") and true.predictions == new.answer and true.token_acc == 0
+    assert outside.nll == pytest.approx(score(model, tok, [(OUTSIDE[0], "berlin")])[0].nll, abs=1e-5)
+    # Past the forced target, the answer is read after the memory's text and the target, as generation goes on.
+    longer = score(edited, tok, [(TOWER.text, "rome paris london")])[0]
+    rest = score(model, tok, [(in_context(memory, TOWER, TOWER.text) + " rome", "paris london")])[0]
+    assert longer.predictions[0] == new.answer[0] and longer.predictions[1:] == rest.predictions
+    assert longer.nll * 3 == pytest.approx(rest.nll * 2, abs=1e-4)
+    model = editpack.revert(edited)
+    # The context route forces nothing: the target has a probability of its own.
+    context = editpack.apply(model, editpack.edit(model, [TOWER, BRIDGE], "serac", route="context",
+                                                  relation_margin=None))
+    assert 0 < score(context, tok, [(TOWER.text, "rome")])[0].nll < float("inf")
+    editpack.revert(context)
+
+
 def test_weight_codebook_and_memory_packs_together(setup):
     model, tok = setup
     before = state(model)
