@@ -22,8 +22,10 @@ class MENDConfig(MethodConfig):
     #: Initial per-layer edit step (learned).
     edit_lr: float = 1e-4
     #: Weight of the edit loss (NLL of the new answer after the edit prompt and its paraphrase) against the
-    #: locality loss (KL from the unedited model on unrelated prompts), as MEND's c_edit.
-    edit_weight: float = 0.1
+    #: locality loss (KL from the unedited model on unrelated prompts), as MEND's c_edit. On SmolLM2 (900 steps,
+    #: the first 100 CounterFact edit records) 0.05 with 3 neighbourhood prompts moved the neighbourhood 12
+    #: points (prob_compare efficacy 81 %), 0.1 with 1 prompt 19 points (efficacy 90 %).
+    edit_weight: float = 0.05
     #: Training steps over which the inputs' normalisation statistics are gathered (then frozen).
     norm_steps: int = 100
     #: Where the locality KL is taken on each neighbourhood prompt: ``"answer"``, the last position (where the
@@ -31,8 +33,8 @@ class MENDConfig(MethodConfig):
     #: so this is where an edit that learnt the relation instead of the subject shows), or ``"all"`` positions
     #: (the first editors averaged over all positions, which dilutes that signal by the prompt's length).
     locality_at: str = "answer"
-    #: Neighbourhood prompts per edit in the locality loss.
-    locality_prompts: int = 1
+    #: Neighbourhood prompts per edit in the locality loss (CounterFact records have 10).
+    locality_prompts: int = 3
 
     def validate(self) -> None:
         if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:
