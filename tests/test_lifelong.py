@@ -143,12 +143,22 @@ def test_grace_pack_on_another_model_is_refused(setup):
         apply(other, pack)
 
 
+def test_the_radius_cap_is_on_by_default_and_a_codebook_made_without_it_grows_without_it(setup):
+    model, tok = setup
+    assert edit(model, FACT, "grace", tokenizer=tok, **GRACE).hyperparameters["unrelated_samples"] == [32, 24]
+    old = edit(model, FACTS[:1], "grace", tokenizer=tok, unrelated_samples=None, name="life", **GRACE)
+    grown = extend(model, old, FACTS[1], tokenizer=tok)
+    assert grown.hyperparameters["unrelated_samples"] is None and grown.keys.shape[0] == 2
+
+
 def test_grace_settings_are_checked_before_any_work(setup):
     model, tok = setup
     with pytest.raises(ValueError, match="one layer"):
         edit(model, FACT, "grace", tokenizer=tok, layers=[1, 2])
     with pytest.raises(ValueError, match="key_position"):
         edit(model, FACT, "grace", tokenizer=tok, key_position="middle")
+    with pytest.raises(ValueError, match="unrelated_samples"):
+        edit(model, FACT, "grace", tokenizer=tok, unrelated_samples=[32])
 
 
 def test_codebook_pushes_and_pulls_through_the_hub(hub, tmp_path):
@@ -443,11 +453,11 @@ def test_wise_pack_stacks_with_a_weight_pack_and_goes_through_the_hub(hub, tmp_p
     torch.testing.assert_close(logits(apply(model, pulled), tok, FACT.text), alone)
 
 
-def test_grace_radii_stop_short_of_unrelated_text_when_asked():
+def test_grace_radii_stop_short_of_unrelated_text():
     from editpack.methods.locate import inputs_everywhere, unrelated_texts
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    free = edit(model, FACTS[:3], "grace", tokenizer=tok, **GRACE)
+    free = edit(model, FACTS[:3], "grace", tokenizer=tok, unrelated_samples=None, **GRACE)
     capped = edit(model, FACTS[:3], "grace", tokenizer=tok, unrelated_samples=[8, 6], radius_margin=0.5, **GRACE)
     unrelated = inputs_everywhere(model, tok, capped.module, unrelated_texts(model, tok, 8, 6, 0))
     limit = 0.5 * torch.cdist(capped.keys, unrelated).amin(dim=1)
