@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import editpack  # noqa: E402
+import editpack.console  # noqa: E402
 from editpack.evaluate import Probes, combine, measure  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Score only after the rounds that reach these edit counts (default: after every round; "
                              "the last round is always scored). Scoring all facts so far is most of a long run.")
     args = parser.parse_args(argv)
+    editpack.console.configure()  # the libraries' warnings, as a normal command hides them
 
     settings: dict[str, dict] = {}
     for item in args.settings:
