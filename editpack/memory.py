@@ -47,6 +47,7 @@ from . import suites
 from ._io import read_safetensors, sha256_file, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
+from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
 from .generation import pad_id
 from .side_effects import relation_of
@@ -333,10 +334,11 @@ def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
 
 
 def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
-    """The tokens an in-scope answer starts with: the fact's new target under the ``answer`` route, else none."""
+    """The tokens an in-scope answer starts with: the fact's new target under the ``answer`` route, else none
+    (tokenized as teacher-forced scoring tokenizes answers, so the two line up token for token)."""
     if memory.hyperparameters.get("route") != "answer":
         return []
-    return tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+    return answer_ids(tokenizer, fact.target_new)
 
 
 def in_context(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
