@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .facts import Fact, normal_text
-from .generation import generate, model_device, pad_id
+from .generation import MIN_SHARED_PREFIX, generate, model_device, pad_id, prefix_batches
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -65,39 +65,38 @@ def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 
     zero (NLL infinite) when it does not, the forced token being the prediction."""
     device = model_device(model)
     pad = pad_id(tokenizer)
-    out: list[Scored] = []
     forced: list[list[int]] = [[] for _ in pairs]
     routed = getattr(model, "teacher_forcing", None)
     if callable(routed) and pairs:
         seen = routed([p for p, _ in pairs])
         pairs = [(text, answer) for (text, _), (_, answer) in zip(seen, pairs)]
         forced = [tokens for _, tokens in seen]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        rows, answers = [], []
-        for prompt, answer in chunk:
-            ids = answer_ids(tokenizer, answer)
-            rows.append(tokenizer(prompt)["input_ids"] + ids)
-            answers.append(ids)
-        width = max(map(len, rows))
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits.float()
+    rows, answers = [], []
+    for prompt, answer in pairs:
+        ids = answer_ids(tokenizer, answer)
+        rows.append(tokenizer(prompt)["input_ids"] + ids)
+        answers.append(ids)
+    # In-context rows (a memory's fact, IKE's demonstrations) share their context: it is computed once per batch.
+    out: list[Scored | None] = [None] * len(pairs)
+    for batch in prefix_batches(model, rows, [len(a) + 1 for a in answers], pad, batch_size,
+                                min_shared=MIN_SHARED_PREFIX if callable(routed) else None):
+        logits = model(**batch.forward_kwargs(model)).logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
-        for i, ids in enumerate(answers):
+        width = batch.suffix_ids.shape[1]
+        for k, i in enumerate(batch.indices):
+            ids = answers[i]
             n = len(ids)
             cols = torch.arange(width - n - 1, width - 1, device=device)  # positions predicting the answer
             target = torch.tensor(ids, device=device)
-            lp = log_probs[i, cols, target]
-            predictions = log_probs[i, cols].argmax(-1).tolist()
-            kept = forced[start + i][:n]
+            lp = log_probs[k, cols, target]
+            predictions = log_probs[k, cols].argmax(-1).tolist()
+            kept = forced[i][:n]
             if kept:
                 lp = lp.clone()
                 lp[: len(kept)] = torch.tensor([0.0 if a == f else float("-inf") for a, f in zip(ids, kept)],
                                                device=device)
                 predictions[: len(kept)] = kept
-            out.append(Scored(nll=float(-lp.mean()), predictions=predictions, answer=ids))
+            out[i] = Scored(nll=float(-lp.mean()), predictions=predictions, answer=ids)
     return out
 
 

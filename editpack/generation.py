@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
+
+from .fingerprint import unwrap
+
+#: Rows sharing fewer leading tokens than this are computed whole; longer shared prefixes are computed once.
+MIN_SHARED_PREFIX = 32
 
 
 @contextlib.contextmanager
@@ -93,3 +100,142 @@ def sample_from_start(model, tokenizer, count: int, max_new_tokens: int, *, top_
             attention_mask=torch.ones(count, 1, dtype=torch.long, device=device),
             do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         )
+
+
+# ------------------------------------------------------------------------------------------- shared prefixes
+def cache_argument(module: Any) -> str:
+    """The keyword a model's ``forward`` and ``generate`` take the KV cache under: ``cache`` in newer
+    transformers, ``past_key_values`` before (in transformers 5 a deprecated alias that warns). Looks through PEFT
+    and memory wrappers, whose ``forward`` passes keywords on."""
+    return "cache" if "cache" in forward_parameters(module) else "past_key_values"
+
+
+def forward_parameters(module: Any) -> set[str]:
+    """The keywords the transformers model under any PEFT or memory wrapper takes in ``forward``."""
+    return set(inspect.signature(unwrap(module).forward).parameters)
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+@dataclass
+class PrefixBatch:
+    """Rows of one batch whose shared leading tokens (their context) were run once into a KV cache.
+
+    ``suffix_ids`` holds what each row computes itself, left-padded, so its last token is the row's last token
+    in every case; ``attention_mask`` covers prefix and suffix columns and ``position_ids`` the suffix columns.
+    Without a shared prefix, ``cache`` is ``None`` and the suffix is the whole row."""
+
+    indices: list[int]  # the rows, as indices into the caller's list
+    prefix_ids: torch.Tensor  # (B, P), each row's prefix, left-padded; P may be 0
+    suffix_ids: torch.Tensor  # (B, S)
+    attention_mask: torch.Tensor  # (B, P + S)
+    position_ids: torch.Tensor  # (B, S)
+    cache: Any = None
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The whole rows, prefix then suffix, as ``generate`` takes them beside the cache."""
+        return torch.cat([self.prefix_ids, self.suffix_ids], dim=1)
+
+    def forward_kwargs(self, model) -> dict[str, Any]:
+        """Keywords for one forward pass of the suffixes against the cache (``model(**kwargs).logits``)."""
+        kwargs: dict[str, Any] = {"input_ids": self.suffix_ids, "attention_mask": self.attention_mask,
+                                  "position_ids": self.position_ids}
+        if self.cache is not None:
+            kwargs.update({cache_argument(model): self.cache, "use_cache": True})
+        return kwargs
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefix_groups(rows: Sequence[Sequence[int]], own: Sequence[int],
+                         min_shared: int = MIN_SHARED_PREFIX) -> list[tuple[int, list[int]]]:
+    """Rows grouped by a shared leading run of at least ``min_shared`` tokens: ``(prefix length, indices)`` per
+    group, every row keeping at least its last ``own[i]`` tokens outside the prefix; rows that share nothing
+    that long come back as groups of prefix length 0. Rows are taken in sorted order (rows with a common start
+    are adjacent) and each joins the group before it when that saves tokens."""
+    order = sorted(range(len(rows)), key=lambda i: list(rows[i]))  # rows sharing a prefix end up adjacent
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        if groups:
+            length, members = groups[-1]
+            first = members[0]
+            current = length if len(members) > 1 else len(rows[first]) - own[first]
+            common = min(_common_length(rows[first], rows[i]), len(rows[i]) - own[i], current)
+            # Joining saves the row ``common`` tokens and costs each member the ``current - common`` it then
+            # computes itself: rows of another context that happen to start alike start a group of their own.
+            if common >= min_shared and common > (current - common) * len(members):
+                groups[-1] = (common, members + [i])
+                continue
+        groups.append((0, [i]))
+    return [(length if len(members) > 1 else 0, members) for length, members in groups]
+
+
+@torch.no_grad()
+def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad: int, batch_size: int,
+                   min_shared: int | None = MIN_SHARED_PREFIX) -> Iterator[PrefixBatch]:
+    """Batches of ``rows`` (token ids) in which rows sharing a long context compute it once.
+
+    Rows are grouped by :func:`shared_prefix_groups`; each batch holds whole groups where it can (a group larger
+    than ``batch_size`` is split, each part with its own prefix run). The distinct prefixes of a batch run in one
+    left-padded pass whose KV cache is then given to each of the batch's rows; rows without a shared prefix come in
+    plain left-padded batches. Every row's last ``own[i]`` tokens are in its suffix. ``min_shared=None`` shares
+    nothing: plain batches in the rows' order."""
+    device = model_device(model)
+    shared, alone = [], []
+    grouped = shared_prefix_groups(rows, own, min_shared) if min_shared is not None else [(0, list(range(len(rows))))]
+    for length, members in grouped:
+        if length == 0:
+            alone.extend(members)
+            continue
+        for start in range(0, len(members), batch_size):
+            shared.append((length, members[start : start + batch_size]))
+    batches: list[list[tuple[int, list[int]]]] = []
+    for group in shared:
+        if batches and sum(len(m) for _, m in batches[-1]) + len(group[1]) <= batch_size:
+            batches[-1].append(group)
+        else:
+            batches.append([group])
+    for start in range(0, len(alone), batch_size):
+        batches.append([(0, alone[start : start + batch_size])])
+
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.long, device=device).reshape(len(values), -1)
+
+    for batch in batches:
+        indices = [i for _, members in batch for i in members]
+        cuts = [length for length, members in batch for _ in members]
+        width_p = max(cuts)
+        width_s = max(len(rows[i]) - cut for i, cut in zip(indices, cuts))
+        prefixes = [list(rows[members[0]][:length]) for length, members in batch]
+        prefix_ids = tensor([[pad] * (width_p - len(p)) + p for p in prefixes]) if width_p else None
+        prefix_mask = tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prefixes]) if width_p else None
+        suffix_ids = tensor([[pad] * (width_s - len(rows[i]) + cut) + list(rows[i][cut:])
+                             for i, cut in zip(indices, cuts)])
+        suffix_mask = tensor([[0] * (width_s - len(rows[i]) + cut) + [1] * (len(rows[i]) - cut)
+                              for i, cut in zip(indices, cuts)])
+        cache = None
+        if width_p:
+            prefix_positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
+            lean = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}  # no prefix logits
+            cache = cache_of(model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
+                                   use_cache=True, **lean))
+            which = tensor([k for k, (_, members) in enumerate(batch) for _ in members]).flatten()
+            cache.batch_select_indices(which)
+            prefix_ids, prefix_mask = prefix_ids[which], prefix_mask[which]
+        else:
+            prefix_ids = prefix_mask = tensor([[] for _ in indices])
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, width_p:]
+        yield PrefixBatch(indices=indices, prefix_ids=prefix_ids, suffix_ids=suffix_ids, attention_mask=mask,
+                          position_ids=positions, cache=cache)

@@ -49,7 +49,7 @@ from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
 from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
-from .generation import pad_id
+from .generation import cache_argument, pad_id, prefix_batches
 from .side_effects import relation_of
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -473,17 +473,19 @@ class MemoryModel(torch.nn.Module):
             answer = forced_answer(memory, fact, tok)
             prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=input_ids.device)
-        sub_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=input_ids.device)
         limit = kwargs.get("max_new_tokens")
         sub_kwargs = dict(kwargs)
         if limit is not None and max(map(len, forced)) > 0:
             sub_kwargs["max_new_tokens"] = max(1, limit - min(map(len, forced)))
-        sub = self.model.generate(input_ids=ids, attention_mask=sub_mask, **sub_kwargs)
-        for k, i in enumerate(inside):
-            generated = forced[k] + sub[k, width:].tolist()
-            new_tokens[i] = generated[:limit] if limit is not None else generated
+        # Prompts in one memory's context (IKE's demonstrations) share it: it is run once into a KV cache.
+        for batch in prefix_batches(self.model, prompts, [1] * len(prompts), pad, batch_size=len(prompts)):
+            cached = {} if batch.cache is None else {cache_argument(self.model): batch.cache}
+            ids = batch.input_ids
+            sub = self.model.generate(input_ids=ids, attention_mask=batch.attention_mask, **sub_kwargs, **cached)
+            for k, j in enumerate(batch.indices):
+                i = inside[j]
+                generated = forced[j] + sub[k, ids.shape[1]:].tolist()
+                new_tokens[i] = generated[:limit] if limit is not None else generated
         out_width = max(len(t) for t in new_tokens.values())
         out = [input_ids[i].tolist() + new_tokens[i] + [pad] * (out_width - len(new_tokens[i]))
                for i in range(len(rows))]

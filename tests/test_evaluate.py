@@ -102,3 +102,17 @@ def test_eval_command_writes_manifest_and_card(tmp_path):
     loaded = editpack.EditPack.load(tmp_path / "p")  # hashes still verify after the rewrite
     assert list(loaded.evaluation["protocols"]) == ["prob_compare"]
     assert "### `prob_compare`" in (tmp_path / "p" / "README.md").read_text()
+
+
+def test_rows_are_grouped_by_the_context_they_share_and_each_keeps_its_own_tail():
+    from editpack.generation import shared_prefix_groups
+
+    a, b = list(range(100, 140)), list(range(100, 120)) + list(range(300, 320))  # b shares a's first 20 tokens
+    rows = [a + [1, 2], b + [3], a + [4, 5, 6], [7, 8, 9], b + [1], a]
+    groups = shared_prefix_groups(rows, own=[2, 1, 3, 1, 1, 2], min_shared=8)
+    assert sorted(map(sorted, (m for _, m in groups))) == [[0, 2, 5], [1, 4], [3]]
+    lengths = {tuple(sorted(m)): n for n, m in groups}
+    assert lengths[(0, 2, 5)] == 38  # row 5 keeps its last two tokens: the group shares a's first 38
+    assert lengths[(1, 4)] == 40 and lengths[(3,)] == 0
+    # Two rows whose shared start is shorter than ``min_shared`` are computed whole.
+    assert [n for n, _ in shared_prefix_groups([a[:6] + [1], a[:6] + [2]], own=[1, 1], min_shared=8)] == [0, 0]

@@ -278,3 +278,40 @@ def test_a_memory_pack_made_before_the_relation_check_keeps_its_subject_only_sco
     model, _ = setup
     with pytest.raises(ValueError, match="relation_margin"):
         editpack.edit(model, DARRIEUX, "serac", relation_margin=5.0)
+
+
+def test_ike_context_is_computed_once_per_fact_and_changes_no_score_or_generation(setup):
+    """Prompts routed to one fact share IKE's demonstrations: scoring and generation run them once into a KV cache
+    (prefixes of different lengths in one batch, left-padded) and get what the whole rewritten prompts give."""
+    from editpack.evaluate import score
+    from editpack.memory import ike_prompt
+
+    model, tok = setup
+    third = editpack.make_fact("the red {}", "river", "madrid", "paris", paraphrases=["the red river is in"],
+                               neighborhood=[("the red sea", "egypt")])
+    facts = [TOWER, BRIDGE, third]
+    pack = editpack.edit(model, facts, "ike", relation_margin=None, demonstrations=2)
+    routed = [(TOWER, TOWER.text), (TOWER, "the big eiffel tower is in"), (BRIDGE, BRIDGE.text),
+              (BRIDGE, "the london bridge is in"), (third, third.text)]
+    pairs = [(p, answer) for _, p in routed for answer in ("rome", "paris city")] + [("the capital of germany is", "x")]
+    rewritten = [(ike_prompt(pack, f, p, 2), answer) for f, p in routed for answer in ("rome", "paris city")]
+    rewritten.append(pairs[-1])
+    assert min(len(tok(text)["input_ids"]) for text, _ in rewritten[:-1]) > 40
+    expected = score(model, tok, rewritten)
+    expected_text = editpack.generate(model, tok, [text for text, _ in rewritten[::2]], max_new_tokens=4)
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].numel()))
+    edited = editpack.apply(model, pack)
+    try:
+        got = score(edited, tok, pairs)
+        scored_tokens, embedded[:] = sum(embedded), []
+        text = editpack.generate(edited, tok, [p for p, _ in pairs[::2]], max_new_tokens=4)
+    finally:
+        hook.remove()
+        editpack.revert(edited)
+    for g, e in zip(got, expected):
+        assert g.predictions == e.predictions and g.answer == e.answer and g.nll == pytest.approx(e.nll, abs=1e-4)
+    assert text == expected_text
+    whole = sum(len(tok(t)["input_ids"]) + len(tok(" " + a.strip(), add_special_tokens=False)["input_ids"])
+                for t, a in rewritten)
+    assert scored_tokens < whole * 0.6  # three contexts run once each, not ten times

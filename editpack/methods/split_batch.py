@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..generation import pad_id
+from ..generation import cache_argument, cache_of, pad_id
 
 
 @dataclass
@@ -117,17 +116,6 @@ def _replaying(blocks: torch.nn.ModuleList | None, outputs: dict[int, Any]) -> I
     finally:
         for i, block in originals.items():
             blocks[i] = block
-
-
-def cache_argument(module: torch.nn.Module) -> str:
-    """Newer transformers models take the KV cache as ``cache``; older ones as ``past_key_values`` (in transformers
-    5 the deprecated alias, which warns)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def cache_of(output: Any) -> Any:
-    """The KV cache a forward pass returned, under either name."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def split_batch(tokenizer, texts: Sequence[str], split_at: Sequence[int], device) -> SplitBatch:

@@ -28,11 +28,10 @@ import torch
 from ...arch import ArchSpec, get_module
 from ...delta import LowRankDelta, WeightDelta
 from ...facts import Fact
-from ...generation import model_device
+from ...generation import cache_argument, cache_of, model_device
 from ...nethook import TraceDict
 from ..base import EditMethod, register_method
 from ..locate import frozen
-from ..split_batch import cache_argument, cache_of
 from .config import KNConfig
 
 
