@@ -79,14 +79,13 @@ def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 
     # In-context rows (a memory's fact, IKE's demonstrations) share their context: it is computed once per batch.
     out: list[Scored | None] = [None] * len(pairs)
     for batch in prefix_batches(model, rows, [len(a) + 1 for a in answers], pad, batch_size,
-                                min_shared=MIN_SHARED_PREFIX if callable(routed) else None):
+                                min_shared=MIN_SHARED_PREFIX if callable(routed) else None, suffix_padding="right"):
         logits = model(**batch.forward_kwargs(model)).logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
-        width = batch.suffix_ids.shape[1]
         for k, i in enumerate(batch.indices):
-            ids = answers[i]
+            ids, end = answers[i], batch.ends[k]
             n = len(ids)
-            cols = torch.arange(width - n - 1, width - 1, device=device)  # positions predicting the answer
+            cols = torch.arange(end - n - 1, end - 1, device=device)  # positions predicting the answer
             target = torch.tensor(ids, device=device)
             lp = log_probs[k, cols, target]
             predictions = log_probs[k, cols].argmax(-1).tolist()

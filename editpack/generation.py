@@ -115,6 +115,16 @@ def forward_parameters(module: Any) -> set[str]:
     return set(inspect.signature(unwrap(module).forward).parameters)
 
 
+def sliding_window(model: Any) -> int | None:
+    """The width of the model's sliding-window attention layers, ``None`` when every layer attends to all."""
+    config = getattr(unwrap(model), "config", None)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    return int(window) if types is None or any("sliding" in t for t in types) else None
+
+
 def cache_of(output: Any) -> Any:
     """The KV cache a forward pass returned, under either name."""
     return output["cache"] if "cache" in output else output["past_key_values"]
@@ -124,15 +134,16 @@ def cache_of(output: Any) -> Any:
 class PrefixBatch:
     """Rows of one batch whose shared leading tokens (their context) were run once into a KV cache.
 
-    ``suffix_ids`` holds what each row computes itself, left-padded, so its last token is the row's last token
-    in every case; ``attention_mask`` covers prefix and suffix columns and ``position_ids`` the suffix columns.
-    Without a shared prefix, ``cache`` is ``None`` and the suffix is the whole row."""
+    ``suffix_ids`` holds what each row computes itself, padded on the side asked for; ``ends[k]`` is the suffix
+    column after row ``k``'s last token. ``attention_mask`` covers prefix and suffix columns and ``position_ids``
+    the suffix columns. Without a shared prefix, ``cache`` is ``None`` and the suffix is the whole row."""
 
     indices: list[int]  # the rows, as indices into the caller's list
     prefix_ids: torch.Tensor  # (B, P), each row's prefix, left-padded; P may be 0
     suffix_ids: torch.Tensor  # (B, S)
     attention_mask: torch.Tensor  # (B, P + S)
     position_ids: torch.Tensor  # (B, S)
+    ends: list[int]  # per row, the suffix column after its last token
     cache: Any = None
 
     @property
@@ -183,14 +194,19 @@ def shared_prefix_groups(rows: Sequence[Sequence[int]], own: Sequence[int],
 
 @torch.no_grad()
 def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad: int, batch_size: int,
-                   min_shared: int | None = MIN_SHARED_PREFIX) -> Iterator[PrefixBatch]:
+                   min_shared: int | None = MIN_SHARED_PREFIX, suffix_padding: str = "left") -> Iterator[PrefixBatch]:
     """Batches of ``rows`` (token ids) in which rows sharing a long context compute it once.
 
     Rows are grouped by :func:`shared_prefix_groups`; each batch holds whole groups where it can (a group larger
     than ``batch_size`` is split, each part with its own prefix run). The distinct prefixes of a batch run in one
     left-padded pass whose KV cache is then given to each of the batch's rows; rows without a shared prefix come in
     plain left-padded batches. Every row's last ``own[i]`` tokens are in its suffix. ``min_shared=None`` shares
-    nothing: plain batches in the rows' order."""
+    nothing: plain batches in the rows' order.
+
+    Suffixes behind a cache are left-padded by default, as ``generate`` needs (new tokens follow the last
+    column), which leaves padding between a row's prefix and its suffix; ``suffix_padding="right"`` keeps each
+    row's tokens contiguous, which a sliding-window attention layer needs to see the same window as for the
+    whole row (its window counts columns)."""
     device = model_device(model)
     shared, alone = [], []
     grouped = shared_prefix_groups(rows, own, min_shared) if min_shared is not None else [(0, list(range(len(rows))))]
@@ -220,10 +236,13 @@ def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad
         prefixes = [list(rows[members[0]][:length]) for length, members in batch]
         prefix_ids = tensor([[pad] * (width_p - len(p)) + p for p in prefixes]) if width_p else None
         prefix_mask = tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prefixes]) if width_p else None
-        suffix_ids = tensor([[pad] * (width_s - len(rows[i]) + cut) + list(rows[i][cut:])
-                             for i, cut in zip(indices, cuts)])
-        suffix_mask = tensor([[0] * (width_s - len(rows[i]) + cut) + [1] * (len(rows[i]) - cut)
-                              for i, cut in zip(indices, cuts)])
+        right = suffix_padding == "right" and width_p > 0
+        tails = [list(rows[i][cut:]) for i, cut in zip(indices, cuts)]
+        gaps = [[pad] * (width_s - len(t)) for t in tails]
+        suffix_ids = tensor([t + g if right else g + t for t, g in zip(tails, gaps)])
+        suffix_mask = tensor([[1] * len(t) + [0] * len(g) if right else [0] * len(g) + [1] * len(t)
+                              for t, g in zip(tails, gaps)])
+        ends = [len(t) if right else width_s for t in tails]
         cache = None
         if width_p:
             prefix_positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
@@ -238,4 +257,4 @@ def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, width_p:]
         yield PrefixBatch(indices=indices, prefix_ids=prefix_ids, suffix_ids=suffix_ids, attention_mask=mask,
-                          position_ids=positions, cache=cache)
+                          position_ids=positions, ends=ends, cache=cache)

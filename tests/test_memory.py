@@ -280,13 +280,16 @@ def test_a_memory_pack_made_before_the_relation_check_keeps_its_subject_only_sco
         editpack.edit(model, DARRIEUX, "serac", relation_margin=5.0)
 
 
-def test_ike_context_is_computed_once_per_fact_and_changes_no_score_or_generation(setup):
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_ike_context_is_computed_once_per_fact_and_changes_no_score_or_generation(arch):
     """Prompts routed to one fact share IKE's demonstrations: scoring and generation run them once into a KV cache
     (prefixes of different lengths in one batch, left-padded) and get what the whole rewritten prompts give."""
     from editpack.evaluate import score
     from editpack.memory import ike_prompt
 
-    model, tok = setup
+    positions = {"n_positions": 256} if arch == "gpt2" else {"max_position_embeddings": 256}
+    model, tok = tiny_model(arch, **positions), tiny_tokenizer()  # room for IKE's demonstrations
+    model.editpack_tokenizer = tok
     third = editpack.make_fact("the red {}", "river", "madrid", "paris", paraphrases=["the red river is in"],
                                neighborhood=[("the red sea", "egypt")])
     facts = [TOWER, BRIDGE, third]
