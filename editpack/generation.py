@@ -51,9 +51,15 @@ def generate(
     max_new_tokens: int = 20,
     batch_size: int = 16,
 ) -> list[str] | str:
-    """Greedy continuations of ``prompts`` (only the new text). A single string in gives a single string out."""
+    """Greedy continuations of ``prompts`` (only the new text). A single string in gives a single string out.
+
+    A model that says how prompts batch best (``generation_order(prompts)``, as memory packs do: prompts answered
+    in one context together, so it is computed once) gets them in that order; the outputs keep the given order."""
     single = isinstance(prompts, str)
-    items = [prompts] if single else list(prompts)
+    given = [prompts] if single else list(prompts)
+    ordering = getattr(model, "generation_order", None)
+    order = list(ordering(given)) if callable(ordering) and len(given) > 1 else list(range(len(given)))
+    items = [given[i] for i in order]
     outputs: list[str] = []
     device = model_device(model)
     with padding_side(tokenizer, "left"):
@@ -67,7 +73,10 @@ def generate(
             )
             new = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    return outputs[0] if single else outputs
+    placed = [""] * len(given)
+    for i, text in zip(order, outputs):
+        placed[i] = text
+    return placed[0] if single else placed
 
 
 @torch.no_grad()

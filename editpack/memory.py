@@ -446,6 +446,14 @@ class MemoryModel(torch.nn.Module):
         return [(prompt, []) if r is None else (in_context(r[0], r[1], prompt), forced_answer(r[0], r[1], tok))
                 for prompt, r in zip(prompts, self.route(prompts))]
 
+    def generation_order(self, prompts: Sequence[str]) -> list[int]:
+        """An order to batch ``prompts`` in (``editpack.generate`` asks for it): prompts routed to one fact next to
+        each other, so their shared context (IKE's demonstrations) is run once; out-of-scope prompts last."""
+        rank = {id(m): k for k, m in enumerate(self.memories)}
+        where = {(id(m), id(f)): (rank[id(m)], j) for m in self.memories for j, f in enumerate(m.facts)}
+        keys = [(0, *where[id(r[0]), id(r[1])]) if r is not None else (1, 0, 0) for r in self.route(prompts)]
+        return sorted(range(len(prompts)), key=keys.__getitem__)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         if input_ids is None or not self.memories:
