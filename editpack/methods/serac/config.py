@@ -18,7 +18,8 @@ class SERACConfig(MethodConfig, Scope):
     #: default because, with the relation check (``relation_margin``), it was the only route to answer ≥ 95 % of
     #: edit prompts, ≥ 85 % of paraphrases and keep ≥ 98 % of unrelated prompts (``bench/memory_scope.py``, SmolLM2:
     #: 100 / 92 / 100 % generate_match), answering 4.0 % of same-subject, other-relation probes with the stored
-    #: target (``context``: 80 / 55 / 100 % and 2.7 %; without the relation check ``answer`` wrongly answers 51 %).
+    #: target (``context``: 80 / 55 / 100 % and 2.7 %; ``ike``: 97 / 57 / 100 % and 1.7 %; without the relation
+    #: check ``answer`` wrongly answers 51 %).
     route: str = "answer"
     template: str = DEMO_TEMPLATE
     encoder: str = ENCODER_ID
