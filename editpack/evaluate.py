@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .facts import Fact, normal_text
-from .generation import MIN_SHARED_PREFIX, generate, model_device, pad_id, prefix_batches
+from .generation import MIN_SHARED_PREFIX, continuation_ids, generate, model_device, pad_id, prefix_batches
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -50,10 +50,8 @@ class Scored:
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
-    ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"answer {answer!r} tokenizes to nothing")
-    return ids
+    """An answer's token ids as teacher-forced scoring reads them (stripped, then as a continuation)."""
+    return continuation_ids(tokenizer, answer.strip(), "answer")
 
 
 @torch.no_grad()

@@ -34,6 +34,15 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def continuation_ids(tokenizer, text: str, what: str = "target") -> list[int]:
+    """The token ids of ``text`` continuing a prompt (a space before it, no special tokens), as edits optimise
+    and scores read answers; a ``text`` that tokenizes to nothing is refused, naming ``what`` it is."""
+    ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{what} {text!r} tokenizes to nothing")
+    return ids
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device inputs should go to (the embedding's device for dispatched models)."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..arch import ArchSpec, get_module
 from .base import MethodConfig
 from ..facts import Fact
-from ..generation import model_device, padding_side, sample_from_start
+from ..generation import continuation_ids, model_device, padding_side, sample_from_start
 from ..nethook import Trace, replace_first
 from .split_batch import split_batch
 
@@ -341,9 +341,7 @@ def rewrite_lookups(tokenizer, fact: Fact, templates: Sequence[str],
     """The prompts δ is optimised over for ``fact``: each context template filled with the prompt and the new
     target's tokens but the last; each one's edited token index (``at``: the subject's last token, or the
     prompt's last token); and the target's token ids."""
-    target_ids = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
-    if not target_ids:
-        raise ValueError(f"target {fact.target_new!r} tokenizes to nothing")
+    target_ids = continuation_ids(tokenizer, fact.target_new)
     target_prefix = tokenizer.decode(target_ids[:-1])
     prompts = [t.format(fact.prompt) for t in templates]
     texts, idxs = lookups(tokenizer, [p + target_prefix for p in prompts], fact)

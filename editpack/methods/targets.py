@@ -11,7 +11,7 @@ import torch
 
 from ..arch import ArchSpec, get_module
 from ..facts import Fact
-from ..generation import model_device, pad_id
+from ..generation import continuation_ids, model_device, pad_id
 from ..nethook import TraceDict
 from .locate import frozen
 
@@ -50,9 +50,7 @@ def text_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> TargetBat
     rows, positions, labels = [], [], []
     for f, (text, answer) in enumerate(pairs):
         prompt = tokenizer(text)["input_ids"]
-        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        if not target:
-            raise ValueError(f"target {answer!r} tokenizes to nothing")
+        target = continuation_ids(tokenizer, answer)
         rows.append(prompt + target)
         for j, token in enumerate(target):
             positions.append((f, len(prompt) - 1 + j))
