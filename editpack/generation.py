@@ -223,9 +223,11 @@ def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad
 
     Suffixes behind a cache are left-padded by default, as ``generate`` needs (new tokens follow the last
     column), which leaves padding between a row's prefix and its suffix; ``suffix_padding="right"`` keeps each
-    row's tokens contiguous, which a sliding-window attention layer needs to see the same window as for the
-    whole row (its window counts columns)."""
+    row's tokens contiguous. A sliding-window attention layer counts columns, so it would see that padding inside
+    its window: left-padded, a model with one shares nothing."""
     device = model_device(model)
+    if suffix_padding == "left" and sliding_window(model) is not None:
+        min_shared = None
     shared, alone = [], []
     grouped = shared_prefix_groups(rows, own, min_shared) if min_shared is not None else [(0, list(range(len(rows))))]
     for length, members in grouped:
@@ -252,8 +254,8 @@ def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad
         width_p = max(cuts)
         width_s = max(len(rows[i]) - cut for i, cut in zip(indices, cuts))
         prefixes = [list(rows[members[0]][:length]) for length, members in batch]
-        prefix_ids = tensor([[pad] * (width_p - len(p)) + p for p in prefixes]) if width_p else None
-        prefix_mask = tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prefixes]) if width_p else None
+        prefix_ids = tensor([[pad] * (width_p - len(p)) + p for p in prefixes])  # one row per group
+        prefix_mask = tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prefixes])
         right = suffix_padding == "right" and width_p > 0
         tails = [list(rows[i][cut:]) for i, cut in zip(indices, cuts)]
         gaps = [[pad] * (width_s - len(t)) for t in tails]
@@ -262,16 +264,14 @@ def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad
                               for t, g in zip(tails, gaps)])
         ends = [len(t) if right else width_s for t in tails]
         cache = None
+        which = tensor([k for k, (_, members) in enumerate(batch) for _ in members]).flatten()  # row -> group
         if width_p:
             prefix_positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
             lean = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}  # no prefix logits
             cache = cache_of(model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
                                    use_cache=True, **lean))
-            which = tensor([k for k, (_, members) in enumerate(batch) for _ in members]).flatten()
             cache.batch_select_indices(which)
-            prefix_ids, prefix_mask = prefix_ids[which], prefix_mask[which]
-        else:
-            prefix_ids = prefix_mask = tensor([[] for _ in indices])
+        prefix_ids, prefix_mask = prefix_ids[which], prefix_mask[which]
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, width_p:]
         yield PrefixBatch(indices=indices, prefix_ids=prefix_ids, suffix_ids=suffix_ids, attention_mask=mask,

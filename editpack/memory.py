@@ -49,7 +49,7 @@ from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
 from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
-from .generation import MIN_SHARED_PREFIX, cache_argument, pad_id, prefix_batches, sliding_window
+from .generation import cache_argument, pad_id, prefix_batches
 from .side_effects import relation_of
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -485,12 +485,8 @@ class MemoryModel(torch.nn.Module):
         sub_kwargs = dict(kwargs)
         if limit is not None and max(map(len, forced)) > 0:
             sub_kwargs["max_new_tokens"] = max(1, limit - min(map(len, forced)))
-        # Prompts in one memory's context (IKE's demonstrations) share it: it is run once into a KV cache (not
-        # where a sliding window would count the padding between context and prompt).
-        window = sliding_window(self.model)
-        longest = max(map(len, prompts)) + (sub_kwargs.get("max_new_tokens") or 0)
-        share = MIN_SHARED_PREFIX if window is None or longest <= window else None
-        for batch in prefix_batches(self.model, prompts, [1] * len(prompts), pad, len(prompts), min_shared=share):
+        # Prompts in one memory's context (IKE's demonstrations) share it: it is run once into a KV cache.
+        for batch in prefix_batches(self.model, prompts, [1] * len(prompts), pad, len(prompts)):
             cached = {} if batch.cache is None else {cache_argument(self.model): batch.cache}
             ids = batch.input_ids
             sub = self.model.generate(input_ids=ids, attention_mask=batch.attention_mask, **sub_kwargs, **cached)
