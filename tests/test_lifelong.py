@@ -192,6 +192,32 @@ def test_ultraedit_is_the_ridge_solution_of_its_normalised_gradients(setup):
         torch.testing.assert_close(pack.delta.state[f"{name}.mean"].double(), mean, rtol=1e-5, atol=1e-6)
 
 
+def test_ultraedit_at_every_position_takes_the_gradient_that_reaches_the_prompt(setup):
+    model, tok = setup
+    spec = editpack.spec_for(model)
+    name = spec.mlp_out_name(2)
+    keys, grads = keys_and_gradients(model, tok, spec, [name], FACTS, positions="all")
+    lengths = [len(tok(f.text)["input_ids"]) + 1 for f in FACTS]  # prompt and its one target token
+    assert keys[name].shape[0] == grads[name].shape[0] == sum(lengths)
+    ends = torch.tensor(lengths).cumsum(0)
+    norms = grads[name].norm(dim=-1)
+    assert (norms[ends - 1] == 0).all()  # the target's own position predicts nothing: no loss reaches it
+    assert (norms[ends - 2] > 0).all()  # the prompt's last position predicts the target
+    assert (norms[: lengths[0] - 2] > 0).any()  # earlier prompt positions: through attention
+    target_keys, _ = keys_and_gradients(model, tok, spec, [name], FACTS)
+    torch.testing.assert_close(keys[name][ends - 2], target_keys[name])
+    pack = edit(model, FACTS, "ultraedit", tokenizer=tok, layers=[2], lr=0.05, positions="all")
+    K, G = keys[name], grads[name]
+    mean, var = running_update({}, name, torch.cat([K, G], 1))
+    z = ((torch.cat([K, G], 1).double() - mean) / (var + 1e-8).sqrt()).float()
+    k_hat, g_hat = z.split([K.shape[1], G.shape[1]], 1)
+    V = -0.05 * k_hat.square().sum(1, keepdim=True) * g_hat
+    reference = torch.linalg.solve(K.T @ K + torch.eye(K.shape[1]), K.T @ V).T
+    torch.testing.assert_close(pack.delta.modules[name].dense(), reference, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="positions must be"):
+        edit(model, FACTS, "ultraedit", tokenizer=tok, positions="subject")
+
+
 def test_ultraedit_moves_the_answers_and_keeps_normalising_across_rounds(setup, tmp_path):
     model, tok = setup
     base = [float(logits(model, tok, f.text).log_softmax(-1)[tok.convert_tokens_to_ids(f.target_new)]) for f in FACTS]

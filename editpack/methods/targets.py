@@ -67,10 +67,14 @@ def text_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> TargetBat
 
 
 def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str], facts: Sequence[Fact],
-                       batch: TargetBatch | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """At each position that predicts a target token: each module's input and the NLL's gradient with respect
-    to its output (each fact's loss the mean over its target tokens), float32 on the CPU. The model's weights
-    get no gradient and are left as they were."""
+                       batch: TargetBatch | None = None, positions: str = "target"
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """At each position that predicts a target token (``positions="target"``), or at every position of the
+    prompts and targets (``"all"``: the prompt's positions get the gradient that flows back to them through
+    attention): each module's input and the NLL's gradient with respect to its output (each fact's loss the mean
+    over its target tokens), float32 on the CPU. The model's weights get no gradient and are left as they were."""
+    if positions not in ("target", "all"):
+        raise ValueError(f"positions must be 'target' or 'all', not {positions!r}")
     batch = batch or target_batch(tokenizer, facts, model_device(model))
     outputs: dict[str, torch.Tensor] = {}
 
@@ -89,6 +93,7 @@ def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str],
             found = torch.autograd.grad(loss, [outputs[m] for m in modules])
     finally:
         embed.remove()
-    keys = {m: trace[m].input[batch.rows, batch.cols].detach().float().cpu() for m in modules}
-    grads = {m: g[batch.rows, batch.cols].detach().float().cpu() for m, g in zip(modules, found)}
+    rows, cols = (batch.rows, batch.cols) if positions == "target" else batch.inputs["attention_mask"].nonzero(as_tuple=True)
+    keys = {m: trace[m].input[rows, cols].detach().float().cpu() for m in modules}
+    grads = {m: g[rows, cols].detach().float().cpu() for m, g in zip(modules, found)}
     return keys, grads

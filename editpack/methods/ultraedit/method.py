@@ -63,7 +63,8 @@ class UltraEdit(EditMethod):
         keys: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
         grads: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
         for start in range(0, len(facts), cfg.facts_per_batch):
-            k, g = keys_and_gradients(model, tokenizer, spec, modules, facts[start : start + cfg.facts_per_batch])
+            k, g = keys_and_gradients(model, tokenizer, spec, modules, facts[start : start + cfg.facts_per_batch],
+                                      positions=cfg.positions)
             for m in modules:
                 keys[m].append(k[m])
                 grads[m].append(g[m])
