@@ -14,12 +14,18 @@ The JSON (``--out``, rewritten after every round so a long run keeps what it has
 method; ``--plot`` draws efficacy, paraphrase and neighbourhood against the number of edits, one line per method
 (solid: prob_compare, dashed: generate_match). ``--versions DIR`` keeps every version's pack directory there
 (``DIR/<method>/<method>-lifelong-<version>``), for ``editpack log`` and ``editpack diff``.
+
+``--resume`` continues a run that was cut short (its ``--out`` and ``--versions`` as before, the same settings):
+methods already finished are kept, and a method cut short goes on from its last recorded version, loaded from
+``--versions`` (a version saved after the last recorded round is set aside and made again). The unedited model's
+scores are measured again (the same numbers: nothing in them is random); ``seconds_total`` adds up the sessions.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "lifelong.json"))
     parser.add_argument("--plot", default=None, help="Write the PNG plot here.")
     parser.add_argument("--versions", default=None, help="Keep every version's pack directory under this folder.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue the run recorded in --out, whose versions are kept in --versions.")
     parser.add_argument("--score-at", default=None, metavar="N,N,…",
                         help="Score only after the rounds that reach these edit counts (default: after every round; "
                              "the last round is always scored). Scoring all facts so far is most of a long run.")
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     score_at = {int(n) for n in args.score_at.split(",")} if args.score_at else None
     for method in methods:
         editpack.methods.get_method(method)  # unknown names fail before any work
+    if args.resume and not args.versions:
+        parser.error("--resume needs --versions, the folder where the run kept its versions")
+    previous = json.loads(Path(args.out).read_text(encoding="utf-8")) if args.resume else None
 
     model, tokenizer = editpack.load_model(args.model)
     facts = editpack.load_facts(args.data, limit=args.n, skip_invalid=True)
@@ -126,7 +137,19 @@ def main(argv: list[str] | None = None) -> dict:
                     "n": len(facts), "round_size": args.round_size, "protocols": list(PROTOCOLS),
                     "torch": __import__("torch").__version__, "methods": {}}
 
+    if previous is not None:
+        same = {k: previous.get(k) for k in ("model", "data", "n", "round_size")}
+        if same != {k: result[k] for k in same}:
+            parser.error(f"--resume: {args.out} records another run ({same}); start a new one without --resume")
+        for method, entry in previous.get("methods", {}).items():
+            asked = {**(corpus if method in STATS_METHODS else {}), **settings.get(method, {})}
+            if method in methods and entry["hyperparameters"] != asked:
+                parser.error(f"--resume: {method} ran with {entry['hyperparameters']}, not {asked}")
+        result["methods"] = {m: previous["methods"][m] for m in methods if m in previous.get("methods", {})}
+        result["seconds_earlier_sessions"] = previous.get("seconds_total", previous.get("seconds_so_far", 0.0))
+
     def save() -> None:
+        result["seconds_so_far"] = round(result.get("seconds_earlier_sessions", 0.0) + time.perf_counter() - start, 1)
         checkpoint(result, args.out)
 
     start = time.perf_counter()
@@ -137,12 +160,25 @@ def main(argv: list[str] | None = None) -> dict:
         for method in methods:
             hparams = {**(corpus if method in STATS_METHODS else {}), **settings.get(method, {})}
             folder = keep / method
-            if folder.exists():
-                shutil.rmtree(folder)
-            entry = {"hyperparameters": hparams, "rounds": []}
-            result["methods"][method] = entry
+            entry = result["methods"].get(method)
+            if entry is not None and "seconds_per_edit" in entry:
+                continue  # finished in an earlier session
             pack, edited_so_far = None, 0
-            for r in range(0, len(facts), args.round_size):
+            if entry is None or not entry["rounds"]:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                entry = {"hyperparameters": hparams, "rounds": []}
+                result["methods"][method] = entry
+            else:
+                last = entry["rounds"][-1]
+                if not (folder / f"{method}-lifelong-{last['version']}").is_dir():
+                    parser.error(f"--resume: {folder} does not hold {method}'s version {last['version']}")
+                recorded = {f"{method}-lifelong-{r['version']}" for r in entry["rounds"]}
+                for stale in (p for p in folder.iterdir() if p.name not in recorded):
+                    shutil.rmtree(stale)  # saved after the last recorded round: made again below
+                pack, edited_so_far = editpack.load_pack(folder / f"{method}-lifelong-{last['version']}"), last["edits"]
+                print(f"{method}: resuming after {edited_so_far} edits (version {pack.version})", flush=True)
+            for r in range(edited_so_far, len(facts), args.round_size):
                 chunk = facts[r : r + args.round_size]
                 t0 = time.perf_counter()
                 pack = (editpack.edit(model, chunk, method, name=f"{method}-lifelong", **hparams) if pack is None
@@ -175,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if not args.versions:
             shutil.rmtree(keep, ignore_errors=True)
-    result["seconds_total"] = round(time.perf_counter() - start, 1)
     save()
+    result["seconds_total"] = result.pop("seconds_so_far")
+    checkpoint(result, args.out)
     if args.plot:
         plot(result, Path(args.plot))
     return result

@@ -76,3 +76,20 @@ def test_lifelong_benchmark_runs_small(tmp_path, test_data):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     entries = editpack.log(tmp_path / "versions" / "grace" / "grace-lifelong-1.1.0")
     assert [e.changes.counts for e in entries] == ["+3 ~0 -0", "+3 ~0 -0"]
+
+    # Cut short after grace's first round (its second version already saved, not yet recorded): --resume goes on
+    # from the recorded version, makes the second again and leaves the finished method as it was.
+    cut = json.loads(out.read_text())
+    del cut["methods"]["grace"]["rounds"][1:], cut["methods"]["grace"]["seconds_per_edit"]
+    out.write_text(json.dumps(cut))
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "grace: resuming after 3 edits (version 1.0.0)" in resumed.stdout
+    again = json.loads(out.read_text())
+    assert again["methods"]["wise"] == found["methods"]["wise"]
+    assert [r["edits"] for r in again["methods"]["grace"]["rounds"]] == [3, 6]
+    assert again["methods"]["grace"]["rounds"][1]["scores"] == rounds[1]["scores"]
+    assert again["seconds_total"] > found["seconds_total"]
+    other = subprocess.run(command[:command.index("--n") + 1] + ["5"] + command[command.index("--n") + 2:]
+                           + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert other.returncode == 2 and "records another run" in other.stderr
