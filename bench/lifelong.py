@@ -18,7 +18,8 @@ method; ``--plot`` draws efficacy, paraphrase and neighbourhood against the numb
 ``--resume`` continues a run that was cut short (its ``--out`` and ``--versions`` as before, the same settings):
 methods already finished are kept, and a method cut short goes on from its last recorded version, loaded from
 ``--versions`` (a version saved after the last recorded round is set aside and made again). The unedited model's
-scores are measured again (the same numbers: nothing in them is random); ``seconds_total`` adds up the sessions.
+scores are measured again (the same numbers: nothing in them is random); ``seconds_total`` adds up the sessions
+and ``commits`` lists the checkout's commit in each.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +57,16 @@ def scores(result: dict) -> dict:
     return {protocol: {SHOWN[m]: {"before": row["before"], "after": row["after"], "n": row["n"]}
                        for m, row in result["protocols"][protocol].items() if m in SHOWN}
             for protocol in PROTOCOLS}
+
+
+def source_commit() -> str | None:
+    """The checkout's commit, so that a run resumed across sessions shows what code each part ran."""
+    try:
+        found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return found.stdout.strip() or None
 
 
 def size_on_disk(folder: Path) -> int:
@@ -147,6 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
                 parser.error(f"--resume: {method} ran with {entry['hyperparameters']}, not {asked}")
         result["methods"] = {m: previous["methods"][m] for m in methods if m in previous.get("methods", {})}
         result["seconds_earlier_sessions"] = previous.get("seconds_total", previous.get("seconds_so_far", 0.0))
+        result["commits"] = previous.get("commits", [])
+        if result["commits"] and result["commits"][-1] != source_commit():
+            print(f"note: resuming at commit {source_commit()}; the run so far ran {result['commits']}", flush=True)
+    result["commits"] = result.get("commits", []) + [source_commit()]
 
     def save() -> None:
         result["seconds_so_far"] = round(result.get("seconds_earlier_sessions", 0.0) + time.perf_counter() - start, 1)

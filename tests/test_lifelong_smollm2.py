@@ -90,6 +90,7 @@ def test_lifelong_benchmark_runs_small(tmp_path, test_data):
     assert [r["edits"] for r in again["methods"]["grace"]["rounds"]] == [3, 6]
     assert again["methods"]["grace"]["rounds"][1]["scores"] == rounds[1]["scores"]
     assert again["seconds_total"] > found["seconds_total"]
+    assert len(again["commits"]) == 2 and again["commits"][0] == found["commits"][0]
     other = subprocess.run(command[:command.index("--n") + 1] + ["5"] + command[command.index("--n") + 2:]
                            + ["--resume"], capture_output=True, text=True, timeout=900)
     assert other.returncode == 2 and "records another run" in other.stderr
