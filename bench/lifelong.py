@@ -69,6 +69,11 @@ def source_commit() -> str | None:
     return found.stdout.strip() or None
 
 
+def version_folder(folder: Path, method: str, version: str) -> Path:
+    """Where a method's version is kept (``--versions``): its pack is named ``<method>-lifelong``."""
+    return folder / f"{method}-lifelong-{version}"
+
+
 def size_on_disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -145,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = editpack.load_model(args.model)
     facts = editpack.load_facts(args.data, limit=args.n, skip_invalid=True)
     corpus = {"stats_corpus": args.corpus} if Path(args.corpus).is_file() else {}
+
+    def method_settings(method: str) -> dict:
+        return {**(corpus if method in STATS_METHODS else {}), **settings.get(method, {})}
+
+    commit = source_commit()
     result: dict = {"benchmark": "lifelong", "model": model.editpack_ref.id, "data": Path(args.data).name,
                     "n": len(facts), "round_size": args.round_size, "protocols": list(PROTOCOLS),
                     "torch": __import__("torch").__version__, "methods": {}}
@@ -154,15 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
         if same != {k: result[k] for k in same}:
             parser.error(f"--resume: {args.out} records another run ({same}); start a new one without --resume")
         for method, entry in previous.get("methods", {}).items():
-            asked = {**(corpus if method in STATS_METHODS else {}), **settings.get(method, {})}
-            if method in methods and entry["hyperparameters"] != asked:
-                parser.error(f"--resume: {method} ran with {entry['hyperparameters']}, not {asked}")
+            if method in methods and entry["hyperparameters"] != method_settings(method):
+                parser.error(f"--resume: {method} ran with {entry['hyperparameters']}, not {method_settings(method)}")
         result["methods"] = {m: previous["methods"][m] for m in methods if m in previous.get("methods", {})}
         result["seconds_earlier_sessions"] = previous.get("seconds_total", previous.get("seconds_so_far", 0.0))
         result["commits"] = previous.get("commits", [])
-        if result["commits"] and result["commits"][-1] != source_commit():
-            print(f"note: resuming at commit {source_commit()}; the run so far ran {result['commits']}", flush=True)
-    result["commits"] = result.get("commits", []) + [source_commit()]
+        if result["commits"] and result["commits"][-1] != commit:
+            print(f"note: resuming at commit {commit}; the run so far ran {result['commits']}", flush=True)
+    result["commits"] = result.get("commits", []) + [commit]
 
     def save() -> None:
         result["seconds_so_far"] = round(result.get("seconds_earlier_sessions", 0.0) + time.perf_counter() - start, 1)
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     keep = Path(args.versions) if args.versions else Path(tempfile.mkdtemp(prefix="editpack-lifelong-"))
     try:
         for method in methods:
-            hparams = {**(corpus if method in STATS_METHODS else {}), **settings.get(method, {})}
+            hparams = method_settings(method)
             folder = keep / method
             entry = result["methods"].get(method)
             if entry is not None and "seconds_per_edit" in entry:
@@ -187,12 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
                 result["methods"][method] = entry
             else:
                 last = entry["rounds"][-1]
-                if not (folder / f"{method}-lifelong-{last['version']}").is_dir():
+                latest = version_folder(folder, method, last["version"])
+                if not latest.is_dir():
                     parser.error(f"--resume: {folder} does not hold {method}'s version {last['version']}")
-                recorded = {f"{method}-lifelong-{r['version']}" for r in entry["rounds"]}
-                for stale in (p for p in folder.iterdir() if p.name not in recorded):
+                recorded = {version_folder(folder, method, r["version"]) for r in entry["rounds"]}
+                for stale in (p for p in folder.iterdir() if p not in recorded):
                     shutil.rmtree(stale)  # saved after the last recorded round: made again below
-                pack, edited_so_far = editpack.load_pack(folder / f"{method}-lifelong-{last['version']}"), last["edits"]
+                pack, edited_so_far = editpack.load_pack(latest), last["edits"]
                 print(f"{method}: resuming after {edited_so_far} edits (version {pack.version})", flush=True)
             for r in range(edited_so_far, len(facts), args.round_size):
                 chunk = facts[r : r + args.round_size]
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                         else editpack.extend(model, pack, chunk))
                 seconds = time.perf_counter() - t0
                 edited_so_far += len(chunk)
-                path = pack.save(folder / f"{pack.name}-{pack.version}")
+                path = pack.save(version_folder(folder, method, pack.version))
                 row = {"edits": edited_so_far, "version": pack.version, "seconds": round(seconds, 2),
                        "seconds_per_edit": round(seconds / len(chunk), 3), "pack_bytes": size_on_disk(path),
                        "parts": pack.parts() if len(pack.parts()) <= 8 else len(pack.parts())}

@@ -34,9 +34,7 @@ from editpack.methods.targets import text_batch  # noqa: E402
 from editpack.nethook import Trace  # noqa: E402
 
 from _common import DATA, emit  # noqa: E402
-
-PROTOCOLS = ("prob_compare", "generate_match")
-SHOWN = {"reliability": "efficacy", "generalization": "paraphrase", "locality": "neighbourhood"}
+from lifelong import PROTOCOLS, scores  # noqa: E402
 
 
 def quantiles(values: torch.Tensor, threshold: float) -> dict:
@@ -83,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
         kind: quantiles(at_answers(model, tokenizer, pack.module, delta, pairs), pack.threshold)
         for kind, pairs in kinds.items() if pairs
     }
-    count, length = pack.hyperparameters.get("unrelated_samples") or (32, 24)
-    texts = unrelated_texts(model, tokenizer, count, length, pack.hyperparameters.get("seed", 0))
+    count, length = pack.hyperparameters["unrelated_samples"]  # as the pack was calibrated (WISE records it)
+    texts = unrelated_texts(model, tokenizer, count, length, pack.hyperparameters["seed"])
     sampled = inputs_everywhere(model, tokenizer, pack.module, texts).float().to(delta.device)
     result["activation_difference"]["model-sampled text, every position"] = quantiles(
         (sampled @ delta.T).norm(dim=-1).cpu(), pack.threshold)
@@ -96,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
             probes = measure(edited, tokenizer, facts, fluency_tokens=0)
         finally:
             model = editpack.revert(edited)
-        scored = combine(facts, base, probes, PROTOCOLS)["protocols"]
-        result["scores"][label] = {p: {SHOWN[m]: {"before": row["before"], "after": row["after"]}
-                                       for m, row in scored[p].items() if m in SHOWN} for p in PROTOCOLS}
+        result["scores"][label] = scores(combine(facts, base, probes, PROTOCOLS))
     return emit(result, args.out)
 
 

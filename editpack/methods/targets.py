@@ -66,6 +66,15 @@ def text_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> TargetBat
     )
 
 
+#: Where :func:`keys_and_gradients` takes its rows: the positions that predict a target token, or every position.
+KEY_POSITIONS = ("target", "all")
+
+
+def check_key_positions(positions: str) -> None:
+    if positions not in KEY_POSITIONS:
+        raise ValueError(f"positions must be 'target' or 'all', not {positions!r}")
+
+
 def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str], facts: Sequence[Fact],
                        batch: TargetBatch | None = None, positions: str = "target"
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -73,8 +82,7 @@ def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str],
     prompts and targets (``"all"``: the prompt's positions get the gradient that flows back to them through
     attention): each module's input and the NLL's gradient with respect to its output (each fact's loss the mean
     over its target tokens), float32 on the CPU. The model's weights get no gradient and are left as they were."""
-    if positions not in ("target", "all"):
-        raise ValueError(f"positions must be 'target' or 'all', not {positions!r}")
+    check_key_positions(positions)
     batch = batch or target_batch(tokenizer, facts, model_device(model))
     outputs: dict[str, torch.Tensor] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodConfig
+from ..targets import check_key_positions
 
 
 @dataclass
@@ -28,7 +29,6 @@ class UltraEditConfig(MethodConfig):
     def validate(self) -> None:
         if self.lr <= 0 or self.ridge <= 0 or self.norm_epsilon <= 0:
             raise ValueError("lr, ridge and norm_epsilon must be positive")
-        if self.positions not in ("target", "all"):
-            raise ValueError(f"positions must be 'target' or 'all', not {self.positions!r}")
+        check_key_positions(self.positions)
         if self.facts_per_batch < 1:
             raise ValueError(f"facts_per_batch must be at least 1, not {self.facts_per_batch}")
