@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         editpack.methods.get_method(method)  # unknown names fail before any work
     if args.resume and not args.versions:
         parser.error("--resume needs --versions, the folder where the run kept its versions")
+    if args.resume and not Path(args.out).is_file():
+        parser.error(f"--resume: {args.out} does not exist; start the run without --resume")
     previous = json.loads(Path(args.out).read_text(encoding="utf-8")) if args.resume else None
 
     model, tokenizer = editpack.load_model(args.model)

@@ -94,3 +94,6 @@ def test_lifelong_benchmark_runs_small(tmp_path, test_data):
     other = subprocess.run(command[:command.index("--n") + 1] + ["5"] + command[command.index("--n") + 2:]
                            + ["--resume"], capture_output=True, text=True, timeout=900)
     assert other.returncode == 2 and "records another run" in other.stderr
+    missing = command[:command.index("--out") + 1] + [str(tmp_path / "none.json")] + command[command.index("--out") + 2:]
+    nothing = subprocess.run(missing + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert nothing.returncode == 2 and "none.json does not exist" in nothing.stderr
