@@ -12,7 +12,8 @@ from editpack.cli.main import main
 from editpack.editor import EDITOR_WEIGHTS, Editor
 from editpack.errors import EditpackError, PackFormatError
 from editpack.methods.mend.config import MENDConfig
-from editpack.methods.mend.method import MENDLearner, MENDNetwork
+from editpack.methods.mend.method import MENDLearner, MENDNetwork, gradient_factors, network_for
+from editpack.methods.targets import keys_and_gradients, target_batch
 from editpack.trainer import Trainer, TrainSettings, split
 
 from tiny import FACT, logits, state, tiny_model, tiny_tokenizer
@@ -104,6 +105,35 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
     # Batch editing sums the facts' terms: rank grows with the facts.
     two = edit(model, RECORDS[:2], "mend", tokenizer=tok, editor=str(path))
     assert all(d.rank == 2 * n_target for d in two.delta.modules.values())
+
+
+def test_an_editor_trained_at_every_position_edits_at_every_position(tmp_path):
+    """``positions="all"`` (the authors' choice): the editor records it, its edits take a factor at every position
+    the loss reaches (not the last one), and the pack's delta is the network's on exactly those rows."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    editor = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(max_steps=4, eval_every=2,
+                                                                                      checkpoint_every=2),
+                            progress=False, name="mend-all", positions="all", **SMALL)
+    assert editor.hyperparameters["positions"] == "all"
+    path = editor.save(tmp_path / "editor")
+    pack = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
+    assert "positions" not in pack.hyperparameters  # the editor's setting, not the edit's
+    spec, modules = editpack.spec_for(model), editor.trained_modules
+    batch = target_batch(tok, [FACT], "cpu")
+    length = int(batch.inputs["attention_mask"].sum())
+    keys, grads = gradient_factors(model, tok, spec, modules, [FACT], "all")
+    _, raw = keys_and_gradients(model, tok, spec, modules, [FACT], positions="all")
+    # Layer 2: every position but the last (which predicts nothing) gets a gradient; layer 3 is the model's last,
+    # where only the positions that predict the target do (no attention follows it).
+    assert [keys[m].shape[0] for m in modules] == [length - 1, len(batch.tokens)] and length - 1 > len(batch.tokens)
+    assert all(raw[m].shape[0] == length for m in modules)
+    net = network_for(editpack.load_pack(path))
+    for m in modules:
+        assert pack.delta.modules[m].rank == keys[m].shape[0]
+        A, B = net.factors(m, keys[m], grads[m])
+        assert torch.allclose(pack.delta.modules[m].A, A) and torch.allclose(pack.delta.modules[m].B, B)
+    with pytest.raises(ValueError, match="positions must be 'target' or 'all'"):
+        MENDConfig(positions="subject").validate()
 
 
 @pytest.mark.parametrize("at", ["answer", "all"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodConfig
+from ..targets import check_key_positions
 
 
 @dataclass
@@ -35,6 +36,11 @@ class MENDConfig(MethodConfig):
     locality_at: str = "answer"
     #: Neighbourhood prompts per edit in the locality loss (CounterFact records have 10).
     locality_prompts: int = 3
+    #: Which tokens' gradient factors ``[u_t, δ_t]`` the editor sees: ``"target"``, the positions that predict
+    #: the new answer's tokens, or ``"all"``, every position with a gradient (the prompt's get theirs through
+    #: attention, the subject's among them), as the authors' code does. An editor keeps the positions it was
+    #: trained with; edits with it use them.
+    positions: str = "target"
 
     def validate(self) -> None:
         if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:
@@ -43,9 +49,11 @@ class MENDConfig(MethodConfig):
             raise ValueError(f"locality_at must be 'answer' or 'all', not {self.locality_at!r}")
         if self.locality_prompts < 1:
             raise ValueError("locality_prompts must be ≥ 1")
+        check_key_positions(self.positions)
 
     def recorded(self) -> dict:
         values = super().recorded()
-        for key in ("layers", "rank", "edit_lr", "edit_weight", "norm_steps", "locality_at", "locality_prompts"):
+        for key in ("layers", "rank", "edit_lr", "edit_weight", "norm_steps", "locality_at", "locality_prompts",
+                    "positions"):
             values.pop(key)
         return values  # training settings are the editor's record; the editor fixes the modules

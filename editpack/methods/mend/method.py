@@ -6,8 +6,9 @@ its output; :func:`editpack.methods.targets.keys_and_gradients`). A small learne
 ``[u_t, δ_t]`` (normalised by statistics gathered in training) to edited factors ``[ũ_t, δ̃_t]``: one network per
 module shape, ``z + W₂ relu(W₁ (s_l ⊙ z + b_l))`` with a layer-specific scale and shift and ``W₂`` initialised to
 zero (the identity), as MEND's ``IDMLP``. The edit is ``ΔW = −α_l Σ_t δ̃_t ũ_tᵀ`` with a learned per-layer step
-``α_l``: a LoRA of rank ≤ target tokens × facts per layer (``B = −α_l δ̃ᵀ``, ``A = ũ``). Several facts are
-edited at once by summing their terms, as MEND does.
+``α_l``: a LoRA of rank ≤ tokens × facts per layer (``B = −α_l δ̃ᵀ``, ``A = ũ``). The tokens are those that
+predict the new answer, or with ``positions="all"`` every position the loss reaches (the authors' choice). Several
+facts are edited at once by summing their terms, as MEND does.
 
 The network is meta-trained (:class:`MENDLearner`, run by :class:`editpack.trainer.Trainer`): for a batch of
 edits, the edit loss is the NLL of each new answer after its edit prompt and paraphrase *with the edit applied*,
@@ -163,7 +164,8 @@ class MEND(EditMethod):
         check_editor_base(model, editor)
         net = network_for(editor)
         modules = list(editor.trained_modules)
-        keys, grads = keys_and_gradients(model, tokenizer, spec, modules, facts)
+        keys, grads = gradient_factors(model, tokenizer, spec, modules, facts,
+                                       editor.hyperparameters.get("positions", "target"))
         result = WeightDelta()
         with torch.no_grad():
             for m in modules:
@@ -194,6 +196,18 @@ def _is_hub_reference(text: str | None) -> bool:
     from ...hub import parse_reference
 
     return bool(text) and not Path(text).exists() and parse_reference(text) is not None
+
+
+def gradient_factors(model, tokenizer, spec: ArchSpec, modules: Sequence[str], facts: Sequence[Fact],
+                     positions: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The rank-1 factors ``(u_t, δ_t)`` the editor transforms, at ``positions``; rows whose input or gradient
+    is zero (a sequence's last position, which no loss reaches) are dropped, as the authors' code does: they add
+    nothing to the gradient, but the network would turn them into an update."""
+    keys, grads = keys_and_gradients(model, tokenizer, spec, modules, facts, positions=positions)
+    for m in modules:
+        live = keys[m].ne(0).any(1) & grads[m].ne(0).any(1)
+        keys[m], grads[m] = keys[m][live], grads[m][live]
+    return keys, grads
 
 
 def check_editor_base(model, editor: Editor) -> None:
@@ -233,7 +247,8 @@ class MENDLearner:
         self.network.load_state_dict(state)
 
     def factors(self, facts: Sequence[Fact], observe: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        keys, grads = keys_and_gradients(self.model, self.tokenizer, self.spec, self.modules, facts)
+        keys, grads = gradient_factors(self.model, self.tokenizer, self.spec, self.modules, facts,
+                                       self.config.positions)
         out = {}
         for m in self.modules:
             u, d = keys[m].to(self.device), grads[m].to(self.device)
