@@ -17,7 +17,8 @@ method; ``--plot`` draws efficacy, paraphrase and neighbourhood against the numb
 
 ``--resume`` continues a run that was cut short (its ``--out`` and ``--versions`` as before, the same settings):
 methods already finished are kept, and a method cut short goes on from its last recorded version, loaded from
-``--versions`` (a version saved after the last recorded round is set aside and made again). The unedited model's
+``--versions`` (a version saved after the last recorded round is set aside and made again; a method whose last
+recorded version is no longer there, as in a fresh checkout, starts again from its first round). The unedited model's
 scores are measured again (the same numbers: nothing in them is random); ``seconds_total`` adds up the sessions
 and ``commits`` lists the checkout's commit in each.
 """
@@ -191,6 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
             if entry is not None and "seconds_per_edit" in entry:
                 continue  # finished in an earlier session
             pack, edited_so_far = None, 0
+            if entry is not None and entry["rounds"]:
+                latest = version_folder(folder, method, entry["rounds"][-1]["version"])
+                if not latest.is_dir():  # e.g. a fresh checkout: the recorded rounds are made (and scored) again
+                    print(f"{method}: {folder} does not hold version {entry['rounds'][-1]['version']}; "
+                          f"starting {method} again", flush=True)
+                    entry = None
             if entry is None or not entry["rounds"]:
                 if folder.exists():
                     shutil.rmtree(folder)
@@ -198,9 +205,6 @@ def main(argv: list[str] | None = None) -> dict:
                 result["methods"][method] = entry
             else:
                 last = entry["rounds"][-1]
-                latest = version_folder(folder, method, last["version"])
-                if not latest.is_dir():
-                    parser.error(f"--resume: {folder} does not hold {method}'s version {last['version']}")
                 recorded = {version_folder(folder, method, r["version"]) for r in entry["rounds"]}
                 for stale in (p for p in folder.iterdir() if p not in recorded):
                     shutil.rmtree(stale)  # saved after the last recorded round: made again below

@@ -1,6 +1,7 @@
 """Lifelong methods on the real SmolLM2-135M-Instruct (slow): a codebook and a side memory edited for real."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,13 @@ def test_lifelong_benchmark_runs_small(tmp_path, test_data):
     assert again["methods"]["grace"]["rounds"][1]["scores"] == rounds[1]["scores"]
     assert again["seconds_total"] > found["seconds_total"]
     assert len(again["commits"]) == 2 and again["commits"][0] == found["commits"][0]
+    # Its versions gone (a fresh checkout keeps the JSON, not the ignored versions): the cut method starts again.
+    out.write_text(json.dumps(cut))
+    shutil.rmtree(tmp_path / "versions" / "grace")
+    restarted = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "does not hold version 1.0.0; starting grace again" in restarted.stdout
+    assert [r["scores"] for r in json.loads(out.read_text())["methods"]["grace"]["rounds"]] == [r["scores"] for r in rounds]
     other = subprocess.run(command[:command.index("--n") + 1] + ["5"] + command[command.index("--n") + 2:]
                            + ["--resume"], capture_output=True, text=True, timeout=900)
     assert other.returncode == 2 and "records another run" in other.stderr
