@@ -2,6 +2,8 @@
 
     python bench/lifelong.py [--n 1000] [--round-size 100] [--methods grace,ultraedit,wise,alphaedit] [--score-at N,…]
                              [--set METHOD:KEY=VALUE ...] [--versions DIR] [--plot docs/lifelong.png]
+                             [--table FILE] [--resume]
+    python bench/lifelong.py --report --out RUN.json [--table FILE] [--plot FILE]
 
 For each method, the first ``--n`` records are edited ``--round-size`` at a time: round 1 with ``editpack.edit``,
 every later round with ``editpack.extend`` (one new version per round, computed on the model with the earlier
@@ -12,7 +14,9 @@ in the same run). Each round records its seconds per edit and the version's size
 
 The JSON (``--out``, rewritten after every round so a long run keeps what it has) holds one row per round and
 method; ``--plot`` draws efficacy, paraphrase and neighbourhood against the number of edits, one line per method
-(solid: prob_compare, dashed: generate_match). ``--versions DIR`` keeps every version's pack directory there
+(solid: prob_compare, dashed: generate_match), and the Markdown tables (printed, and written to ``--table``)
+hold each method after its last round beside the unedited model, then every round; ``--report`` writes both
+from a recorded run without running anything. ``--versions DIR`` keeps every version's pack directory there
 (``DIR/<method>/<method>-lifelong-<version>``), for ``editpack log`` and ``editpack diff``.
 
 ``--resume`` continues a run that was cut short (its ``--out`` and ``--versions`` as before, the same settings):
@@ -79,6 +83,45 @@ def size_on_disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
+def _cell(scored: dict, side: str = "after") -> str:
+    values = [scored[m][side] for m in SHOWN.values()]
+    return " / ".join("–" if v is None else f"{100 * v:.1f}" for v in values)
+
+
+def table(result: dict) -> str:
+    """Markdown: each method after its last scored round (seconds per edit over the run, the last version's size),
+    the unedited model on the same facts, then every scored round of every method, one table per protocol."""
+    lines = ["| method | edits | s/edit | pack size | " + " | ".join(f"{p} efficacy / paraphrase / neighbourhood"
+                                                                  for p in PROTOCOLS) + " |",
+             "|---|---|---|---|" + "---|" * len(PROTOCOLS)]
+    last_scored = {m: [r for r in e["rounds"] if "scores" in r][-1:] for m, e in result["methods"].items()}
+    for method, entry in result["methods"].items():
+        if not last_scored[method]:
+            continue
+        row = last_scored[method][0]
+        done = sum(r["seconds"] for r in entry["rounds"] if r["edits"] <= row["edits"])
+        lines.append(f"| {method} | {row['edits']} | {done / row['edits']:.2f} | {row['pack_bytes'] / 1e6:.1f} MB | "
+                     + " | ".join(_cell(row["scores"][p]) for p in PROTOCOLS) + " |")
+    widest = max((rows[0] for rows in last_scored.values() if rows), key=lambda r: r["edits"], default=None)
+    if widest is not None:
+        lines.append(f"| unedited model | {widest['edits']} | – | – | "
+                     + " | ".join(_cell(widest["scores"][p], "before") for p in PROTOCOLS) + " |")
+    methods = [m for m in result["methods"] if last_scored[m]]
+    for protocol in PROTOCOLS:
+        lines += ["", f"{protocol}, efficacy / paraphrase / neighbourhood (%) after each round:", "",
+                  "| edits | unedited | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+        by_edits: dict[int, dict[str, dict]] = {}
+        for method in methods:
+            for r in result["methods"][method]["rounds"]:
+                if "scores" in r:
+                    by_edits.setdefault(r["edits"], {})[method] = r["scores"][protocol]
+        for edits, found in sorted(by_edits.items()):
+            before = _cell(next(iter(found.values())), "before")
+            lines.append(f"| {edits} | {before} | " + " | ".join(_cell(found[m]) if m in found else ""
+                                                                for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -128,11 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--versions", default=None, help="Keep every version's pack directory under this folder.")
     parser.add_argument("--resume", action="store_true",
                         help="Continue the run recorded in --out, whose versions are kept in --versions.")
+    parser.add_argument("--table", default=None, help="Write the Markdown tables here (they are printed as well).")
+    parser.add_argument("--report", action="store_true",
+                        help="Run nothing: write --table and --plot from the run recorded in --out.")
     parser.add_argument("--score-at", default=None, metavar="N,N,…",
                         help="Score only after the rounds that reach these edit counts (default: after every round; "
                              "the last round is always scored). Scoring all facts so far is most of a long run.")
     args = parser.parse_args(argv)
     editpack.console.configure()  # the libraries' warnings, as a normal command hides them
+    if args.report:
+        if not Path(args.out).is_file():
+            parser.error(f"--report: {args.out} does not exist")
+        return report(json.loads(Path(args.out).read_text(encoding="utf-8")), args)
 
     settings: dict[str, dict] = {}
     for item in args.settings:
@@ -246,6 +296,15 @@ def main(argv: list[str] | None = None) -> dict:
     save()
     result["seconds_total"] = result.pop("seconds_so_far")
     checkpoint(result, args.out)
+    return report(result, args)
+
+
+def report(result: dict, args: argparse.Namespace) -> dict:
+    text = table(result)
+    print(text, end="", flush=True)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(text, encoding="utf-8")
     if args.plot:
         plot(result, Path(args.plot))
     return result

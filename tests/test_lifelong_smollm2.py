@@ -77,6 +77,17 @@ def test_lifelong_benchmark_runs_small(tmp_path, test_data):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     entries = editpack.log(tmp_path / "versions" / "grace" / "grace-lifelong-1.1.0")
     assert [e.changes.counts for e in entries] == ["+3 ~0 -0", "+3 ~0 -0"]
+    # The tables: each method after its last round beside the unedited model, then every round, per protocol.
+    assert "| grace | 6 |" in result.stdout and "| wise | 6 |" in result.stdout
+    unedited = found["methods"]["grace"]["rounds"][-1]["scores"]["prob_compare"]
+    assert f"| unedited model | 6 | – | – | {100 * unedited['efficacy']['before']:.1f} / " in result.stdout
+    rounds_rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line[2:4] in ("3 ", "6 ")]
+    assert rounds_rows == ["| 3", "| 6", "| 3", "| 6"]  # one row per round, in each protocol's table
+    table = tmp_path / "table.md"
+    again = subprocess.run(command[:2] + ["--report", "--out", str(out), "--table", str(table)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert table.read_text() == again.stdout and again.stdout in result.stdout
 
     # Cut short after grace's first round (its second version already saved, not yet recorded): --resume goes on
     # from the recorded version, makes the second again and leaves the finished method as it was.
