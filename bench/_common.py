@@ -23,6 +23,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from editpack._io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
@@ -69,10 +71,7 @@ def checkpoint(result: dict, out: str | os.PathLike) -> None:
     import resource
 
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".partial")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 def in_dtype(model, dtype_name: str):

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
+from editpack._io import atomic_file, atomic_write_text  # noqa: E402
 from editpack.evaluate import Probes, combine, measure  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 
@@ -94,19 +95,16 @@ def table(result: dict) -> str:
     lines = ["| method | edits | s/edit | pack size | " + " | ".join(f"{p} efficacy / paraphrase / neighbourhood"
                                                                   for p in PROTOCOLS) + " |",
              "|---|---|---|---|" + "---|" * len(PROTOCOLS)]
-    last_scored = {m: [r for r in e["rounds"] if "scores" in r][-1:] for m, e in result["methods"].items()}
-    for method, entry in result["methods"].items():
-        if not last_scored[method]:
-            continue
-        row = last_scored[method][0]
-        done = sum(r["seconds"] for r in entry["rounds"] if r["edits"] <= row["edits"])
+    last = {m: r for m, e in result["methods"].items() for r in e["rounds"] if "scores" in r}  # the last scored
+    for method, row in last.items():
+        done = sum(r["seconds"] for r in result["methods"][method]["rounds"] if r["edits"] <= row["edits"])
         lines.append(f"| {method} | {row['edits']} | {done / row['edits']:.2f} | {row['pack_bytes'] / 1e6:.1f} MB | "
                      + " | ".join(_cell(row["scores"][p]) for p in PROTOCOLS) + " |")
-    widest = max((rows[0] for rows in last_scored.values() if rows), key=lambda r: r["edits"], default=None)
-    if widest is not None:
+    if last:
+        widest = max(last.values(), key=lambda r: r["edits"])
         lines.append(f"| unedited model | {widest['edits']} | – | – | "
                      + " | ".join(_cell(widest["scores"][p], "before") for p in PROTOCOLS) + " |")
-    methods = [m for m in result["methods"] if last_scored[m]]
+    methods = list(last)
     for protocol in PROTOCOLS:
         lines += ["", f"{protocol}, efficacy / paraphrase / neighbourhood (%) after each round:", "",
                   "| edits | unedited | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -151,8 +149,8 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"Lifelong editing on {result['model']}: {result['n']} CounterFact edits in rounds of "
                  f"{result['round_size']} (solid: prob_compare, dashed: generate_match)", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", metadata={"Software": None})
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -303,8 +301,7 @@ def report(result: dict, args: argparse.Namespace) -> dict:
     text = table(result)
     print(text, end="", flush=True)
     if args.table:
-        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(text, encoding="utf-8")
+        atomic_write_text(args.table, text)
     if args.plot:
         plot(result, Path(args.plot))
     return result

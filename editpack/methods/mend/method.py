@@ -164,8 +164,8 @@ class MEND(EditMethod):
         check_editor_base(model, editor)
         net = network_for(editor)
         modules = list(editor.trained_modules)
-        keys, grads = gradient_factors(model, tokenizer, spec, modules, facts,
-                                       editor.hyperparameters.get("positions", "target"))
+        positions = editor.hyperparameters.get("positions", "target")  # editors older than the setting: target
+        keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
         result = WeightDelta()
         with torch.no_grad():
             for m in modules:
