@@ -153,6 +153,12 @@ def plot(result: dict, path: Path) -> None:
         fig.savefig(tmp, format="png", metadata={"Software": None})
 
 
+def recorded_settings(hparams: dict) -> dict:
+    """A method's settings as the run's JSON records them: the statistics corpus by its file name, not by this
+    machine's path (the JSON is shared; a resumed run compares settings in this form)."""
+    return {k: Path(v).name if k == "stats_corpus" else v for k, v in hparams.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -215,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
         if same != {k: result[k] for k in same}:
             parser.error(f"--resume: {args.out} records another run ({same}); start a new one without --resume")
         for method, entry in previous.get("methods", {}).items():
-            if method in methods and entry["hyperparameters"] != method_settings(method):
-                parser.error(f"--resume: {method} ran with {entry['hyperparameters']}, not {method_settings(method)}")
+            now = recorded_settings(method_settings(method))
+            if method in methods and recorded_settings(entry["hyperparameters"]) != now:
+                parser.error(f"--resume: {method} ran with {entry['hyperparameters']}, not {now}")
         result["methods"] = {m: previous["methods"][m] for m in methods if m in previous.get("methods", {})}
         result["seconds_earlier_sessions"] = previous.get("seconds_total", previous.get("seconds_so_far", 0.0))
         result["commits"] = previous.get("commits", [])
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             if entry is None or not entry["rounds"]:
                 if folder.exists():
                     shutil.rmtree(folder)
-                entry = {"hyperparameters": hparams, "rounds": []}
+                entry = {"hyperparameters": recorded_settings(hparams), "rounds": []}
                 result["methods"][method] = entry
             else:
                 last = entry["rounds"][-1]

@@ -147,6 +147,16 @@ def load_bench(name: str):
     return module
 
 
+def test_lifelong_records_the_statistics_corpus_by_name_not_path():
+    """The lifelong run's JSON is committed and shared: a method's corpus setting is kept as a file name, and a
+    run resumed on another machine (another path to the same corpus) compares equal."""
+    recorded = load_bench("lifelong").recorded_settings
+    here = recorded({"stats_corpus": "/work/shared/data/corpus/wiki.jsonl", "n_iter": 30})
+    assert here == {"stats_corpus": "wiki.jsonl", "n_iter": 30}
+    assert recorded(here) == here == recorded({"stats_corpus": "/elsewhere/wiki.jsonl", "n_iter": 30})
+    assert recorded({"stats_corpus": "/work/shared/data/corpus/other.jsonl", "n_iter": 30}) != here
+
+
 def test_key_stats_benchmark_small_mode(tmp_path, monkeypatch):
     """bench/key_stats.py --small: the benchmark's own code path on a tiny model (numbers are not checked)."""
     monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
