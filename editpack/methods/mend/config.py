@@ -39,7 +39,9 @@ class MENDConfig(MethodConfig):
     #: Which tokens' gradient factors ``[u_t, δ_t]`` the editor sees: ``"target"``, the positions that predict
     #: the new answer's tokens, or ``"all"``, every position with a gradient (the prompt's get theirs through
     #: attention, the subject's among them), as the authors' code does. An editor keeps the positions it was
-    #: trained with; edits with it use them.
+    #: trained with; edits with it use them. On SmolLM2 (900 steps, the first 100 CounterFact edit records)
+    #: ``"all"`` edited more and kept less of the neighbourhood (prob_compare 87 / 80 / 51 %) than ``"target"``
+    #: (81 / 73 / 54 %; unedited neighbourhood 66 %).
     positions: str = "target"
 
     def validate(self) -> None:
