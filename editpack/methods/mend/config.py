@@ -17,6 +17,9 @@ class MENDConfig(MethodConfig):
     editor_content: str | None = None
     # ------------------------------------------------------------------ training a new editor
     #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``tail``.
+    #: On SmolLM2 the middle layers (3-7, ``positions="all"``) kept CounterFact's neighbourhood but edited 65-69 %
+    #: (prob_compare, first 100 edit records) after 600-900 steps, also with the initial step or Adam's rate ten
+    #: times larger.
     layers: list[int] | None = None
     #: Width of the editor network's hidden layer (one network per module shape, layer-specific scale/shift).
     rank: int = 512
