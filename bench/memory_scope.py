@@ -1,6 +1,7 @@
 """Memory packs' scope: each route's scores, and how often it wrongly answers the subject's other relations.
 
-    python bench/memory_scope.py [--model M] [--dtype D] [--n 100] [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
+    python bench/memory_scope.py [--model M] [--dtype D] [--n 100] [--probes 300] [--routes context,answer,ike]
+                                 [--margins none,0.2]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
@@ -38,6 +39,7 @@ import editpack.console  # noqa: E402
 from editpack import suites  # noqa: E402
 from editpack.evaluate import combine, measure, starts_with  # noqa: E402
 from editpack.facts import Fact  # noqa: E402
+from editpack.models import DTYPE_CHOICES  # noqa: E402
 
 from _common import DATA, REPO, emit  # noqa: E402
 
@@ -111,8 +113,8 @@ def probe_rates(model, tokenizer, probes, route: str, margin: float | None, thre
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="the model's weights (bfloat16: a larger model's native precision, faster on CPUs with AMX)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                        help="the model's weights (bfloat16: faster on CPUs with AMX; compare locality in float32)")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--routes", default="context,answer,ike")
@@ -135,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = measure(model, tokenizer, facts, fluency_tokens=0)
     base_answers = editpack.generate(model, tokenizer, [p for _, p, _ in probes], max_new_tokens=8)
     result: dict = {
-        "benchmark": "memory_scope", "model": model.editpack_ref.id, "dtype": args.dtype,
-        "n": len(facts),
+        "benchmark": "memory_scope", "model": model.editpack_ref.id, "dtype": args.dtype, "n": len(facts),
         "probes": {"n": len(probes), "mquake": sum(f.relation is not None for f, _, _ in probes),
                    "examples": [{"fact": f"{f.text} → {f.target_new}", "probe": p, "answer": a}
                                 for f, p, a in probes[:3] + probes[-3:]]},

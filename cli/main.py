@@ -17,6 +17,7 @@ import click
 from editpack import __version__
 from editpack.errors import EditpackError
 from editpack.methods import REGISTRY
+from editpack.models import DTYPE_CHOICES
 
 
 class Terminated(BaseException):
@@ -105,7 +106,7 @@ def model_options(func):
         click.option("--model", "-m", "model", default=None, metavar="M",
                      help="Built-in name (default smollm2-135m), local folder, .gguf file or Hub id."),
         click.option("--dtype", default="float32", show_default=True,
-                     type=click.Choice(["float32", "bfloat16", "float16", "auto"])),
+                     type=click.Choice(DTYPE_CHOICES)),
         click.option("--device-map", default=None, help="accelerate device map, e.g. auto, cpu or sequential."),
         click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
                      help="With --device-map: memory budget per device, e.g. cpu=2GiB (repeatable)."),

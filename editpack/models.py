@@ -29,6 +29,9 @@ from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
+#: The precisions ``load_model(dtype=...)`` is offered with on the command line (it also takes the short aliases).
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
