@@ -107,6 +107,32 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
     assert all(d.rank == 2 * n_target for d in two.delta.modules.values())
 
 
+def test_steps_map_the_gradient_of_the_model_with_the_edit_so_far(trained, tmp_path):
+    """``steps=2``: the first step's factors are the one-step edit's; the second's are the editor's map of the
+    gradient of the model with the first step's edit applied; the pack records the setting."""
+    model, tok, editor = trained
+    path = editor.save(tmp_path / "editor")
+    one = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
+    two = edit(model, FACT, "mend", tokenizer=tok, editor=str(path), steps=2)
+    assert two.hyperparameters["steps"] == 2 and one.hyperparameters["steps"] == 1
+    net, modules = network_for(editor), editor.trained_modules
+    edited = apply(model, one, merge=True)
+    try:
+        keys, grads = gradient_factors(edited, tok, editpack.spec_for(edited), modules, [FACT], "target")
+    finally:
+        revert(edited)
+    for m in modules:
+        first, both = one.delta.modules[m], two.delta.modules[m]
+        r = first.rank
+        assert both.rank == 2 * r
+        assert torch.equal(both.A[:r], first.A) and torch.equal(both.B[:, :r], first.B)
+        A, B = net.factors(m, keys[m], grads[m])
+        assert not torch.allclose(A, first.A)  # the edited model's gradient, not the first one again
+        assert torch.allclose(both.A[r:], A, atol=1e-5) and torch.allclose(both.B[:, r:], B, atol=1e-7)
+    with pytest.raises(ValueError, match="steps must be ≥ 1"):
+        MENDConfig(steps=0).validate()
+
+
 def test_an_editor_trained_at_every_position_edits_at_every_position(tmp_path):
     """``positions="all"`` (the authors' choice): the editor records it, its edits take a factor at every position
     the loss reaches (not the last one), and the pack's delta is the network's on exactly those rows."""

@@ -15,6 +15,11 @@ class MENDConfig(MethodConfig):
     editor: str | None = None
     #: The editor's content hash (``sha256:…``); when given, an editor with other content is refused.
     editor_content: str | None = None
+    #: Edit steps: each takes the edit loss's gradient factors with the previous steps' edit added and maps them
+    #: through the editor; the edit is the sum (rank ≤ steps × tokens × facts per layer). MEND takes one; more
+    #: give an editor whose single step moves the answer too little (one trained for the middle layers) more
+    #: reach, at the cost of one forward and backward pass each.
+    steps: int = 1
     # ------------------------------------------------------------------ training a new editor
     #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``tail``.
     #: On SmolLM2 the middle layers (3-7, ``positions="all"``) kept CounterFact's neighbourhood but edited 65-69 %
@@ -50,6 +55,8 @@ class MENDConfig(MethodConfig):
     def validate(self) -> None:
         if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:
             raise ValueError("rank and norm_steps must be ≥ 1; edit_lr and edit_weight positive")
+        if self.steps < 1:
+            raise ValueError(f"steps must be ≥ 1, not {self.steps}")
         if self.locality_at not in ("answer", "all"):
             raise ValueError(f"locality_at must be 'answer' or 'all', not {self.locality_at!r}")
         if self.locality_prompts < 1:

@@ -126,6 +126,7 @@ def low_rank_added(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]])
     for name, (A, B) in factors.items():
         def hook(_module, args, output, A=A, B=B):
             x = args[0]
+            A, B = A.to(x.device), B.to(x.device)  # no copy where they are already there (training)
             return output + ((x.to(A.dtype) @ A.T) @ B.T).to(output.dtype)
 
         handles.append(get_module(model, name).register_forward_hook(hook))
@@ -165,13 +166,18 @@ class MEND(EditMethod):
         net = network_for(editor)
         modules = list(editor.trained_modules)
         positions = editor.hyperparameters.get("positions", "target")  # editors older than the setting: target
-        keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
-        result = WeightDelta()
-        with torch.no_grad():
-            for m in modules:
-                A, B = net.factors(m, keys[m], grads[m])
-                result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
         cfg = self.config
+        edit: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for _ in range(cfg.steps):  # each step: the gradient with the edit so far added, through the editor
+            with low_rank_added(model, edit):
+                keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
+            with torch.no_grad():
+                for m in modules:
+                    A, B = net.factors(m, keys[m], grads[m])
+                    edit[m] = (torch.cat([edit[m][0], A]), torch.cat([edit[m][1], B], 1)) if m in edit else (A, B)
+        result = WeightDelta()
+        for m, (A, B) in edit.items():
+            result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
         if not _is_hub_reference(cfg.editor):
             cfg.editor = editor.ref  # a pack never names a local path
         cfg.editor_content = editor.content_id
