@@ -1,14 +1,18 @@
 """Memory packs' scope: each route's scores, and how often it wrongly answers the subject's other relations.
 
-    python bench/memory_scope.py [--model M] [--dtype D] [--n 100] [--probes 300] [--routes context,answer,ike]
-                                 [--margins none,0.2]
+    python bench/memory_scope.py [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
+                                 [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
 
 - reliability, generalization and locality of one memory pack holding the first ``--n`` records of
   ``counterfact-edit.json`` under the three protocols (teacher-forced ones read the answer after the text the
-  memory gives the model), ``generate_match`` first (the unedited model measured once, in the same run);
+  memory gives the model), ``generate_match`` first (the unedited model measured once, in the same run).
+  ``--facts counterfact:…/counterfact_rome_format_348.json`` scores CounterFact's original records instead: two
+  true paraphrases each, where the flattened file's one ``rephrase_prompt`` is mostly a generation prompt (an
+  open continuation such as "X's work office is surrounded by", whose greedy answer need not start with the
+  target), and ten neighbourhood prompts (``--neighbours K`` keeps the first K, for a slow model);
 - the **same-subject, other-relation probe set**: prompts about an edited fact's subject that ask another
   relation, whose true answer differs from the fact's. From CounterFact (``counterfact-edit.json`` and
   ``counterfact-train.json``: records sharing a subject, their relations found from CounterFact's phrasings in
@@ -25,6 +29,7 @@ wrong-answer rate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -115,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                         help="the model's weights (bfloat16: faster on CPUs with AMX; compare locality in float32)")
+    parser.add_argument("--facts", default=None,
+                        help="the scored records, as editpack bench --data takes them "
+                             "(default counterfact:DATA/counterfact/counterfact-edit.json)")
     parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--neighbours", type=int, default=None,
+                        help="keep each fact's first K neighbourhood prompts (default all)")
     parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--routes", default="context,answer,ike")
     parser.add_argument("--margins", default="none,0.2", help="relation margins to compare; none = subject only")
@@ -129,15 +139,22 @@ def main(argv: list[str] | None = None) -> dict:
     margins = [None if m.strip().lower() == "none" else float(m) for m in args.margins.split(",")]
     floors = dict(zip(("reliability", "generalization", "locality"), map(float, args.floors.split(","))))
 
+    if args.neighbours is not None and args.neighbours < 1:
+        parser.error("--neighbours must be at least 1")
+    spec = args.facts or f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}"
+    facts = editpack.load_facts(spec, limit=args.n, skip_invalid=True)
+    if args.neighbours is not None:
+        facts = [dataclasses.replace(f, neighborhood=f.neighborhood[: args.neighbours]) for f in facts]
     model, tokenizer = editpack.load_model(args.model, dtype=args.dtype)
-    facts = editpack.load_facts(f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}", limit=args.n,
-                                skip_invalid=True)
     probes = probe_set(data, args.probes)
     start = time.perf_counter()
     base = measure(model, tokenizer, facts, fluency_tokens=0)
     base_answers = editpack.generate(model, tokenizer, [p for _, p, _ in probes], max_new_tokens=8)
     result: dict = {
-        "benchmark": "memory_scope", "model": model.editpack_ref.id, "dtype": args.dtype, "n": len(facts),
+        "benchmark": "memory_scope", "model": model.editpack_ref.id, "dtype": args.dtype,
+        "facts": Path(spec.split(":", 1)[-1]).name, "n": len(facts),
+        "prompts": {"paraphrase": sum(len(f.paraphrases) for f in facts),
+                    "neighbourhood": sum(len(f.neighborhood) for f in facts)},
         "probes": {"n": len(probes), "mquake": sum(f.relation is not None for f, _, _ in probes),
                    "examples": [{"fact": f"{f.text} → {f.target_new}", "probe": p, "answer": a}
                                 for f, p, a in probes[:3] + probes[-3:]]},
