@@ -18,7 +18,9 @@ class MENDConfig(MethodConfig):
     #: Edit steps: each takes the edit loss's gradient factors with the previous steps' edit added and maps them
     #: through the editor; the edit is the sum (rank ≤ steps × tokens × facts per layer). MEND takes one; more
     #: give an editor whose single step moves the answer too little (one trained for the middle layers) more
-    #: reach, at the cost of one forward and backward pass each.
+    #: reach, at the cost of one forward and backward pass each. On SmolLM2 the middle-layer editor (below) with
+    #: 5 steps read prob_compare 96 / 72 / 60 on the first 100 CounterFact edit records (unedited neighbourhood
+    #: 66; one step: 69 / 51 / 64), while its neighbours' greedy continuations changed more (README).
     steps: int = 1
     # ------------------------------------------------------------------ training a new editor
     #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``tail``.
