@@ -58,6 +58,15 @@ def relation_templates(data: Path) -> dict[str, str]:
     return found
 
 
+def scored_facts(spec: str, n: int, neighbours: int | None = None) -> list[Fact]:
+    """The first ``n`` valid records of ``spec`` (as ``editpack bench --data`` takes it), each keeping its first
+    ``neighbours`` neighbourhood prompts (all when ``None``)."""
+    facts = editpack.load_facts(spec, limit=n, skip_invalid=True)
+    if neighbours is None:
+        return facts
+    return [dataclasses.replace(f, neighborhood=f.neighborhood[:neighbours]) for f in facts]
+
+
 def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, str]]:
     """``(fact, prompt, true answer)``: prompts about the fact's subject that ask another relation."""
     templates = relation_templates(data)
@@ -142,9 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.neighbours is not None and args.neighbours < 1:
         parser.error("--neighbours must be at least 1")
     spec = args.facts or f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}"
-    facts = editpack.load_facts(spec, limit=args.n, skip_invalid=True)
-    if args.neighbours is not None:
-        facts = [dataclasses.replace(f, neighborhood=f.neighborhood[: args.neighbours]) for f in facts]
+    facts = scored_facts(spec, args.n, args.neighbours)
     model, tokenizer = editpack.load_model(args.model, dtype=args.dtype)
     probes = probe_set(data, args.probes)
     start = time.perf_counter()

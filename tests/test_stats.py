@@ -175,3 +175,19 @@ def test_gpu_scale_benchmark_small_mode(tmp_path):
     for key in ("memit_4", "alphaedit_4"):
         assert result[key]["facts"] == 4 and result[key]["pack_bytes"] > 0 and result[key]["floor_seconds"] > 0
     assert result["key_statistics"]["tokens"] >= 4000
+
+
+def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(capsys):
+    """bench/memory_scope.py --facts/--neighbours: CounterFact's ROME-format records keep both true paraphrases
+    and their first K neighbourhood prompts; K < 1 is refused before a model is loaded."""
+    bench = load_bench("memory_scope")
+    spec = f"counterfact:{Path(__file__).parent / 'data' / 'counterfact-rome-3.json'}"
+    full = bench.scored_facts(spec, 2)
+    capped = bench.scored_facts(spec, 2, neighbours=3)
+    assert len(full) == len(capped) == 2
+    assert [len(f.paraphrases) for f in capped] == [2, 2] and [len(f.neighborhood) for f in full] == [10, 10]
+    assert [f.neighborhood for f in capped] == [f.neighborhood[:3] for f in full]
+    assert [f.paraphrases for f in capped] == [f.paraphrases for f in full]
+    with pytest.raises(SystemExit):
+        bench.main(["--neighbours", "0", "--facts", spec])
+    assert "--neighbours must be at least 1" in capsys.readouterr().err
