@@ -167,17 +167,14 @@ class MEND(EditMethod):
         modules = list(editor.trained_modules)
         positions = editor.hyperparameters.get("positions", "target")  # editors older than the setting: target
         cfg = self.config
-        edit: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        result = WeightDelta()  # its add stacks each step's factors onto the earlier steps'
         for _ in range(cfg.steps):  # each step: the gradient with the edit so far added, through the editor
-            with low_rank_added(model, edit):
+            with low_rank_added(model, {m: (d.A, d.B) for m, d in result.modules.items()}):
                 keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
             with torch.no_grad():
                 for m in modules:
                     A, B = net.factors(m, keys[m], grads[m])
-                    edit[m] = (torch.cat([edit[m][0], A]), torch.cat([edit[m][1], B], 1)) if m in edit else (A, B)
-        result = WeightDelta()
-        for m, (A, B) in edit.items():
-            result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
+                    result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
         if not _is_hub_reference(cfg.editor):
             cfg.editor = editor.ref  # a pack never names a local path
         cfg.editor_content = editor.content_id
