@@ -43,6 +43,7 @@ import editpack  # noqa: E402
 import editpack.console  # noqa: E402
 from editpack import suites  # noqa: E402
 from editpack.evaluate import combine, measure, starts_with  # noqa: E402
+from editpack.errors import InvalidFactError  # noqa: E402
 from editpack.facts import Fact  # noqa: E402
 from editpack.models import DTYPE_CHOICES  # noqa: E402
 
@@ -151,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.neighbours is not None and args.neighbours < 1:
         parser.error("--neighbours must be at least 1")
     spec = args.facts or f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}"
-    facts = scored_facts(spec, args.n, args.neighbours)
+    try:
+        facts = scored_facts(spec, args.n, args.neighbours)
+    except InvalidFactError as exc:  # before the model loads: a wrong --facts costs nothing
+        parser.error(str(exc))
     model, tokenizer = editpack.load_model(args.model, dtype=args.dtype)
     probes = probe_set(data, args.probes)
     start = time.perf_counter()

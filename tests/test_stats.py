@@ -191,3 +191,6 @@ def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(c
     with pytest.raises(SystemExit):
         bench.main(["--neighbours", "0", "--facts", spec])
     assert "--neighbours must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--facts", "counterfact:/nonexistent/facts.json"])
+    assert "facts file /nonexistent/facts.json does not exist" in capsys.readouterr().err
