@@ -244,8 +244,10 @@ DARRIEUX = editpack.make_fact("The mother tongue of {} is", "Danielle Darrieux",
 
 
 def test_subject_clause_drops_the_preamble_and_masks_the_subject():
-    from editpack.memory import subject_clause
+    from editpack.memory import subject_clause, subject_sentence
 
+    assert subject_sentence("Geography. The river forms a border. Uttaradit, in", "Uttaradit") == "Uttaradit, in"
+    assert subject_sentence("no subject here", "Danielle Darrieux") == "no subject here"
     assert subject_clause("Geography. The river forms a border. Uttaradit, in", "Uttaradit") == "X, in"
     assert subject_clause("The mother tongue of danielle darrieux is", "Danielle Darrieux") == "The mother tongue of X is"
     assert subject_clause("no subject here", "Danielle Darrieux") == "no subject here"
@@ -268,6 +270,31 @@ def test_relation_aware_scope_leaves_the_subjects_other_relations_to_the_model(s
     # Subject only: every prompt naming her is in scope (the same memory, its scope widened).
     wide = MemoryPack(**{**memory.__dict__, "hyperparameters": {**memory.hyperparameters, "relation_margin": None}})
     assert all(r is not None for r in editpack.apply(editpack.revert(edited), wide).route(same + other))
+
+
+PREAMBLE = ("The match was played in heavy rain on a Sunday afternoon, and the home side scored twice before half "
+            "time. Tickets for the next fixture go on sale on Monday.\n")
+
+
+def test_text_before_the_question_does_not_take_it_out_of_scope(setup):
+    """The prompt's clause naming the subject is compared as well as the whole prompt (``sentence_similarity``):
+    a preamble no longer dilutes the similarity under the threshold; the relation check still applies."""
+    from editpack.memory import Scope
+
+    model, _ = setup
+    memory = editpack.edit(model, [DARRIEUX, TOWER], "serac", threshold=0.4)
+    assert memory.scope.sentence_similarity and memory.hyperparameters["sentence_similarity"] is True
+    asked = [PREAMBLE + "Danielle Darrieux is a native speaker of", PREAMBLE + "Danielle Darrieux works as"]
+    edited = editpack.apply(model, memory)
+    routes, scores = edited.index().lookup(asked, with_scores=True)
+    assert routes[0][1] == DARRIEUX and routes[1] is None  # another relation stays out
+    whole = float(edited.encoder.encode(asked[:1])[0] @ memory.keys[0])
+    assert whole < 0.4 <= scores[0]
+    # A pack made before it compares whole prompts: the preamble keeps the question out, as it did.
+    assert Scope.of({"threshold": 0.4}).sentence_similarity is False
+    old = MemoryPack(**{**memory.__dict__,
+                        "hyperparameters": {**memory.hyperparameters, "sentence_similarity": False}})
+    assert editpack.apply(editpack.revert(edited), old).route(asked) == [None, None]
 
 
 def test_a_memory_pack_made_before_the_relation_check_keeps_its_subject_only_scope(setup):
