@@ -2,6 +2,7 @@
 
     python bench/memory_scope.py [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
                                  [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
+                                 [--demonstrations K]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
@@ -20,6 +21,9 @@ subject only; a number is the relation check's ``relation_margin``, see ``editpa
   a rewrite's subject in another case's single-hop cloze of another relation). One memory pack holds every
   probed fact; a probe is **wrongly answered** when the greedy answer (8 tokens) starts with the fact's new
   target. The rate in scope (routed to the memory) is reported beside it, and the unedited model's own rate.
+
+``--demonstrations K`` sets how many of the pack's facts demonstrate under the ``ike`` route (default the
+library's, ``editpack.memory.IKE_DEMONSTRATIONS``).
 
 Prints one JSON object (``--out`` also writes it), with the route and margin that the rule below picks:
 reliability, generalization and locality each at least the floor given (``--floors``), then the lowest
@@ -45,6 +49,7 @@ from editpack import suites  # noqa: E402
 from editpack.evaluate import combine, measure, starts_with  # noqa: E402
 from editpack.errors import InvalidFactError  # noqa: E402
 from editpack.facts import Fact  # noqa: E402
+from editpack.memory import IKE_DEMONSTRATIONS  # noqa: E402
 from editpack.models import DTYPE_CHOICES  # noqa: E402
 
 from _common import DATA, REPO, emit  # noqa: E402
@@ -108,11 +113,13 @@ def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, st
     return mquake[:take_mquake] + counterfact[: limit - take_mquake]
 
 
-def probe_rates(model, tokenizer, probes, route: str, margin: float | None, threshold: float) -> dict:
+def probe_rates(model, tokenizer, probes, route: str, margin: float | None, threshold: float,
+                demonstrations: int = IKE_DEMONSTRATIONS) -> dict:
     """The probe set against one pack of every probed fact, with the scope threshold of the scored pack (a pack
     of the probed facts would calibrate its own, on neighbourhood prompts that differ in kind)."""
     facts = list({id(f): f for f, _, _ in probes}.values())
-    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold)
+    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold,
+                           demonstrations=demonstrations)
     prompts = [p for _, p, _ in probes]
     edited = editpack.apply(model, memory)
     try:
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--routes", default="context,answer,ike")
     parser.add_argument("--margins", default="none,0.2", help="relation margins to compare; none = subject only")
+    parser.add_argument("--demonstrations", type=int, default=IKE_DEMONSTRATIONS,
+                        help="facts demonstrating under the ike route (default %(default)s)")
     parser.add_argument("--floors", default="0.95,0.85,0.98",
                         help="reliability, generalization, locality a route must reach to be chosen")
     parser.add_argument("--data", default=str(DATA))
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.neighbours is not None and args.neighbours < 1:
         parser.error("--neighbours must be at least 1")
+    if args.demonstrations < 0:
+        parser.error("--demonstrations must be at least 0")
     spec = args.facts or f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}"
     try:
         facts = scored_facts(spec, args.n, args.neighbours)
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_answers = editpack.generate(model, tokenizer, [p for _, p, _ in probes], max_new_tokens=8)
     result: dict = {
         "benchmark": "memory_scope", "model": model.editpack_ref.id, "dtype": args.dtype,
-        "facts": Path(spec.split(":", 1)[-1]).name, "n": len(facts),
+        "facts": Path(spec.split(":", 1)[-1]).name, "n": len(facts), "demonstrations": args.demonstrations,
         "prompts": {"paraphrase": sum(len(f.paraphrases) for f in facts),
                     "neighbourhood": sum(len(f.neighborhood) for f in facts)},
         "probes": {"n": len(probes), "mquake": sum(f.relation is not None for f, _, _ in probes),
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     for route in args.routes.split(","):
         for margin in margins:
             t0 = time.perf_counter()
-            memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin)
+            memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin,
+                                   demonstrations=args.demonstrations)
             edited = editpack.apply(model, memory)
             try:
                 after = measure(edited, tokenizer, facts, fluency_tokens=0)
@@ -189,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"route": route, "relation_margin": margin, "threshold": memory.threshold,
                    **{k: scored[k]["after"] for k in floors},
                    "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
-                   "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold),
+                   "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold,
+                                         args.demonstrations),
                    "seconds": round(time.perf_counter() - t0, 1)}
             result["configs"].append(row)
             print(json.dumps(row), flush=True)

@@ -192,5 +192,8 @@ def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(c
         bench.main(["--neighbours", "0", "--facts", spec])
     assert "--neighbours must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        bench.main(["--demonstrations", "-1", "--facts", spec])
+    assert "--demonstrations must be at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         bench.main(["--facts", "counterfact:/nonexistent/facts.json"])
     assert "facts file /nonexistent/facts.json does not exist" in capsys.readouterr().err
