@@ -10,9 +10,9 @@ Scope classifier: sentence embeddings from the MiniLM encoder that the ``gt-all-
 the stored fact whose edit prompt it is most similar to (cosine; with ``sentence_similarity``, the whole prompt's
 or its clause naming the fact's subject's, whichever is higher, so a preamble does not dilute it); it is in
 scope when that similarity reaches the pack's threshold and, with ``require_subject`` (default), the prompt
-names the fact's subject. The threshold is calibrated per pack: the lowest one that keeps the false-positive rate on the facts'
-neighbourhood prompts at or below ``max_false_positive_rate``, never below ``min_threshold`` (without
-neighbourhood prompts: ``default_threshold``).
+names the fact's subject. The threshold is calibrated per pack: the lowest one that keeps the false-positive
+rate on the facts' neighbourhood prompts at or below ``max_false_positive_rate``, never below ``min_threshold``
+(without neighbourhood prompts: ``default_threshold``).
 
 Relation-aware scope (``relation_margin``, default 0.2): a prompt naming the subject must also ask the fact's
 relation. The prompt's clause that names the subject, with the subject masked, is compared with CounterFact's
@@ -394,10 +394,10 @@ class MemoryIndex:
             sims = embedded @ keys.T.to(embedded.dtype)
             if scope.require_subject:
                 named = torch.tensor([[normal_text(f.subject) in normal_text(p) for f in facts] for p in prompts])
-                if scope.sentence_similarity and named.any():
-                    self._sentence_similarities(sims, named, prompts, facts, keys)
-                if scope.relation_margin is not None and named.any():
-                    where = named.nonzero().tolist()
+                where = named.nonzero().tolist()  # (prompt, fact) pairs that name the fact's subject
+                if scope.sentence_similarity and where:
+                    self._sentence_similarities(sims, where, prompts, facts, keys)
+                if scope.relation_margin is not None and where:
                     margins = self.relations.margins([(prompts[i], facts[j]) for i, j in where])
                     for (i, j), margin in zip(where, margins.tolist()):
                         named[i, j] = margin <= scope.relation_margin
@@ -412,11 +412,11 @@ class MemoryIndex:
                     matches[i] = (memory, facts[j])
         return (matches, scores) if with_scores else matches
 
-    def _sentence_similarities(self, sims: torch.Tensor, named: torch.Tensor, prompts: Sequence[str],
+    def _sentence_similarities(self, sims: torch.Tensor, where: list[list[int]], prompts: Sequence[str],
                                facts: Sequence[Fact], keys: torch.Tensor) -> None:
-        """Raise ``sims[i, j]`` to the similarity of prompt i's clause naming fact j's subject where that is higher
-        (``Scope.sentence_similarity``); each distinct clause is embedded once."""
-        where = named.nonzero().tolist()
+        """Raise ``sims[i, j]`` for each ``(i, j)`` in ``where`` to the similarity of prompt i's clause naming fact
+        j's subject where that is higher (``Scope.sentence_similarity``); each distinct clause that is not its
+        whole prompt is embedded once."""
         clauses = [subject_sentence(prompts[i], facts[j].subject) for i, j in where]
         distinct = list(dict.fromkeys(c for c, (i, _) in zip(clauses, where) if c != prompts[i]))
         if not distinct:

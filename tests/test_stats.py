@@ -179,7 +179,8 @@ def test_gpu_scale_benchmark_small_mode(tmp_path):
 
 def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(capsys):
     """bench/memory_scope.py --facts/--neighbours: CounterFact's ROME-format records keep both true paraphrases
-    and their first K neighbourhood prompts; K < 1 is refused before a model is loaded."""
+    and their first K neighbourhood prompts; K < 1, a negative --demonstrations and an unreadable --facts are
+    refused before a model is loaded."""
     bench = load_bench("memory_scope")
     spec = f"counterfact:{Path(__file__).parent / 'data' / 'counterfact-rome-3.json'}"
     full = bench.scored_facts(spec, 2)
