@@ -14,6 +14,7 @@ from editpack.errors import EditpackError, PackFormatError
 from editpack.methods.mend.config import MENDConfig
 from editpack.methods.mend.method import MENDLearner, MENDNetwork, gradient_factors, network_for
 from editpack.methods.targets import keys_and_gradients, target_batch
+from editpack.nethook import Trace
 from editpack.trainer import Trainer, TrainSettings, split
 
 from tiny import FACT, logits, state, tiny_model, tiny_tokenizer
@@ -158,8 +159,37 @@ def test_an_editor_trained_at_every_position_edits_at_every_position(tmp_path):
         assert pack.delta.modules[m].rank == keys[m].shape[0]
         A, B = net.factors(m, keys[m], grads[m])
         assert torch.allclose(pack.delta.modules[m].A, A) and torch.allclose(pack.delta.modules[m].B, B)
-    with pytest.raises(ValueError, match="positions must be 'target' or 'all'"):
-        MENDConfig(positions="subject").validate()
+    with pytest.raises(ValueError, match="positions must be one of 'target', 'all', 'subject', not 'subjects'"):
+        MENDConfig(positions="subjects").validate()
+
+
+def test_an_editor_trained_at_the_subject_edits_with_the_subject_last_token(tmp_path):
+    """``positions="subject"``: one factor per fact, taken at the subject's last token (the module's input there
+    is the key, as ROME's), so the edit is rank 1 per fact and step, and moves nothing on a prompt that neither
+    names the subject nor shares its key."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    editor = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(max_steps=4, eval_every=2,
+                                                                                      checkpoint_every=2),
+                            progress=False, name="mend-subject", positions="subject", **SMALL)
+    path = editor.save(tmp_path / "editor")
+    facts = [FACT, editpack.make_fact("the river {} is in", "lake", "rome", "paris")]
+    spec, modules = editpack.spec_for(model), editor.trained_modules
+    keys, grads = keys_and_gradients(model, tok, spec, modules, facts, positions="subject")
+    for m in modules:
+        with Trace(model, m, retain_input=True) as trace:
+            for row, fact in enumerate(facts):
+                ids = tok(fact.text, return_tensors="pt")
+                model(**ids)
+                last = max(i for i, (a, b) in enumerate(tok(fact.text, return_offsets_mapping=True)["offset_mapping"])
+                           if a < fact.text.index(fact.subject) + len(fact.subject) and b > a)
+                torch.testing.assert_close(keys[m][row], trace.input[0, last].float())
+    pack = edit(model, facts, "mend", tokenizer=tok, editor=str(path), steps=2)
+    # Layer 2: both facts, each step. Layer 3 is the model's last: no attention carries the loss back to a subject
+    # that does not end its prompt, so only the first fact's row (its subject ends the prompt) has a gradient.
+    assert [pack.delta.modules[m].rank for m in modules] == [2 * len(facts), 2]
+    with pytest.raises(ValueError, match="one row per fact"):
+        keys_and_gradients(model, tok, spec, modules, facts, batch=target_batch(tok, facts[:1], "cpu"),
+                           positions="subject")
 
 
 @pytest.mark.parametrize("at", ["answer", "all"])

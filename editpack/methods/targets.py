@@ -13,7 +13,7 @@ from ..arch import ArchSpec, get_module
 from ..facts import Fact
 from ..generation import continuation_ids, model_device, pad_id
 from ..nethook import TraceDict
-from .locate import frozen
+from .locate import frozen, lookups
 
 
 @dataclass
@@ -66,13 +66,14 @@ def text_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> TargetBat
     )
 
 
-#: Where :func:`keys_and_gradients` takes its rows: the positions that predict a target token, or every position.
-KEY_POSITIONS = ("target", "all")
+#: Where :func:`keys_and_gradients` takes its rows: the positions that predict a target token, every position, or
+#: each prompt's subject-last token (ROME's key: a row there changes what the model recalls about this subject).
+KEY_POSITIONS = ("target", "all", "subject")
 
 
 def check_key_positions(positions: str) -> None:
     if positions not in KEY_POSITIONS:
-        raise ValueError(f"positions must be 'target' or 'all', not {positions!r}")
+        raise ValueError(f"positions must be one of {', '.join(map(repr, KEY_POSITIONS))}, not {positions!r}")
 
 
 def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str], facts: Sequence[Fact],
@@ -101,7 +102,17 @@ def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str],
             found = torch.autograd.grad(loss, [outputs[m] for m in modules])
     finally:
         embed.remove()
-    rows, cols = (batch.rows, batch.cols) if positions == "target" else batch.inputs["attention_mask"].nonzero(as_tuple=True)
+    if positions == "target":
+        rows, cols = batch.rows, batch.cols
+    elif positions == "subject":
+        if batch.inputs["input_ids"].shape[0] != len(facts):
+            raise ValueError(f"subject positions need one row per fact, not {batch.inputs['input_ids'].shape[0]} "
+                             f"rows for {len(facts)} facts")
+        device = batch.inputs["input_ids"].device
+        rows = torch.arange(len(facts), device=device)
+        cols = torch.tensor([lookups(tokenizer, [fact.prompt], fact)[1][0] for fact in facts], device=device)
+    else:
+        rows, cols = batch.inputs["attention_mask"].nonzero(as_tuple=True)
     keys = {m: trace[m].input[rows, cols].detach().float().cpu() for m in modules}
     grads = {m: g[rows, cols].detach().float().cpu() for m, g in zip(modules, found)}
     return keys, grads

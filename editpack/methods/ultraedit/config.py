@@ -22,6 +22,7 @@ class UltraEditConfig(MethodConfig):
     #: ``"all"`` positions of each prompt and target (``token: mask``). On the first 100 CounterFact records,
     #: SmolLM2, one round, prob_compare efficacy / paraphrase / neighbourhood (unedited 37 / 36 / 66), generate_match
     #: neighbourhood unchanged: target 48 / 37 / 64, 79 %; all 75 / 40 / 59, 42 %; all with lr=1e-3 99 / 71 / 33, 0 %.
+    #: ``"subject"`` (each prompt's subject-last token, as MEND's) is accepted but not measured for UltraEdit.
     positions: str = "target"
     #: Facts per forward/backward pass (memory grows with it; the update is solved over all of them at once).
     facts_per_batch: int = 32
