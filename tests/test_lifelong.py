@@ -214,8 +214,8 @@ def test_ultraedit_at_every_position_takes_the_gradient_that_reaches_the_prompt(
     V = -0.05 * k_hat.square().sum(1, keepdim=True) * g_hat
     reference = torch.linalg.solve(K.T @ K + torch.eye(K.shape[1]), K.T @ V).T
     torch.testing.assert_close(pack.delta.modules[name].dense(), reference, rtol=1e-3, atol=1e-6)
-    with pytest.raises(ValueError, match="positions must be"):
-        edit(model, FACTS, "ultraedit", tokenizer=tok, positions="subject")
+    with pytest.raises(ValueError, match="positions must be one of .*not .subjects."):
+        edit(model, FACTS, "ultraedit", tokenizer=tok, positions="subjects")
 
 
 def test_ultraedit_moves_the_answers_and_keeps_normalising_across_rounds(setup, tmp_path):
