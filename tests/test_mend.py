@@ -192,6 +192,27 @@ def test_an_editor_trained_at_the_subject_edits_with_the_subject_last_token(tmp_
                            positions="subject")
 
 
+def test_subject_positions_no_loss_reaches_leave_the_editor_finite_and_the_pack_without_that_module(tmp_path):
+    """At the model's last layer a subject inside its prompt gets no gradient: training batches with no row there
+    leave the normalisation statistics as they were (they became NaN), an edit leaves that module out (a rank-0
+    adapter module would not load), and an editor with no module a loss reaches refuses to make an empty edit."""
+    records = [editpack.make_fact("the {} is in", s, CITIES[i % 6], CITIES[(i + 1) % 6],
+                                  paraphrases=[f"the big {s} is in"], neighborhood=[("the famous louvre is in", "paris")])
+               for i, s in enumerate(SUBJECTS * 3)]
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    run = settings(max_steps=4, eval_every=2, checkpoint_every=2)
+    editor = editpack.train(model, "mend", records, tokenizer=tok, settings=run, progress=False, name="mend-subject",
+                            positions="subject", **SMALL)  # layers 2 and 3, the last
+    assert all(torch.isfinite(t).all() for t in editor.tensors.values())
+    pack = edit(model, records[:2], "mend", tokenizer=tok, editor=str(editor.save(tmp_path / "editor")))
+    assert list(pack.delta.modules) == ["model.layers.2.mlp.down_proj"]
+    assert list(editpack.load_pack(pack.save(tmp_path / "pack")).delta.modules) == ["model.layers.2.mlp.down_proj"]
+    last = editpack.train(model, "mend", records, tokenizer=tok, settings=run, progress=False, name="mend-last",
+                          positions="subject", layers=[3], rank=16)
+    with pytest.raises(EditpackError, match="no loss reaches them .*nothing to edit"):
+        edit(model, records[:2], "mend", tokenizer=tok, editor=str(last.save(tmp_path / "last")))
+
+
 @pytest.mark.parametrize("at", ["answer", "all"])
 def test_the_locality_kl_is_taken_where_locality_at_says(at):
     """``answer``: the KL at each neighbourhood prompt's last real token only (padding never counts)."""

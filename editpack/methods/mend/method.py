@@ -58,7 +58,10 @@ class GradientTransform(torch.nn.Module):
 
     @torch.no_grad()
     def observe(self, z: torch.Tensor) -> None:
-        """Fold rows of ``[u, δ]`` into the normalisation statistics (Chan et al.'s parallel update)."""
+        """Fold rows of ``[u, δ]`` into the normalisation statistics (Chan et al.'s parallel update); none (a
+        module no loss reached in this batch) changes nothing."""
+        if z.shape[0] == 0:
+            return
         n, total = float(self.count), float(self.count) + z.shape[0]
         batch_mean, batch_var = z.mean(0), z.var(0, unbiased=False)
         delta = batch_mean - self.mean
@@ -173,8 +176,13 @@ class MEND(EditMethod):
                 keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
             with torch.no_grad():
                 for m in modules:
+                    if keys[m].shape[0] == 0:  # no loss reaches these positions here (a subject at the last layer)
+                        continue
                     A, B = net.factors(m, keys[m], grads[m])
                     result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
+        if not result.modules:
+            raise EditpackError(f"editor {editor.ref} takes its factors at the {positions} positions, and no loss "
+                                f"reaches them at its modules ({', '.join(modules)}) for these facts: nothing to edit")
         if not _is_hub_reference(cfg.editor):
             cfg.editor = editor.ref  # a pack never names a local path
         cfg.editor_content = editor.content_id
