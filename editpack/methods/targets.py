@@ -85,6 +85,9 @@ def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str],
     over its target tokens), float32 on the CPU. The model's weights get no gradient and are left as they were."""
     check_key_positions(positions)
     batch = batch or target_batch(tokenizer, facts, model_device(model))
+    if positions == "subject" and batch.inputs["input_ids"].shape[0] != len(facts):
+        raise ValueError(f"subject positions need one row per fact, not {batch.inputs['input_ids'].shape[0]} rows "
+                         f"for {len(facts)} facts")
     outputs: dict[str, torch.Tensor] = {}
 
     def keep(output, name):
@@ -105,9 +108,6 @@ def keys_and_gradients(model, tokenizer, spec: ArchSpec, modules: Sequence[str],
     if positions == "target":
         rows, cols = batch.rows, batch.cols
     elif positions == "subject":
-        if batch.inputs["input_ids"].shape[0] != len(facts):
-            raise ValueError(f"subject positions need one row per fact, not {batch.inputs['input_ids'].shape[0]} "
-                             f"rows for {len(facts)} facts")
         device = batch.inputs["input_ids"].device
         rows = torch.arange(len(facts), device=device)
         cols = torch.tensor([lookups(tokenizer, [fact.prompt], fact)[1][0] for fact in facts], device=device)
