@@ -134,6 +134,31 @@ def test_steps_map_the_gradient_of_the_model_with_the_edit_so_far(trained, tmp_p
         MENDConfig(steps=0).validate()
 
 
+def test_an_editor_carries_its_number_of_steps(trained, tmp_path):
+    """An editor trained with ``steps=N`` scores its held-out edits with N steps and edits with N unless told
+    otherwise; an editor whose record has no number (made before the setting) edits with one, as MEND."""
+    model, tok, editor = trained
+    calls = []
+    learner = MENDLearner(model, tok, editpack.spec_for(model), editor.trained_modules, MENDConfig(steps=3, rank=16))
+    factors = learner.factors
+    learner.factors = lambda facts, observe=False: calls.append(len(facts)) or factors(facts, observe)
+    learner.evaluate(RECORDS[:2])
+    assert calls == [1] * 6  # three steps for each of the two held-out facts
+    path = editor.save(tmp_path / "editor")
+    one = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
+    manifest = json.loads((path / "editpack.json").read_text())
+    del manifest["hyperparameters"]["steps"]  # an editor made before the setting
+    (path / "editpack.json").write_text(json.dumps(manifest))
+    assert edit(model, FACT, "mend", tokenizer=tok, editor=str(path)).hyperparameters["steps"] == 1
+    manifest["hyperparameters"]["steps"] = 3
+    (path / "editpack.json").write_text(json.dumps(manifest))
+    own = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
+    told = edit(model, FACT, "mend", tokenizer=tok, editor=str(path), steps=1)
+    assert own.hyperparameters["steps"] == 3 and told.hyperparameters["steps"] == 1
+    for m in editor.trained_modules:
+        assert own.delta.modules[m].rank == 3 * one.delta.modules[m].rank == 3 * told.delta.modules[m].rank
+
+
 def test_an_editor_trained_at_every_position_edits_at_every_position(tmp_path):
     """``positions="all"`` (the authors' choice): the editor records it, its edits take a factor at every position
     the loss reaches (not the last one), and the pack's delta is the network's on exactly those rows."""
@@ -196,8 +221,9 @@ def test_subject_positions_no_loss_reaches_leave_the_editor_finite_and_the_pack_
     """At the model's last layer a subject inside its prompt gets no gradient: training batches with no row there
     leave the normalisation statistics as they were (they became NaN), an edit leaves that module out (a rank-0
     adapter module would not load), and an editor with no module a loss reaches refuses to make an empty edit."""
+    neighbour = [("the famous louvre is in", "paris")]
     records = [editpack.make_fact("the {} is in", s, CITIES[i % 6], CITIES[(i + 1) % 6],
-                                  paraphrases=[f"the big {s} is in"], neighborhood=[("the famous louvre is in", "paris")])
+                                  paraphrases=[f"the big {s} is in"], neighborhood=neighbour)
                for i, s in enumerate(SUBJECTS * 3)]
     model, tok = tiny_model("llama"), tiny_tokenizer()
     run = settings(max_steps=4, eval_every=2, checkpoint_every=2)
@@ -316,7 +342,8 @@ def test_cli_trains_an_editor_and_edits_with_it(tiny_dir, tmp_path):
     out = tmp_path / "editors" / "mend-tiny"
     commands = [
         ["train", "mend", "--model", str(tiny_dir), "--data", str(data), "--max-steps", "6", "--batch-size", "4",
-         "--held-out", "4", "--eval-every", "3", "--layers", "2,3", "--set", "rank=8", "--lr", "1e-3", "-o", str(out)],
+         "--held-out", "4", "--eval-every", "3", "--layers", "2,3", "--set", "rank=8", "--set", "steps=2", "--lr",
+         "1e-3", "-o", str(out)],
         ["show", str(out)],
     ]
     outputs = run_cli_quietly(commands, env)
@@ -328,4 +355,6 @@ def test_cli_trains_an_editor_and_edits_with_it(tiny_dir, tmp_path):
                                      "--prompt", "the famous eiffel tower", "--subject", "eiffel tower", "--target",
                                      "rome", "--no-eval", "-o", str(tmp_path / "pack")])
     assert made.exit_code == 0 and "(1 fact(s), mend)" in made.output, made.output
-    assert editpack.load_pack(tmp_path / "pack").hyperparameters["editor"].startswith("mend-")
+    made_pack = editpack.load_pack(tmp_path / "pack")
+    assert made_pack.hyperparameters["editor"].startswith("mend-")
+    assert made_pack.hyperparameters["steps"] == 2  # the editor's, trained with --set steps=2

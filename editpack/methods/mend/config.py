@@ -21,7 +21,9 @@ class MENDConfig(MethodConfig):
     #: reach, at the cost of one forward and backward pass each. On SmolLM2 the middle-layer editor (below) with
     #: 5 steps read prob_compare 96 / 72 / 60 on the first 100 CounterFact edit records (unedited neighbourhood
     #: 66; one step: 69 / 51 / 64), while its neighbours' greedy continuations changed more (README).
-    steps: int = 1
+    #: ``None``: the editor's own (set when it is trained, e.g. ``editpack train mend --set steps=2``, and used for
+    #: its held-out scores; 1 for editors trained without it). A pack records the number it was made with.
+    steps: int | None = None
     # ------------------------------------------------------------------ training a new editor
     #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``tail``.
     #: On SmolLM2 the middle layers (3-7, ``positions="all"``) kept CounterFact's neighbourhood but edited 65-69 %
@@ -60,7 +62,7 @@ class MENDConfig(MethodConfig):
     def validate(self) -> None:
         if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:
             raise ValueError("rank and norm_steps must be ≥ 1; edit_lr and edit_weight positive")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be ≥ 1, not {self.steps}")
         if self.locality_at not in ("answer", "all"):
             raise ValueError(f"locality_at must be 'answer' or 'all', not {self.locality_at!r}")

@@ -170,16 +170,17 @@ class MEND(EditMethod):
         modules = list(editor.trained_modules)
         positions = editor.hyperparameters.get("positions", "target")  # editors older than the setting: target
         cfg = self.config
-        result = WeightDelta()  # its add stacks each step's factors onto the earlier steps'
-        for _ in range(cfg.steps):  # each step: the gradient with the edit so far added, through the editor
-            with low_rank_added(model, {m: (d.A, d.B) for m, d in result.modules.items()}):
-                keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
+        if cfg.steps is None:  # the editor's own number of steps (editors trained without one: MEND's single step)
+            cfg.steps = int(editor.hyperparameters.get("steps") or 1)
+
+        def one_step() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
             with torch.no_grad():
-                for m in modules:
-                    if keys[m].shape[0] == 0:  # no loss reaches these positions here (a subject at the last layer)
-                        continue
-                    A, B = net.factors(m, keys[m], grads[m])
-                    result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
+                return {m: net.factors(m, keys[m], grads[m]) for m in modules}
+
+        result = WeightDelta()
+        for m, (A, B) in stepped(model, cfg.steps, one_step).items():
+            result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
         if not result.modules:
             raise EditpackError(f"editor {editor.ref} takes its factors at the {positions} positions, and no loss "
                                 f"reaches them at its modules ({', '.join(modules)}) for these facts: nothing to edit")
@@ -219,6 +220,21 @@ def gradient_factors(model, tokenizer, spec: ArchSpec, modules: Sequence[str], f
         live = keys[m].ne(0).any(1) & grads[m].ne(0).any(1)
         keys[m], grads[m] = keys[m][live], grads[m][live]
     return keys, grads
+
+
+def stepped(model, steps: int, one_step) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` edit steps: each ``one_step()`` (the editor's ``(A, B)`` per module) sees the model with the
+    earlier steps' edit added; the edit is their sum (factors stacked: rank ≤ steps × rows). Modules a step gives
+    no rows (no loss reaches them) get nothing from it."""
+    total: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for _ in range(steps):
+        with low_rank_added(model, total):
+            found = one_step()
+        for m, (A, B) in found.items():
+            if A.shape[0] == 0:
+                continue
+            total[m] = (torch.cat([total[m][0], A]), torch.cat([total[m][1], B], 1)) if m in total else (A, B)
+    return total
 
 
 def check_editor_base(model, editor: Editor) -> None:
@@ -323,8 +339,8 @@ class MENDLearner:
         for fact in records:
             neighbour = fact.neighborhood[0].prompt if fact.neighborhood else None
             held = neighbour is not None and not self._prefers_new(neighbour, fact)
-            with torch.enable_grad():
-                factors = self.factors([fact])
+            with torch.enable_grad():  # edited as edits with this editor will be: its number of steps
+                factors = stepped(self.model, self.config.steps or 1, lambda: self.factors([fact]))
             prompts = [fact.text] + list(fact.paraphrases[:1])
             with low_rank_added(self.model, factors):
                 better = [self._prefers_new(p, fact) for p in prompts]
