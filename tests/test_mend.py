@@ -138,6 +138,7 @@ def test_an_editor_carries_its_number_of_steps(trained, tmp_path):
     """An editor trained with ``steps=N`` scores its held-out edits with N steps and edits with N unless told
     otherwise; an editor whose record has no number (made before the setting) edits with one, as MEND."""
     model, tok, editor = trained
+    assert editor.hyperparameters["steps"] == 1  # trained without the setting: MEND's one step, recorded
     calls = []
     learner = MENDLearner(model, tok, editpack.spec_for(model), editor.trained_modules, MENDConfig(steps=3, rank=16))
     factors = learner.factors
