@@ -191,13 +191,14 @@ class MEND(EditMethod):
 
     # ------------------------------------------------------------------------------------------ training
     def learner(self, model, tokenizer, spec: ArchSpec) -> "MENDLearner":
+        if self.config.steps is None:  # a new editor's own steps: MEND's one unless set (checkpoints record 1)
+            self.config.steps = 1
         modules = [spec.mlp_out_name(layer) for layer in sorted(self.resolve_layers(model, spec))]
         return MENDLearner(model, tokenizer, spec, modules, self.config)
 
     def editor_from(self, learner: "MENDLearner", *, name: str, version: str, training: dict[str, Any]) -> Editor:
         shapes = {m: list(s) for m, s in learner.shapes.items()}
         settings = {k: v for k, v in self.config.to_dict().items() if k not in ("editor", "editor_content")}
-        settings["steps"] = self.config.steps or 1  # the edit steps its held-out scores were taken with
         return Editor(name=name, version=version, method=self.name, hyperparameters=settings, facts=[],
                       base=describe_base(learner.model, learner.modules), tensors=learner.network.tensors(),
                       trained_modules=learner.modules, training={**training, "shapes": shapes})
