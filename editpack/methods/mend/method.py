@@ -176,11 +176,9 @@ class MEND(EditMethod):
         def one_step() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             keys, grads = gradient_factors(model, tokenizer, spec, modules, facts, positions)
             with torch.no_grad():
-                return {m: net.factors(m, keys[m], grads[m]) for m in modules}
+                return {m: tuple(t.contiguous() for t in net.factors(m, keys[m], grads[m])) for m in modules}
 
-        result = WeightDelta()
-        for m, (A, B) in stepped(model, cfg.steps, one_step).items():
-            result.add(m, LowRankDelta(B=B.contiguous(), A=A.contiguous()))
+        result = stepped(model, cfg.steps, one_step)
         if not result.modules:
             raise EditpackError(f"editor {editor.ref} takes its factors at the {positions} positions, and no loss "
                                 f"reaches them at its modules ({', '.join(modules)}) for these facts: nothing to edit")
@@ -224,19 +222,23 @@ def gradient_factors(model, tokenizer, spec: ArchSpec, modules: Sequence[str], f
     return keys, grads
 
 
-def stepped(model, steps: int, one_step) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def stepped(model, steps: int, one_step) -> WeightDelta:
     """``steps`` edit steps: each ``one_step()`` (the editor's ``(A, B)`` per module) sees the model with the
-    earlier steps' edit added; the edit is their sum (factors stacked: rank ≤ steps × rows). Modules a step gives
-    no rows (no loss reaches them) get nothing from it."""
-    total: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    earlier steps' edit added; the edit is their sum (:meth:`WeightDelta.add` stacks the factors: rank ≤ steps ×
+    rows). Modules a step gives no rows (no loss reaches them) get nothing from it."""
+    total = WeightDelta()
     for _ in range(steps):
-        with low_rank_added(model, total):
+        with low_rank_added(model, factor_pairs(total)):
             found = one_step()
         for m, (A, B) in found.items():
-            if A.shape[0] == 0:
-                continue
-            total[m] = (torch.cat([total[m][0], A]), torch.cat([total[m][1], B], 1)) if m in total else (A, B)
+            if A.shape[0]:
+                total.add(m, LowRankDelta(B=B, A=A))
     return total
+
+
+def factor_pairs(delta: WeightDelta) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, B)}``, what :func:`low_rank_added` adds."""
+    return {m: (d.A, d.B) for m, d in delta.modules.items()}
 
 
 def check_editor_base(model, editor: Editor) -> None:
@@ -342,7 +344,7 @@ class MENDLearner:
             neighbour = fact.neighborhood[0].prompt if fact.neighborhood else None
             held = neighbour is not None and not self._prefers_new(neighbour, fact)
             with torch.enable_grad():  # edited as edits with this editor will be: its number of steps
-                factors = stepped(self.model, self.config.steps or 1, lambda: self.factors([fact]))
+                factors = factor_pairs(stepped(self.model, self.config.steps or 1, lambda: self.factors([fact])))
             prompts = [fact.text] + list(fact.paraphrases[:1])
             with low_rank_added(self.model, factors):
                 better = [self._prefers_new(p, fact) for p in prompts]
