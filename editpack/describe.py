@@ -35,8 +35,10 @@ class PackDescription:
                  + (f", fingerprint {base['fingerprint'][:23]}…" if base.get("fingerprint") else "")]
         memory, delta = m.get("memory"), m.get("delta")
         if isinstance(memory, dict):
+            contrast = m["hyperparameters"].get("contrast")
             lines.append(f"memory:  {memory.get('n_facts')} facts, scope threshold {memory.get('threshold')} "
-                         f"(route {m['hyperparameters'].get('route')}); weights untouched")
+                         f"(route {m['hyperparameters'].get('route')}"
+                         + (f", contrast {contrast}" if contrast else "") + "); weights untouched")
         if isinstance(delta, dict) and isinstance(delta.get("modules"), dict):
             lines.append("delta:   " + ", ".join(
                 f"{name} (rank {v.get('rank')}{', dense' if v.get('form') == 'dense' else ''})"

@@ -24,12 +24,13 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .facts import Fact, normal_text
-from .generation import MIN_SHARED_PREFIX, continuation_ids, generate, model_device, pad_id, prefix_batches
+from .generation import (MIN_SHARED_PREFIX, Contrast, continuation_ids, generate, model_device, pad_id,
+                         prefix_batches)
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -59,42 +60,58 @@ def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 
     """Teacher-forced NLL and argmax predictions of each answer after its prompt (batched, left padded).
 
     A model with memory packs scores as it generates (its ``teacher_forcing``): in-scope prompts in their memory's
-    context, and answer tokens that its route forces have probability one when the answer has them there and
-    zero (NLL infinite) when it does not, the forced token being the prediction."""
-    device = model_device(model)
+    context, answer tokens that its route forces have probability one when the answer has them there and
+    zero (NLL infinite) when it does not, the forced token being the prediction, and a memory decoding with a
+    contrast scores each answer token from its :class:`editpack.generation.Contrast`, against the distribution
+    after the same text without the new fact (``Seen.bare``, computed too)."""
     pad = pad_id(tokenizer)
     forced: list[list[int]] = [[] for _ in pairs]
+    contrasts = [Contrast()] * len(pairs)
+    bare = [p for p, _ in pairs]
     routed = getattr(model, "teacher_forcing", None)
     if callable(routed) and pairs:
-        seen = routed([p for p, _ in pairs])
-        pairs = [(text, answer) for (text, _), (_, answer) in zip(seen, pairs)]
-        forced = [tokens for _, tokens in seen]
-    rows, answers = [], []
-    for prompt, answer in pairs:
-        ids = answer_ids(tokenizer, answer)
-        rows.append(tokenizer(prompt)["input_ids"] + ids)
-        answers.append(ids)
-    # In-context rows (a memory's fact, IKE's demonstrations) share their context: it is computed once per batch.
+        seen = routed(bare)
+        pairs = [(s.text, answer) for s, (_, answer) in zip(seen, pairs)]
+        forced, contrasts, bare = [s.forced for s in seen], [s.contrast for s in seen], [s.bare for s in seen]
+    answers = [answer_ids(tokenizer, answer) for _, answer in pairs]
+    rows = [tokenizer(prompt)["input_ids"] + ids for (prompt, _), ids in zip(pairs, answers)]
+    # A contrast's other side: the answer's log-probabilities after the text without the new fact.
+    contrasted = [i for i, contrast in enumerate(contrasts) if contrast]
+    against = {contrasted[k]: log_probs for k, log_probs in answer_log_probs(
+        model, [tokenizer(bare[i])["input_ids"] + answers[i] for i in contrasted], [answers[i] for i in contrasted],
+        pad, batch_size, MIN_SHARED_PREFIX)}
     out: list[Scored | None] = [None] * len(pairs)
-    for batch in prefix_batches(model, rows, [len(a) + 1 for a in answers], pad, batch_size,
-                                min_shared=MIN_SHARED_PREFIX if callable(routed) else None, suffix_padding="right"):
-        logits = model(**batch.forward_kwargs(model)).logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        for k, i in enumerate(batch.indices):
-            ids, end = answers[i], batch.ends[k]
-            n = len(ids)
-            cols = torch.arange(end - n - 1, end - 1, device=device)  # positions predicting the answer
-            target = torch.tensor(ids, device=device)
-            lp = log_probs[k, cols, target]
-            predictions = log_probs[k, cols].argmax(-1).tolist()
-            kept = forced[i][:n]
-            if kept:
-                lp = lp.clone()
-                lp[: len(kept)] = torch.tensor([0.0 if a == f else float("-inf") for a, f in zip(ids, kept)],
-                                               device=device)
-                predictions[: len(kept)] = kept
-            out[i] = Scored(nll=float(-lp.mean()), predictions=predictions, answer=ids)
+    # In-context rows (a memory's fact, IKE's demonstrations) share their context: it is computed once per batch.
+    for i, log_probs in answer_log_probs(model, rows, answers, pad, batch_size,
+                                         MIN_SHARED_PREFIX if callable(routed) else None):
+        if i in against:
+            log_probs = contrasts[i].log_probs(log_probs, against.pop(i))
+        ids = answers[i]
+        lp = log_probs[torch.arange(len(ids)), torch.tensor(ids, device=log_probs.device)]
+        predictions = log_probs.argmax(-1).tolist()
+        kept = forced[i][: len(ids)]
+        if kept:
+            lp = lp.clone()
+            lp[: len(kept)] = torch.tensor([0.0 if a == f else float("-inf") for a, f in zip(ids, kept)],
+                                           device=lp.device)
+            predictions[: len(kept)] = kept
+        out[i] = Scored(nll=float(-lp.mean()), predictions=predictions, answer=ids)
     return out
+
+
+def answer_log_probs(model, rows: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad: int,
+                     batch_size: int, min_shared: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """For each row (prompt tokens then its answer's), the log-probabilities over the vocabulary at the positions
+    predicting its answer tokens, shape ``(len(answer), vocab)``, as ``(index, log_probs)`` in batch order; rows
+    sharing ``min_shared`` leading tokens or more compute them once (``None``: plain batches)."""
+    device = model_device(model)
+    for batch in prefix_batches(model, rows, [len(a) + 1 for a in answers], pad, batch_size,
+                                min_shared=min_shared, suffix_padding="right"):
+        logits = model(**batch.forward_kwargs(model)).logits
+        for k, i in enumerate(batch.indices):
+            n, end = len(answers[i]), batch.ends[k]
+            cols = torch.arange(end - n - 1, end - 1, device=device)  # the positions predicting the answer
+            yield i, torch.log_softmax(logits[k, cols].float(), dim=-1)  # its own tensor: the batch's can go
 
 
 def normalise(text: str) -> str:

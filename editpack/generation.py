@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -86,6 +87,85 @@ def generate(
     for i, text in zip(order, outputs):
         placed[i] = text
     return placed[0] if single else placed
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Context-aware decoding (Shi et al. 2023, "Trusting Your Evidence"): an answer token is chosen from
+    ``(1 + weight) * log p(y | context, prompt) - weight * log p(y | bare)``, ``bare`` being the same without the
+    evidence (the prompt alone; for a memory pack, without the new fact), so tokens the evidence makes likelier
+    gain and an answer it states wins over the model's prior. Tokens whose
+    in-context probability is under ``plausibility`` times the likeliest token's are never chosen (the adaptive
+    plausibility constraint of contrastive decoding, Li et al. 2023): the contrast picks among answers the context
+    finds plausible, not a word it merely mentions. ``weight`` 0 leaves the in-context distribution as it is."""
+
+    weight: float = 0.0
+    plausibility: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.weight > 0
+
+    def log_probs(self, context: torch.Tensor, bare: torch.Tensor) -> torch.Tensor:
+        """The contrasted log-probabilities from the logits with the evidence (``context``) and without it
+        (``bare``), last dimension the vocabulary; implausible tokens get ``-inf``."""
+        here = context.float().log_softmax(-1)
+        mixed = (1 + self.weight) * here - self.weight * bare.float().log_softmax(-1)
+        if self.plausibility > 0:
+            floor = here.max(-1, keepdim=True).values + math.log(self.plausibility)
+            mixed = mixed.masked_fill(here < floor, float("-inf"))
+        return mixed.log_softmax(-1)
+
+
+class ContextContrast:
+    """A ``generate`` logits processor (``logits_processor=[...]``; a callable, so transformers is not imported
+    here) applying each row's :class:`Contrast`: it runs each row's text without the evidence (``bare``, token
+    ids: for a memory pack, the prompt without the new fact) alongside generation, in its own KV cache, one new
+    token per step.
+
+    transformers' classifier-free guidance (``guidance_scale`` with ``negative_prompt_ids``) is the same formula
+    with one scale for the batch and no plausibility constraint, and its second branch takes positions from the
+    column, not the padding mask; here each row has its own contrast (rows without one are left as they are and
+    not run), left-padded bare texts get the positions they would have alone, so a row's result does not depend
+    on its batch, and a context bare texts share (IKE's demonstrations) is run once (:func:`prefix_batches`). It
+    runs after ``generate``'s own processors (sampling's temperature and top-k/top-p come first); greedy
+    decoding is exactly the contrast's argmax. With several sequences per prompt (``num_return_sequences``) each
+    bare text serves its row's copies; beam search, which reorders rows between steps, is not followed."""
+
+    def __init__(self, model, bare: Sequence[Sequence[int]], contrasts: Sequence[Contrast], pad: int) -> None:
+        if len(bare) != len(contrasts):
+            raise ValueError(f"{len(bare)} bare prompts for {len(contrasts)} contrasts")
+        self.model, self.bare, self.contrasts, self.pad = model, [list(r) for r in bare], list(contrasts), pad
+        self.rows: list[int] = []  # the rows of generate's batch that are contrasted
+        self.copies = 1
+        self.mask: torch.Tensor | None = None
+        self.cache: Any = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        active = [k for k, c in enumerate(self.contrasts) if c]
+        if not active:
+            return scores
+        lean = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(self.model) else {}
+        if self.mask is None:  # first step: the bare texts, a context they share (demonstrations) run once
+            self.copies = input_ids.shape[0] // len(self.bare)
+            rows = [k * self.copies + c for k in active for c in range(self.copies)]
+            texts = [self.bare[r // self.copies] for r in rows]
+            batches = list(prefix_batches(self.model, texts, [1] * len(texts), self.pad, len(texts)))
+            if len(batches) > 1:  # some share a context, some not: all whole, in one batch
+                batches = list(prefix_batches(self.model, texts, [1] * len(texts), self.pad, len(texts), None))
+            batch = batches[0]
+            self.rows, self.mask = [rows[i] for i in batch.indices], batch.attention_mask
+            out = self.model(**{**batch.forward_kwargs(self.model), "use_cache": True}, **lean)
+        else:  # later steps: the token each row just generated
+            ids = input_ids[self.rows, -1:]
+            self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+            positions = self.mask.sum(1, keepdim=True) - 1
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                             **{cache_argument(self.model): self.cache}, **lean)
+        self.cache = cache_of(out)
+        scores = scores.clone()
+        for k, row in enumerate(self.rows):
+            scores[row] = self.contrasts[row // self.copies].log_probs(scores[row], out.logits[k, -1]).to(scores.dtype)
+        return scores
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
 from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
-from .generation import cache_argument, pad_id, prefix_batches
+from .generation import Contrast, ContextContrast, cache_argument, pad_id, prefix_batches
 from .side_effects import relation_of
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -341,10 +341,12 @@ def ike_demonstrations(memory: "MemoryPack", fact: Fact, k: int) -> list[str]:
     return demos if demos else list(IKE_FALLBACK)
 
 
-def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
-    """The in-scope prompt as IKE rewrites it: demonstrations, then the new fact and the prompt."""
+def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int, with_fact: bool = True) -> str:
+    """The in-scope prompt as IKE rewrites it: demonstrations, then the new fact and the prompt (``with_fact=False``:
+    the demonstrations and the prompt, what a contrast is taken against)."""
     demos = ike_demonstrations(memory, fact, k)
-    return "\n\n".join(demos + [f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}"])
+    last = f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}" if with_fact else f"Prompt: {prompt}"
+    return "\n\n".join(demos + [last])
 
 
 def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
@@ -355,12 +357,38 @@ def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
     return answer_ids(tokenizer, fact.target_new)
 
 
+def contrast_of(memory: "MemoryPack") -> Contrast:
+    """The context-aware decoding its in-scope prompts are answered with (``contrast`` and ``plausibility``; packs
+    made before the settings existed read no contrast: the in-context distribution as it is)."""
+    cfg = memory.hyperparameters
+    return Contrast(float(cfg.get("contrast", 0.0)), float(cfg.get("plausibility", 0.0)))
+
+
 def in_context(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
     """An in-scope prompt rewritten by its memory's route: IKE's demonstrations, or the template with the fact."""
     cfg = memory.hyperparameters
     if cfg.get("route") == "ike":
         return ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
     return cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}", prompt=prompt)
+
+
+def without_fact(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
+    """What an in-scope prompt's contrast is taken against: the same text without the new fact. Under the ``ike``
+    route, the demonstrations and the prompt, so what the demonstrations alone prime (another fact's answer, a
+    retain example's) weighs the same on both sides and the contrast is the new fact's own; otherwise the prompt."""
+    cfg = memory.hyperparameters
+    if cfg.get("route") == "ike":
+        return ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)), with_fact=False)
+    return prompt
+
+
+class Seen(NamedTuple):
+    """What generation gives the model for one prompt (:meth:`MemoryModel.teacher_forcing`)."""
+
+    text: str  # the prompt as the model sees it: in its memory's context when in scope
+    forced: list[int]  # answer tokens the route forces (the ``answer`` route's target), else none
+    contrast: Contrast  # the context-aware decoding it is answered with (none out of scope)
+    bare: str  # what the contrast is taken against (:func:`without_fact`); the prompt out of scope
 
 
 # ---------------------------------------------------------------------------------------------- lookup
@@ -466,14 +494,17 @@ class MemoryModel(torch.nn.Module):
         """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is)."""
         return self.index().lookup(prompts)
 
-    def teacher_forcing(self, prompts: Sequence[str]) -> list[tuple[str, list[int]]]:
-        """For each prompt, what generation gives the model and the answer tokens it forces: in scope, the prompt
-        in its memory's context (the fact, IKE's demonstrations) and, under the ``answer`` route, the new
-        target's tokens (:func:`forced_answer`); out of scope, the prompt itself and nothing forced.
-        Teacher-forced scoring (``editpack.evaluate.score``) reads answers after the text and gives the forced
-        tokens probability one, as generation does."""
+    def teacher_forcing(self, prompts: Sequence[str]) -> list[Seen]:
+        """For each prompt, what generation gives the model (:class:`Seen`): in scope, the prompt in its memory's
+        context (the fact, IKE's demonstrations), under the ``answer`` route the new target's tokens
+        (:func:`forced_answer`), the memory's contrast (:func:`contrast_of`) and the text it is taken against
+        (:func:`without_fact`); out of scope, the prompt itself, nothing forced, no contrast. Teacher-forced
+        scoring (``editpack.evaluate.score``) reads answers after the text, gives the forced tokens probability
+        one, as generation does, and contrasts the answer's distribution with the one after ``bare``."""
         tok = self.editpack_tokenizer
-        return [(prompt, []) if r is None else (in_context(r[0], r[1], prompt), forced_answer(r[0], r[1], tok))
+        return [Seen(prompt, [], Contrast(), prompt) if r is None
+                else Seen(in_context(r[0], r[1], prompt), forced_answer(r[0], r[1], tok), contrast_of(r[0]),
+                          without_fact(r[0], r[1], prompt))
                 for prompt, r in zip(prompts, self.route(prompts))]
 
     def generation_order(self, prompts: Sequence[str]) -> list[int]:
@@ -504,22 +535,35 @@ class MemoryModel(torch.nn.Module):
             sub = self.model.generate(input_ids=input_ids[outside], attention_mask=mask[outside], **kwargs)
             for k, i in enumerate(outside):
                 new_tokens[i] = sub[k, input_ids.shape[1]:].tolist()
-        prompts, forced = [], []
+        prompts, forced, bare, contrasts = [], [], [], []
         for i in inside:
             memory, fact = routes[i]
-            text = in_context(memory, fact, tok.decode(rows[i], skip_special_tokens=True))
+            prompt = tok.decode(rows[i], skip_special_tokens=True)
             answer = forced_answer(memory, fact, tok)
-            prompts.append(tok(text)["input_ids"] + answer)
+            prompts.append(tok(in_context(memory, fact, prompt))["input_ids"] + answer)
             forced.append(answer)
+            contrasts.append(contrast_of(memory))
+            if contrasts[-1]:  # the text without the new fact, to contrast with (the prompt's own tokens if that)
+                other = without_fact(memory, fact, prompt)
+                bare.append((rows[i] if other == prompt else tok(other)["input_ids"]) + answer)
+            else:
+                bare.append([])
+        if any(contrasts) and (kwargs.get("num_beams") or 1) > 1:
+            raise NotImplementedError("memory packs decoding with a contrast: beam search (num_beams > 1) is not "
+                                      "supported; use greedy decoding or sampling")
         limit = kwargs.get("max_new_tokens")
         sub_kwargs = dict(kwargs)
         if limit is not None and max(map(len, forced)) > 0:
             sub_kwargs["max_new_tokens"] = max(1, limit - min(map(len, forced)))
         # Prompts in one memory's context (IKE's demonstrations) share it: it is run once into a KV cache.
         for batch in prefix_batches(self.model, prompts, [1] * len(prompts), pad, len(prompts)):
-            cached = {} if batch.cache is None else {cache_argument(self.model): batch.cache}
+            extra = {} if batch.cache is None else {cache_argument(self.model): batch.cache}
+            if any(contrasts[j] for j in batch.indices):
+                contrast = ContextContrast(self.model, [bare[j] for j in batch.indices],
+                                           [contrasts[j] for j in batch.indices], pad)
+                extra["logits_processor"] = [contrast, *(kwargs.get("logits_processor") or [])]
             ids = batch.input_ids
-            sub = self.model.generate(input_ids=ids, attention_mask=batch.attention_mask, **sub_kwargs, **cached)
+            sub = self.model.generate(input_ids=ids, attention_mask=batch.attention_mask, **{**sub_kwargs, **extra})
             for k, j in enumerate(batch.indices):
                 i = inside[j]
                 generated = forced[j] + sub[k, ids.shape[1]:].tolist()

@@ -1,5 +1,7 @@
 """Memory packs (SERAC-style) on a tiny model with the real MiniLM scope encoder."""
 
+import math
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -141,7 +143,7 @@ def test_evaluation_of_a_memory_pack_scores_in_scope_prompts_in_the_memorys_cont
     from editpack.report import evaluate_pack
 
     model, tok = setup
-    memory = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1)
+    memory = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1, contrast=0)
     result = evaluate_pack(model, tok, memory)
     assert list(result["protocols"]) == ["teacher_forced_token_acc", "prob_compare", "generate_match"]
     scores = result["protocols"]["generate_match"]
@@ -320,7 +322,7 @@ def test_ike_context_is_computed_once_per_fact_and_changes_no_score_or_generatio
     third = editpack.make_fact("the red {}", "river", "madrid", "paris", paraphrases=["the red river is in"],
                                neighborhood=[("the red sea", "egypt")])
     facts = [TOWER, BRIDGE, third]
-    pack = editpack.edit(model, facts, "ike", relation_margin=None, demonstrations=2)
+    pack = editpack.edit(model, facts, "ike", relation_margin=None, demonstrations=2, contrast=0)
     routed = [(TOWER, TOWER.text), (TOWER, "the big eiffel tower is in"), (BRIDGE, BRIDGE.text),
               (BRIDGE, "the london bridge is in"), (third, third.text)]
     pairs = [(p, answer) for _, p in routed for answer in ("rome", "paris city")] + [("the capital of germany is", "x")]
@@ -352,3 +354,88 @@ def test_ike_context_is_computed_once_per_fact_and_changes_no_score_or_generatio
     if arch != "gemma3_text":  # a 16-token sliding window would see the padding: Gemma 3 generates whole prompts
         whole_prompts = sum(len(tok(rewritten[2 * i][0])["input_ids"]) for i in order)
         assert generated_tokens < whole_prompts * 0.75  # each fact's prompts batched together, context run once
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ike_with_a_contrast_generates_and_scores_by_context_aware_decoding(arch):
+    """``contrast=a``: each in-scope answer token comes from (1 + a)·log p(y | demonstrations, fact, prompt) −
+    a·log p(y | demonstrations, prompt) among the tokens the first finds plausible, in batched, cached generation
+    as in a token-by-token loop over whole texts, and in teacher-forced scores; out-of-scope prompts are the
+    model's own."""
+    from editpack.evaluate import answer_ids, score
+    from editpack.memory import in_context, without_fact
+
+    positions = {"n_positions": 256} if arch == "gpt2" else {"max_position_embeddings": 256}
+    model, tok = tiny_model(arch, **positions), tiny_tokenizer()
+    model.editpack_tokenizer = tok
+    pack = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1, contrast=1.5)
+    assert pack.hyperparameters["contrast"] == 1.5 and pack.hyperparameters["plausibility"] == 0.1
+
+    def contrasted(here, alone):  # the formula, written out again
+        here, alone = here.log_softmax(-1), alone.log_softmax(-1)
+        mixed = 2.5 * here - 1.5 * alone
+        mixed[here < here.max() + math.log(0.1)] = float("-inf")
+        return mixed.log_softmax(-1)
+
+    @torch.no_grad()
+    def by_hand(fact, prompt, steps=4):
+        (ids, bare), new = (tok(f(pack, fact, prompt))["input_ids"] for f in (in_context, without_fact)), []
+        for _ in range(steps):
+            here = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
+            alone = model(input_ids=torch.tensor([bare + new])).logits[0, -1]
+            new.append(int(contrasted(here, alone).argmax()))
+        return tok.decode(new, skip_special_tokens=True)
+
+    # Prompts of different lengths in one batch (left padding), two in scope of one fact, one out of scope.
+    prompts = [TOWER.text, "the capital of germany is", "the big eiffel tower is in", BRIDGE.text]
+    facts = [TOWER, None, TOWER, BRIDGE]
+    plain = editpack.generate(model, tok, prompts, max_new_tokens=4)
+    edited = editpack.apply(model, pack)
+    try:
+        assert [r and r[1] for r in edited.route(prompts)] == facts
+        got = editpack.generate(edited, tok, prompts, max_new_tokens=4, batch_size=4)
+        pairs = [(TOWER.text, "rome"), ("the big eiffel tower is in", "paris city"), (OUTSIDE[0], "berlin")]
+        scored = score(edited, tok, pairs)
+    finally:
+        model = editpack.revert(edited)
+    expected = [by_hand(f, p) if f else plain[i] for i, (p, f) in enumerate(zip(prompts, facts))]
+    assert got == expected
+    plain_ike = editpack.apply(model, editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None,
+                                                    demonstrations=1, contrast=0))
+    assert score(plain_ike, tok, pairs[:1])[0].nll != pytest.approx(scored[0].nll, abs=1e-3)  # the contrast counts
+    model = editpack.revert(plain_ike)
+    for (prompt, answer), fact, s in zip(pairs, [TOWER, TOWER, None], scored):
+        ids = answer_ids(tok, answer)
+        if fact is None:
+            assert s.nll == pytest.approx(score(model, tok, [(prompt, answer)])[0].nll, abs=1e-5)
+            continue
+        with torch.no_grad():
+            rows = [tok(f(pack, fact, prompt))["input_ids"] for f in (in_context, without_fact)]
+            here, alone = (model(input_ids=torch.tensor([r + ids])).logits[0, len(r) - 1: len(r) + len(ids) - 1]
+                           for r in rows)
+        log_probs = contrasted(here, alone)
+        assert s.predictions == log_probs.argmax(-1).tolist()
+        assert s.nll == pytest.approx(float(-log_probs[torch.arange(len(ids)), torch.tensor(ids)].mean()), abs=1e-4)
+    edited = editpack.apply(model, pack)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        edited.generate(**tok([TOWER.text], return_tensors="pt"), num_beams=2, max_new_tokens=2)
+    model = editpack.revert(edited)
+    with pytest.raises(ValueError, match="contrast must be between 0 and 10, not -1"):
+        editpack.edit(model, [TOWER], "ike", contrast=-1)
+    with pytest.raises(ValueError, match="plausibility must be at least 0 and under 1, not 1"):
+        editpack.edit(model, [TOWER], "ike", plausibility=1)
+
+
+def test_the_contrast_picks_among_the_answers_the_context_finds_plausible():
+    """Context-aware decoding alone would pick the token the prompt alone finds least likely, even one the context
+    gives 5 %; the plausibility floor (10 % of the likeliest) leaves it out and the contrast picks among the rest."""
+    from editpack.generation import Contrast
+
+    context, alone = torch.tensor([0.6, 0.35, 0.05]).log(), torch.tensor([0.9, 0.0999, 0.0001]).log()
+    assert Contrast(1.5).log_probs(context, alone).argmax() == 2
+    chosen = Contrast(1.5, plausibility=0.1).log_probs(context, alone)
+    assert chosen.argmax() == 1 and chosen[2] == float("-inf") and chosen.exp().sum() == pytest.approx(1)
+    expected = torch.tensor([2.5 * math.log(0.6) - 1.5 * math.log(0.9), 2.5 * math.log(0.35) - 1.5 * math.log(0.0999)])
+    assert chosen[:2] == pytest.approx(expected.log_softmax(-1), abs=1e-5)
+    assert torch.equal(Contrast(0.0).log_probs(context, alone), context.log_softmax(-1))  # no weight: as it was
+    assert not Contrast(0.0, 0.1) and Contrast(0.5)
