@@ -2,7 +2,7 @@
 
     python bench/memory_scope.py [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
                                  [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
-                                 [--demonstrations K]
+                                 [--demonstrations K] [--contrasts 0,0.5]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
@@ -23,7 +23,9 @@ subject only; a number is the relation check's ``relation_margin``, see ``editpa
   target. The rate in scope (routed to the memory) is reported beside it, and the unedited model's own rate.
 
 ``--demonstrations K`` sets how many of the pack's facts demonstrate under the ``ike`` route (default the
-library's, ``editpack.memory.IKE_DEMONSTRATIONS``).
+library's, ``editpack.memory.IKE_DEMONSTRATIONS``). ``--contrasts`` lists the context-aware decoding weights
+(``contrast``, see ``editpack.generation.contrasted``) to score the in-context routes (``context``, ``ike``) with;
+the ``answer`` route is scored once, without. Default: each route's own default (``ike`` 0.5, the others 0).
 
 Prints one JSON object (``--out`` also writes it), with the route and margin that the rule below picks:
 reliability, generalization and locality each at least the floor given (``--floors``), then the lowest
@@ -50,6 +52,7 @@ from editpack.evaluate import combine, measure, starts_with  # noqa: E402
 from editpack.errors import InvalidFactError  # noqa: E402
 from editpack.facts import Fact  # noqa: E402
 from editpack.memory import IKE_DEMONSTRATIONS  # noqa: E402
+from editpack.methods.serac import IKEConfig, SERACConfig  # noqa: E402
 from editpack.models import DTYPE_CHOICES  # noqa: E402
 
 from _common import DATA, REPO, emit  # noqa: E402
@@ -113,13 +116,18 @@ def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, st
     return mquake[:take_mquake] + counterfact[: limit - take_mquake]
 
 
+def route_contrast(route: str) -> float:
+    """The ``contrast`` a new pack of that route gets by default (the ``ike`` method's, or ``serac``'s)."""
+    return (IKEConfig if route == "ike" else SERACConfig)().contrast
+
+
 def probe_rates(model, tokenizer, probes, route: str, margin: float | None, threshold: float,
-                demonstrations: int = IKE_DEMONSTRATIONS) -> dict:
+                demonstrations: int = IKE_DEMONSTRATIONS, contrast: float = 0.0) -> dict:
     """The probe set against one pack of every probed fact, with the scope threshold of the scored pack (a pack
     of the probed facts would calibrate its own, on neighbourhood prompts that differ in kind)."""
     facts = list({id(f): f for f, _, _ in probes}.values())
     memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold,
-                           demonstrations=demonstrations)
+                           demonstrations=demonstrations, contrast=contrast)
     prompts = [p for _, p, _ in probes]
     edited = editpack.apply(model, memory)
     try:
@@ -148,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--margins", default="none,0.2", help="relation margins to compare; none = subject only")
     parser.add_argument("--demonstrations", type=int, default=IKE_DEMONSTRATIONS,
                         help="facts demonstrating under the ike route (default %(default)s)")
+    parser.add_argument("--contrasts", default=None,
+                        help="context-aware decoding weights for the context and ike routes "
+                             "(default: each route's own)")
     parser.add_argument("--floors", default="0.95,0.85,0.98",
                         help="reliability, generalization, locality a route must reach to be chosen")
     parser.add_argument("--data", default=str(DATA))
@@ -162,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--neighbours must be at least 1")
     if args.demonstrations < 0:
         parser.error("--demonstrations must be at least 0")
+    try:
+        contrasts = None if args.contrasts is None else [float(c) for c in args.contrasts.split(",")]
+    except ValueError:
+        parser.error(f"--contrasts takes numbers separated by commas, not {args.contrasts!r}")
     spec = args.facts or f"counterfact:{data / 'counterfact' / 'counterfact-edit.json'}"
     try:
         facts = scored_facts(spec, args.n, args.neighbours)
@@ -186,29 +201,31 @@ def main(argv: list[str] | None = None) -> dict:
         "unedited_scores": {p: {k: v["before"] for k, v in m.items()}
                             for p, m in combine(facts, base, base)["protocols"].items()},
         "floors": floors, "configs": []}
-    for route in args.routes.split(","):
-        for margin in margins:
-            t0 = time.perf_counter()
-            memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin,
-                                   demonstrations=args.demonstrations)
-            edited = editpack.apply(model, memory)
-            try:
-                after = measure(edited, tokenizer, facts, fluency_tokens=0)
-            finally:
-                model = editpack.revert(edited)
-            protocols = combine(facts, base, after)["protocols"]
-            scored = protocols["generate_match"]
-            row = {"route": route, "relation_margin": margin, "threshold": memory.threshold,
-                   **{k: scored[k]["after"] for k in floors},
-                   "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
-                   "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold,
-                                         args.demonstrations),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            result["configs"].append(row)
-            print(json.dumps(row), flush=True)
+    configs = [(route, margin, contrast) for route in args.routes.split(",") for margin in margins
+               for contrast in (contrasts if contrasts is not None and route != "answer" else [route_contrast(route)])]
+    for route, margin, contrast in configs:
+        t0 = time.perf_counter()
+        memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin,
+                               demonstrations=args.demonstrations, contrast=contrast)
+        edited = editpack.apply(model, memory)
+        try:
+            after = measure(edited, tokenizer, facts, fluency_tokens=0)
+        finally:
+            model = editpack.revert(edited)
+        protocols = combine(facts, base, after)["protocols"]
+        scored = protocols["generate_match"]
+        row = {"route": route, "relation_margin": margin, "contrast": contrast, "threshold": memory.threshold,
+               **{k: scored[k]["after"] for k in floors},
+               "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
+               "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold,
+                                     args.demonstrations, contrast),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        result["configs"].append(row)
+        print(json.dumps(row), flush=True)
     safe = [r for r in result["configs"] if all((r[k] or 0) >= v for k, v in floors.items())]
     pick = min(safe or result["configs"], key=lambda r: (r["probes"]["wrongly_answered"], -r["generalization"]))
     result["chosen"] = {"route": pick["route"], "relation_margin": pick["relation_margin"],
+                        "contrast": pick["contrast"],
                         "meets_floors": bool(safe)}
     return emit(result, args.out)
 

@@ -179,8 +179,8 @@ def test_gpu_scale_benchmark_small_mode(tmp_path):
 
 def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(capsys):
     """bench/memory_scope.py --facts/--neighbours: CounterFact's ROME-format records keep both true paraphrases
-    and their first K neighbourhood prompts; K < 1, a negative --demonstrations and an unreadable --facts are
-    refused before a model is loaded."""
+    and their first K neighbourhood prompts; K < 1, a negative --demonstrations, --contrasts that are not numbers
+    and an unreadable --facts are refused before a model is loaded."""
     bench = load_bench("memory_scope")
     spec = f"counterfact:{Path(__file__).parent / 'data' / 'counterfact-rome-3.json'}"
     full = bench.scored_facts(spec, 2)
@@ -195,6 +195,10 @@ def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(c
     with pytest.raises(SystemExit):
         bench.main(["--demonstrations", "-1", "--facts", spec])
     assert "--demonstrations must be at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--contrasts", "0,half", "--facts", spec])
+    assert "--contrasts takes numbers separated by commas, not '0,half'" in capsys.readouterr().err
+    assert bench.route_contrast("ike") == 0.5 and bench.route_contrast("context") == bench.route_contrast("answer") == 0
     with pytest.raises(SystemExit):
         bench.main(["--facts", "counterfact:/nonexistent/facts.json"])
     assert "facts file /nonexistent/facts.json does not exist" in capsys.readouterr().err
