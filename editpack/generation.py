@@ -139,28 +139,31 @@ class ContextContrast:
         self.copies = 1
         self.mask: torch.Tensor | None = None
         self.cache: Any = None
+        # Resolved once, not at every generated token.
+        self.cache_name = cache_argument(model)
+        self.lean = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         active = [k for k, c in enumerate(self.contrasts) if c]
         if not active:
             return scores
-        lean = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(self.model) else {}
         if self.mask is None:  # first step: the bare texts, a context they share (demonstrations) run once
             self.copies = input_ids.shape[0] // len(self.bare)
             rows = [k * self.copies + c for k in active for c in range(self.copies)]
             texts = [self.bare[r // self.copies] for r in rows]
-            batches = list(prefix_batches(self.model, texts, [1] * len(texts), self.pad, len(texts)))
-            if len(batches) > 1:  # some share a context, some not: all whole, in one batch
-                batches = list(prefix_batches(self.model, texts, [1] * len(texts), self.pad, len(texts), None))
-            batch = batches[0]
+            own = [1] * len(texts)
+            # One batch holds either rows sharing contexts or rows alone; with both, every row runs whole.
+            shared = {length > 0 for length, _ in shared_prefix_groups(texts, own)}
+            batch = next(prefix_batches(self.model, texts, own, self.pad, len(texts),
+                                        MIN_SHARED_PREFIX if len(shared) == 1 else None))
             self.rows, self.mask = [rows[i] for i in batch.indices], batch.attention_mask
-            out = self.model(**{**batch.forward_kwargs(self.model), "use_cache": True}, **lean)
+            out = self.model(**{**batch.forward_kwargs(self.model), "use_cache": True}, **self.lean)
         else:  # later steps: the token each row just generated
             ids = input_ids[self.rows, -1:]
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
             positions = self.mask.sum(1, keepdim=True) - 1
             out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                             **{cache_argument(self.model): self.cache}, **lean)
+                             **{self.cache_name: self.cache}, **self.lean)
         self.cache = cache_of(out)
         scores = scores.clone()
         for k, row in enumerate(self.rows):

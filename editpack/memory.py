@@ -341,12 +341,15 @@ def ike_demonstrations(memory: "MemoryPack", fact: Fact, k: int) -> list[str]:
     return demos if demos else list(IKE_FALLBACK)
 
 
-def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int, with_fact: bool = True) -> str:
-    """The in-scope prompt as IKE rewrites it: demonstrations, then the new fact and the prompt (``with_fact=False``:
-    the demonstrations and the prompt, what a contrast is taken against)."""
-    demos = ike_demonstrations(memory, fact, k)
-    last = f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}" if with_fact else f"Prompt: {prompt}"
-    return "\n\n".join(demos + [last])
+def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
+    """The in-scope prompt as IKE rewrites it: demonstrations, then the new fact and the prompt."""
+    return ike_text(ike_demonstrations(memory, fact, k), fact, prompt)
+
+
+def ike_text(demos: Sequence[str], fact: Fact | None, prompt: str) -> str:
+    """Demonstrations, then the new fact (``None``: left out, what a contrast is taken against) and the prompt."""
+    last = f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}" if fact is not None else f"Prompt: {prompt}"
+    return "\n\n".join([*demos, last])
 
 
 def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
@@ -364,22 +367,28 @@ def contrast_of(memory: "MemoryPack") -> Contrast:
     return Contrast(float(cfg.get("contrast", 0.0)), float(cfg.get("plausibility", 0.0)))
 
 
-def in_context(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
-    """An in-scope prompt rewritten by its memory's route: IKE's demonstrations, or the template with the fact."""
+def rewritten(memory: "MemoryPack", fact: Fact, prompt: str) -> tuple[str, str]:
+    """An in-scope prompt rewritten by its memory's route (IKE's demonstrations, or the template with the fact),
+    and what its contrast is taken against: the same text without the new fact. Under the ``ike`` route that is
+    the demonstrations and the prompt, so what the demonstrations alone prime (another fact's answer, a retain
+    example's) weighs the same on both sides and the contrast is the new fact's own; otherwise the prompt. The
+    demonstrations are chosen once for both."""
     cfg = memory.hyperparameters
     if cfg.get("route") == "ike":
-        return ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
-    return cfg.get("template", DEMO_TEMPLATE).format(statement=f"{fact.text} {fact.target_new}", prompt=prompt)
+        demos = ike_demonstrations(memory, fact, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
+        return ike_text(demos, fact, prompt), ike_text(demos, None, prompt)
+    statement = f"{fact.text} {fact.target_new}"
+    return cfg.get("template", DEMO_TEMPLATE).format(statement=statement, prompt=prompt), prompt
+
+
+def in_context(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
+    """An in-scope prompt rewritten by its memory's route (:func:`rewritten`)."""
+    return rewritten(memory, fact, prompt)[0]
 
 
 def without_fact(memory: "MemoryPack", fact: Fact, prompt: str) -> str:
-    """What an in-scope prompt's contrast is taken against: the same text without the new fact. Under the ``ike``
-    route, the demonstrations and the prompt, so what the demonstrations alone prime (another fact's answer, a
-    retain example's) weighs the same on both sides and the contrast is the new fact's own; otherwise the prompt."""
-    cfg = memory.hyperparameters
-    if cfg.get("route") == "ike":
-        return ike_prompt(memory, fact, prompt, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)), with_fact=False)
-    return prompt
+    """What an in-scope prompt's contrast is taken against (:func:`rewritten`)."""
+    return rewritten(memory, fact, prompt)[1]
 
 
 class Seen(NamedTuple):
@@ -388,7 +397,7 @@ class Seen(NamedTuple):
     text: str  # the prompt as the model sees it: in its memory's context when in scope
     forced: list[int]  # answer tokens the route forces (the ``answer`` route's target), else none
     contrast: Contrast  # the context-aware decoding it is answered with (none out of scope)
-    bare: str  # what the contrast is taken against (:func:`without_fact`); the prompt out of scope
+    bare: str  # what the contrast is taken against (:func:`rewritten`); the prompt out of scope
 
 
 # ---------------------------------------------------------------------------------------------- lookup
@@ -498,14 +507,18 @@ class MemoryModel(torch.nn.Module):
         """For each prompt, what generation gives the model (:class:`Seen`): in scope, the prompt in its memory's
         context (the fact, IKE's demonstrations), under the ``answer`` route the new target's tokens
         (:func:`forced_answer`), the memory's contrast (:func:`contrast_of`) and the text it is taken against
-        (:func:`without_fact`); out of scope, the prompt itself, nothing forced, no contrast. Teacher-forced
+        (:func:`rewritten`); out of scope, the prompt itself, nothing forced, no contrast. Teacher-forced
         scoring (``editpack.evaluate.score``) reads answers after the text, gives the forced tokens probability
         one, as generation does, and contrasts the answer's distribution with the one after ``bare``."""
         tok = self.editpack_tokenizer
-        return [Seen(prompt, [], Contrast(), prompt) if r is None
-                else Seen(in_context(r[0], r[1], prompt), forced_answer(r[0], r[1], tok), contrast_of(r[0]),
-                          without_fact(r[0], r[1], prompt))
-                for prompt, r in zip(prompts, self.route(prompts))]
+        seen = []
+        for prompt, r in zip(prompts, self.route(prompts)):
+            if r is None:
+                seen.append(Seen(prompt, [], Contrast(), prompt))
+                continue
+            text, bare = rewritten(r[0], r[1], prompt)
+            seen.append(Seen(text, forced_answer(r[0], r[1], tok), contrast_of(r[0]), bare))
+        return seen
 
     def generation_order(self, prompts: Sequence[str]) -> list[int]:
         """An order to batch ``prompts`` in (``editpack.generate`` asks for it): prompts routed to one fact next to
@@ -539,12 +552,12 @@ class MemoryModel(torch.nn.Module):
         for i in inside:
             memory, fact = routes[i]
             prompt = tok.decode(rows[i], skip_special_tokens=True)
+            text, other = rewritten(memory, fact, prompt)
             answer = forced_answer(memory, fact, tok)
-            prompts.append(tok(in_context(memory, fact, prompt))["input_ids"] + answer)
+            prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)
             contrasts.append(contrast_of(memory))
             if contrasts[-1]:  # the text without the new fact, to contrast with (the prompt's own tokens if that)
-                other = without_fact(memory, fact, prompt)
                 bare.append((rows[i] if other == prompt else tok(other)["input_ids"]) + answer)
             else:
                 bare.append([])

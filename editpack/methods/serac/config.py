@@ -26,10 +26,10 @@ class SERACConfig(MethodConfig, Scope):
     #: With ``route="ike"``: how many of the pack's other facts demonstrate (each as copy, update, retain).
     demonstrations: int = IKE_DEMONSTRATIONS
     #: Context-aware decoding (Shi et al. 2023) for in-scope prompts: each answer token is chosen from
-    #: ``(1 + contrast) * log p(y | context, prompt) - contrast * log p(y | prompt)``
-    #: (``editpack.generation.contrasted``), by generation and teacher-forced scoring alike, so what the memory's
-    #: context says wins over the model's prior. 0 (the default here, and what packs made before the setting
-    #: read) decodes in context as it is.
+    #: ``(1 + contrast) * log p(y | context, prompt) - contrast * log p(y | the same without the new fact)``
+    #: (``editpack.generation.Contrast``; ``editpack.memory.rewritten`` gives both texts), by generation and
+    #: teacher-forced scoring alike, so what the new fact says wins over the model's prior. 0 (the default here,
+    #: and what packs made before the setting read) decodes in context as it is.
     contrast: float = 0.0
     #: With a contrast: tokens whose in-context probability is under this fraction of the likeliest token's are
     #: never chosen (contrastive decoding's adaptive plausibility, Li et al. 2023), so the contrast cannot pick a word
