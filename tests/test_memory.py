@@ -426,6 +426,81 @@ def test_ike_with_a_contrast_generates_and_scores_by_context_aware_decoding(arch
         editpack.edit(model, [TOWER], "ike", plausibility=1)
 
 
+class Scripted:
+    """A user's logits processor that makes the next token a function of the last one (``after``; else ``then``)."""
+
+    def __init__(self, tok, after, then):
+        self.after = {tok.convert_tokens_to_ids(a): tok.convert_tokens_to_ids(b) for a, b in after.items()}
+        self.then = tok.convert_tokens_to_ids(then)
+
+    def __call__(self, input_ids, scores):
+        chosen = torch.full_like(scores, float("-inf"))
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            chosen[row, self.after.get(last, self.then)] = 0.0
+        return chosen
+
+
+class StopAfterWord:
+    """A user's stopping criterion: a row is done once its last token is ``word``."""
+
+    def __init__(self, tok, word):
+        self.id = tok.convert_tokens_to_ids(word)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.id
+
+
+@pytest.mark.parametrize("route", ["ike", "answer", "context"])
+def test_in_scope_answers_end_at_the_blank_line_that_starts_the_next_example(route):
+    """Every route's text separates examples by a blank line, so an in-scope answer ends at the first one the model
+    writes (what follows would be another example, naming other stored facts), the blank line itself cut; prompts
+    out of scope generate on past it, as the model does; a stopping criterion of the caller's still applies."""
+    model, tok = tiny_model("llama", max_position_embeddings=256), tiny_tokenizer()
+    assert tok.add_tokens(["\n\n"]) == 1 and len(tok) <= model.config.vocab_size
+    model.editpack_tokenizer = tok
+    method = {"ike": ("ike", {"demonstrations": 1}), "answer": ("serac", {"route": "answer"}),
+              "context": ("serac", {"route": "context"})}[route]
+    pack = editpack.edit(model, [TOWER, BRIDGE], method[0], relation_margin=None, **method[1])
+    script = Scripted(tok, {"new": "big", "big": "\n\n", "\n\n": "city"}, then="new")
+    prompts = [TOWER.text, "the capital of germany is"]
+    edited = editpack.apply(model, pack)
+    try:
+        assert [r is not None for r in edited.route(prompts)] == [True, False]
+
+        def run(**kwargs):
+            with editpack.generation.padding_side(tok, "left"):
+                batch = tok(prompts, return_tensors="pt", padding=True)
+            out = edited.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  logits_processor=[script], **kwargs)
+            return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+        answered, outside = run()
+        stopped, _ = run(stopping_criteria=[StopAfterWord(tok, "new")])
+    finally:
+        editpack.revert(edited)
+    lead = "rome " if route == "answer" else ""  # the answer route starts with the stored target
+    assert answered == lead + "new big"
+    assert outside == "new big \n\n city new big"  # out of scope: the model's own, past the blank line
+    assert stopped == lead + "new"
+
+
+def test_stop_texts_are_seen_across_tokens_after_the_prompt_and_cut_with_the_blank_tokens_before_them():
+    from editpack.generation import StopAt, cut_at
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(["\n\n"])
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert cut_at(tok, ids("big new city red"), "new city") == ids("big new city")
+    assert cut_at(tok, ids("big \n\n city"), "\n\n") == ids("big")
+    assert cut_at(tok, ids("\n\n city"), "\n\n") == []
+    assert cut_at(tok, ids("big red city"), "\n\n") == ids("big red city")
+    prompt = ids("the new city is")  # the stop text in the prompt does not count
+    rows = torch.tensor([prompt + ids("big new"), prompt + ids("new city")])
+    assert StopAt(tok, "new city", len(prompt))(rows, None).tolist() == [False, True]
+    with pytest.raises(ValueError, match="non-empty"):
+        StopAt(tok, "", 0)
+
+
 def test_the_contrast_picks_among_the_answers_the_context_finds_plausible():
     """Context-aware decoding alone would pick the token the prompt alone finds least likely, even one the context
     gives 5 %; the plausibility floor (10 % of the likeliest) leaves it out and the contrast picks among the rest."""
