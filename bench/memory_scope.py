@@ -24,8 +24,13 @@ subject only; a number is the relation check's ``relation_margin``, see ``editpa
 
 ``--demonstrations K`` sets how many of the pack's facts demonstrate under the ``ike`` route (default the
 library's, ``editpack.memory.IKE_DEMONSTRATIONS``). ``--contrasts`` lists the context-aware decoding weights
-(``contrast``, see ``editpack.generation.contrasted``) to score the in-context routes (``context``, ``ike``) with;
+(``contrast``, see ``editpack.generation.Contrast``) to score the in-context routes (``context``, ``ike``) with;
 the ``answer`` route is scored once, without. Default: each route's own default (``ike`` 0.5, the others 0).
+
+Each route's generate_match generalization is also split by the kind of paraphrase prompt
+(``generalization_by_kind``, :func:`rephrase_kind`): CounterFact's paraphrases open with an unrelated sentence
+before the question, its generation prompts do not, and the flattened file's ``rephrase_prompt`` is one or the
+other (88 of its first 100 are generation prompts).
 
 Prints one JSON object (``--out`` also writes it), with the route and margin that the rule below picks:
 reliability, generalization and locality each at least the floor given (``--floors``), then the lowest
@@ -38,9 +43,11 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,6 +81,31 @@ def scored_facts(spec: str, n: int, neighbours: int | None = None) -> list[Fact]
     if neighbours is None:
         return facts
     return [dataclasses.replace(f, neighborhood=f.neighborhood[:neighbours]) for f in facts]
+
+
+#: A sentence's end (with a closing quote or bracket after it) and the space before the next sentence.
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
+
+
+def rephrase_kind(prompt: str, subject: str) -> str:
+    """``"paraphrase"`` or ``"generation"``: which of CounterFact's prompt lists a rephrase prompt comes from.
+    CounterFact's ``paraphrase_prompts`` put a generated sentence before the rephrased question ("Shayna does this
+    and Yossel goes still and dies. Danielle Darrieux, a native"); its ``generation_prompts``, written to score
+    fluency and consistency, start with the question ("Where Danielle Darrieux is from, people speak the language
+    of"). So a prompt with a sentence ending before its subject is a paraphrase. Checked against the 183 records of
+    ``counterfact-edit.json`` that ``counterfact_rome_format_348.json`` also holds, whose lists say which it is:
+    all 183 right (22 paraphrases, 161 generation prompts)."""
+    at = prompt.find(subject)
+    return "paraphrase" if SENTENCE_END.search(prompt[:at] if at >= 0 else prompt) else "generation"
+
+
+def generalization_by_kind(facts: Sequence[Fact], answers: Sequence[Sequence[str]]) -> dict:
+    """generate_match generalization (the greedy answer starts with the new target) per :func:`rephrase_kind`."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for fact, row in zip(facts, answers):
+        for prompt, answer in zip(fact.paraphrases, row):
+            hits[rephrase_kind(prompt, fact.subject)].append(starts_with(answer, fact.target_new))
+    return {kind: {"n": len(v), "generate_match": round(sum(v) / len(v), 4)} for kind, v in sorted(hits.items())}
 
 
 def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, str]]:
@@ -200,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "seconds": round(time.perf_counter() - start, 1)},
         "unedited_scores": {p: {k: v["before"] for k, v in m.items()}
                             for p, m in combine(facts, base, base)["protocols"].items()},
+        "unedited_generalization_by_kind": generalization_by_kind(facts, base.gen_para),
         "floors": floors, "configs": []}
     configs = [(route, margin, contrast) for route in args.routes.split(",") for margin in margins
                for contrast in (contrasts if contrasts is not None and route != "answer" else [route_contrast(route)])]
@@ -216,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         scored = protocols["generate_match"]
         row = {"route": route, "relation_margin": margin, "contrast": contrast, "threshold": memory.threshold,
                **{k: scored[k]["after"] for k in floors},
+               "generalization_by_kind": generalization_by_kind(facts, after.gen_para),
                "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
                "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold,
                                      args.demonstrations, contrast),

@@ -177,6 +177,27 @@ def test_gpu_scale_benchmark_small_mode(tmp_path):
     assert result["key_statistics"]["tokens"] >= 4000
 
 
+def test_memory_scope_tells_counterfacts_paraphrases_from_its_generation_prompts():
+    """rephrase_kind: the ROME-format records' paraphrase prompts (a sentence before the question) and generation
+    prompts (none) are told apart, as are the flattened records' rephrase prompts; generalization_by_kind counts
+    each kind's greedy answers that start with the new target."""
+    bench = load_bench("memory_scope")
+    data = Path(__file__).parent / "data"
+    for record in json.loads((data / "counterfact-rome-3.json").read_text()):
+        subject = record["requested_rewrite"]["subject"]
+        assert {bench.rephrase_kind(p, subject) for p in record["paraphrase_prompts"]} == {"paraphrase"}
+        assert {bench.rephrase_kind(p, subject) for p in record["generation_prompts"]} == {"generation"}
+    assert bench.rephrase_kind('"The Unknowability Thesis." Adrienne Monnier, a native', "Adrienne Monnier") == "paraphrase"
+    assert bench.rephrase_kind("Mr. Smith's friends all speak", "Mr. Smith") == "generation"  # no sentence before it
+    flat = json.loads((data / "counterfact-edit-25.json").read_text())
+    kinds = [bench.rephrase_kind(r["rephrase_prompt"], r["subject"]) for r in flat[:3]]
+    assert kinds == ["generation", "paraphrase", "generation"]  # Darrieux's, Edwin of Northumbria's, Lyon's
+    facts = bench.scored_facts(f"counterfact:{data / 'counterfact-edit-25.json'}", 3)
+    answers = [[" English."], [" Christianity"], [" Manila is"]]
+    assert bench.generalization_by_kind(facts, answers) == {
+        "generation": {"n": 2, "generate_match": 1.0}, "paraphrase": {"n": 1, "generate_match": 0.0}}
+
+
 def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(capsys):
     """bench/memory_scope.py --facts/--neighbours: CounterFact's ROME-format records keep both true paraphrases
     and their first K neighbourhood prompts; K < 1, a negative --demonstrations, --contrasts that are not numbers
