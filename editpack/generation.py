@@ -115,6 +115,8 @@ def cut_at(tokenizer, tokens: Sequence[int], text: str) -> list[int]:
     less the trailing tokens that decode to whitespace only (the stop itself, when it has tokens of its own); all of
     them when ``text`` never occurs. A token that holds the stop text and more is kept whole."""
     tokens = list(tokens)
+    if text not in tokenizer.decode(tokens, skip_special_tokens=True):  # most answers: one decode, no search
+        return tokens
     for end in range(1, len(tokens) + 1):
         if text in tokenizer.decode(tokens[max(0, end - STOP_WINDOW):end], skip_special_tokens=True):
             kept = tokens[:end]

@@ -354,7 +354,7 @@ def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
 def ike_text(demos: Sequence[str], fact: Fact | None, prompt: str) -> str:
     """Demonstrations, then the new fact (``None``: left out, what a contrast is taken against) and the prompt."""
     last = f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}" if fact is not None else f"Prompt: {prompt}"
-    return "\n\n".join([*demos, last])
+    return ANSWER_END.join([*demos, last])  # examples apart by the blank line an answer ends at
 
 
 def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
