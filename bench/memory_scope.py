@@ -2,7 +2,7 @@
 
     python bench/memory_scope.py [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
                                  [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
-                                 [--demonstrations K] [--contrasts 0,0.5]
+                                 [--demonstrations K] [--contrasts 0,0.5] [--plausibility P]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
@@ -26,6 +26,7 @@ subject only; a number is the relation check's ``relation_margin``, see ``editpa
 library's, ``editpack.memory.IKE_DEMONSTRATIONS``). ``--contrasts`` lists the context-aware decoding weights
 (``contrast``, see ``editpack.generation.Contrast``) to score the in-context routes (``context``, ``ike``) with;
 the ``answer`` route is scored once, without. Default: each route's own default (``ike`` 0.5, the others 0).
+``--plausibility`` sets the contrast's floor (default each route's own: ``ike`` none, the others 0.1).
 
 Each route's generate_match generalization is also split by the kind of paraphrase prompt
 (``generalization_by_kind``, :func:`rephrase_kind`): CounterFact's paraphrases open with an unrelated sentence
@@ -153,13 +154,19 @@ def route_contrast(route: str) -> float:
     return (IKEConfig if route == "ike" else SERACConfig)().contrast
 
 
+def route_plausibility(route: str) -> float:
+    """The ``plausibility`` floor a new pack of that route gets by default (the ``ike`` method's, or ``serac``'s)."""
+    return (IKEConfig if route == "ike" else SERACConfig)().plausibility
+
+
 def probe_rates(model, tokenizer, probes, route: str, margin: float | None, threshold: float,
-                demonstrations: int = IKE_DEMONSTRATIONS, contrast: float = 0.0) -> dict:
+                demonstrations: int = IKE_DEMONSTRATIONS, contrast: float = 0.0,
+                plausibility: float = 0.0) -> dict:
     """The probe set against one pack of every probed fact, with the scope threshold of the scored pack (a pack
     of the probed facts would calibrate its own, on neighbourhood prompts that differ in kind)."""
     facts = list({id(f): f for f, _, _ in probes}.values())
     memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold,
-                           demonstrations=demonstrations, contrast=contrast)
+                           demonstrations=demonstrations, contrast=contrast, plausibility=plausibility)
     prompts = [p for _, p, _ in probes]
     edited = editpack.apply(model, memory)
     try:
@@ -191,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contrasts", default=None,
                         help="context-aware decoding weights for the context and ike routes "
                              "(default: each route's own)")
+    parser.add_argument("--plausibility", type=float, default=None,
+                        help="the contrast's plausibility floor, a fraction of the likeliest token's in-context "
+                             "probability (default: each route's own)")
     parser.add_argument("--floors", default="0.95,0.85,0.98",
                         help="reliability, generalization, locality a route must reach to be chosen")
     parser.add_argument("--data", default=str(DATA))
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--neighbours must be at least 1")
     if args.demonstrations < 0:
         parser.error("--demonstrations must be at least 0")
+    if args.plausibility is not None and not 0 <= args.plausibility < 1:
+        parser.error(f"--plausibility must be at least 0 and under 1, not {args.plausibility}")
     try:
         contrasts = None if args.contrasts is None else [float(c) for c in args.contrasts.split(",")]
     except ValueError:
@@ -238,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
                for contrast in (contrasts if contrasts is not None and route != "answer" else [route_contrast(route)])]
     for route, margin, contrast in configs:
         t0 = time.perf_counter()
+        plausibility = route_plausibility(route) if args.plausibility is None else args.plausibility
         memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin,
-                               demonstrations=args.demonstrations, contrast=contrast)
+                               demonstrations=args.demonstrations, contrast=contrast, plausibility=plausibility)
         edited = editpack.apply(model, memory)
         try:
             after = measure(edited, tokenizer, facts, fluency_tokens=0)
@@ -247,12 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
             model = editpack.revert(edited)
         protocols = combine(facts, base, after)["protocols"]
         scored = protocols["generate_match"]
-        row = {"route": route, "relation_margin": margin, "contrast": contrast, "threshold": memory.threshold,
+        row = {"route": route, "relation_margin": margin, "contrast": contrast, "plausibility": plausibility,
+               "threshold": memory.threshold,
                **{k: scored[k]["after"] for k in floors},
                "generalization_by_kind": generalization_by_kind(facts, after.gen_para),
                "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
                "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold,
-                                     args.demonstrations, contrast),
+                                     args.demonstrations, contrast, plausibility),
                "seconds": round(time.perf_counter() - t0, 1)}
         result["configs"].append(row)
         print(json.dumps(row), flush=True)

@@ -212,6 +212,11 @@ def test_ike_pack_answers_in_scope_prompts_with_demonstrations_of_its_nearest_fa
     third = editpack.make_fact("the red {}", "river", "madrid", "paris", paraphrases=["the red river is in"])
     pack = editpack.edit(model, [TOWER, BRIDGE, third], "ike", demonstrations=1)
     assert isinstance(pack, MemoryPack) and pack.method == "ike" and pack.hyperparameters["route"] == "ike"
+    # IKE decodes with a contrast of 0.5 and no plausibility floor unless told (the README's measurements); a
+    # serac pack with no contrast keeps the floor it would use if given one.
+    assert (pack.hyperparameters["contrast"], pack.hyperparameters["plausibility"]) == (0.5, 0.0)
+    serac = editpack.edit(model, [TOWER, BRIDGE], "serac")
+    assert (serac.hyperparameters["contrast"], serac.hyperparameters["plausibility"]) == (0.0, 0.1)
     text = ike_prompt(pack, TOWER, "the big eiffel tower is in", 1)
     blocks = text.split("\n\n")
     assert blocks[-1] == "New Fact: the famous eiffel tower rome\nPrompt: the big eiffel tower is in"
@@ -368,7 +373,8 @@ def test_ike_with_a_contrast_generates_and_scores_by_context_aware_decoding(arch
     positions = {"n_positions": 256} if arch == "gpt2" else {"max_position_embeddings": 256}
     model, tok = tiny_model(arch, **positions), tiny_tokenizer()
     model.editpack_tokenizer = tok
-    pack = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1, contrast=1.5)
+    pack = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1, contrast=1.5,
+                         plausibility=0.1)
     assert pack.hyperparameters["contrast"] == 1.5 and pack.hyperparameters["plausibility"] == 0.1
 
     def contrasted(here, alone):  # the formula, written out again

@@ -200,8 +200,8 @@ def test_memory_scope_tells_counterfacts_paraphrases_from_its_generation_prompts
 
 def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(capsys):
     """bench/memory_scope.py --facts/--neighbours: CounterFact's ROME-format records keep both true paraphrases
-    and their first K neighbourhood prompts; K < 1, a negative --demonstrations, --contrasts that are not numbers
-    and an unreadable --facts are refused before a model is loaded."""
+    and their first K neighbourhood prompts; K < 1, a negative --demonstrations, --contrasts that are not numbers,
+    a --plausibility outside [0, 1) and an unreadable --facts are refused before a model is loaded."""
     bench = load_bench("memory_scope")
     spec = f"counterfact:{Path(__file__).parent / 'data' / 'counterfact-rome-3.json'}"
     full = bench.scored_facts(spec, 2)
@@ -219,7 +219,13 @@ def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(c
     with pytest.raises(SystemExit):
         bench.main(["--contrasts", "0,half", "--facts", spec])
     assert "--contrasts takes numbers separated by commas, not '0,half'" in capsys.readouterr().err
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            bench.main(["--plausibility", bad, "--facts", spec])
+        assert f"--plausibility must be at least 0 and under 1, not {float(bad)}" in capsys.readouterr().err
+    assert bench.route_plausibility("ike") == 0.0 and bench.route_plausibility("context") == 0.1
     assert bench.route_contrast("ike") == 0.5 and bench.route_contrast("context") == bench.route_contrast("answer") == 0
     with pytest.raises(SystemExit):
         bench.main(["--facts", "counterfact:/nonexistent/facts.json"])
     assert "facts file /nonexistent/facts.json does not exist" in capsys.readouterr().err
+
