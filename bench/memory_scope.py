@@ -55,6 +55,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -155,14 +156,24 @@ def probe_set(data: Path, limit: int, seed: int = 0) -> list[tuple[Fact, str, st
     return mquake[:take_mquake] + counterfact[: limit - take_mquake]
 
 
-def route_contrast(route: str) -> float:
-    """The ``contrast`` a new pack of that route gets by default (the ``ike`` method's, or ``serac``'s)."""
-    return (IKEConfig if route == "ike" else SERACConfig)().contrast
+def route_defaults(route: str) -> SERACConfig:
+    """The settings a new pack of that route gets by default (``contrast``, ``plausibility``): the ``ike``
+    method's, or ``serac``'s."""
+    return (IKEConfig if route == "ike" else SERACConfig)()
 
 
-def route_plausibility(route: str) -> float:
-    """The ``plausibility`` floor a new pack of that route gets by default (the ``ike`` method's, or ``serac``'s)."""
-    return (IKEConfig if route == "ike" else SERACConfig)().plausibility
+@contextmanager
+def memory_of(model, facts: Sequence[Fact], route: str, margin: float | None, threshold: float,
+              demonstrations: int, contrast: float, plausibility: float):
+    """The model with one memory pack of ``facts`` applied (the given route, settings and scope threshold),
+    reverted on leaving."""
+    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold,
+                           demonstrations=demonstrations, contrast=contrast, plausibility=plausibility)
+    edited = editpack.apply(model, memory)
+    try:
+        yield edited
+    finally:
+        editpack.revert(edited)
 
 
 def true_fact_control(model, tokenizer, facts: Sequence[Fact], route: str, margin: float | None, threshold: float,
@@ -176,13 +187,8 @@ def true_fact_control(model, tokenizer, facts: Sequence[Fact], route: str, margi
     told = [dataclasses.replace(f, target_new=f.target_true) for f in facts if f.target_true and f.paraphrases]
     if not told:
         return {"n": 0, "generate_match": None, "by_kind": {}}
-    memory = editpack.edit(model, told, "serac", route=route, relation_margin=margin, threshold=threshold,
-                           demonstrations=demonstrations, contrast=contrast, plausibility=plausibility)
-    edited = editpack.apply(model, memory)
-    try:
+    with memory_of(model, told, route, margin, threshold, demonstrations, contrast, plausibility) as edited:
         flat = editpack.generate(edited, tokenizer, [p for f in told for p in f.paraphrases], max_new_tokens=8)
-    finally:
-        editpack.revert(edited)
     it = iter(flat)
     answers = [[next(it) for _ in f.paraphrases] for f in told]
     hits = [starts_with(a, f.target_new) for f, row in zip(told, answers) for a in row]
@@ -196,15 +202,10 @@ def probe_rates(model, tokenizer, probes, route: str, margin: float | None, thre
     """The probe set against one pack of every probed fact, with the scope threshold of the scored pack (a pack
     of the probed facts would calibrate its own, on neighbourhood prompts that differ in kind)."""
     facts = list({id(f): f for f, _, _ in probes}.values())
-    memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin, threshold=threshold,
-                           demonstrations=demonstrations, contrast=contrast, plausibility=plausibility)
     prompts = [p for _, p, _ in probes]
-    edited = editpack.apply(model, memory)
-    try:
+    with memory_of(model, facts, route, margin, threshold, demonstrations, contrast, plausibility) as edited:
         routed = edited.route(prompts)
         answers = editpack.generate(edited, tokenizer, prompts, max_new_tokens=8)
-    finally:
-        editpack.revert(edited)
     wrong = [starts_with(a, f.target_new) for (f, _, _), a in zip(probes, answers)]
     return {"in_scope": round(sum(r is not None for r in routed) / len(probes), 4),
             "wrongly_answered": round(sum(wrong) / len(probes), 4), "n": len(probes)}
@@ -281,10 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
         "unedited_generalization_by_kind": generalization_by_kind(facts, base.gen_para),
         "floors": floors, "configs": []}
     configs = [(route, margin, contrast) for route in args.routes.split(",") for margin in margins
-               for contrast in (contrasts if contrasts is not None and route != "answer" else [route_contrast(route)])]
+               for contrast in (contrasts if contrasts is not None and route != "answer" else [route_defaults(route).contrast])]
     for route, margin, contrast in configs:
         t0 = time.perf_counter()
-        plausibility = route_plausibility(route) if args.plausibility is None else args.plausibility
+        plausibility = route_defaults(route).plausibility if args.plausibility is None else args.plausibility
         memory = editpack.edit(model, facts, "serac", route=route, relation_margin=margin,
                                demonstrations=args.demonstrations, contrast=contrast, plausibility=plausibility)
         edited = editpack.apply(model, memory)

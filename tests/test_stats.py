@@ -223,8 +223,9 @@ def test_memory_scope_scores_the_named_records_with_their_neighbourhood_capped(c
         with pytest.raises(SystemExit):
             bench.main(["--plausibility", bad, "--facts", spec])
         assert f"--plausibility must be at least 0 and under 1, not {float(bad)}" in capsys.readouterr().err
-    assert bench.route_plausibility("ike") == 0.0 and bench.route_plausibility("context") == 0.1
-    assert bench.route_contrast("ike") == 0.5 and bench.route_contrast("context") == bench.route_contrast("answer") == 0
+    assert bench.route_defaults("ike").plausibility == 0.0 and bench.route_defaults("context").plausibility == 0.1
+    assert bench.route_defaults("ike").contrast == 0.5
+    assert bench.route_defaults("context").contrast == bench.route_defaults("answer").contrast == 0
     with pytest.raises(SystemExit):
         bench.main(["--facts", "counterfact:/nonexistent/facts.json"])
     assert "facts file /nonexistent/facts.json does not exist" in capsys.readouterr().err
