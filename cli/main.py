@@ -196,27 +196,34 @@ def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
 @click.option("--force", is_flag=True, help="Apply packs even if their base fingerprint does not match.")
 @click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--chat", is_flag=True, help="Put each prompt in the model's chat template: a user turn, answered "
+              "after the assistant's header, as an instruct model is served (not with memory packs).")
 @friendly_errors
-def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new_tokens) -> None:
-    """Greedy continuation of each PROMPT (with --pack, by the edited model)."""
+def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new_tokens, chat) -> None:
+    """Greedy continuation of each PROMPT (with --pack, by the edited model; with --chat, the answer to it)."""
     from editpack.apply import apply
+    from editpack.chat import chat_prompts, check_plain_routing
     from editpack.generation import generate
     from editpack.pipelines import compare as compare_edits
 
     if compare and not packs:
         raise click.UsageError("--compare needs at least one --pack")
     loaded = load_packs(packs)
+    if chat:
+        check_plain_routing(loaded)
     lm, tokenizer = load_from_options(model_opts, loaded)
+    inputs = chat_prompts(tokenizer, prompts) if chat else list(prompts)
     conflict = "later" if later_wins else "error"
     if compare:
-        for row in compare_edits(lm, loaded, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                 check=not force, on_conflict=conflict):
-            click.echo(f"{row.prompt}\n  base:   {row.before!r}\n  edited: {row.after!r}")
+        for prompt, row in zip(prompts, compare_edits(lm, loaded, inputs, tokenizer=tokenizer,
+                                                      max_new_tokens=max_new_tokens, check=not force,
+                                                      on_conflict=conflict)):
+            click.echo(f"{prompt}\n  base:   {row.before!r}\n  edited: {row.after!r}")
         return
     if loaded:
         lm = apply(lm, loaded, check=not force, on_conflict=conflict)
-    for prompt, text in zip(prompts, generate(lm, tokenizer, list(prompts), max_new_tokens=max_new_tokens)):
-        click.echo(f"{prompt}{text}")
+    for prompt, text in zip(prompts, generate(lm, tokenizer, inputs, max_new_tokens=max_new_tokens)):
+        click.echo(f"{prompt}\n  {text!r}" if chat else f"{prompt}{text}")
 
 
 # ------------------------------------------------------------------------------------------------ packs
@@ -308,11 +315,13 @@ def check_corpus(path: str) -> str:
               help="Sequential editing: compute on the model with PACK applied and write PACK's next version.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@click.option("--chat", is_flag=True, help="Edit the facts in the model's chat template: each prompt a user turn, "
+              "the answer after the assistant's header (weight methods).")
 @no_eval_option
 @friendly_errors
 def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
              target, target_true, paraphrase, layers, corpus, settings, editor, name, pack_version, onto, output,
-             overwrite, no_eval):
+             overwrite, chat, no_eval):
     """Compute an edit and write it as a pack directory.
 
     With --onto PACK the facts are edited on top of PACK (method and hyper-parameters default to PACK's) and the
@@ -320,6 +329,7 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     """
     from editpack.api import edit, extend, method_config
     from editpack.artifact import check_name, check_version
+    from editpack.chat import chat_facts
     from editpack.facts import load_facts, make_fact
     from editpack.pipelines import compare
 
@@ -351,19 +361,23 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
                                      and "stacked" not in parent.hyperparameters else {}), **hparams}))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from None
+    if chat and (REGISTRY[method].routes_text or (parent and parent.routes_text)):
+        raise click.UsageError(f"--chat edits weights; {method} makes memory packs, which route plain prompts")
     with writing(output):
         lm, tokenizer = load_from_options(model_opts, [parent] if parent else [])
         if parent:
-            pack = extend(lm, parent, facts, method, tokenizer=tokenizer, version=pack_version, **hparams)
+            pack = extend(lm, parent, facts, method, tokenizer=tokenizer, version=pack_version, chat=chat, **hparams)
         else:
-            pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", **hparams)
+            pack = edit(lm, facts, method, tokenizer=tokenizer, name=name, version=pack_version or "1.0.0", chat=chat,
+                        **hparams)
         if not no_eval:
             evaluate_new(lm, tokenizer, pack)
         pack.save(output, overwrite=overwrite)
-    click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(pack.facts)} fact(s), {method}): "
-               f"{pack.storage_summary()}")
+    click.echo(f"wrote {pack.name} {pack.version} to {output} ({len(pack.facts)} fact(s), {method}"
+               f"{', chat form' if chat else ''}): {pack.storage_summary()}")
     shown = facts[:20]
-    rows = compare(lm, pack, [f.text for f in shown], tokenizer=tokenizer, max_new_tokens=8)
+    asked = chat_facts(tokenizer, shown) if chat else shown  # as the pack holds them
+    rows = compare(lm, pack, [f.text for f in asked], tokenizer=tokenizer, max_new_tokens=8)
     for fact, row in list(zip(shown, rows))[:5]:
         click.echo(f"  {fact.text}\n    before: {row.before.strip()!r}\n    after:  {row.after.strip()!r}")
     warn_unreached(shown, rows)
@@ -565,9 +579,11 @@ def ui_cmd(packs_dir, model, host, port, no_eval, corpus):
 @click.option("--version", "editor_version", default="1.0.0", show_default=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Editor directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing editor directory.")
+@click.option("--chat", is_flag=True, help="Train on the records in the model's chat template (each prompt a user "
+              "turn), for edits made with --chat.")
 @friendly_errors
 def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, seed, held_out, eval_every,
-              checkpoint_every, layers, settings, name, editor_version, output, overwrite):
+              checkpoint_every, layers, settings, name, editor_version, output, overwrite, chat):
     """Train what METHOD learns (MEND: an editor) and write it as a versioned editor directory.
 
     Checkpoints go to OUTPUT.checkpoint beside the output; the same command run again resumes from the last one
@@ -606,7 +622,7 @@ def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, 
     with writing(output):
         lm, tokenizer = load_from_options(model_opts)
         editor = train(lm, method, records, tokenizer=tokenizer, name=name, version=editor_version,
-                       settings=train_settings, checkpoint_dir=checkpoint, data=described, **hparams)
+                       settings=train_settings, checkpoint_dir=checkpoint, data=described, chat=chat, **hparams)
         editor.save(output, overwrite=overwrite)
     shutil.rmtree(checkpoint, ignore_errors=True)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in editor.training.get("held_out", {}).items())

@@ -13,7 +13,8 @@ Public API (see the README):
 - :func:`pipeline` — a transformers text-generation pipeline over an edited model.
 - :func:`push` / :func:`pull` / :func:`versions` — packs on the Hugging Face Hub, by version;
   :func:`log` / :func:`diff` — a pack's versions and what changed between two of them.
-- :func:`generate` — batched greedy continuations.
+- :func:`generate` — batched greedy continuations; :func:`chat_prompt` / :func:`chat_fact` — a prompt or a fact
+  in the model's chat template (``edit``, ``extend`` and ``train`` take ``chat=True``).
 - :func:`evaluate_pack` — a pack's facts under three protocols and its side effects on shipped suites.
 - :mod:`editpack.arch` — architecture specs (data files, one per model family).
 - :mod:`editpack.nethook` — read and patch module inputs/outputs during a forward pass.
@@ -24,6 +25,7 @@ from .api import edit, extend, train
 from .apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
 from .arch import ArchSpec, spec_for
 from .artifact import Artifact, load_pack
+from .chat import chat_fact, chat_prompt
 from .errors import EditpackError, PackConflictError
 from .facts import Fact, Probe, load_facts, make_fact
 from .generation import generate
@@ -50,6 +52,8 @@ __all__ = [
     "Fact",
     "Probe",
     "applied",
+    "chat_fact",
+    "chat_prompt",
     "diff",
     "log",
     "apply",

@@ -12,6 +12,7 @@ import torch
 
 from .arch import spec_for
 from .artifact import Artifact, BaseModel, check_version, slug
+from .chat import chat_facts, check_plain_routing
 from .errors import EditpackError, InvalidFactError
 from .facts import Fact, facts_from_records, kept_indices, load_facts
 from .fingerprint import combine, unwrap
@@ -38,6 +39,14 @@ def as_facts(facts: Any) -> list[Fact]:
     return out
 
 
+def model_tokenizer(model: torch.nn.Module, tokenizer=None):
+    """``tokenizer``, else the one :func:`editpack.load_model` loaded with ``model``."""
+    tokenizer = tokenizer or getattr(unwrap(model), "editpack_tokenizer", None)
+    if tokenizer is None:
+        raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
+    return tokenizer
+
+
 def method_config(method: str, model: torch.nn.Module | None = None, **hyperparameters: Any):
     """The method's class and its validated config: the family's defaults (when ``model`` is given), then
     ``hyperparameters``. Raises before any computation on an unknown method, setting or value type."""
@@ -55,6 +64,7 @@ def edit(
     name: str | None = None,
     version: str = "1.0.0",
     state: dict[str, torch.Tensor] | None = None,
+    chat: bool = False,
     **hyperparameters: Any,
 ) -> Artifact:
     """Compute ``method``'s edit of ``model`` for ``facts`` and return it as an :class:`EditPack`.
@@ -67,6 +77,10 @@ def edit(
     the edited model, holds only the change on top of them, and records them as parents that must be applied
     first (:attr:`EditPack.requires`). ``state`` is the method state of the pack being extended (see
     :func:`extend`, which is the usual way to edit sequentially).
+
+    ``chat=True`` edits the facts in the tokenizer's chat form (:func:`editpack.chat.chat_fact`: each prompt a
+    user turn, the answer after the assistant's header), as an instruct model behind its chat template reads
+    them; the pack records the facts so. Methods that make memory packs take no chat form.
     """
     from .apply import applied
 
@@ -78,12 +92,15 @@ def edit(
     # generation only.
     parents = [r.pack.lineage_record("onto") for r in on_model if r.pack.scores_logits]
     model = unwrap(model)
-    tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
-    if tokenizer is None:
-        raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
+    tokenizer = model_tokenizer(model, tokenizer)
     check_version(version)
     fact_list = as_facts(facts)
     method_cls, config = method_config(method, model, **hyperparameters)
+    if chat:
+        if method_cls.routes_text:
+            raise EditpackError(f"{method} makes memory packs, which route plain prompts: they take no chat form "
+                                "(leave out chat / --chat)")
+        fact_list = chat_facts(tokenizer, fact_list)
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
     return method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,
                                          parents=parents, state=state)
@@ -101,6 +118,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     data: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    chat: bool = False,
     **hyperparameters: Any,
 ) -> Artifact:
     """Train what ``method`` learns (MEND: an editor) on ``records`` (facts with paraphrases and neighbourhood
@@ -110,20 +128,20 @@ def train(
     :class:`editpack.trainer.TrainSettings`); ``checkpoint_dir`` makes the run resumable (the same call resumes
     from its last checkpoint); ``data`` describes the record files (name, sha256, records) for the manifest.
     Remaining keyword arguments are the method's settings (e.g. ``layers``, ``rank``). ``model`` is left as it was.
+    ``chat=True`` trains on the records in the tokenizer's chat form (as :func:`edit` takes it); the editor's
+    training section records ``"form": "chat"``.
     """
     from .trainer import Trainer, TrainSettings
 
     model = unwrap(model)
-    tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
-    if tokenizer is None:
-        raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
+    tokenizer = model_tokenizer(model, tokenizer)
     check_version(version)
     method_cls, config = method_config(method, model, **hyperparameters)
     if not hasattr(method_cls, "learner"):
         raise EditpackError(f"{method} learns nothing to train; methods that do: "
                             + ", ".join(sorted(m for m, c in _registry().items() if hasattr(c, "learner"))))
     settings = settings or TrainSettings()
-    facts = as_facts(records)
+    facts = chat_facts(tokenizer, as_facts(records)) if chat else as_facts(records)
     runner = method_cls(config)
     with torch.random.fork_rng(devices=[]):  # the learner's initial values follow the seed, not the caller's RNG
         torch.manual_seed(settings.seed)
@@ -132,7 +150,7 @@ def train(
     identity = {"method": method, "config": dataclasses.asdict(config), "records": digest}
     result = Trainer(learner, facts, settings, checkpoint_dir=checkpoint_dir, progress=progress,
                      identity=identity).fit()
-    training = {"data": data or [], "records": len(facts), "seed": settings.seed, "batch_size": settings.batch_size,
+    training = {"data": data or [], **({"form": "chat"} if chat else {}), "records": len(facts), "seed": settings.seed, "batch_size": settings.batch_size,
                 "lr": settings.lr, "held_out_records": len(result.held_out_indices), **result.summary()}
     ref = getattr(model, "editpack_ref", None)
     name = name or f"{method}-{slug(ref.id) if ref is not None else 'editor'}"
@@ -159,6 +177,7 @@ def extend(
     *,
     tokenizer=None,
     version: str | None = None,
+    chat: bool = False,
     **hyperparameters: Any,
 ) -> Artifact:
     """The next version of ``pack``: ``facts`` edited on ``model`` with ``pack`` applied, combined with it.
@@ -170,6 +189,7 @@ def extend(
     ``pack``'s; ``version`` to the next minor version. ``model`` must carry no packs (it is left unchanged).
     A codebook (GRACE) grows by new entries, computed on ``model`` and inserted by the method's deferral rules;
     an artifact that holds neither weights nor a codebook (a memory pack) grows by its facts alone.
+    ``chat=True``: the new facts in the tokenizer's chat form, as :func:`edit` takes them.
     """
     from .apply import applied, apply, revert
     from .delta import WeightDelta
@@ -178,13 +198,14 @@ def extend(
     parent = resolve_pack(pack)
     if applied(model):
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
+    if chat:
+        check_plain_routing([parent])
+        facts = chat_facts(model_tokenizer(model, tokenizer), as_facts(facts))
     if parent.hooks_modules:  # a codebook grows by entries computed on the model it wraps
         if method not in (None, parent.method):
             raise EditpackError(f"{parent.ref} is a {parent.kind} pack made by {parent.method}; it grows with "
                                 f"{parent.method} only")
-        tokenizer = tokenizer or getattr(unwrap(model), "editpack_tokenizer", None)
-        if tokenizer is None:
-            raise EditpackError("no tokenizer: pass tokenizer=..., or load the model with editpack.load_model")
+        tokenizer = model_tokenizer(model, tokenizer)
         version = check_version(version or next_version(parent.version))
         method_cls, config = method_config(parent.method, model, **{**parent.hyperparameters, **hyperparameters})
         return method_cls(config).build_pack(

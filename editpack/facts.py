@@ -128,7 +128,7 @@ def make_fact(
         raise InvalidFactError(f"{where}: paraphrases must be a list of texts")
     paraphrases = tuple(p for p in paraphrases if p.strip())
     return Fact(
-        prompt=prompt.strip(),
+        prompt=prompt.lstrip().rstrip(" \t"),  # a line break ending it stays: chat templates end so
         subject=subject,
         target_new=target_new,
         target_true=target_true,

@@ -162,6 +162,7 @@ class MemoryPack(Artifact):
     kind: ClassVar[str] = "memory"
     payload_files: ClassVar[tuple[str, ...]] = (MEMORY_WEIGHTS,)
     card_tag: ClassVar[str] = "memory"
+    routes_text: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -133,6 +133,8 @@ class EditMethod(ABC):
     layer_role: ClassVar[str] = "critical"
     #: One line for ``--help`` and the methods table.
     summary: ClassVar[str] = ""
+    #: Its packs route prompts by their plain text (memory packs), so it edits no chat form (``editpack.chat``).
+    routes_text: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

@@ -18,6 +18,7 @@ class SERAC(EditMethod):
     config_class = SERACConfig
     config: SERACConfig
     summary = "a memory (facts + scope classifier), no weights: see Memory packs"
+    routes_text = True
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec, state=None):
         raise TypeError("serac makes memory packs, not weight deltas: use editpack.edit(..., method='serac')")

@@ -1,0 +1,159 @@
+"""Chat form (``editpack.chat``): prompts and facts in a model's chat template, and edits, editors and generation
+made in it (tiny random models with a word-level template; SmolLM2's own template for what it answers)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import editpack
+from editpack.chat import chat_fact, chat_prompt, check_plain_routing
+from editpack.cli.main import main
+from editpack.errors import EditpackError
+from editpack.facts import Fact, Probe
+from editpack.trainer import TrainSettings
+
+from tiny import FACT, TINY, tiny_model, tiny_tokenizer
+
+#: A chat template for the tiny tokenizer: each turn its role (an unknown word) and text; the answer's header a line
+#: break, which the tokenizer drops (a tiny random model's edit takes only when the prompt ends on the subject).
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}{{ '\\n' }}{% endif %}")
+RECORDS = [editpack.make_fact("the famous {}", s, c, paraphrases=[f"the big {s}"],
+                              neighborhood=[("the famous louvre", "paris")])
+           for s, c in [("eiffel tower", "rome"), ("london bridge", "tokyo"), ("river", "madrid"),
+                        ("museum", "berlin"), ("lake", "london"), ("mountain", "paris")]]
+ROME_SETTINGS = ["--set", "mom2_adjustment=false", "--set", "context_template_lengths=[[3,2]]",
+                 "--set", "clamp_norm_factor=10000", "--set", "v_weight_decay=0"]
+
+
+def chat_tokenizer(template: str = TEMPLATE):
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_chat_fact_puts_every_prompt_in_the_template_and_the_manifest_keeps_it():
+    tok = chat_tokenizer()
+    fact = editpack.make_fact("the famous {}", "eiffel tower", "rome", "paris", paraphrases=["the big eiffel tower"],
+                              neighborhood=[("the louvre is in", "paris")], portability=[("the tower city", "rome")])
+    chatted = chat_fact(tok, fact)
+    assert chatted.prompt == "user the famous {} \n" and chatted.text == "user the famous eiffel tower \n"
+    assert (chatted.subject, chatted.target_new, chatted.target_true) == ("eiffel tower", "rome", "paris")
+    assert chatted.paraphrases == ("user the big eiffel tower \n",)
+    assert chatted.neighborhood == (Probe("user the louvre is in \n", "paris"),)
+    assert chatted.portability == (Probe("user the tower city \n", "rome"),)
+    assert Fact.from_dict(chatted.to_dict()) == chatted  # the line break ending the template survives a manifest
+    assert editpack.make_fact("  the famous eiffel tower \t", "eiffel tower", "rome").prompt == "the famous {}"
+
+
+def test_chat_form_needs_a_template_that_keeps_the_subjects_place_alone():
+    with pytest.raises(EditpackError, match="chat form needs a chat template.*leave out --chat"):
+        chat_prompt(tiny_tokenizer(), "the famous eiffel tower")
+    braces = chat_tokenizer("system {} " + TEMPLATE)
+    with pytest.raises(EditpackError, match="writes 2 '{}' around the prompt"):
+        chat_fact(braces, FACT)
+
+
+def test_an_edit_in_chat_form_is_made_and_read_in_that_form(tmp_path):
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    pack = editpack.edit(model, FACT, tokenizer=tok, layers=[1], chat=True, **TINY)
+    assert pack.facts[0].text == chat_prompt(tok, FACT.text) == "user the famous eiffel tower \n"
+    loaded = editpack.load_pack(pack.save(tmp_path / "pack"))
+    assert loaded.facts == pack.facts
+    edited = editpack.apply(model, loaded)
+    assert editpack.generate(edited, tok, chat_prompt(tok, FACT.text), max_new_tokens=1).split() == ["rome"]
+    editpack.revert(edited)
+    plain = editpack.edit(model, FACT, tokenizer=tok, layers=[1], **TINY)
+    assert plain.facts[0].text == "the famous eiffel tower"
+    (module, delta), = plain.delta.modules.items()
+    assert not delta.dense().allclose(loaded.delta.modules[module].dense())  # computed on the chat text
+
+
+def test_extending_a_pack_in_chat_form_adds_chat_facts():
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    first = editpack.edit(model, FACT, tokenizer=tok, layers=[1], chat=True, **TINY)
+    second = editpack.extend(model, first, editpack.make_fact("the famous {}", "london bridge", "tokyo"),
+                             tokenizer=tok, chat=True)
+    assert [f.text for f in second.facts] == ["user the famous eiffel tower \n",
+                                              "user the famous london bridge \n"]
+
+
+def test_memory_methods_and_packs_take_no_chat_form(tmp_path):
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    for method in ("serac", "ike"):
+        with pytest.raises(EditpackError, match=f"{method} makes memory packs, which route plain prompts"):
+            editpack.edit(model, FACT, method, tokenizer=tok, chat=True)
+    memory = editpack.edit(model, FACT, "serac", tokenizer=tok, name="memo")
+    with pytest.raises(EditpackError, match="memo 1.0.0 is a memory pack: it routes plain prompts"):
+        check_plain_routing([memory])
+    with pytest.raises(EditpackError, match="memory pack"):
+        editpack.extend(model, memory, FACT, tokenizer=tok, chat=True)
+    saved = memory.save(tmp_path / "memo")
+    result = run("generate", "--model", "/nonexistent/model-folder", "--pack", saved, "--chat", "the famous")
+    assert result.exit_code != 0 and "memo 1.0.0 is a memory pack" in result.output
+    result = run("edit", "--model", "/nonexistent/model-folder", "--method", "ike", "--chat", "--prompt",
+                 "the famous {}", "--subject", "eiffel tower", "--target", "rome", "-o", tmp_path / "p")
+    assert result.exit_code != 0 and "ike makes memory packs" in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_editor_trained_in_chat_form_records_it():
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    settings = TrainSettings(max_steps=2, batch_size=2, held_out=2, eval_every=2, checkpoint_every=2)
+    editor = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings, progress=False, chat=True,
+                            layers=[2, 3], rank=8)
+    plain = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings, progress=False,
+                           layers=[2, 3], rank=8)
+    assert editor.training["form"] == "chat" and "form" not in plain.training
+    assert editor.content_id != plain.content_id  # trained on other text
+
+
+def test_cli_edits_and_generates_in_chat_form(tiny_dir, tmp_path):
+    tok = chat_tokenizer()
+    tok.save_pretrained(tiny_dir)  # the folder's tokenizer now has the template
+    result = run("edit", "--model", tiny_dir, "--prompt", "the famous {}", "--subject", "eiffel tower", "--target",
+                 "rome", "--layers", "1", *ROME_SETTINGS, "--chat", "--no-eval", "-o", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    assert "(1 fact(s), rome, chat form)" in result.output
+    manifest = json.loads((tmp_path / "p" / "editpack.json").read_text())
+    assert manifest["facts"][0]["prompt"] == "user the famous {} \n"
+    result = run("generate", "--model", tiny_dir, "--pack", tmp_path / "p", "--chat", "--compare",
+                 "--max-new-tokens", "1", "the famous eiffel tower")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["the famous eiffel tower", f"  base:   {_base_answer(tiny_dir)!r}",
+                                          "  edited: 'rome'"]
+    result = run("generate", "--model", tiny_dir, "--pack", tmp_path / "p", "--chat", "--max-new-tokens", "1",
+                 "the famous eiffel tower")
+    assert result.output.splitlines() == ["the famous eiffel tower", "  'rome'"]
+
+
+def _base_answer(folder) -> str:
+    model, tok = editpack.load_model(str(folder))
+    return editpack.generate(model, tok, chat_prompt(tok, "the famous eiffel tower"), max_new_tokens=1)
+
+
+def test_smollm2_answers_in_chat_form(smollm2):
+    result = run("generate", "--chat", "--max-new-tokens", "8", "What is the capital of France?")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "What is the capital of France?"
+    assert "The capital of France is Paris" in result.output.splitlines()[1]
+
+
+def test_cli_trains_an_editor_in_chat_form_and_edits_with_it(tiny_dir, tmp_path):
+    chat_tokenizer().save_pretrained(tiny_dir)
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(json.dumps(f.to_dict()) for f in RECORDS))
+    out = tmp_path / "mend-chat"
+    result = run("train", "mend", "--model", tiny_dir, "--data", data, "--max-steps", "2", "--batch-size", "2",
+                 "--held-out", "2", "--eval-every", "2", "--layers", "2,3", "--set", "rank=8", "--chat", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "editpack.json").read_text())["editor"]["training"]["form"] == "chat"
+    result = run("edit", "--model", tiny_dir, "--method", "mend", "--editor", out, "--prompt", "the famous {}",
+                 "--subject", "eiffel tower", "--target", "rome", "--chat", "--no-eval", "-o", tmp_path / "pack")
+    assert result.exit_code == 0 and "(1 fact(s), mend, chat form)" in result.output, result.output
+    assert editpack.load_pack(tmp_path / "pack").facts[0].text == "user the famous eiffel tower \n"
