@@ -823,14 +823,16 @@ def verify_cmd(pack, model_opts, rerun, data, limit):
 @protocol_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@click.option("--chat", is_flag=True, help="Edit and score the records in the model's chat template (weight methods).")
 @friendly_errors
-def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_json, out):
+def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_json, out, chat):
     """Edit each record on its own (model restored between) and report all protocols, time and memory."""
     from editpack._io import atomic_write_json
     from editpack.api import edit
+    from editpack.api import method_config
+    from editpack.chat import chat_facts
     from editpack.evaluate import PROTOCOLS, bench_edits, format_table
     from editpack.facts import load_facts
-    from editpack.api import method_config
 
     hparams = parse_set(settings)
     if corpus and gathers_statistics(method):
@@ -841,11 +843,16 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
         raise click.BadParameter(str(exc), param_hint="--set") from None
     if out and not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"{Path(out).parent} is not a directory", param_hint="--out")
+    if chat and REGISTRY[method].routes_text:
+        raise click.UsageError(f"--chat edits weights; {method} makes memory packs, which route plain prompts")
     facts = load_facts(data, limit=limit, skip_invalid=True)
     lm, tokenizer = load_from_options(model_opts)
+    if chat:
+        facts = chat_facts(tokenizer, facts)
     result = bench_edits(lm, tokenizer, facts, lambda fact: edit(lm, fact, method, tokenizer=tokenizer, **hparams),
                          protocols=protocols or PROTOCOLS)
-    result.update({"method": method, "model": lm.editpack_ref.id, "data": data, "hyperparameters": hparams})
+    result.update({"method": method, "model": lm.editpack_ref.id, "data": data, **({"form": "chat"} if chat else {}),
+                   "hyperparameters": hparams})
     if out:
         atomic_write_json(out, result)
     if as_json:

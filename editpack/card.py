@@ -18,8 +18,10 @@ MAX_FACTS_IN_CARD = 20
 
 
 def _cell(value: Any) -> str:
+    """A table cell: one line, at most 120 characters; a longer text keeps its start and its end, where a prompt
+    asks its question (a chat-form prompt's system turn is its start)."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = text if len(text) <= 120 else text[:117] + "..."
+    text = text if len(text) <= 120 else text[:50] + " … " + text[-67:]
     return text.replace("|", "\\|").replace("\n", " ")
 
 

@@ -157,3 +157,32 @@ def test_cli_trains_an_editor_in_chat_form_and_edits_with_it(tiny_dir, tmp_path)
                  "--subject", "eiffel tower", "--target", "rome", "--chat", "--no-eval", "-o", tmp_path / "pack")
     assert result.exit_code == 0 and "(1 fact(s), mend, chat form)" in result.output, result.output
     assert editpack.load_pack(tmp_path / "pack").facts[0].text == "user the famous eiffel tower \n"
+
+
+def test_a_card_shows_a_long_chat_prompts_question():
+    from editpack.card import _cell
+
+    prompt = "system " + "you are a helpful assistant " * 8 + "user Who is the president of {}? assistant\n"
+    cell = _cell(prompt)
+    assert len(cell) <= 120 and cell.startswith("system you are a helpful assistant")
+    assert " … " in cell and cell.endswith("user Who is the president of {}? assistant ")  # the line break: a space
+
+
+def test_bench_edits_each_record_and_with_chat_scores_it_in_chat_form(tiny_dir, tmp_path, test_data):
+    chat_tokenizer().save_pretrained(tiny_dir)
+    data = f"counterfact:{test_data / 'counterfact-edit-25.json'}"
+    results = {}
+    for form in ("plain", "chat"):
+        out = tmp_path / f"{form}.json"
+        result = run("bench", "--model", tiny_dir, "--data", data, "--limit", "2", *ROME_SETTINGS, "--set",
+                     "layers=[1]", "--protocol", "prob_compare", "--out", out, *(["--chat"] if form == "chat" else []))
+        assert result.exit_code == 0, result.output
+        results[form] = json.loads(out.read_text())
+    assert results["chat"]["form"] == "chat" and "form" not in results["plain"]
+    for form, result in results.items():
+        assert result["n_facts"] == 2 and result["method"] == "rome"
+        assert result["protocols"]["prob_compare"]["reliability"]["n"] == 2
+    plain, chat = (results[form]["examples"][0]["prompt"] for form in ("plain", "chat"))
+    assert chat == f"user {plain} \n"  # what was edited and scored
+    result = run("bench", "--model", "/nonexistent/model-folder", "--method", "serac", "--data", data, "--chat")
+    assert result.exit_code != 0 and "serac makes memory packs" in result.output
