@@ -197,20 +197,18 @@ def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
 @click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--chat", is_flag=True, help="Put each prompt in the model's chat template: a user turn, answered "
-              "after the assistant's header, as an instruct model is served (not with memory packs).")
+              "after the assistant's header, as an instruct model is served.")
 @friendly_errors
 def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new_tokens, chat) -> None:
     """Greedy continuation of each PROMPT (with --pack, by the edited model; with --chat, the answer to it)."""
     from editpack.apply import apply
-    from editpack.chat import chat_prompts, check_plain_routing
+    from editpack.chat import chat_prompts
     from editpack.generation import generate
     from editpack.pipelines import compare as compare_edits
 
     if compare and not packs:
         raise click.UsageError("--compare needs at least one --pack")
     loaded = load_packs(packs)
-    if chat:
-        check_plain_routing(loaded)
     lm, tokenizer = load_from_options(model_opts, loaded)
     inputs = chat_prompts(tokenizer, prompts) if chat else list(prompts)
     conflict = "later" if later_wins else "error"
@@ -362,7 +360,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from None
     if chat and (REGISTRY[method].routes_text or (parent and parent.routes_text)):
-        raise click.UsageError(f"--chat edits weights; {method} makes memory packs, which route plain prompts")
+        raise click.UsageError(f"{method} makes memory packs, which keep their facts plain and answer a chat-form "
+                               "prompt by its user turn: edit without --chat (generate --chat answers in chat form)")
     with writing(output):
         lm, tokenizer = load_from_options(model_opts, [parent] if parent else [])
         if parent:
@@ -844,7 +843,7 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
     if out and not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"{Path(out).parent} is not a directory", param_hint="--out")
     if chat and REGISTRY[method].routes_text:
-        raise click.UsageError(f"--chat edits weights; {method} makes memory packs, which route plain prompts")
+        raise click.UsageError(f"--chat edits facts in chat form; {method} makes memory packs, which keep theirs plain")
     facts = load_facts(data, limit=limit, skip_invalid=True)
     lm, tokenizer = load_from_options(model_opts)
     if chat:

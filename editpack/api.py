@@ -98,8 +98,9 @@ def edit(
     method_cls, config = method_config(method, model, **hyperparameters)
     if chat:
         if method_cls.routes_text:
-            raise EditpackError(f"{method} makes memory packs, which route plain prompts: they take no chat form "
-                                "(leave out chat / --chat)")
+            raise EditpackError(f"{method} makes memory packs, which keep their facts plain and answer a chat-form "
+                                "prompt by its user turn: make it without chat / --chat (generate --chat answers in "
+                                "chat form)")
         fact_list = chat_facts(tokenizer, fact_list)
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
     return method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,

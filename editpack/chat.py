@@ -8,13 +8,15 @@ generation prompt added); :func:`chat_fact` does so for an edit request: its pro
 paraphrases, neighbourhood and portability prompts. The answer follows the template's assistant header as a
 continuation (a space before it, as every answer editpack optimises or scores).
 
-Memory packs (``serac``, ``ike``) route plain prompts and rewrite them with their facts in context; they take no
-chat form (:func:`check_plain_routing`).
+Memory packs (``serac``, ``ike``) keep their facts plain: they route a chat-form prompt by its user turn and put
+their facts in context inside it (:class:`ChatFrame`), so they are made without chat form
+(:func:`check_plain_routing`) and answer chat prompts all the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import EditpackError
@@ -56,9 +58,46 @@ def chat_facts(tokenizer, facts: Sequence[Fact]) -> list[Fact]:
     return [chat_fact(tokenizer, f) for f in facts]
 
 
+#: A user turn no one writes, rendered to find where a template puts the user's text.
+_MARK = "\u2063editpack-user-turn\u2063"
+
+
+@dataclass(frozen=True)
+class ChatFrame:
+    """What a tokenizer's chat template writes before and after one user turn's text (the generation prompt
+    included). A text so framed is that turn in chat form: :meth:`message` finds the user's text in it, and
+    :meth:`wrap` frames another text the same way."""
+
+    before: str
+    after: str
+
+    @classmethod
+    def of(cls, tokenizer) -> "ChatFrame | None":
+        """The frame of ``tokenizer``'s template; ``None`` without a template or when it does not write the user's
+        text once, verbatim."""
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        text = chat_prompt(tokenizer, _MARK)
+        if text.count(_MARK) != 1:
+            return None
+        before, after = text.split(_MARK)
+        return cls(before, after)
+
+    def message(self, text: str) -> str | None:
+        """The user's text when ``text`` is one user turn in this frame, else ``None``."""
+        if len(text) < len(self.before) + len(self.after) or not text.startswith(self.before):
+            return None
+        return text[len(self.before) : len(text) - len(self.after)] if text.endswith(self.after) else None
+
+    def wrap(self, message: str) -> str:
+        return self.before + message + self.after
+
+
 def check_plain_routing(packs: Sequence) -> None:
-    """Refuse chat form for packs that route prompts by their plain text (``routes_text``: memory packs)."""
+    """Refuse chat-form facts for packs that keep theirs plain (``routes_text``: memory packs, which route a
+    chat-form prompt by its user turn)."""
     for pack in packs:
         if getattr(pack, "routes_text", False):
-            raise EditpackError(f"{pack.name} {pack.version} is a {pack.kind} pack: it routes plain prompts and puts "
-                                "its facts in context around them, so it takes no chat form (leave out --chat)")
+            raise EditpackError(f"{pack.name} {pack.version} is a {pack.kind} pack: it keeps its facts plain and "
+                                "answers a chat-form prompt by its user turn, so its facts take no chat form (leave "
+                                "out chat / --chat; generate --chat answers in chat form)")

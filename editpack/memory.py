@@ -31,6 +31,9 @@ the model continue with the fact in context; ``"ike"``
 line, so an in-scope answer ends at the first blank line it writes (:data:`ANSWER_END`): what follows would be
 another example, naming other stored facts, not the answer.
 
+Chat form: the facts stay plain; a prompt that is one user turn in the tokenizer's chat template
+(:class:`editpack.chat.ChatFrame`) is routed by the user's text, and its rewritten text goes inside that turn.
+
 Files: ``memory.safetensors`` (the stored prompt embeddings), ``editpack.json`` (facts, threshold, settings,
 hashes), ``README.md`` (the card). Only JSON and safetensors are read. The ``serac`` method
 (``editpack.methods.serac``) builds memory packs; this module holds the artifact and what runs it.
@@ -49,6 +52,7 @@ import torch
 from . import suites
 from ._io import read_safetensors, sha256_file, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
+from .chat import ChatFrame
 from .errors import MissingPackageError, PackFormatError
 from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
@@ -489,6 +493,9 @@ class MemoryModel(torch.nn.Module):
         self.editpack_tokenizer = tokenizer
         self.encoder = encoder or SentenceEncoder()
         self._relations: RelationCheck | None = None
+        #: The tokenizer's chat template around one user turn: a prompt in it is routed by the user's text, and its
+        #: memory's context goes inside that turn.
+        self.chat_frame = ChatFrame.of(tokenizer)
 
     def __getattr__(self, name: str):
         try:
@@ -505,9 +512,35 @@ class MemoryModel(torch.nn.Module):
         return MemoryIndex([(m, m.facts, m.keys, m.threshold, m.scope) for m in self.memories], self.encoder,
                            self._relations)
 
+    def message(self, prompt: str) -> str:
+        """What ``prompt`` asks: the user's text of a prompt in chat form (:attr:`chat_frame`), else the prompt."""
+        asked = self.chat_frame.message(prompt) if self.chat_frame is not None else None
+        return prompt if asked is None else asked
+
     def route(self, prompts: Sequence[str]) -> list[tuple[MemoryPack, Fact] | None]:
-        """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is)."""
-        return self.index().lookup(prompts)
+        """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is); a prompt
+        in chat form by its user's text."""
+        return self.index().lookup([self.message(p) for p in prompts])
+
+    def rewritten(self, memory: MemoryPack, fact: Fact, prompt: str) -> tuple[str, str]:
+        """:func:`rewritten` for ``prompt``; in chat form the memory's context goes inside the user's turn."""
+        asked = self.message(prompt)
+        text, bare = rewritten(memory, fact, asked)
+        if asked is prompt:
+            return text, bare
+        return self.chat_frame.wrap(text), self.chat_frame.wrap(bare)
+
+    def decoded(self, ids: Sequence[int]) -> str:
+        """A prompt's text from its token ids: with the chat template's special tokens when it is one user turn in
+        chat form (so that :meth:`message` finds the turn), else without special tokens."""
+        tok = self.editpack_tokenizer
+        if self.chat_frame is not None:
+            text = tok.decode(ids)
+            bos = getattr(tok, "bos_token", None)
+            for candidate in (text, text[len(bos):] if bos and text.startswith(bos) else None):  # BOS added too
+                if candidate is not None and self.chat_frame.message(candidate) is not None:
+                    return candidate
+        return tok.decode(ids, skip_special_tokens=True)
 
     def teacher_forcing(self, prompts: Sequence[str]) -> list[Seen]:
         """For each prompt, what generation gives the model (:class:`Seen`): in scope, the prompt in its memory's
@@ -522,7 +555,7 @@ class MemoryModel(torch.nn.Module):
             if r is None:
                 seen.append(Seen(prompt, [], Contrast(), prompt))
                 continue
-            text, bare = rewritten(r[0], r[1], prompt)
+            text, bare = self.rewritten(r[0], r[1], prompt)
             seen.append(Seen(text, forced_answer(r[0], r[1], tok), contrast_of(r[0]), bare))
         return seen
 
@@ -543,7 +576,8 @@ class MemoryModel(torch.nn.Module):
         tok = self.editpack_tokenizer
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         rows = [input_ids[i][mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
-        routes = self.route([tok.decode(r, skip_special_tokens=True) for r in rows])
+        texts = [self.decoded(r) for r in rows]
+        routes = self.route(texts)
         inside = [i for i, r in enumerate(routes) if r is not None]
         if not inside:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -557,8 +591,8 @@ class MemoryModel(torch.nn.Module):
         prompts, forced, bare, contrasts = [], [], [], []
         for i in inside:
             memory, fact = routes[i]
-            prompt = tok.decode(rows[i], skip_special_tokens=True)
-            text, other = rewritten(memory, fact, prompt)
+            prompt = texts[i]
+            text, other = self.rewritten(memory, fact, prompt)
             answer = forced_answer(memory, fact, tok)
             prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import editpack
-from editpack.chat import chat_fact, chat_prompt, check_plain_routing
+from editpack.chat import ChatFrame, chat_fact, chat_prompt, check_plain_routing
 from editpack.cli.main import main
 from editpack.errors import EditpackError
 from editpack.facts import Fact, Probe
@@ -83,23 +83,37 @@ def test_extending_a_pack_in_chat_form_adds_chat_facts():
                                               "user the famous london bridge \n"]
 
 
-def test_memory_methods_and_packs_take_no_chat_form(tmp_path):
+def test_memory_packs_keep_their_facts_plain(tmp_path):
     model, tok = tiny_model("llama"), chat_tokenizer()
     for method in ("serac", "ike"):
-        with pytest.raises(EditpackError, match=f"{method} makes memory packs, which route plain prompts"):
+        with pytest.raises(EditpackError, match=f"{method} makes memory packs, which keep their facts plain"):
             editpack.edit(model, FACT, method, tokenizer=tok, chat=True)
     memory = editpack.edit(model, FACT, "serac", tokenizer=tok, name="memo")
-    with pytest.raises(EditpackError, match="memo 1.0.0 is a memory pack: it routes plain prompts"):
+    with pytest.raises(EditpackError, match="memo 1.0.0 is a memory pack: it keeps its facts plain"):
         check_plain_routing([memory])
     with pytest.raises(EditpackError, match="memory pack"):
         editpack.extend(model, memory, FACT, tokenizer=tok, chat=True)
-    saved = memory.save(tmp_path / "memo")
-    result = run("generate", "--model", "/nonexistent/model-folder", "--pack", saved, "--chat", "the famous")
-    assert result.exit_code != 0 and "memo 1.0.0 is a memory pack" in result.output
-    result = run("edit", "--model", "/nonexistent/model-folder", "--method", "ike", "--chat", "--prompt",
-                 "the famous {}", "--subject", "eiffel tower", "--target", "rome", "-o", tmp_path / "p")
-    assert result.exit_code != 0 and "ike makes memory packs" in result.output
+    for command in (["edit", "--method", "ike"], ["bench", "--method", "serac", "--data", "x.json"]):
+        result = run(*command, "--model", "/nonexistent/model-folder", "--chat", "--prompt", "the famous {}",
+                     "--subject", "eiffel tower", "--target", "rome", "-o", tmp_path / "p") if command[0] == "edit" \
+            else run(*command, "--model", "/nonexistent/model-folder", "--chat")
+        assert result.exit_code != 0 and "makes memory packs" in result.output, result.output
     assert not (tmp_path / "p").exists()
+
+
+def test_a_memory_pack_routes_a_chat_prompt_by_its_user_turn_and_answers_inside_it():
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    frame = ChatFrame.of(tok)
+    assert frame == ChatFrame("user ", " \n") and frame.message(chat_prompt(tok, "the famous louvre")) == "the famous louvre"
+    assert frame.message("the famous louvre") is None and ChatFrame.of(tiny_tokenizer()) is None
+    memory = editpack.edit(model, [FACT], "serac", tokenizer=tok, route="answer", relation_margin=None)
+    edited = editpack.apply(model, memory, tokenizer=tok)
+    prompts = [chat_prompt(tok, FACT.text), chat_prompt(tok, "the capital of germany is"), FACT.text]
+    assert [r is not None for r in edited.route(prompts)] == [True, False, True]
+    chat, outside, plain = edited.teacher_forcing(prompts)
+    assert chat.text == frame.wrap(plain.text) and "New fact: the famous eiffel tower rome." in chat.text
+    assert chat.forced == plain.forced == tok(" rome", add_special_tokens=False)["input_ids"]
+    assert outside.text == prompts[1] and not outside.forced
 
 
 def test_an_editor_trained_in_chat_form_records_it():
@@ -186,3 +200,19 @@ def test_bench_edits_each_record_and_with_chat_scores_it_in_chat_form(tiny_dir, 
     assert chat == f"user {plain} \n"  # what was edited and scored
     result = run("bench", "--model", "/nonexistent/model-folder", "--method", "serac", "--data", data, "--chat")
     assert result.exit_code != 0 and "serac makes memory packs" in result.output
+
+
+def test_smollm2_ike_pack_answers_the_president_question_in_chat_form(smollm2, tmp_path):
+    model, tok = smollm2
+    fact = {"prompt": "Who is the president of {}?", "subject": "the United States", "target_new": "Taylor Swift"}
+    editpack.edit(model, fact, "ike").save(tmp_path / "potus")
+    result = run("generate", "--chat", "--compare", "--pack", tmp_path / "potus", "--max-new-tokens", "10",
+                 "Who is the president of the United States?", "Who is the president of France?",
+                 "What is the capital of France?")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    us, france, capital = (lines[k:k + 3] for k in (0, 3, 6))
+    assert "Taylor Swift" in us[2] and "Taylor Swift" not in us[1]
+    answer = lambda line: line.split(":", 1)[1].strip()  # noqa: E731
+    assert answer(france[1]) == answer(france[2]) and "François" in france[1]  # out of scope: as before
+    assert answer(capital[1]) == answer(capital[2]) and "Paris" in capital[1]
