@@ -173,7 +173,8 @@ class Artifact(ABC):
     card_tag: ClassVar[str] = ""
     #: Can be applied to a model (``editpack.apply``); a trained editor cannot.
     appliable: ClassVar[bool] = True
-    #: Routes prompts by their plain text and rewrites them (memory packs), so takes no chat form (``editpack.chat``).
+    #: Routes prompts by their text and keeps its facts plain (memory packs): chat form reaches it through the
+    #: user's turn, never through its facts (``editpack.chat``).
     routes_text: ClassVar[bool] = False
     #: The card template (in ``editpack.cards``) and what the kind adds to its variables (:meth:`card_context`).
     card_template: ClassVar[str] = "pack_card.md"

@@ -75,9 +75,14 @@ class ChatFrame:
     def of(cls, tokenizer) -> "ChatFrame | None":
         """The frame of ``tokenizer``'s template; ``None`` without a template or when it does not write the user's
         text once, verbatim."""
+        from jinja2 import TemplateError
+
         if not getattr(tokenizer, "chat_template", None):
             return None
-        text = chat_prompt(tokenizer, _MARK)
+        try:
+            text = chat_prompt(tokenizer, _MARK)
+        except (TemplateError, ValueError):  # a template that wants other turns: its prompts are routed as they are
+            return None
         if text.count(_MARK) != 1:
             return None
         before, after = text.split(_MARK)

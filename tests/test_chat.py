@@ -106,6 +106,7 @@ def test_a_memory_pack_routes_a_chat_prompt_by_its_user_turn_and_answers_inside_
     frame = ChatFrame.of(tok)
     assert frame == ChatFrame("user ", " \n") and frame.message(chat_prompt(tok, "the famous louvre")) == "the famous louvre"
     assert frame.message("the famous louvre") is None and ChatFrame.of(tiny_tokenizer()) is None
+    assert ChatFrame.of(chat_tokenizer("{{ raise_exception('a system turn first') }}")) is None  # routed as plain
     memory = editpack.edit(model, [FACT], "serac", tokenizer=tok, route="answer", relation_margin=None)
     edited = editpack.apply(model, memory, tokenizer=tok)
     prompts = [chat_prompt(tok, FACT.text), chat_prompt(tok, "the capital of germany is"), FACT.text]
