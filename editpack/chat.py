@@ -36,6 +36,16 @@ def chat_prompt(tokenizer, text: str) -> str:
                                          add_generation_prompt=True)
 
 
+def chat_exchange(tokenizer, examples: Sequence[tuple[str, str]], text: str) -> str:
+    """``examples`` as earlier turns (each prompt from the user, its answer from the assistant), then ``text`` as the
+    user's turn, in ``tokenizer``'s chat template, ending where the assistant's answer starts: few-shot examples as
+    a chat model is shown them."""
+    turns = [{"role": role, "content": content} for prompt, answer in examples
+             for role, content in (("user", prompt), ("assistant", answer))]
+    return tokenizer.apply_chat_template(turns + [{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def chat_prompts(tokenizer, texts: Sequence[str]) -> list[str]:
     """Each of ``texts`` in chat form (:func:`chat_prompt`)."""
     return [chat_prompt(tokenizer, t) for t in texts]

@@ -52,7 +52,7 @@ import torch
 from . import suites
 from ._io import read_safetensors, sha256_file, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
-from .chat import ChatFrame
+from .chat import ChatFrame, chat_exchange
 from .errors import MissingPackageError, PackFormatError
 from .evaluate import answer_ids
 from .facts import Fact, fact_key, normal_text
@@ -325,30 +325,41 @@ class RelationCheck:
 #: Stored facts whose copy, update and retain examples precede an IKE prompt. On SmolLM2 (the first 50 CounterFact
 #: edit records, generate_match) 8 answered 98 % of edit prompts and 60 % of paraphrases, 4 answered 92 % and 50 %.
 IKE_DEMONSTRATIONS = 8
-#: Used when a pack holds too few facts of its own to demonstrate with: one update and one retain example.
+#: Used when a pack holds too few facts of its own to demonstrate with: one update and one retain example, each
+#: (prompt, answer).
 IKE_FALLBACK = (
-    "New Fact: The capital of Japan is Lisbon\nPrompt: The capital city of Japan is Lisbon",
-    "New Fact: The capital of Japan is Lisbon\nPrompt: The capital of France is Paris",
+    ("New Fact: The capital of Japan is Lisbon\nPrompt: The capital city of Japan is", "Lisbon"),
+    ("New Fact: The capital of Japan is Lisbon\nPrompt: The capital of France is", "Paris"),
 )
 
 
-def ike_demonstrations(memory: "MemoryPack", fact: Fact, k: int) -> list[str]:
+def ike_examples(memory: "MemoryPack", fact: Fact, k: int) -> list[tuple[str, str]]:
     """IKE's in-context demonstrations from the ``k`` stored facts nearest to ``fact`` (MiniLM keys), the nearest
-    last: for each, a copy example (its prompt answered with its new target), an update example (a paraphrase
-    answered with it) and a retain example (a neighbourhood prompt answered as before); generic ones fill a pack
-    too small."""
+    last, each a (prompt, answer) pair: for each fact a copy example (its prompt answered with its new target), an
+    update example (a paraphrase answered with it) and a retain example (a neighbourhood prompt answered as
+    before); generic ones fill a pack too small."""
     index = next(i for i, f in enumerate(memory.facts) if f is fact or fact_key(f) == fact_key(fact))
     order = (memory.keys @ memory.keys[index]).argsort(descending=True).tolist()
-    demos: list[str] = []
+    examples: list[tuple[str, str]] = []
     for j in reversed([j for j in order if j != index][:k]):  # the nearest fact last, next to the prompt
         other = memory.facts[j]
-        head = f"New Fact: {other.text} {other.target_new}\nPrompt: "
-        demos.append(head + f"{other.text} {other.target_new}")
+        examples.append((ike_query(other, other.text), other.target_new))
         if other.paraphrases:
-            demos.append(head + f"{other.paraphrases[0]} {other.target_new}")
+            examples.append((ike_query(other, other.paraphrases[0]), other.target_new))
         if other.neighborhood:
-            demos.append(head + f"{other.neighborhood[0].prompt} {other.neighborhood[0].answer}")
-    return demos if demos else list(IKE_FALLBACK)
+            examples.append((ike_query(other, other.neighborhood[0].prompt), other.neighborhood[0].answer))
+    return examples if examples else list(IKE_FALLBACK)
+
+
+def ike_query(fact: Fact | None, prompt: str) -> str:
+    """An IKE example's or prompt's text before its answer: the new fact (``None``: left out, what a contrast is
+    taken against), then the prompt."""
+    return f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}" if fact is not None else f"Prompt: {prompt}"
+
+
+def ike_demonstrations(memory: "MemoryPack", fact: Fact, k: int) -> list[str]:
+    """:func:`ike_examples` as text, each prompt followed by its answer."""
+    return [f"{query} {answer}" for query, answer in ike_examples(memory, fact, k)]
 
 
 def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
@@ -358,8 +369,7 @@ def ike_prompt(memory: "MemoryPack", fact: Fact, prompt: str, k: int) -> str:
 
 def ike_text(demos: Sequence[str], fact: Fact | None, prompt: str) -> str:
     """Demonstrations, then the new fact (``None``: left out, what a contrast is taken against) and the prompt."""
-    last = f"New Fact: {fact.text} {fact.target_new}\nPrompt: {prompt}" if fact is not None else f"Prompt: {prompt}"
-    return ANSWER_END.join([*demos, last])  # examples apart by the blank line an answer ends at
+    return ANSWER_END.join([*demos, ike_query(fact, prompt)])  # examples apart by the blank line an answer ends at
 
 
 def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
@@ -523,11 +533,20 @@ class MemoryModel(torch.nn.Module):
         return self.index().lookup([self.message(p) for p in prompts])
 
     def rewritten(self, memory: MemoryPack, fact: Fact, prompt: str) -> tuple[str, str]:
-        """:func:`rewritten` for ``prompt``; in chat form the memory's context goes inside the user's turn."""
+        """:func:`rewritten` for ``prompt``. In chat form the memory's text goes inside the user's turn; under the
+        ``ike`` route each demonstration is an earlier exchange instead (its prompt from the user, its answer from
+        the assistant), as a chat model is shown few-shot examples: inside one turn a SmolLM2 pack of 30 facts
+        answered about the demonstrations' facts (0 of 30 edit prompts in generate_match; 21 of 30 as exchanges)."""
         asked = self.message(prompt)
-        text, bare = rewritten(memory, fact, asked)
         if asked is prompt:
-            return text, bare
+            return rewritten(memory, fact, prompt)
+        cfg = memory.hyperparameters
+        if cfg.get("route") == "ike":
+            examples = ike_examples(memory, fact, int(cfg.get("demonstrations", IKE_DEMONSTRATIONS)))
+            tok = self.editpack_tokenizer
+            return (chat_exchange(tok, examples, ike_query(fact, asked)),
+                    chat_exchange(tok, examples, ike_query(None, asked)))
+        text, bare = rewritten(memory, fact, asked)
         return self.chat_frame.wrap(text), self.chat_frame.wrap(bare)
 
     def decoded(self, ids: Sequence[int]) -> str:

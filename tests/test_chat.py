@@ -217,3 +217,23 @@ def test_smollm2_ike_pack_answers_the_president_question_in_chat_form(smollm2, t
     answer = lambda line: line.split(":", 1)[1].strip()  # noqa: E731
     assert answer(france[1]) == answer(france[2]) and "François" in france[1]  # out of scope: as before
     assert answer(capital[1]) == answer(capital[2]) and "Paris" in capital[1]
+
+
+def test_an_ike_pack_shows_its_demonstrations_to_a_chat_prompt_as_earlier_exchanges():
+    from editpack.memory import IKE_DEMONSTRATIONS, ike_examples, ike_prompt
+
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    tower = editpack.make_fact("the famous {}", "eiffel tower", "rome", paraphrases=["the big eiffel tower is in"])
+    bridge = editpack.make_fact("the old {}", "london bridge", "tokyo", paraphrases=["the london bridge is in"],
+                                neighborhood=[("the old tower", "london")])
+    memory = editpack.edit(model, [tower, bridge], "ike", tokenizer=tok, relation_margin=None)
+    edited = editpack.apply(model, memory, tokenizer=tok)
+    chat, plain = edited.teacher_forcing([chat_prompt(tok, tower.text), tower.text])
+    assert ike_examples(memory, tower, IKE_DEMONSTRATIONS) == [
+        ("New Fact: the old london bridge tokyo\nPrompt: the old london bridge", "tokyo"),
+        ("New Fact: the old london bridge tokyo\nPrompt: the london bridge is in", "tokyo"),
+        ("New Fact: the old london bridge tokyo\nPrompt: the old tower", "london")]
+    turns = "".join(f"user {q} assistant {a} " for q, a in ike_examples(memory, tower, IKE_DEMONSTRATIONS))
+    assert chat.text == turns + "user New Fact: the famous eiffel tower rome\nPrompt: the famous eiffel tower \n"
+    assert chat.bare == turns + "user Prompt: the famous eiffel tower \n"  # the contrast: the same without the fact
+    assert plain.text == ike_prompt(memory, tower, tower.text, IKE_DEMONSTRATIONS)  # plain prompts: one text, as before
