@@ -32,7 +32,8 @@ line, so an in-scope answer ends at the first blank line it writes (:data:`ANSWE
 another example, naming other stored facts, not the answer.
 
 Chat form: the facts stay plain; a prompt that is one user turn in the tokenizer's chat template
-(:class:`editpack.chat.ChatFrame`) is routed by the user's text, and its rewritten text goes inside that turn.
+(:class:`editpack.chat.ChatFrame`) is routed by the user's text, and its rewritten text goes inside that turn
+(IKE's demonstrations: earlier exchanges, :meth:`MemoryModel.rewritten`).
 
 Files: ``memory.safetensors`` (the stored prompt embeddings), ``editpack.json`` (facts, threshold, settings,
 hashes), ``README.md`` (the card). Only JSON and safetensors are read. The ``serac`` method
