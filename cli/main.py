@@ -746,20 +746,26 @@ def protocol_option(func):
 @protocol_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--force", is_flag=True, help="Evaluate even if the pack's base fingerprint does not match.")
+@click.option("--chat", is_flag=True, help="With --data: put its facts in the model's chat template first, as a pack "
+              "edited with --chat holds its own.")
 @friendly_errors
-def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force):
+def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force, chat):
     """Measure PACK before/after, store the results in its manifest and regenerate its card."""
     from editpack.apply import check_fingerprint
     from editpack.evaluate import PROTOCOLS, format_table
     from editpack.report import evaluate_and_store
     from editpack.facts import load_facts
 
+    if chat and not data:
+        raise click.UsageError("--chat puts --data's facts in chat form; a pack's own facts are in the form they "
+                               "were edited in")
     facts = load_facts(data, limit=limit, skip_invalid=True) if data else None
     (loaded,) = load_packs([pack])
     lm, tokenizer = load_from_options(model_opts, [loaded])
     if not force and loaded.holds_weights:
         check_fingerprint(lm, loaded)
-    result, stored = evaluate_and_store(lm, tokenizer, loaded, facts, data=data, protocols=protocols or PROTOCOLS)
+    result, stored = evaluate_and_store(lm, tokenizer, loaded, facts, data=data, protocols=protocols or PROTOCOLS,
+                                        chat=chat)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if not stored:  # read in place from the Hugging Face cache, which must not be written to
         click.echo(f"results not stored: {pack} is read from the Hugging Face cache; `editpack pull {pack} -o DIR` "

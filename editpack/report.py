@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import side_effects, suites
+from .chat import chat_facts
 from .errors import EditpackError
 from .evaluate import PROTOCOLS, check_protocols, combine, measure
 from .facts import Fact
@@ -27,8 +28,11 @@ DEFAULTS = {"max_new_tokens": 8, "fluency_tokens": 60}
 def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *, data: str | None = None,
                   protocols: Sequence[str] = PROTOCOLS, default_probes: bool = True,
                   suite_settings: side_effects.SuiteSettings | None = None, max_new_tokens: int = 8,
-                  fluency_tokens: int = 60) -> dict:
+                  fluency_tokens: int = 60, chat: bool = False) -> dict:
     """Evaluate ``pack`` on ``model`` (its own facts unless ``facts`` are given); returns the result dict.
+
+    ``chat=True`` puts the given ``facts`` in the tokenizer's chat form first (:func:`editpack.chat.chat_fact`), as
+    a pack edited with ``chat=True`` holds its own; the settings record it, so :func:`rerun` does the same.
 
     With ``default_probes`` (the default) facts without paraphrases get them from relation templates where
     their relation is known, and the side effects are measured on the shipped suites. The model is left as it
@@ -37,8 +41,11 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     from .apply import apply, revert
 
     check_protocols(protocols)
+    if chat and facts is None:
+        raise EditpackError("chat form applies to facts given to evaluate on; a pack's own facts are already in the "
+                            "form they were edited in")
     started = time.perf_counter()
-    facts = list(facts) if facts is not None else list(pack.facts)
+    facts = chat_facts(tokenizer, facts) if chat else list(facts) if facts is not None else list(pack.facts)
     origin = None
     if default_probes:
         facts, origin = side_effects.with_default_paraphrases(facts)
@@ -56,7 +63,7 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
         revert(edited)
     result = combine(facts, base, after, protocols)
     result["data"] = portable_data_name(data) if data else "pack facts"
-    result["settings"] = dict(kwargs, default_probes=default_probes)
+    result["settings"] = dict(kwargs, default_probes=default_probes, **({"chat": True} if chat else {}))
     if default_probes:
         claims = side_effects.compare(base_snap, after_snap)
         result["generalization_origin"] = origin
@@ -173,6 +180,7 @@ def rerun(model, tokenizer, pack, facts: Sequence[Fact] | None = None) -> list[C
         # (an evaluation recorded before the same-subject cap existed used every fact)
         suite_settings=side_effects.SuiteSettings(**{"same_subject_facts": 10**9, **side["settings"]}) if side else None,
         max_new_tokens=settings["max_new_tokens"], fluency_tokens=settings["fluency_tokens"],
+        chat=bool(settings.get("chat")) and facts is not None,
     )
     measured = claims_of(again)
     checks = []

@@ -237,3 +237,23 @@ def test_an_ike_pack_shows_its_demonstrations_to_a_chat_prompt_as_earlier_exchan
     assert chat.text == turns + "user New Fact: the famous eiffel tower rome\nPrompt: the famous eiffel tower \n"
     assert chat.bare == turns + "user Prompt: the famous eiffel tower \n"  # the contrast: the same without the fact
     assert plain.text == ike_prompt(memory, tower, tower.text, IKE_DEMONSTRATIONS)  # plain prompts: one text, as before
+
+
+def test_eval_on_data_in_chat_form_is_recorded_and_reruns(tiny_dir, tmp_path, test_data):
+    chat_tokenizer().save_pretrained(tiny_dir)
+    data = f"counterfact:{test_data / 'counterfact-edit-25.json'}"
+    pack = tmp_path / "p"
+    result = run("edit", "--model", tiny_dir, "--prompt", "the famous {}", "--subject", "eiffel tower", "--target",
+                 "rome", "--layers", "1", *ROME_SETTINGS, "--chat", "--no-eval", "-o", pack)
+    assert result.exit_code == 0, result.output
+    result = run("eval", pack, "--model", tiny_dir, "--chat")
+    assert result.exit_code != 0 and "--chat puts --data's facts in chat form" in result.output
+    result = run("eval", pack, "--model", tiny_dir, "--data", data, "--limit", "2", "--chat", "--protocol",
+                 "prob_compare", "--json")
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((pack / "editpack.json").read_text())["evaluation"]
+    assert evaluation["settings"]["chat"] is True
+    assert all(e["prompt"].startswith("user ") and e["prompt"].endswith(" \n") for e in evaluation["examples"])
+    again = run("verify", pack, "--rerun", "--model", tiny_dir, "--data", data, "--limit", "2")
+    assert again.exit_code == 0, again.output
+    assert "claims reproduced" in again.output
