@@ -327,7 +327,7 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     """
     from editpack.api import edit, extend, method_config
     from editpack.artifact import check_name, check_version
-    from editpack.chat import chat_facts
+    from editpack.chat import chat_facts, check_plain_routing
     from editpack.facts import load_facts, make_fact
     from editpack.pipelines import compare
 
@@ -359,9 +359,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
                                      and "stacked" not in parent.hyperparameters else {}), **hparams}))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from None
-    if chat and (REGISTRY[method].routes_text or (parent and parent.routes_text)):
-        raise click.UsageError(f"{method} makes memory packs, which keep their facts plain and answer a chat-form "
-                               "prompt by its user turn: edit without --chat (generate --chat answers in chat form)")
+    if chat:  # before the model loads
+        check_plain_routing([REGISTRY[method], *([parent] if parent else [])])
     with writing(output):
         lm, tokenizer = load_from_options(model_opts, [parent] if parent else [])
         if parent:
@@ -835,7 +834,7 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
     from editpack._io import atomic_write_json
     from editpack.api import edit
     from editpack.api import method_config
-    from editpack.chat import chat_facts
+    from editpack.chat import chat_facts, check_plain_routing
     from editpack.evaluate import PROTOCOLS, bench_edits, format_table
     from editpack.facts import load_facts
 
@@ -848,8 +847,8 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
         raise click.BadParameter(str(exc), param_hint="--set") from None
     if out and not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"{Path(out).parent} is not a directory", param_hint="--out")
-    if chat and REGISTRY[method].routes_text:
-        raise click.UsageError(f"--chat edits facts in chat form; {method} makes memory packs, which keep theirs plain")
+    if chat:  # before the model loads
+        check_plain_routing([REGISTRY[method]])
     facts = load_facts(data, limit=limit, skip_invalid=True)
     lm, tokenizer = load_from_options(model_opts)
     if chat:

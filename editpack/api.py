@@ -97,10 +97,7 @@ def edit(
     fact_list = as_facts(facts)
     method_cls, config = method_config(method, model, **hyperparameters)
     if chat:
-        if method_cls.routes_text:
-            raise EditpackError(f"{method} makes memory packs, which keep their facts plain and answer a chat-form "
-                                "prompt by its user turn: make it without chat / --chat (generate --chat answers in "
-                                "chat form)")
+        check_plain_routing([method_cls])
         fact_list = chat_facts(tokenizer, fact_list)
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
     return method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,
@@ -151,8 +148,9 @@ def train(
     identity = {"method": method, "config": dataclasses.asdict(config), "records": digest}
     result = Trainer(learner, facts, settings, checkpoint_dir=checkpoint_dir, progress=progress,
                      identity=identity).fit()
-    training = {"data": data or [], **({"form": "chat"} if chat else {}), "records": len(facts), "seed": settings.seed, "batch_size": settings.batch_size,
-                "lr": settings.lr, "held_out_records": len(result.held_out_indices), **result.summary()}
+    training = {"data": data or [], **({"form": "chat"} if chat else {}), "records": len(facts), "seed": settings.seed,
+                "batch_size": settings.batch_size, "lr": settings.lr,
+                "held_out_records": len(result.held_out_indices), **result.summary()}
     ref = getattr(model, "editpack_ref", None)
     name = name or f"{method}-{slug(ref.id) if ref is not None else 'editor'}"
     return runner.editor_from(learner, name=name, version=version, training=training)

@@ -108,11 +108,17 @@ class ChatFrame:
         return self.before + message + self.after
 
 
-def check_plain_routing(packs: Sequence) -> None:
-    """Refuse chat-form facts for packs that keep theirs plain (``routes_text``: memory packs, which route a
-    chat-form prompt by its user turn)."""
-    for pack in packs:
-        if getattr(pack, "routes_text", False):
-            raise EditpackError(f"{pack.name} {pack.version} is a {pack.kind} pack: it keeps its facts plain and "
-                                "answers a chat-form prompt by its user turn, so its facts take no chat form (leave "
-                                "out chat / --chat; generate --chat answers in chat form)")
+def check_plain_routing(makers: Sequence) -> None:
+    """Refuse chat-form facts for the methods (classes) and packs in ``makers`` that keep theirs plain
+    (``routes_text``: memory packs, which answer a chat-form prompt by its user turn). One check for the library
+    and for the commands, which call it before loading a model."""
+    for maker in makers:
+        if not getattr(maker, "routes_text", False):
+            continue
+        if isinstance(maker, type):  # a method
+            what = (f"{maker.name} makes memory packs, which keep their facts plain and answer a chat-form prompt "
+                    "by its user turn: they take no chat form")
+        else:
+            what = (f"{maker.name} {maker.version} is a {maker.kind} pack: it keeps its facts plain and answers a "
+                    "chat-form prompt by its user turn, so its facts take no chat form")
+        raise EditpackError(f"{what} (leave out chat / --chat; generate --chat answers in chat form)")
