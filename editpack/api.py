@@ -12,7 +12,7 @@ import torch
 
 from .arch import spec_for
 from .artifact import Artifact, BaseModel, check_version, slug
-from .chat import chat_facts, check_plain_routing
+from .chat import chat_facts, check_plain_routing, check_same_form
 from .errors import EditpackError, InvalidFactError
 from .facts import Fact, facts_from_records, kept_indices, load_facts
 from .fingerprint import combine, unwrap
@@ -199,6 +199,8 @@ def extend(
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
     if chat:
         check_plain_routing([parent])
+    check_same_form(model_tokenizer(model, tokenizer), parent.facts, chat, parent.ref)
+    if chat:
         facts = chat_facts(model_tokenizer(model, tokenizer), as_facts(facts))
     if parent.hooks_modules:  # a codebook grows by entries computed on the model it wraps
         if method not in (None, parent.method):

@@ -46,6 +46,9 @@ def side_effects_markdown(evaluation: dict, chart: str | None) -> list[str]:
     if not side:
         return []
     lines = ["### Side effects", "", f"**{side['verdict']}.**", ""]
+    if side.get("settings", {}).get("form") == "chat":
+        lines += ["Asked in chat form, as the facts are: each suite prompt is the user's turn in the model's chat "
+                  "template (perplexity is read on the plain text).", ""]
     if chart:
         lines += [f"![before and after]({chart})", ""]
     lines += ["| what | protocol | suite | n | before | after |", "|---|---|---|---|---|---|"]

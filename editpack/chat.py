@@ -108,6 +108,40 @@ class ChatFrame:
         return self.before + message + self.after
 
 
+def plain_fact(frame: "ChatFrame | None", fact: Fact) -> Fact:
+    """``fact`` with each prompt that is one user turn in ``frame`` replaced by the user's text (the inverse of
+    :func:`chat_fact`); other prompts, and every prompt without a frame, as they are."""
+    if frame is None:
+        return fact
+
+    def plain(text: str) -> str:
+        message = frame.message(text)
+        return text if message is None else message
+
+    probes = {name: tuple(dataclasses.replace(p, prompt=plain(p.prompt)) for p in getattr(fact, name))
+              for name in ("neighborhood", "portability")}
+    return dataclasses.replace(fact, prompt=plain(fact.prompt), paraphrases=tuple(map(plain, fact.paraphrases)),
+                               **probes)
+
+
+def facts_form(tokenizer, facts: Sequence[Fact]) -> str:
+    """``"chat"`` when every one of ``facts`` is in ``tokenizer``'s chat form (its prompt one user turn of the
+    template, as :func:`chat_fact` writes it), ``"plain"`` when none is (or there are none), else ``"mixed"`` (a
+    stack of packs of both forms)."""
+    frame = ChatFrame.of(tokenizer)
+    framed = sum(frame.message(f.prompt) is not None for f in facts) if frame is not None else 0
+    return "plain" if framed == 0 else "chat" if framed == len(facts) else "mixed"
+
+
+def check_same_form(tokenizer, held: Sequence[Fact], chat: bool, what: str) -> None:
+    """Refuse new facts in one form (``chat``) for ``what``, a pack whose ``held`` facts are in the other: a pack
+    extended so would hold facts it was edited on in two forms (a stack that holds both already takes either)."""
+    form = facts_form(tokenizer, held)
+    if form != "mixed" and form != ("chat" if chat else "plain") and held:
+        raise EditpackError(f"{what} holds its facts in {form} form; new facts take its form "
+                            f"({'give' if form == 'chat' else 'leave out'} chat / --chat)")
+
+
 def check_plain_routing(makers: Sequence) -> None:
     """Refuse chat-form facts for the methods (classes) and packs in ``makers`` that keep theirs plain
     (``routes_text``: memory packs, which answer a chat-form prompt by its user turn). One check for the library

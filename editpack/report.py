@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import side_effects, suites
-from .chat import chat_facts
+from .chat import chat_facts, facts_form
 from .errors import EditpackError
 from .evaluate import PROTOCOLS, check_protocols, combine, measure
 from .facts import Fact
@@ -48,8 +48,10 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     facts = chat_facts(tokenizer, facts) if chat else list(facts) if facts is not None else list(pack.facts)
     origin = None
     if default_probes:
-        facts, origin = side_effects.with_default_paraphrases(facts)
-    settings = suite_settings or side_effects.SuiteSettings()
+        facts, origin = side_effects.with_default_paraphrases(facts, tokenizer)
+    # the suites are asked in the form the facts are (a rerun takes the form its evaluation records)
+    settings = suite_settings or side_effects.SuiteSettings(form="chat" if facts_form(tokenizer, facts) == "chat"
+                                                            else "plain")
     kwargs = dict(max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
     base = measure(model, tokenizer, facts, **kwargs)
     base_snap = (side_effects.snapshot(model, tokenizer, pack.facts, settings, logits=pack.scores_logits)

@@ -20,6 +20,10 @@ Generalization needs paraphrases: a fact's own when it has them, else the other 
 relation when the fact names a known relation (or its prompt is one of CounterFact's phrasings), else it is not
 measured and the card says so. Every number is stored with its protocol, suite, the suite file's sha256 and n.
 
+Facts in chat form (``editpack.chat``) are measured in that form: each suite prompt is asked as the user's turn in
+the model's chat template (``SuiteSettings.form``, recorded with the settings), and a fact's relation is known by
+its user's text.
+
 Memory packs route generation only, so for them the teacher-forced numbers (KL, perplexity) are left out.
 """
 
@@ -34,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from . import suites
+from .chat import ChatFrame, chat_prompts, plain_fact
 from .evaluate import ngram_entropy, normalise
 from .facts import Fact, normal_text
 from .generation import generate, model_device, next_token_logits
@@ -54,6 +59,16 @@ class SuiteSettings:
     fluency_tokens: int = 24
     max_new_tokens: int = 8
     batch_size: int = 96
+    #: How the suites' prompts are asked: ``"plain"``, as written, or ``"chat"``, each the user's turn in the
+    #: model's chat template (``editpack.chat``), the form a pack edited in chat form is served in.
+    form: str = "plain"
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, not {self.form!r}")
+
+
+FORMS = ("plain", "chat")
 
 
 # ---------------------------------------------------------------------------------------------- probes from templates
@@ -82,16 +97,21 @@ def template_paraphrases(fact: Fact) -> list[str]:
     return [p.replace("{}", fact.subject) for p in phrasings if normal_text(p) != own]
 
 
-def with_default_paraphrases(facts: Sequence[Fact]) -> tuple[list[Fact], dict[str, int]]:
+def with_default_paraphrases(facts: Sequence[Fact], tokenizer=None) -> tuple[list[Fact], dict[str, int]]:
     """The facts, those without paraphrases given template paraphrases where their relation is known, and how
-    many facts' generalization comes from where (``paraphrases``, ``relation_templates``, ``not_measured``)."""
+    many facts' generalization comes from where (``paraphrases``, ``relation_templates``, ``not_measured``).
+    With ``tokenizer``, a fact in its chat form is known by the user's text and gets the paraphrases in chat form."""
+    frame = ChatFrame.of(tokenizer) if tokenizer is not None else None
     out, origin = [], {"paraphrases": 0, "relation_templates": 0, "not_measured": 0}
     for fact in facts:
         if fact.paraphrases:
             origin["paraphrases"] += 1
             out.append(fact)
             continue
-        extra = template_paraphrases(fact)
+        plain = plain_fact(frame, fact)
+        extra = template_paraphrases(plain)
+        if extra and plain.prompt != fact.prompt:
+            extra = chat_prompts(tokenizer, extra)
         origin["relation_templates" if extra else "not_measured"] += 1
         out.append(replace(fact, paraphrases=tuple(extra)) if extra else fact)
     return out, origin
@@ -138,13 +158,18 @@ class Snapshot:
 
 
 def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True) -> Snapshot:
-    """Run the suites on ``model`` (teacher-forced parts only when ``logits``)."""
-    loc = [item["prompt"] for item in suites.load("locality").items[: settings.locality]]
-    same = [p for f in spread(facts, settings.same_subject_facts) for p in same_subject_prompts(f, settings.same_subject)]
+    """Run the suites on ``model`` (teacher-forced parts only when ``logits``), their prompts in ``settings.form``.
+    The subjects of ``facts`` in chat form are asked about by the user's text of their prompts."""
+    asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
+    frame = ChatFrame.of(tokenizer)
+    facts = [plain_fact(frame, f) for f in spread(facts, settings.same_subject_facts)]
+    loc = asked([item["prompt"] for item in suites.load("locality").items[: settings.locality]])
+    same = asked([p for f in facts for p in same_subject_prompts(f, settings.same_subject)])
     generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
     answers = generate(model, tokenizer, loc + same, max_new_tokens=settings.max_new_tokens,
                        batch_size=settings.batch_size)
-    free = generate(model, tokenizer, generic, max_new_tokens=settings.fluency_tokens, batch_size=settings.batch_size)
+    free = generate(model, tokenizer, asked(generic), max_new_tokens=settings.fluency_tokens,
+                    batch_size=settings.batch_size)
     return Snapshot(
         locality=answers[: len(loc)],
         locality_logprobs=(torch.log_softmax(next_token_logits(model, tokenizer, loc, settings.batch_size), dim=-1)

@@ -7,7 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 import editpack
-from editpack.chat import ChatFrame, chat_fact, chat_prompt, check_plain_routing
+from editpack import side_effects
+from editpack.card import render_card
+from editpack.chat import ChatFrame, chat_fact, chat_prompt, check_plain_routing, facts_form, plain_fact
+from editpack.report import evaluate_pack, rerun
 from editpack.cli.main import main
 from editpack.errors import EditpackError
 from editpack.facts import Fact, Probe
@@ -81,6 +84,77 @@ def test_extending_a_pack_in_chat_form_adds_chat_facts():
                              tokenizer=tok, chat=True)
     assert [f.text for f in second.facts] == ["user the famous eiffel tower \n",
                                               "user the famous london bridge \n"]
+
+
+def test_a_pack_extends_with_facts_in_its_own_form(tiny_dir, tmp_path):
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    chatted = editpack.edit(model, FACT, tokenizer=tok, layers=[1], chat=True, name="chatty", **TINY)
+    plain = editpack.edit(model, FACT, tokenizer=tok, layers=[1], name="plainly", **TINY)
+    other = editpack.make_fact("the famous {}", "london bridge", "tokyo")
+    with pytest.raises(EditpackError, match=r"chatty@1.0.0 holds its facts in chat form; new facts take its form "
+                                            r"\(give chat / --chat\)"):
+        editpack.extend(model, chatted, other, tokenizer=tok)
+    with pytest.raises(EditpackError, match=r"plainly@1.0.0 holds its facts in plain form.*\(leave out chat"):
+        editpack.extend(model, plain, other, tokenizer=tok, chat=True)
+    assert facts_form(tok, chatted.facts) == "chat" and facts_form(tok, plain.facts) == "plain"
+    assert facts_form(tok, [*chatted.facts, *plain.facts]) == "mixed"  # a stack of both takes either
+    assert facts_form(tok, []) == facts_form(tiny_tokenizer(), chatted.facts) == "plain"
+    assert plain_fact(ChatFrame.of(tok), chatted.facts[0]) == plain.facts[0]
+    tok.save_pretrained(tiny_dir)
+    result = run("edit", "--model", tiny_dir, "--prompt", "the famous {}", "--subject", "eiffel tower", "--target",
+                 "rome", "--layers", "1", *ROME_SETTINGS, "--chat", "--no-eval", "-o", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    result = run("edit", "--onto", tmp_path / "p", "--model", tiny_dir, "--prompt", "the famous {}", "--subject",
+                 "london bridge", "--target", "tokyo", "--no-eval", "-o", tmp_path / "next")
+    assert result.exit_code != 0 and "holds its facts in chat form" in result.output, result.output
+    assert not (tmp_path / "next").exists()
+
+
+def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monkeypatch):
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    fact = editpack.make_fact("the mother tongue of {} is", "eiffel tower", "english")  # a CounterFact phrasing
+    asked = []
+
+    def recording(model, tokenizer, prompts, **kwargs):
+        asked.extend([prompts] if isinstance(prompts, str) else prompts)
+        return real(model, tokenizer, prompts, **kwargs)
+
+    real = side_effects.generate
+    monkeypatch.setattr(side_effects, "generate", recording)
+    settings = side_effects.SuiteSettings(locality=4, same_subject=2, fluency_prompts=2, fluency_tokens=4,
+                                          heldout_tokens=16)
+    for chat in (True, False):
+        pack = editpack.edit(model, fact, tokenizer=tok, layers=[1], chat=chat, **TINY)
+        asked.clear()
+        result = evaluate_pack(model, tok, pack, suite_settings=side_effects.SuiteSettings(
+            **{**settings.__dict__, "form": "chat" if chat else "plain"}))
+        assert result["generalization_origin"] == {"paraphrases": 0, "relation_templates": 1, "not_measured": 0}
+        assert len(asked) == 2 * (4 + 2 + 2)  # before and after: locality, the subject's other relations, fluency
+        assert all(p.startswith("user ") and p.endswith(" \n") for p in asked) is chat
+        assert not any(p.startswith("user ") for p in asked) is not chat
+        subject = [ChatFrame.of(tok).message(p) if chat else p for p in asked if "eiffel tower" in p]
+        assert len(subject) == 4 and not any("user" in p or "{}" in p for p in subject)  # asked by the user's text
+        assert ("Asked in chat form" in render_card(_with(pack, result))) is chat
+    with pytest.raises(ValueError, match="form must be one of plain, chat"):
+        side_effects.SuiteSettings(form="markdown")
+
+
+def _with(pack, evaluation):
+    pack.evaluation = evaluation
+    return pack
+
+
+def test_a_chat_form_evaluation_chooses_its_form_and_reruns():
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    fact = editpack.make_fact("the mother tongue of {} is", "eiffel tower", "english")
+    pack = editpack.edit(model, fact, tokenizer=tok, layers=[1], chat=True, **TINY)
+    paraphrased, origin = side_effects.with_default_paraphrases(pack.facts, tok)
+    assert origin["relation_templates"] == 1 and paraphrased[0].paraphrases
+    assert all(p.startswith("user ") and "eiffel tower" in p for p in paraphrased[0].paraphrases)
+    pack.evaluation = evaluate_pack(model, tok, pack, protocols=["prob_compare"])
+    assert pack.evaluation["side_effects"]["settings"]["form"] == "chat"
+    checks = rerun(model, tok, pack)
+    assert checks and all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
 
 
 def test_memory_packs_keep_their_facts_plain(tmp_path):
