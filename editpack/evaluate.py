@@ -50,9 +50,10 @@ class Scored:
         return sum(p == a for p, a in zip(self.predictions, self.answer)) / len(self.answer)
 
 
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """An answer's token ids as teacher-forced scoring reads them (stripped, then as a continuation)."""
-    return continuation_ids(tokenizer, answer.strip(), "answer")
+def answer_ids(tokenizer, answer: str, after: str = "") -> list[int]:
+    """An answer's token ids as teacher-forced scoring reads them after the prompt ``after`` (stripped, then as
+    its continuation)."""
+    return continuation_ids(tokenizer, answer.strip(), "answer", after)
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def score(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 
         seen = routed(bare)
         pairs = [(s.text, answer) for s, (_, answer) in zip(seen, pairs)]
         forced, contrasts, bare = [s.forced for s in seen], [s.contrast for s in seen], [s.bare for s in seen]
-    answers = [answer_ids(tokenizer, answer) for _, answer in pairs]
+    answers = [answer_ids(tokenizer, answer, prompt) for prompt, answer in pairs]
     rows = [tokenizer(prompt)["input_ids"] + ids for (prompt, _), ids in zip(pairs, answers)]
     # A contrast's other side: the answer's log-probabilities after the text without the new fact.
     contrasted = [i for i, contrast in enumerate(contrasts) if contrast]

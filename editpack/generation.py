@@ -35,10 +35,17 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def continuation_ids(tokenizer, text: str, what: str = "target") -> list[int]:
-    """The token ids of ``text`` continuing a prompt (a space before it, no special tokens), as edits optimise
-    and scores read answers; a ``text`` that tokenizes to nothing is refused, naming ``what`` it is."""
-    ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+def continuation(prompt: str, text: str) -> str:
+    """``text`` as it continues ``prompt``: a space before it, unless the prompt ends in whitespace (a chat
+    template's assistant header ends in a line break, after which an answer starts with no space)."""
+    return text if prompt[-1:].isspace() else " " + text
+
+
+def continuation_ids(tokenizer, text: str, what: str = "target", after: str = "") -> list[int]:
+    """The token ids of ``text`` continuing the prompt ``after`` (:func:`continuation`; no special tokens), as
+    edits optimise and scores read answers; a ``text`` that tokenizes to nothing is refused, naming ``what`` it
+    is."""
+    ids = tokenizer(continuation(after, text), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"{what} {text!r} tokenizes to nothing")
     return ids

@@ -373,12 +373,13 @@ def ike_text(demos: Sequence[str], fact: Fact | None, prompt: str) -> str:
     return ANSWER_END.join([*demos, ike_query(fact, prompt)])  # examples apart by the blank line an answer ends at
 
 
-def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer) -> list[int]:
-    """The tokens an in-scope answer starts with: the fact's new target under the ``answer`` route, else none
-    (tokenized as teacher-forced scoring tokenizes answers, so the two line up token for token)."""
+def forced_answer(memory: "MemoryPack", fact: Fact, tokenizer, after: str = "") -> list[int]:
+    """The tokens an in-scope answer starts with after the text ``after``: the fact's new target under the
+    ``answer`` route, else none (tokenized as teacher-forced scoring tokenizes answers, so the two line up token
+    for token)."""
     if memory.hyperparameters.get("route") != "answer":
         return []
-    return answer_ids(tokenizer, fact.target_new)
+    return answer_ids(tokenizer, fact.target_new, after)
 
 
 def contrast_of(memory: "MemoryPack") -> Contrast:
@@ -576,7 +577,7 @@ class MemoryModel(torch.nn.Module):
                 seen.append(Seen(prompt, [], Contrast(), prompt))
                 continue
             text, bare = self.rewritten(r[0], r[1], prompt)
-            seen.append(Seen(text, forced_answer(r[0], r[1], tok), contrast_of(r[0]), bare))
+            seen.append(Seen(text, forced_answer(r[0], r[1], tok, text), contrast_of(r[0]), bare))
         return seen
 
     def generation_order(self, prompts: Sequence[str]) -> list[int]:
@@ -613,7 +614,7 @@ class MemoryModel(torch.nn.Module):
             memory, fact = routes[i]
             prompt = texts[i]
             text, other = self.rewritten(memory, fact, prompt)
-            answer = forced_answer(memory, fact, tok)
+            answer = forced_answer(memory, fact, tok, text)
             prompts.append(tok(text)["input_ids"] + answer)
             forced.append(answer)
             contrasts.append(contrast_of(memory))

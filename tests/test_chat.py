@@ -4,6 +4,7 @@ made in it (tiny random models with a word-level template; SmolLM2's own templat
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import editpack
@@ -13,6 +14,9 @@ from editpack.chat import ChatFrame, chat_fact, chat_prompt, check_plain_routing
 from editpack.report import evaluate_pack, rerun
 from editpack.cli.main import main
 from editpack.errors import EditpackError
+from editpack.evaluate import answer_ids
+from editpack.generation import continuation, next_token_logits
+from editpack.methods.targets import target_batch
 from editpack.facts import Fact, Probe
 from editpack.trainer import TrainSettings
 
@@ -231,6 +235,22 @@ def test_smollm2_answers_in_chat_form(smollm2):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "What is the capital of France?"
     assert "The capital of France is Paris" in result.output.splitlines()[1]
+
+
+def test_smollm2_answers_after_the_chat_header_with_no_space(smollm2):
+    model, tok = smollm2
+    prompt = chat_prompt(tok, "What is the capital of France?")
+    assert prompt.endswith("assistant\n")
+    for text, answer in ((prompt, "Paris"), ("The capital of France is", " Paris")):  # as the text tokenizes
+        assert tok(text + answer)["input_ids"] == tok(text)["input_ids"] + answer_ids(tok, "Paris", text)
+    assert answer_ids(tok, "Paris", prompt) != answer_ids(tok, "Paris")
+    # what the model writes there starts with no space: "The" 15 %, " The" 0.002 %
+    probs = torch.softmax(next_token_logits(model, tok, [prompt], 1)[0], -1)
+    assert probs[answer_ids(tok, "The", prompt)[0]] > 1000 * probs[answer_ids(tok, "The")[0]]
+    for text in (prompt, "The capital of France is"):  # the edit's targets are tokenized the same way
+        batch = target_batch(tok, [editpack.make_fact(text.replace("France", "{}"), "France", "Rome")], "cpu")
+        assert batch.tokens.tolist() == answer_ids(tok, "Rome", text)
+        assert batch.inputs["input_ids"][0].tolist() == tok(text + continuation(text, "Rome"))["input_ids"]
 
 
 def test_cli_trains_an_editor_in_chat_form_and_edits_with_it(tiny_dir, tmp_path):

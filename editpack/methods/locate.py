@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..arch import ArchSpec, get_module
 from .base import MethodConfig
 from ..facts import Fact
-from ..generation import continuation_ids, model_device, padding_side, sample_from_start
+from ..generation import continuation, continuation_ids, model_device, padding_side, sample_from_start
 from ..nethook import Trace, replace_first
 from .split_batch import split_batch
 
@@ -328,7 +328,8 @@ def suffix_length(tokenizer, fact: Fact) -> int:
     """Tokens from the subject's last one to the end of the prompt and the new target: the part of each of the
     fact's prompts that δ-optimisation recomputes. Batching facts of equal length wastes no padding."""
     text, start, end = fill(fact.prompt, fact)
-    return len(tokenizer(text + " " + fact.target_new)["input_ids"]) - subject_last_index(tokenizer, text, start, end)
+    return (len(tokenizer(text + continuation(text, fact.target_new))["input_ids"])
+            - subject_last_index(tokenizer, text, start, end))
 
 
 def optimize_delta(model, tokenizer, spec: ArchSpec, module: str, fact: Fact, cfg) -> Optimized:
@@ -341,7 +342,7 @@ def rewrite_lookups(tokenizer, fact: Fact, templates: Sequence[str],
     """The prompts δ is optimised over for ``fact``: each context template filled with the prompt and the new
     target's tokens but the last; each one's edited token index (``at``: the subject's last token, or the
     prompt's last token); and the target's token ids."""
-    target_ids = continuation_ids(tokenizer, fact.target_new)
+    target_ids = continuation_ids(tokenizer, fact.target_new, after=fact.prompt)
     target_prefix = tokenizer.decode(target_ids[:-1])
     prompts = [t.format(fact.prompt) for t in templates]
     texts, idxs = lookups(tokenizer, [p + target_prefix for p in prompts], fact)

@@ -50,7 +50,7 @@ def text_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> TargetBat
     rows, positions, labels = [], [], []
     for f, (text, answer) in enumerate(pairs):
         prompt = tokenizer(text)["input_ids"]
-        target = continuation_ids(tokenizer, answer)
+        target = continuation_ids(tokenizer, answer, after=text)
         rows.append(prompt + target)
         for j, token in enumerate(target):
             positions.append((f, len(prompt) - 1 + j))

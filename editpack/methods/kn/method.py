@@ -54,7 +54,7 @@ class KN(EditMethod):
         for fact in facts:
             prompts = [fact.text, *fact.paraphrases][: cfg.max_prompts]
             old = self.current_answer(model, tokenizer, fact)
-            new = continuation_ids(tokenizer, fact.target_new)[0]
+            new = continuation_ids(tokenizer, fact.target_new, after=fact.prompt)[0]
             neurons = self.knowledge_neurons(model, tokenizer, spec, prompts, old)
             direction = cfg.edit_scale * (head[new] - head[old]).detach().float().cpu()
             for layer in sorted({layer for layer, _ in neurons}):
@@ -68,7 +68,7 @@ class KN(EditMethod):
     @torch.no_grad()
     def current_answer(self, model, tokenizer, fact: Fact) -> int:
         if fact.target_true:
-            return continuation_ids(tokenizer, fact.target_true, "true answer")[0]
+            return continuation_ids(tokenizer, fact.target_true, "true answer", fact.prompt)[0]
         batch = tokenizer(fact.text, return_tensors="pt").to(model_device(model))
         return int(model(**batch).logits[0, -1].argmax())
 
