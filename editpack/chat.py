@@ -5,8 +5,8 @@ template's system turn, the question as a user turn and the header of its own an
 prompt need not reach that text, and an answer read from the bare prompt is not the one users get.
 :func:`chat_prompt` renders one user turn with the tokenizer's own template (``apply_chat_template``, the
 generation prompt added); :func:`chat_fact` does so for an edit request: its prompt (the subject's place kept),
-paraphrases, neighbourhood and portability prompts. The answer follows the template's assistant header as a
-continuation (a space before it, as every answer editpack optimises or scores).
+paraphrases, neighbourhood and portability prompts. The answer follows the template's assistant header, which
+ends in a line break, with no space before it (``editpack.generation.continuation``): what the model writes there.
 
 Memory packs (``serac``, ``ike``) keep their facts plain: they route a chat-form prompt by its user turn and put
 their facts in context inside it (:class:`ChatFrame`), so they are made without chat form

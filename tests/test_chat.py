@@ -251,6 +251,15 @@ def test_smollm2_answers_after_the_chat_header_with_no_space(smollm2):
         batch = target_batch(tok, [editpack.make_fact(text.replace("France", "{}"), "France", "Rome")], "cpu")
         assert batch.tokens.tolist() == answer_ids(tok, "Rome", text)
         assert batch.inputs["input_ids"][0].tolist() == tok(text + continuation(text, "Rome"))["input_ids"]
+    fact = editpack.make_fact("What is the capital of {}?", "France", "Rome")
+    memory = editpack.edit(model, fact, "serac", tokenizer=tok, route="answer")
+    edited = editpack.apply(model, memory, tokenizer=tok)
+    try:  # the answer route forces the target as the model would write it after the text it is shown
+        chat, plain = edited.teacher_forcing([chat_prompt(tok, fact.text), fact.text])
+        assert chat.forced == answer_ids(tok, "Rome", chat.text) != plain.forced == answer_ids(tok, "Rome")
+        assert editpack.generate(edited, tok, chat_prompt(tok, fact.text), max_new_tokens=1) == "Rome"
+    finally:
+        editpack.revert(edited)
 
 
 def test_cli_trains_an_editor_in_chat_form_and_edits_with_it(tiny_dir, tmp_path):
