@@ -134,8 +134,7 @@ def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monke
             **{**settings.__dict__, "form": "chat" if chat else "plain"}))
         assert result["generalization_origin"] == {"paraphrases": 0, "relation_templates": 1, "not_measured": 0}
         assert len(asked) == 2 * (4 + 2 + 2)  # before and after: locality, the subject's other relations, fluency
-        assert all(p.startswith("user ") and p.endswith(" \n") for p in asked) is chat
-        assert not any(p.startswith("user ") for p in asked) is not chat
+        assert [p.startswith("user ") and p.endswith(" \n") for p in asked] == [chat] * len(asked)
         subject = [ChatFrame.of(tok).message(p) if chat else p for p in asked if "eiffel tower" in p]
         assert len(subject) == 4 and not any("user" in p or "{}" in p for p in subject)  # asked by the user's text
         assert ("Asked in chat form" in render_card(_with(pack, result))) is chat
@@ -159,6 +158,8 @@ def test_a_chat_form_evaluation_chooses_its_form_and_reruns():
     assert pack.evaluation["side_effects"]["settings"]["form"] == "chat"
     checks = rerun(model, tok, pack)
     assert checks and all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
+    plain = editpack.edit(model, fact, tokenizer=tok, layers=[1], **TINY)
+    assert evaluate_pack(model, tok, plain, protocols=["prob_compare"])["side_effects"]["settings"]["form"] == "plain"
 
 
 def test_memory_packs_keep_their_facts_plain(tmp_path):
