@@ -199,14 +199,15 @@ def extend(
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
     if chat:
         check_plain_routing([parent])
-    check_same_form(model_tokenizer(model, tokenizer), parent.facts, chat, parent.ref)
+    if not parent.routes_text:  # a memory pack's facts are plain (just checked) and it grows without a tokenizer
+        tokenizer = model_tokenizer(model, tokenizer)
+        check_same_form(tokenizer, parent.facts, chat, parent.ref)
     if chat:
-        facts = chat_facts(model_tokenizer(model, tokenizer), as_facts(facts))
+        facts = chat_facts(tokenizer, as_facts(facts))
     if parent.hooks_modules:  # a codebook grows by entries computed on the model it wraps
         if method not in (None, parent.method):
             raise EditpackError(f"{parent.ref} is a {parent.kind} pack made by {parent.method}; it grows with "
                                 f"{parent.method} only")
-        tokenizer = model_tokenizer(model, tokenizer)
         version = check_version(version or next_version(parent.version))
         method_cls, config = method_config(parent.method, model, **{**parent.hyperparameters, **hyperparameters})
         return method_cls(config).build_pack(

@@ -107,21 +107,21 @@ class ChatFrame:
     def wrap(self, message: str) -> str:
         return self.before + message + self.after
 
+    def plain(self, text: str) -> str:
+        """The user's text when ``text`` is one user turn in this frame, else ``text`` itself."""
+        message = self.message(text)
+        return text if message is None else message
+
 
 def plain_fact(frame: "ChatFrame | None", fact: Fact) -> Fact:
     """``fact`` with each prompt that is one user turn in ``frame`` replaced by the user's text (the inverse of
     :func:`chat_fact`); other prompts, and every prompt without a frame, as they are."""
     if frame is None:
         return fact
-
-    def plain(text: str) -> str:
-        message = frame.message(text)
-        return text if message is None else message
-
-    probes = {name: tuple(dataclasses.replace(p, prompt=plain(p.prompt)) for p in getattr(fact, name))
+    probes = {name: tuple(dataclasses.replace(p, prompt=frame.plain(p.prompt)) for p in getattr(fact, name))
               for name in ("neighborhood", "portability")}
-    return dataclasses.replace(fact, prompt=plain(fact.prompt), paraphrases=tuple(map(plain, fact.paraphrases)),
-                               **probes)
+    return dataclasses.replace(fact, prompt=frame.plain(fact.prompt),
+                               paraphrases=tuple(map(frame.plain, fact.paraphrases)), **probes)
 
 
 def facts_form(tokenizer, facts: Sequence[Fact]) -> str:

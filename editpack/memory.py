@@ -526,8 +526,7 @@ class MemoryModel(torch.nn.Module):
 
     def message(self, prompt: str) -> str:
         """What ``prompt`` asks: the user's text of a prompt in chat form (:attr:`chat_frame`), else the prompt."""
-        asked = self.chat_frame.message(prompt) if self.chat_frame is not None else None
-        return prompt if asked is None else asked
+        return self.chat_frame.plain(prompt) if self.chat_frame is not None else prompt
 
     def route(self, prompts: Sequence[str]) -> list[tuple[MemoryPack, Fact] | None]:
         """The memory and fact each prompt is routed to (``None``: out of scope, the model answers as is); a prompt

@@ -172,6 +172,8 @@ def test_memory_packs_keep_their_facts_plain(tmp_path):
         check_plain_routing([memory])
     with pytest.raises(EditpackError, match="memory pack"):
         editpack.extend(model, memory, FACT, tokenizer=tok, chat=True)
+    grown = editpack.extend(model, memory, editpack.make_fact("the famous {}", "river", "tokyo"))  # no tokenizer
+    assert [f.subject for f in grown.facts] == ["eiffel tower", "river"]
     for command in (["edit", "--method", "ike"], ["bench", "--method", "serac", "--data", "x.json"]):
         result = run(*command, "--model", "/nonexistent/model-folder", "--chat", "--prompt", "the famous {}",
                      "--subject", "eiffel tower", "--target", "rome", "-o", tmp_path / "p") if command[0] == "edit" \
