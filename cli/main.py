@@ -70,16 +70,30 @@ def writing(output: str):
         lock.release()
 
 
-def check_output(output: str, overwrite: bool, inputs=()) -> None:
-    """Before any work: ``output`` may be written (absent, or with --overwrite a directory editpack wrote) and is
-    none of the command's inputs."""
+def check_output(output: str, overwrite: bool, inputs=(), model: str | None = None) -> None:
+    """Before any work: ``output`` may be written (absent, or with --overwrite a directory editpack wrote), is
+    none of the command's inputs (packs, the --model folder or file) and does not hold or lie inside one, and is
+    not in editpack's cache of converted models."""
     from editpack._io import check_output as check
+    from editpack.models import local_model_path
+    from editpack.paths import cache_dir
 
     target = Path(output).resolve()
-    for item in inputs:
-        path = getattr(item, "path", None) or (Path(item) if Path(str(item)).exists() else None)
-        if path is not None and Path(path).resolve() == target:
-            raise click.UsageError(f"{output} is an input of this command; write the result to another directory")
+    paths = [getattr(item, "path", None) or (Path(item) if Path(str(item)).exists() else None) for item in inputs]
+    if model:
+        paths.append(local_model_path(model))
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        how = ("is an input" if path == target else f"lies inside {path}, an input" if path in target.parents
+               else f"holds {path}, an input" if target in path.parents else None)
+        if how:
+            raise click.UsageError(f"{output} {how} of this command; write the result elsewhere")
+    models = cache_dir("models").resolve()
+    if target == models or models in target.parents:
+        raise click.UsageError(f"{output} is inside editpack's cache of converted models ({models}); write the "
+                               "result elsewhere")
     try:
         check(output, overwrite=overwrite)
     except FileExistsError as exc:
@@ -118,8 +132,17 @@ def model_options(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from editpack.models import check_placement
+
         opts = {key: kwargs.pop(key) for key in _MODEL_KEYS}
         opts["max_memory"] = parse_max_memory(opts["max_memory"])
+        try:
+            check_placement(opts["device_map"], opts["max_memory"], opts["offload_folder"])
+        except ValueError as exc:
+            message = str(exc)
+            for name in ("max_memory", "offload_folder", "device_map"):
+                message = message.replace(name, "--" + name.replace("_", "-"))
+            raise click.UsageError(message) from None
         return func(*args, model_opts=opts, **kwargs)
 
     for option in reversed(options):
@@ -208,6 +231,9 @@ def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new
 
     if compare and not packs:
         raise click.UsageError("--compare needs at least one --pack")
+    blank = [i for i, p in enumerate(prompts, 1) if not p.strip()]
+    if blank:
+        raise click.UsageError(f"prompt {blank[0]} is empty: give some text to continue")
     loaded = load_packs(packs)
     lm, tokenizer = load_from_options(model_opts, loaded)
     inputs = chat_prompts(tokenizer, prompts) if chat else list(prompts)
@@ -278,15 +304,12 @@ def gathers_statistics(method: str) -> bool:
 
 
 def check_corpus(path: str) -> str:
-    corpus = Path(path)
-    if not corpus.is_file():
-        raise click.BadParameter(f"{path} does not exist or is not a file", param_hint="--corpus")
+    from editpack.stats import check_corpus_file
+
     try:
-        with open(corpus, "rb"):
-            pass
-    except OSError as exc:
-        raise click.BadParameter(f"{path} cannot be read: {exc.strerror}", param_hint="--corpus") from None
-    return str(corpus.resolve())
+        return str(check_corpus_file(path).resolve())
+    except EditpackError as exc:
+        raise click.BadParameter(str(exc).removeprefix("corpus "), param_hint="--corpus") from None
 
 
 @main.command("edit")
@@ -328,7 +351,7 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     from editpack.api import edit, extend, method_config
     from editpack.artifact import check_name, check_version
     from editpack.chat import chat_facts, check_plain_routing
-    from editpack.facts import load_facts, make_fact
+    from editpack.facts import check_consistent, load_facts, make_fact
     from editpack.pipelines import compare
 
     one = [prompt, subject, target]
@@ -350,6 +373,7 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
         hparams["editor"] = editor
     facts = (load_facts(facts_path, limit=limit) if facts_path
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
+    check_consistent(facts, facts_path or "--prompt")
     parent = load_packs([onto])[0] if onto else None
     method = method or (parent.method if parent else "rome")
     if corpus and gathers_statistics(method):
@@ -417,7 +441,7 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
         raise click.UsageError("a merged model is written in full precision: merging into 4/8-bit weights loses "
                                "most of the edit. Quantize when you load the merged folder, or use packs unmerged "
                                "(editpack generate --pack, editpack.apply) on a quantized model")
-    check_output(output, overwrite, packs)
+    check_output(output, overwrite, packs, model=model_opts["model"])
     loaded = load_packs(packs)
     try:
         check_mergeable(loaded)  # before the model is loaded
@@ -500,23 +524,29 @@ def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_e
 @click.option("--model", default=None, help="The base model, for its depth (LoRAX/TGI want every layer); default: "
                                             "the packs' base.")
 @click.option("--overwrite", is_flag=True, help="Replace an export editpack wrote before.")
+@click.option("--later-wins", is_flag=True, help="Leave out earlier packs whose facts a later pack overrides.")
 @friendly_errors
-def export_cmd(packs, target, output, base_gguf, merged, model, overwrite):
+def export_cmd(packs, target, output, base_gguf, merged, model, overwrite, later_wins):
     """Write PACKS (one adapter for all of them) in the form llama.cpp or a multi-LoRA server reads."""
-    from editpack.export import export_gguf, export_peft
+    from editpack.export import check_gguf_output, export_gguf, export_peft
 
     if merged and target != "gguf":
         raise click.UsageError("--merged writes a whole GGUF model; use it with --to gguf")
     loaded = load_packs(packs)
+    conflict = "later" if later_wins else "error"
     if target == "gguf":
-        if Path(output).exists() and not overwrite:
-            raise click.UsageError(f"{output} already exists (pass --overwrite to replace it)")
+        try:
+            check_gguf_output(output, overwrite=overwrite,
+                              inputs=[*(p.path for p in loaded if p.path is not None), *([base_gguf] if base_gguf else [])])
+        except FileExistsError as exc:
+            raise click.UsageError(str(exc).replace("overwrite=True / --overwrite", "--overwrite")) from None
         with writing(output):
-            result = export_gguf(loaded, output, base=base_gguf, merged=merged, overwrite=overwrite)
+            result = export_gguf(loaded, output, base=base_gguf, merged=merged, overwrite=overwrite,
+                                 on_conflict=conflict)
     else:
         check_output(output, overwrite, packs)
         with writing(output):
-            result = export_peft(loaded, target, output, model=model, overwrite=overwrite)
+            result = export_peft(loaded, target, output, model=model, overwrite=overwrite, on_conflict=conflict)
     what = "merged GGUF model" if merged else ("GGUF LoRA adapter" if target == "gguf" else f"{target} adapter")
     rank = f", rank {result.rank}" if result.rank else ""
     click.echo(f"wrote {result.path}: {what} of {len(loaded)} pack(s), {len(result.modules)} module(s){rank}, "
@@ -530,7 +560,7 @@ def export_cmd(packs, target, output, base_gguf, merged, model, overwrite):
               help="Folder of packs to offer; new edits are saved here (default: $EDITPACK_HOME/playground).")
 @click.option("--model", default=None, help="Model to load (default: the default built-in).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (this machine only by default).")
-@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--no-eval", is_flag=True, help="Save new edits without evaluating them (faster, cards without scores).")
 @click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH", help="Key-statistics corpus.")
 @friendly_errors
@@ -539,7 +569,7 @@ def ui_cmd(packs_dir, model, host, port, no_eval, corpus):
     try:
         import uvicorn
 
-        from editpack.ui.app import create_app
+        from editpack.ui.app import allowed_hosts, create_app
     except ImportError as exc:
         raise click.ClickException(f"the playground needs its extra ({exc.name} is missing): "
                                    "pip install 'editpack[ui]'") from None
@@ -554,7 +584,7 @@ def ui_cmd(packs_dir, model, host, port, no_eval, corpus):
     playground = Playground(lm, tokenizer, folder, evaluate=not no_eval,
                             corpus=check_corpus(corpus) if corpus else None)
     click.echo(f"editpack playground on http://{host}:{port}/ ({lm.editpack_ref.id}; packs in {folder}); Ctrl+C stops")
-    uvicorn.run(create_app(playground), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(playground, hosts=allowed_hosts(host)), host=host, port=port, log_level="warning")
 
 
 @main.command("train")
@@ -590,7 +620,7 @@ def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, 
     from editpack._io import sha256_file
     from editpack.api import method_config, train
     from editpack.artifact import check_name, check_version
-    from editpack.facts import FORMATS, load_facts
+    from editpack.facts import load_facts, split_format
     from editpack.trainer import TrainSettings
 
     if name:
@@ -610,8 +640,7 @@ def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, 
     records, described = [], []
     for spec in data_paths:
         facts = load_facts(spec, limit=limit, skip_invalid=True)
-        head, sep, rest = spec.partition(":")
-        path = Path(rest if sep and head in FORMATS else spec)
+        path = Path(split_format(spec)[1])
         described.append({"name": path.name, "sha256": sha256_file(path), "records": len(facts)})
         records.extend(facts)
     checkpoint = Path(str(output).rstrip("/") + ".checkpoint")
@@ -789,14 +818,14 @@ def verify_cmd(pack, model_opts, rerun, data, limit):
     protocols, probes, suites and settings and each claim is compared within its tolerance.
     """
     from editpack.apply import check_fingerprint
-    from editpack.card import render_card
+    from editpack.card import card_matches
     from editpack.facts import load_facts
     from editpack.report import rerun as rerun_claims
 
     (loaded,) = load_packs([pack])  # hashes, names, links, adapter and content: refused on any problem
     click.echo(f"{loaded.ref}: files, adapter and manifest verify")
     card = (loaded.path / "README.md").read_text(encoding="utf-8")
-    if card != render_card(loaded):
+    if not card_matches(card, loaded):
         raise click.ClickException(f"{pack}: README.md is not the card of this manifest (its text was changed); the "
                                    "numbers in editpack.json are the pack's claims")
     click.echo(f"{loaded.ref}: the card is the manifest's")

@@ -96,6 +96,10 @@ def check_output(final: str | os.PathLike, *, overwrite: bool = False) -> Path:
         raise NotADirectoryError(f"cannot write {final}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {final}: {parent} is not writable")
+    try:  # what the write will do first (/proc, /sys, read-only mounts: access() says yes, mkdir says no)
+        os.rmdir(tempfile.mkdtemp(prefix=".editpack-probe.", dir=parent))
+    except OSError as exc:
+        raise PermissionError(f"cannot write {final}: nothing can be created in {parent} ({exc.strerror})") from None
     return final
 
 

@@ -14,7 +14,7 @@ from .arch import spec_for
 from .artifact import Artifact, BaseModel, check_version, slug
 from .chat import chat_facts, check_plain_routing, check_same_form
 from .errors import EditpackError, InvalidFactError
-from .facts import Fact, facts_from_records, kept_indices, load_facts
+from .facts import Fact, check_consistent, facts_from_records, kept_indices, load_facts
 from .fingerprint import combine, unwrap
 from .methods import get_method
 from .pack import EditPack
@@ -95,6 +95,7 @@ def edit(
     tokenizer = model_tokenizer(model, tokenizer)
     check_version(version)
     fact_list = as_facts(facts)
+    check_consistent(fact_list)
     method_cls, config = method_config(method, model, **hyperparameters)
     if chat:
         check_plain_routing([method_cls])
@@ -195,6 +196,8 @@ def extend(
     from .hub import resolve_pack
 
     parent = resolve_pack(pack)
+    facts = as_facts(facts)
+    check_consistent(facts)
     if applied(model):
         raise EditpackError("extend() applies the pack itself: pass the model without packs")
     if chat:
@@ -235,7 +238,9 @@ def extend(
         for module, part in sorted(source.delta.modules.items()):
             delta.add(module, part)
     modules = {**(parent.base.modules or {}), **(child.base.modules or {})}
-    base = BaseModel(**{**parent.base.to_dict(), "modules": modules, "fingerprint": combine(modules)})
+    norms = {**(parent.base.norms or {}), **(child.base.norms or {})}
+    base = BaseModel(**{**parent.base.to_dict(), "modules": modules, "fingerprint": combine(modules),
+                        "norms": norms or None})
     return EditPack(
         name=parent.name,
         version=version,

@@ -35,9 +35,10 @@ from .fingerprint import (
     module_fingerprints,
     unwrap,
     memo_fingerprint,
+    weight_norms,
 )
 from .artifact import Artifact
-from .pack import EditPack
+from .pack import EditPack, check_delta_scale
 
 _RECORDS = "_editpack_records"  # list[AppliedPack] on the transformers model
 _WRAPPER = "_editpack_peft_model"  # the PeftModel wrapping it, so revert() works from either object
@@ -184,10 +185,26 @@ def find_conflicts(packs: Iterable[EditPack]) -> list[Conflict]:
     return conflicts
 
 
+def check_distinct(packs: list[EditPack]) -> None:
+    """Raise :class:`PackConflictError` when a pack comes twice (the same name and version, or the same content):
+    applied, stacked or exported twice, its delta would count double."""
+    seen: dict[Any, EditPack] = {}
+    for pack in packs:
+        for key in (("ref", pack.ref), ("content", pack.content_id)):
+            if key in seen:
+                other = seen[key]
+                same = "is given twice" if other.ref == pack.ref else f"holds the same content as {other.ref}"
+                raise PackConflictError(f"{pack.ref} {same} ({pack.content_id[:19]}…): its change would count twice; "
+                                        "give each pack once")
+            seen[key] = pack
+
+
 def resolve_conflicts(packs: list[EditPack], on_conflict: str = "error") -> list[EditPack]:
-    """The packs to keep, in order: raises on conflicts, or (``"later"``) drops wholly overridden earlier packs."""
+    """The packs to keep, in order (the rules :func:`apply`, :func:`stack` and the exports share): no pack twice
+    (:func:`check_distinct`); raises on conflicts, or (``"later"``) drops wholly overridden earlier packs."""
     if on_conflict not in ON_CONFLICT:
         raise ValueError(f"on_conflict must be one of {ON_CONFLICT}, not {on_conflict!r}")
+    check_distinct(packs)
     conflicts = find_conflicts(packs)
     if not conflicts:
         return list(packs)
@@ -289,14 +306,15 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         if record.merged:
             raise PackConflictError(f"{record.pack.ref} is merged into the weights and cannot be overridden; revert "
                                     "the model first")
-    names = [p.ref for p in new] + [r.pack.ref for r in present]
-    if len(set(names)) != len(names):
-        raise PackFormatError(f"a pack is applied twice: {sorted(n for n in names if names.count(n) > 1)}")
     if check:
         for pack in new:
             if pack.base_modules:
                 check_fingerprint(model, pack)
         check_parents(new, [r.pack for r in present if r not in dropped and r.enabled])
+    for pack in new:  # with or without check: a delta that would swamp the weights is never applied
+        if pack.holds_weights:
+            check_delta_scale(pack, weight_norms(model, [m for m in pack.modules if _find(unwrap(model), m)]),
+                              "this model's")
     for record in dropped:
         model = remove(model, record.pack.ref)
     if not new:
@@ -546,7 +564,7 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     from .artifact import BaseModel, slug
     from .delta import WeightDelta
 
-    packs = resolve_conflicts(_as_packs(packs), on_conflict)
+    packs = _as_packs(packs)
     kinds = sorted({p.kind for p in packs})
     if len(kinds) > 1:
         raise PackConflictError(f"packs of different kinds ({', '.join(kinds)}) cannot be stacked into one; apply "
@@ -554,6 +572,7 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     if packs[0].hooks_modules:
         raise PackConflictError(f"{packs[0].kind} packs are not summed into one: apply them together "
                                 "(editpack.apply with a list; each wraps its layer) or grow one with editpack.extend")
+    packs = resolve_conflicts(packs, on_conflict)
     if not packs[0].holds_weights:  # memories stack by the union of their facts
         from dataclasses import replace
 
@@ -564,10 +583,12 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     contents = {(p.name, p.version, p.content_id) for p in packs}
     delta = WeightDelta()
     modules: dict[str, str] = {}
+    norms: dict[str, float] = {}
     for pack in packs:
         for module, part in sorted(pack.delta.modules.items()):
             delta.add(module, part)
         modules.update(pack.base.modules or {})
+        norms.update(pack.base.norms or {})
     first = packs[0]
     requires = []
     for pack in packs:
@@ -578,7 +599,7 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     from .fingerprint import combine
 
     methods = sorted({p.method for p in packs})
-    base = BaseModel(**{**first.base.to_dict(), "modules": modules or None,
+    base = BaseModel(**{**first.base.to_dict(), "modules": modules or None, "norms": norms or None,
                         "fingerprint": combine(modules) if modules else first.base.fingerprint})
     return EditPack(
         name=name or slug(f"stack-{first.name}-and-{len(packs) - 1}-more"),
@@ -618,6 +639,11 @@ def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, chec
     from .artifact import MERGED_RECORD
     from .models import quiet_progress
 
+    ref = getattr(unwrap(model), "editpack_ref", None)
+    source = Path(ref.path).resolve() if ref is not None and Path(ref.path).exists() else None
+    if source is not None and (source == Path(output).resolve() or source in Path(output).resolve().parents):
+        raise PackFormatError(f"{output} is the folder model {ref.id!r} was loaded from; write the merged model "
+                              "elsewhere")
     check_output(output, overwrite=overwrite)
     loaded = _as_packs(packs)
     check_mergeable(loaded)

@@ -70,6 +70,7 @@ class BaseModel:
     hub_id: str | None = None  # the upstream Hub repository (the card's ``base_model``; PEFT's base name)
     modules: dict[str, str] | None = None  # per-module fingerprints; ``fingerprint`` combines them
     embedding: str | None = None  # fingerprint of the input embedding: the identity check for quantized models
+    norms: dict[str, float] | None = None  # Frobenius norm of each edited module's original weight (the delta's scale)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -84,6 +85,22 @@ class BaseModel:
             if not isinstance(values.get(key), str):
                 raise PackFormatError(f"{where}: base_model.{key} is missing or not text")
         values.setdefault("fingerprint", "")
+        modules = values.get("modules")
+        if modules is not None:
+            if not isinstance(modules, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in modules.items()):
+                raise PackFormatError(f"{where}: base_model.modules must map module names to fingerprints")
+            from .fingerprint import combine
+
+            if modules and values["fingerprint"] != combine(modules):
+                raise PackFormatError(
+                    f"{where}: base_model.fingerprint {str(values['fingerprint'])[:23]}… is not the combination of "
+                    f"its module fingerprints ({combine(modules)[:23]}…): the manifest was altered")
+        norms = values.get("norms")
+        if norms is not None and (not isinstance(norms, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+                for k, v in norms.items())):
+            raise PackFormatError(f"{where}: base_model.norms must map module names to positive finite numbers")
         return cls(**values)
 
     @property
@@ -95,7 +112,7 @@ class BaseModel:
 def describe_base(model, modules: Iterable[str]) -> BaseModel:
     """What an artifact records about the model it was computed on (original weights, before any pack)."""
     from .arch import spec_for
-    from .fingerprint import combine, materialized, memo_fingerprint, module_fingerprints, unwrap
+    from .fingerprint import combine, materialized, memo_fingerprint, module_fingerprints, unwrap, weight_norms
     from .models import BUILTINS, ModelRef
 
     model = unwrap(model)
@@ -105,6 +122,7 @@ def describe_base(model, modules: Iterable[str]) -> BaseModel:
     hub_id = builtin.hub_id if builtin else (model_id if ref and ref.hub else None)
     modules = list(modules)
     fingerprints = module_fingerprints(model, modules) if modules else {}
+    norms = weight_norms(model, modules)
     embed_name = spec_for(model).embed
     with materialized(model.get_submodule(embed_name)) as embed:
         embedding = memo_fingerprint(model, f"{embed_name}.weight", embed.weight)
@@ -113,6 +131,7 @@ def describe_base(model, modules: Iterable[str]) -> BaseModel:
         fingerprint=combine(fingerprints) if fingerprints else "",
         modules=fingerprints or None,
         embedding=embedding,
+        norms=norms or None,
         model_type=model.config.model_type,
         revision=ref.revision if ref else None,
         hub_id=hub_id,

@@ -115,13 +115,29 @@ def eval_results(pack: "EditPack") -> list[EvalResult] | None:
 
 
 def card_data(pack: "EditPack") -> ModelCardData:
+    adapter = pack.is_peft_adapter and pack.base.hub_id
     return ModelCardData(
         base_model=pack.base.hub_id,
+        # The Hub links an adapter to its base model by this (the model tree's "Adapters").
+        base_model_relation="adapter" if adapter else None,
         library_name="peft" if pack.is_peft_adapter else None,
         tags=["editpack", "knowledge-editing", pack.method, pack.card_tag],
         model_name=pack.name,
         eval_results=eval_results(pack),
     )
+
+
+#: Front-matter lines later editpack versions add to a card; a card written before one of them still matches.
+ADDED_CARD_LINES = ("base_model_relation: adapter",)
+
+
+def card_matches(text: str, pack: "EditPack") -> bool:
+    """Whether ``text`` is the card of ``pack``'s manifest, as this editpack or an earlier one rendered it."""
+    expected = render_card(pack)
+    if text == expected:
+        return True
+    older = "\n".join(line for line in expected.split("\n") if line not in ADDED_CARD_LINES)
+    return text == older
 
 
 def render_card(pack: "EditPack", chart: str | None | bool = True) -> str:

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 LIBRARIES = ("transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub", "torch", "safetensors",
-             "tokenizers", "filelock", "urllib3", "httpx", "gguf")
+             "tokenizers", "filelock", "urllib3", "httpx", "gguf", "kernels")
 
 
 def configure(verbose: bool = False) -> None:

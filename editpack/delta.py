@@ -29,6 +29,11 @@ class LowRankDelta:
     def dense(self) -> torch.Tensor:
         return self.B @ self.A
 
+    def norm(self) -> float:
+        """The Frobenius norm of ``B @ A``, without forming it: √(Σ (BᵀB) ⊙ (AAᵀ)), in float64 (no overflow)."""
+        b, a = self.B.detach().double(), self.A.detach().double()
+        return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+
     @classmethod
     def from_dense(cls, update: torch.Tensor) -> "LowRankDelta":
         """A dense ``(out, in)`` matrix as exact factors: an identity on the smaller side (rank min(out, in))."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifact import read_manifest, verify_files
+from .artifact import load_pack, read_manifest, verify_files
+from .errors import PackFormatError
 
 _RELATIONS = {"onto": "made on top of", "stacked": "stacked from", "extends": "extends"}
 
@@ -84,4 +85,10 @@ def describe(reference: str | Path, *, token: str | None = None, endpoint: str |
         directory = pull(str(reference), token=token, endpoint=endpoint).path
         links_into = directory.parent.parent  # read in place from the Hugging Face cache
     manifest = read_manifest(directory, links_into=links_into)
-    return PackDescription(manifest, verify_files(directory, manifest, links_into=links_into), str(reference))
+    problems = verify_files(directory, manifest, links_into=links_into)
+    if not problems:  # the files are the manifest's: now everything loading checks (tensors, config, base, scale)
+        try:
+            load_pack(directory, links_into=links_into)
+        except PackFormatError as exc:
+            problems.append(str(exc))
+    return PackDescription(manifest, problems, str(reference))

@@ -125,8 +125,10 @@ class Export:
     notes: list[str] = field(default_factory=list)
 
 
-def _weight_packs(packs) -> list[EditPack]:
-    from .apply import _as_packs
+def _weight_packs(packs, on_conflict: str = "error") -> list[EditPack]:
+    """The packs to export as one adapter: :func:`editpack.apply`'s and :func:`editpack.stack`'s rules (no pack
+    twice, conflicts refused or the later pack winning, one base), and weight packs only."""
+    from .apply import _as_packs, check_stackable, resolve_conflicts
 
     loaded = _as_packs(packs)
     if not loaded:
@@ -141,6 +143,8 @@ def _weight_packs(packs) -> list[EditPack]:
         raise ExportError(f"the packs were made for different models ({sorted(bases)}); export them separately")
     if any(p.fan_in_fan_out for p in loaded):
         raise ExportError("packs of transposed (Conv1D, GPT-2 style) layers cannot be exported for serving engines")
+    loaded = resolve_conflicts(loaded, on_conflict)
+    check_stackable(loaded)
     return loaded
 
 
@@ -201,15 +205,16 @@ def _num_layers(model: str | None, packs: Sequence[EditPack]) -> int:
 
 # ---------------------------------------------------------------------------------------------- PEFT for engines
 def export_peft(packs, engine: str, output: str | os.PathLike, *, model: str | None = None,
-                num_layers: int | None = None, overwrite: bool = False) -> Export:
+                num_layers: int | None = None, overwrite: bool = False, on_conflict: str = "error") -> Export:
     """Write ``packs`` (one or several, as one adapter) as a PEFT LoRA folder that ``engine`` loads as is.
 
     ``num_layers`` (or ``model``, whose config gives it; by default the packs' base) is needed only by engines
     that want every layer present. The folder is written atomically and records what it holds in
     ``editpack_export.json`` (packs' names, versions and content hashes, the engine and its rules' sources).
+    Packs combine as :func:`editpack.stack` combines them (``on_conflict="later"``: a later pack wins).
     """
     rules = engine_rules(engine)
-    loaded = _weight_packs(packs)
+    loaded = _weight_packs(packs, on_conflict)
     spec = spec_for_model_type(loaded[0].base.model_type)
     deltas = {name: _fit_rank(name, d, rules.max_rank, rules.title) for name, d in combined_delta(loaded).items()}
     notes: list[str] = []
@@ -406,13 +411,46 @@ def _gguf_base(path: str | os.PathLike):
     return reader, arch
 
 
-def _write_atomic_file(output: Path, overwrite: bool, write) -> None:
-    """``write(tmp)`` a file that replaces ``output`` atomically; an existing file only with ``overwrite``."""
+def _editpack_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file editpack wrote (its metadata names the packs it holds)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                return False
+        return "editpack.packs" in _gguf().GGUFReader(str(path)).fields
+    except (OSError, ValueError, KeyError, IndexError):  # not a readable GGUF
+        return False
+
+
+def check_gguf_output(output: str | os.PathLike, *, overwrite: bool = False,
+                      inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Raise unless ``output`` may be written as a GGUF file, before any work: not a link or a folder, not inside
+    one of ``inputs`` (the packs' folders) nor one of them (the base GGUF), and, when it exists, replaced only with
+    ``overwrite`` and only if it is a GGUF file editpack wrote (a user's other files are never replaced)."""
+    from ._io import check_output
+
     output = Path(output)
     if output.is_symlink() or output.is_dir():
         raise FileExistsError(f"{output} is a {'link' if output.is_symlink() else 'directory'}; refusing to write there")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    target = output.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == target or path in target.parents:
+            raise FileExistsError(f"{output} is {'an input' if path == target else f'inside {item}, an input'} of "
+                                  "this export; write it elsewhere")
+    if output.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+        if not _editpack_gguf(output):
+            raise FileExistsError(f"{output} is not a GGUF file editpack wrote; refusing to replace it with "
+                                  "--overwrite")
+        return output
+    return check_output(output)  # the parent: a writable directory
+
+
+def _write_atomic_file(output: Path, overwrite: bool, write) -> None:
+    """``write(tmp)`` a file that replaces ``output`` atomically; an existing file only with ``overwrite``."""
+    output = check_gguf_output(output, overwrite=overwrite)
     with atomic_file(output) as tmp:
         write(tmp)
 
@@ -428,13 +466,15 @@ def _metadata(writer, packs: Sequence[EditPack]) -> None:
 
 
 def export_gguf(packs, output: str | os.PathLike, *, base: str | os.PathLike | None = None, merged: bool = False,
-                overwrite: bool = False) -> Export:
+                overwrite: bool = False, on_conflict: str = "error") -> Export:
     """Write ``packs`` as a llama.cpp GGUF LoRA adapter, or (``merged=True``, needs ``base``) a whole edited GGUF.
 
     With ``base`` (the base model's GGUF file), the architecture and every tensor's shape are checked against it.
     """
     gguf = _gguf()
-    loaded = _weight_packs(packs)
+    loaded = _weight_packs(packs, on_conflict)
+    check_gguf_output(output, overwrite=overwrite,
+                      inputs=[p.path for p in loaded if p.path is not None] + ([base] if base is not None else []))
     spec = spec_for_model_type(loaded[0].base.model_type)
     deltas = combined_delta(loaded)
     reader = None

@@ -104,7 +104,9 @@ def make_fact(
 ) -> Fact:
     """Validate and normalise one fact (the subject spelled out in ``prompt`` becomes ``{}``)."""
     for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            raise InvalidFactError(f"{where}: {name} must be text, not {type(value).__name__} {value!r:.60}")
+        if value is None or not value.strip():
             raise InvalidFactError(f"{where}: {name} is missing or empty")
     subject = subject.strip()
     if prompt.count("{}") > 1:
@@ -114,7 +116,10 @@ def make_fact(
             raise InvalidFactError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}")
         start = prompt.index(subject)
         prompt = prompt[:start] + "{}" + prompt[start + len(subject) :]
-    if target_true is not None and (not isinstance(target_true, str) or not target_true.strip()):
+    if target_true is not None and not isinstance(target_true, str):
+        raise InvalidFactError(f"{where}: target_true must be text, not {type(target_true).__name__} "
+                               f"{target_true!r:.60}")
+    if target_true is not None and not target_true.strip():
         target_true = None
     target_new = target_new.strip()
     if target_true is not None:
@@ -151,6 +156,21 @@ def fact_key(fact: Fact) -> tuple[str, str]:
     if fact.relation:
         return subject, "relation:" + fact.relation
     return subject, "prompt:" + normal_text(fact.text)
+
+
+def check_consistent(facts: Sequence[Fact], where: str = "facts") -> None:
+    """Raise :class:`InvalidFactError` when two of ``facts`` set the same thing (:func:`fact_key`) to different
+    targets: an edit cannot hold both, and keeping the last would drop the other silently."""
+    seen: dict[tuple[str, str], tuple[int, Fact]] = {}
+    for index, fact in enumerate(facts):
+        key = fact_key(fact)
+        if key in seen and normal_text(seen[key][1].target_new) != normal_text(fact.target_new):
+            first, other = seen[key]
+            raise InvalidFactError(
+                f"{where}: facts {first} and {index} contradict each other: {other.text!r} -> {other.target_new!r} "
+                f"and {fact.text!r} -> {fact.target_new!r} (same subject and "
+                f"{'relation' if fact.relation else 'prompt'}); keep one of them")
+        seen.setdefault(key, (index, fact))
 
 
 def kept_indices(existing: Sequence[Fact], replacing: Iterable[Fact]) -> list[int]:
@@ -263,7 +283,12 @@ class FactList(list):
 def read_records(path: str | Path) -> list[Any]:
     """Raw records from a .json (list or one object), .jsonl or .yaml/.yml file."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise InvalidFactError(f"facts file {path} is a directory; give a JSON, JSONL or YAML file")
+    if path.exists() and not path.is_file():
+        raise InvalidFactError(f"facts file {path} is not a regular file (a device, a pipe or a socket); give a "
+                               "JSON, JSONL or YAML file")
+    if not path.exists():
         raise InvalidFactError(f"facts file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
@@ -298,6 +323,21 @@ def read_records(path: str | Path) -> list[Any]:
     return records
 
 
+def split_format(spec: str | Path) -> tuple[str, str]:
+    """``[format:]PATH`` as ``(format or "auto", PATH)``; an unknown ``format:`` prefix on a path that does not
+    exist as written is an error naming the formats (a file whose name holds a colon is still read)."""
+    text = str(spec)
+    head, sep, rest = text.partition(":")
+    if not sep or Path(text).exists():
+        return "auto", text
+    if head in FORMATS:
+        return head, rest
+    if head.isidentifier() and len(head) > 1:  # not a Windows drive letter
+        raise InvalidFactError(f"unknown facts format {head!r} in {text!r}; use one of {', '.join(FORMATS)} "
+                               "(FORMAT:FILE), or a file name alone to detect the format")
+    return "auto", text
+
+
 def load_facts(
     spec: str | Path, limit: int | None = None, offset: int = 0, skip_invalid: bool = False
 ) -> list[Fact]:
@@ -305,11 +345,7 @@ def load_facts(
 
     ``offset``/``limit`` select records before conversion (an MQuAKE record yields several facts).
     """
-    text = str(spec)
-    fmt = "auto"
-    head, sep, rest = text.partition(":")
-    if sep and head in FORMATS:
-        fmt, text = head, rest
+    fmt, text = split_format(spec)
     records = read_records(text)
     if offset or limit is not None:
         records = records[offset : None if limit is None else offset + limit]

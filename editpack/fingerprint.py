@@ -120,6 +120,32 @@ def module_fingerprints(model: torch.nn.Module, module_names: Iterable[str]) -> 
     return out
 
 
+def weight_norms(model: torch.nn.Module, module_names: Iterable[str]) -> dict[str, float]:
+    """``{module: ‖W‖_F}`` of each module's original weight (before any merged pack); bitsandbytes-quantized
+    weights, whose values are not stored as such, are left out."""
+    base = unwrap(model)
+    originals = getattr(base, ORIGINALS, None) or {}
+    out = {}
+    for name in sorted(set(module_names)):
+        module = base.get_submodule(name)
+        if name in originals:
+            value = _norm(originals[name])
+        elif is_quantized(module):
+            continue
+        else:
+            with materialized(module) as layer:
+                value = _norm(layer.weight)
+        if value > 0:
+            out[name] = float(value)
+    return out
+
+
+def _norm(weight: torch.Tensor) -> torch.Tensor:
+    """The Frobenius norm, accumulated in at least float32 (half-precision weights are not copied for it)."""
+    low = weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(weight.detach(), dtype=torch.float32 if low else None)
+
+
 def combine(fingerprints: dict[str, str]) -> str:
     """One ``sha256:<hex>`` for a set of per-module fingerprints (order-independent)."""
     digest = hashlib.sha256()

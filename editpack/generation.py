@@ -82,6 +82,10 @@ def generate(
     with padding_side(tokenizer, "left"):
         for start in range(0, len(items), batch_size):
             batch = tokenizer(items[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            empty = (batch["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"prompt {order[start + empty[0]] + 1} ({items[start + empty[0]]!r}) has no tokens: "
+                                 "give some text to continue")
             generated = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -39,15 +39,28 @@ class FactChanges:
 
 
 def fact_changes(old: list[Fact], new: list[Fact]) -> FactChanges:
-    before = {fact_key(f): f for f in old}
-    after = {fact_key(f): f for f in new}
+    """Every fact counted (a pack may hold several facts of one subject and relation, e.g. two phrasings of it):
+    a fact in both (same subject, relation and target) is unchanged; of the others, facts about the same subject
+    and relation pair up as replaced, in order, and the rest are added or removed."""
+    def same(fact: Fact) -> tuple:
+        return fact_key(fact), normal_text(fact.target_new)
+
+    unmatched_old = list(old)
+    fresh = []
+    for fact in new:
+        twin = next((i for i, o in enumerate(unmatched_old) if same(o) == same(fact)), None)
+        if twin is None:
+            fresh.append(fact)
+        else:
+            del unmatched_old[twin]
     changes = FactChanges()
-    for key, fact in after.items():
-        if key not in before:
+    for fact in fresh:
+        earlier = next((i for i, o in enumerate(unmatched_old) if fact_key(o) == fact_key(fact)), None)
+        if earlier is None:
             changes.added.append(fact)
-        elif normal_text(before[key].target_new) != normal_text(fact.target_new):
-            changes.replaced.append((before[key], fact))
-    changes.removed = [f for key, f in before.items() if key not in after]
+        else:
+            changes.replaced.append((unmatched_old.pop(earlier), fact))
+    changes.removed = unmatched_old
     return changes
 
 
@@ -137,7 +150,7 @@ def history(reference: Any, *, token: str | None = None, endpoint: str | None = 
         names = sorted({p.name for p in packs})
         if len(names) > 1:
             raise PackFormatError(f"{path} holds packs of several names ({', '.join(names)}); name one pack directory")
-        return sorted(packs, key=lambda p: _version_key(p.version))
+        return sorted(packs, key=lambda p: (_version_key(p.version), p.created))  # equal versions: oldest first
     hub = parse_reference(str(reference))
     if hub is None:
         raise PackFormatError(f"{reference!r} is neither a pack directory, a folder of packs nor a Hub repository")

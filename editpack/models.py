@@ -301,6 +301,17 @@ def resolve_model(name_or_path: str | None = None, revision: str | None = None) 
     )
 
 
+def local_model_path(name: str | None) -> Path | None:
+    """Where model ``name`` lies on this machine, without loading or converting it: a built-in's converted folder,
+    a local folder or file; ``None`` for a Hub id."""
+    if name is None:
+        return None
+    if name in BUILTINS:
+        return BUILTINS[name].cache_path()
+    path = Path(name).expanduser()
+    return path if path.exists() else None
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
@@ -357,6 +368,47 @@ def quiet_progress():
             hf_logging.enable_progress_bar()
 
 
+#: accelerate's named placement strategies (anything else is a device, or a mapping of modules to devices).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(device_map: str | dict | None = None, max_memory: dict | None = None,
+                    offload_folder: str | None = None) -> None:
+    """Raise ``ValueError`` before a model is loaded when the placement cannot work here: a device this machine
+    lacks (``cuda:7`` on a CPU build of torch), or ``max_memory`` / ``offload_folder`` without a ``device_map``
+    (accelerate would ignore them)."""
+    if device_map is None:
+        given = [name for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} take{'s' if len(given) == 1 else ''} effect only with "
+                             "device_map (e.g. auto); without it the whole model is loaded on one device")
+        return
+    names = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    for name in names:
+        if name == "disk" or not isinstance(device_map, dict) and name in DEVICE_MAP_STRATEGIES:
+            continue
+        try:
+            device = torch.device(f"cuda:{name}" if isinstance(name, int) or str(name).isdigit() else name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device map {name!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) nor a "
+                             "device (cpu, cuda:0, …)") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if not count:
+                raise ValueError(f"device map {name!r}: this torch sees no CUDA device (CPU build, or no GPU); use "
+                                 "cpu or auto")
+            if device.index is not None and device.index >= count:
+                raise ValueError(f"device map {name!r}: this machine has {count} CUDA device(s), numbered 0 to "
+                                 f"{count - 1}")
+        elif device.type not in ("cpu", "meta") and not _backend_available(device.type):
+            raise ValueError(f"device map {name!r}: no {device.type} device is available here")
+
+
+def _backend_available(kind: str) -> bool:
+    backend = getattr(torch, kind, None)
+    return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -382,6 +434,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_placement(device_map, max_memory, offload_folder)
     ref = resolve_model(name_or_path, revision)
     kwargs: dict[str, Any] = {}
     if isinstance(dtype, str) and dtype != "auto":

@@ -60,6 +60,27 @@ def lora_state_dict(factors: dict[str, LowRankDelta]) -> dict[str, torch.Tensor]
     return state
 
 
+#: A delta whose Frobenius norm is over this multiple of the weight it edits does not edit that weight, it replaces
+#: it: such a pack (damaged, or made to break a model) is refused at load and when applied. Real edits are far
+#: below it; the tests' tiny random models, edited with ROME's norm clamp lifted, reach a few hundred.
+MAX_DELTA_RATIO = 1e4
+
+
+def check_delta_scale(pack: "EditPack", norms: dict[str, float], what: str) -> None:
+    """Raise :class:`PackFormatError` when a module's ‖ΔW‖ exceeds :data:`MAX_DELTA_RATIO` × ``norms[module]``
+    (the weight's norm, as ``what`` says: recorded in the manifest, or this model's)."""
+    for module, delta in sorted(pack.delta.modules.items()):
+        weight = norms.get(module)
+        if weight is None:
+            continue
+        size = delta.norm()
+        if not size <= MAX_DELTA_RATIO * weight:  # also refuses an infinite norm
+            raise PackFormatError(
+                f"pack {pack.ref}: the delta of {module} has norm {size:.3g}, {size / weight:.3g} times the norm of "
+                f"the weight it edits ({weight:.3g}, {what}); at most {MAX_DELTA_RATIO:g} times is an edit, this "
+                "would replace the weights (damaged or hostile pack)")
+
+
 def stored_dense(delta: LowRankDelta) -> bool:
     """Whether a delta is stored dense: its factors would not be smaller than the matrix itself."""
     rows, cols = delta.B.shape[0], delta.A.shape[1]
@@ -227,6 +248,7 @@ class EditPack(Artifact):
             delta.state = read_safetensors(directory / STATE)
         pack = cls(**cls.header_fields(directory, manifest), delta=delta, fan_in_fan_out=fan_in_fan_out)
         check_adapter_config(directory, pack)
+        check_delta_scale(pack, pack.base.norms or {}, "as the manifest records it")
         return pack
 
 

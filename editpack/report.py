@@ -19,7 +19,7 @@ from . import side_effects, suites
 from .chat import chat_facts, facts_form
 from .errors import EditpackError
 from .evaluate import PROTOCOLS, check_protocols, combine, measure
-from .facts import Fact
+from .facts import Fact, split_format
 
 #: The settings a stored evaluation records (and a rerun reuses).
 DEFAULTS = {"max_new_tokens": 8, "fluency_tokens": 60}
@@ -81,10 +81,8 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
 
 def portable_data_name(data: str) -> str:
     """``[format:]PATH`` as recorded in a manifest: the format and the file's name, never its local path."""
-    head, sep, rest = str(data).partition(":")
-    if sep and head in ("native", "counterfact", "zsre", "mquake"):
-        return f"{head}:{Path(rest).name}"
-    return Path(str(data)).name
+    fmt, path = split_format(data)
+    return f"{fmt}:{Path(path).name}" if fmt != "auto" else Path(path).name
 
 
 def evaluate_and_store(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *, data: str | None = None,

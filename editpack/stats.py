@@ -47,19 +47,50 @@ class StatsConfig:
     seed: int = 0
 
 
+def check_corpus_file(path: str | os.PathLike) -> Path:
+    """Raise :class:`EditpackError` naming ``path`` unless it is a readable file that starts as UTF-8 text
+    (JSONL with a ``text`` field, or plain text): checked before a model is loaded."""
+    path = Path(path)
+    if path.is_dir():
+        raise EditpackError(f"corpus {path} is a directory; give a JSONL or plain-text file")
+    if not path.is_file():
+        raise EditpackError(f"corpus {path} does not exist or is not a regular file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as exc:
+        raise EditpackError(f"corpus {path} cannot be read: {exc.strerror}") from None
+    try:
+        text = head.decode("utf-8") if len(head) < 1 << 16 else head[:-4].decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise EditpackError(f"corpus {path} is not UTF-8 text (byte {exc.start}); give JSONL with a 'text' field "
+                            "or plain text") from None
+    if "\0" in text:
+        raise EditpackError(f"corpus {path} holds NUL bytes: it is a binary file, not JSONL or plain text")
+    if not text.strip():
+        raise EditpackError(f"corpus {path} is empty")
+    return path
+
+
 def _corpus_texts(path: Path) -> Iterator[str]:
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    text = record.get("text") if isinstance(record, dict) else None
-                    if text:
-                        yield text
-    else:
-        for block in path.read_text(encoding="utf-8").split("\n\n"):
-            if block.strip():
-                yield block
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise EditpackError(f"corpus {path} line {number}: not valid JSON: {exc.msg}") from None
+                        text = record.get("text") if isinstance(record, dict) else None
+                        if text:
+                            yield text
+        else:
+            for block in path.read_text(encoding="utf-8").split("\n\n"):
+                if block.strip():
+                    yield block
+    except UnicodeDecodeError as exc:
+        raise EditpackError(f"corpus {path} is not UTF-8 text (byte {exc.start})") from None
 
 
 def _corpus_chunks(tokenizer, path: Path, max_length: int) -> Iterator[list[int]]:

@@ -102,3 +102,13 @@ def run_cli_quietly(commands, env) -> list[str]:
         assert not lines, f"editpack {args[0]} printed library noise: {lines}"
         outputs.append(result.stdout)
     return outputs
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The bad-input cases' table (``tests/casebook.py``), when a run recorded any."""
+    import casebook
+
+    if casebook.ROWS:
+        terminalreporter.write_sep("=", f"bad input: {len(casebook.ROWS)} cases and what each gets now")
+        terminalreporter.write_line(casebook.table())
+        casebook.write_table()

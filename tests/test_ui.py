@@ -74,9 +74,9 @@ def test_cards_render_without_raw_html_and_only_listed_files_are_served(playgrou
     assert 'src="/api/file?key=folder%3Ax&amp;name=evaluation.png"' in html
     assert "existing" in playground.card("folder:existing")
     with pytest.raises(KeyError):
-        playground.file("folder:existing", "../existing/editpack.json")
+        playground.read("folder:existing", "../existing/editpack.json")
     with pytest.raises(KeyError):
-        playground.file("folder:existing", "editpack.json")  # the manifest is not among the files it lists
+        playground.read("folder:existing", "editpack.json")  # the manifest is not among the files it lists
 
 
 def test_the_json_api(playground):

@@ -12,10 +12,11 @@ Nothing switches on method names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -25,9 +26,81 @@ from ..facts import Fact
 from ..delta import WeightDelta
 
 
+#: A value's range check: ``None`` when the value is acceptable, else what it must be ("must be at least 1").
+Check = Callable[[Any], "str | None"]
+
+
+def at_least(low: float) -> Check:
+    return lambda value: None if value >= low else f"must be at least {low}"
+
+
+def positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Check:
+    """``low ≤ value ≤ high`` (an open end excludes it)."""
+    def check(value: Any) -> str | None:
+        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+        return None if ok else f"must be in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    return lambda value: None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def each(check: Check, what: str = "each value") -> Check:
+    """``check`` on every item of a list."""
+    def run(values: Any) -> str | None:
+        for item in values:
+            problem = check(item)
+            if problem:
+                return f"{what} {problem} ({item!r} is not)"
+        return None
+    return run
+
+
+def non_empty(values: Any) -> str | None:
+    return None if len(values) else "must not be empty"
+
+
+#: Layer indices: a non-empty list of indices from 0 (the model's depth is checked when the model is there).
+LAYERS: tuple[Check, ...] = (non_empty, each(at_least(0), "each layer index"))
+
+
 @dataclasses.dataclass
 class MethodConfig:
-    """Base of every method's hyper-parameters (a dataclass; JSON-serialisable values only)."""
+    """Base of every method's hyper-parameters (a dataclass; JSON-serialisable values only).
+
+    ``bounds`` names the range each setting must be in (checks of this module: :func:`at_least`, :func:`between`,
+    :func:`one_of`, …); a subclass adds its own, and they apply with its parents' (a setting whose default a
+    subclass changes keeps its range). Every number must also be finite. Ranges are checked with the types by
+    :meth:`from_dict`, before any model is loaded.
+    """
+
+    bounds: ClassVar[dict[str, tuple[Check, ...]]] = {"layers": LAYERS}
+
+    @classmethod
+    def all_bounds(cls) -> dict[str, tuple[Check, ...]]:
+        out: dict[str, tuple[Check, ...]] = {}
+        for klass in reversed(cls.__mro__):
+            out.update(klass.__dict__.get("bounds", {}))
+        return out
+
+    def check_ranges(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of its range (``bounds``) or not finite."""
+        bounds = self.all_bounds()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if _non_finite(value):
+                raise ValueError(f"hyper-parameter {f.name} must be a finite number, not {value!r}")
+            for check in bounds.get(f.name, ()):
+                problem = check(value)
+                if problem:
+                    raise ValueError(f"hyper-parameter {f.name} {problem}, not {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,11 +126,20 @@ class MethodConfig:
                 raise ValueError(f"hyper-parameter {key} must be {_describe(hints[key])}, not {values[key]!r}")
             checked[key] = value
         config = cls(**checked)
+        config.check_ranges()
         config.validate()
         return config
 
     def validate(self) -> None:
         """Check relations between values (a method's config overrides this); raise ``ValueError``."""
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
 
 
 def _conforms(value: Any, hint: Any) -> tuple[bool, Any]:

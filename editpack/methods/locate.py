@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..arch import ArchSpec, get_module
-from .base import MethodConfig
+from .base import MethodConfig, at_least, each, non_empty, one_of, positive
 from ..facts import Fact
 from ..generation import continuation, continuation_ids, model_device, padding_side, sample_from_start
 from ..nethook import Trace, replace_first
@@ -28,6 +28,16 @@ from .split_batch import split_batch
 @dataclass
 class ValueOptimization(MethodConfig):
     """The settings of :func:`optimize_deltas` that a method's config carries (ROME, MEMIT, AlphaEdit, GRACE)."""
+
+    bounds: ClassVar[dict] = {
+        "v_num_grad_steps": (at_least(1),), "v_lr": (positive,), "v_weight_decay": (at_least(0),),
+        "clamp_norm_factor": (positive,), "kl_factor": (at_least(0),), "early_stop_loss": (at_least(0),),
+        "optimize_dtype": (one_of("auto", "float32", "bfloat16"),),
+        "context_template_lengths": (each(lambda pair: None if len(pair) == 2 and pair[0] >= 1 and pair[1] >= 1
+                                          else "must be [tokens, count], both at least 1", "each entry"),),
+        "context_templates": (non_empty, each(lambda t: None if t.count("{}") == 1 else "must hold one {}",
+                                              "each template")),
+    }
 
     #: Optimisation of the value: 20 steps as in the ROME paper (EasyEdit's Llama files use 25).
     v_num_grad_steps: int = 20

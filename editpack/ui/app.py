@@ -18,12 +18,27 @@ def render_card(markdown: str, key: str) -> str:
     return body.replace('src="evaluation.png"', f'src="/api/file?key={quote(key)}&amp;name=evaluation.png"')
 
 
-def create_app(playground: Playground):
-    """A FastAPI application serving the page and its JSON API for ``playground``."""
+def allowed_hosts(host: str) -> list[str] | None:
+    """The Host header values a playground bound to ``host`` answers (a page on another name is refused, so a
+    site that rebinds its DNS name to this address cannot drive the playground); ``None``: any (bound to every
+    interface, where the names it is reached by are not known)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return ["127.0.0.1", "localhost", "::1", "[::1]"]
+    return [host, f"[{host}]"] if ":" in host else [host]
+
+
+def create_app(playground: Playground, *, hosts: list[str] | None = None):
+    """A FastAPI application serving the page and its JSON API for ``playground``; ``hosts``: the Host header
+    values it answers (:func:`allowed_hosts`; ``None``: any)."""
     from fastapi import Body, FastAPI
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="editpack playground", docs_url=None, redoc_url=None, openapi_url=None)
+    if hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     page = resources.files("editpack.ui").joinpath("index.html").read_text(encoding="utf-8")
 
     def guarded(action):
@@ -56,7 +71,8 @@ def create_app(playground: Playground):
 
     @app.get("/api/file")
     def file(key: str, name: str) -> Any:
-        return guarded(lambda: FileResponse(playground.file(key, name)))
+        media = "image/png" if name.endswith(".png") else "text/plain; charset=utf-8"
+        return guarded(lambda: Response(playground.read(key, name), media_type=media))
 
     @app.get("/api/versions")
     def versions(repo: str) -> Any:

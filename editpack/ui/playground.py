@@ -8,6 +8,7 @@ weights are never left changed. One lock serialises the model's use (comparisons
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -117,20 +118,28 @@ class Playground:
 
     def card(self, key: str) -> str:
         """The pack's card (README.md) as Markdown, without its YAML front matter."""
-        entry = self.entry(key)
-        path = Path(entry.pack.path) / "README.md" if entry.pack.path else None
-        text = path.read_text(encoding="utf-8") if path and path.is_file() else ""
+        pack = self.entry(key).pack
+        text = self.read(key, "README.md").decode("utf-8") if "README.md" in (pack.files or {}) else ""
         if text.startswith("---"):
             end = text.find("\n---", 3)
             text = text[end + 4 :] if end >= 0 else text
         return text.strip()
 
-    def file(self, key: str, name: str) -> Path:
-        """A file of the pack that its manifest lists (the card's chart), never anything else."""
+    def read(self, key: str, name: str) -> bytes:
+        """The bytes of a file the pack's manifest lists (the card, its chart), never anything else: checked at
+        every read, so a file swapped after the pack was loaded (for a link to /etc/passwd, or other content) is
+        refused rather than served."""
         pack = self.entry(key).pack
         if name not in (pack.files or {}) or pack.path is None:
             raise KeyError(f"{pack.ref} lists no file {name!r}")
-        return Path(pack.path) / name
+        path = Path(pack.path) / name
+        if path.is_symlink() and pack.source is None:  # links only in the Hugging Face cache, into its blobs
+            raise EditpackError(f"{pack.ref}: {name} is now a symbolic link; refusing to read it")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != pack.files[name]:
+            raise EditpackError(f"{pack.ref}: {name} changed since the pack was loaded (its sha256 is not the "
+                                "manifest's); refusing to serve it")
+        return data
 
     def hub_versions(self, repo_id: str) -> list[dict[str, Any]]:
         from ..hub import versions

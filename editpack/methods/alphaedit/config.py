@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from ..base import at_least, positive
 from ..memit.config import MEMITConfig
 
 
 @dataclass
 class AlphaEditConfig(MEMITConfig):
+    bounds: ClassVar[dict] = {"nullspace_threshold": (positive,), "l2": (at_least(0),)}
+
     #: Eigen-directions of the preserved keys' second moment C with eigenvalue below this span the null space
     #: that updates are projected onto (the paper's 2e-2).
     nullspace_threshold: float = 2e-2

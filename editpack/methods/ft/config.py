@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
-from ..base import MethodConfig
+from ..base import MethodConfig, at_least, positive
 
 
 @dataclass
 class FTConfig(MethodConfig):
+    bounds: ClassVar[dict] = {"lr": (positive,), "num_steps": (at_least(1),), "batch_size": (at_least(1),), "early_stop_loss": (at_least(0),)}
+
     #: Layers whose MLP output projection is fine-tuned; ``None`` takes the spec's ``ft`` default.
     layers: list[int] | None = None
     lr: float = 5e-4

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..base import MethodConfig
+from ..base import MethodConfig, positive
 
 
 @dataclass
 class KNConfig(MethodConfig):
+    bounds: ClassVar[dict] = {"edit_scale": (positive,)}
+
     #: Layers whose MLP intermediate neurons are attributed; ``None``: every layer (as in the paper).
     layers: list[int] | None = None
     #: Riemann steps of the integrated-gradients path from zero to the neuron activations.

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..base import MethodConfig
+from ..base import MethodConfig, at_least, positive
 
 
 @dataclass
 class LoRAConfig(MethodConfig):
+    bounds: ClassVar[dict] = {"rank": (at_least(1),), "alpha": (positive,), "lr": (positive,), "num_steps": (at_least(1),),
+                              "batch_size": (at_least(1),), "early_stop_loss": (at_least(0),)}
+
     #: Layers whose MLP output projection gets a LoRA adapter; ``None`` takes the spec's ``lora`` default.
     layers: list[int] | None = None
     rank: int = 8

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from ..base import at_least, positive
 from ..rome.config import ROMEConfig
 
 
 @dataclass
 class MEMITConfig(ROMEConfig):
+    bounds: ClassVar[dict] = {"mom2_update_weight": (positive,), "facts_per_batch": (at_least(1),)}
+
     # ``layers``: the MLP output projections that share the update (``None``: the spec's ``memit`` default);
     # the target hidden state is optimised at the output of the last of them.
     #: Weight λ of the preserved keys' second moment against the new keys: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..base import MethodConfig
+from ..base import MethodConfig, at_least
 from ..targets import check_key_positions
 
 
 @dataclass
 class MENDConfig(MethodConfig):
+    bounds: ClassVar[dict] = {"locality_prompts": (at_least(1),)}
+
     #: The trained editor: a directory or ``user/name@version`` (``editpack train mend`` makes one). A pack
     #: records it as ``name@version``, with its content hash in ``editor_content``.
     editor: str | None = None

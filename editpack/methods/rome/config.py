@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from ..base import at_least
 from ..locate import ValueOptimization
 
 
 @dataclass
 class ROMEConfig(ValueOptimization):
+    bounds: ClassVar[dict] = {"stats_tokens": (at_least(1),), "mom2_ridge": (at_least(0),)}
+
     #: Layers whose MLP output projection is edited; ``None`` takes the architecture spec's default.
     layers: list[int] | None = None
     #: Key statistics: ``mom2_adjustment=False`` uses C = I. ``stats_corpus=None`` samples text from the model.

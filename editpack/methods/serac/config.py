@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...memory import DEMO_TEMPLATE, ENCODER_ID, IKE_DEMONSTRATIONS, ROUTES, Scope
-from ..base import MethodConfig
+from ..base import MethodConfig, between
 
 
 @dataclass
 class SERACConfig(MethodConfig, Scope):
     """The scope settings (``editpack.memory.Scope``: threshold and its calibration, subject required), the route
     for in-scope prompts, the template and the encoder."""
+
+    bounds: ClassVar[dict] = {name: (between(-1, 1),) for name in ("threshold", "min_threshold", "default_threshold")}
 
     #: ``"answer"``: the stored target starts the answer; ``"context"``: fact in context, the model answers;
     #: ``"ike"``: in-context demonstrations from the pack's nearest facts before the fact (IKE). ``answer`` is the

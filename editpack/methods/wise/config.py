@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..base import MethodConfig
+from ..base import MethodConfig, at_least, each
 
 
 @dataclass
 class WISEConfig(MethodConfig):
+    bounds: ClassVar[dict] = {"alpha": (at_least(0),), "beta": (at_least(0),), "gamma": (at_least(0),), "act_weight": (at_least(0),),
+                              "unrelated_samples": (each(at_least(1)),)}
+
     #: The one layer whose MLP output projection gets a side memory; ``None``: the architecture's ``late`` layer.
     layers: list[int] | None = None
     #: Optimisation of the side delta: Adam steps per shard and their learning rate.
