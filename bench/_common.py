@@ -91,7 +91,7 @@ def delta_loop_floor(model, tokenizer, module: str, prompts: Sequence[tuple[list
     owners = [f for f, (texts_, _, _) in enumerate(prompts) for _ in texts_]
     idxs = [i for _, idxs_, _ in prompts for i in idxs_]
     targets = [ids for f, (texts_, _, ids) in enumerate(prompts) for _ in texts_]
-    from editpack.generation import padding_side
+    from editpack.model.generation import padding_side
 
     with padding_side(tokenizer, "right"):
         batch = tokenizer(texts, return_tensors="pt", padding=True)
@@ -138,9 +138,9 @@ def delta_loop_floor(model, tokenizer, module: str, prompts: Sequence[tuple[list
 @torch.no_grad()
 def forward_floor(model, tokenizer, spec, layer: int, config) -> tuple[float, int]:
     """Seconds and tokens of a plain forward over the key statistics' batches, stopped after ``layer``'s block."""
-    from editpack import stats
-    from editpack.generation import pad_id
-    from editpack.nethook import Trace
+    from editpack.model import stats
+    from editpack.model.generation import pad_id
+    from editpack.model.nethook import Trace
 
     pad, rows, count = pad_id(tokenizer), [], 0
     device = next(model.parameters()).device

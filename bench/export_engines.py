@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, emit  # noqa: E402
 
 import editpack  # noqa: E402
-from editpack.export import check_export, engines, export_gguf, export_peft  # noqa: E402
+from editpack.export.formats import check_export, engines, export_gguf, export_peft  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from peft import PeftModel
 
-    from editpack.models import BUILTINS
+    from editpack.model.loading import BUILTINS
 
     model, tokenizer = editpack.load_model(args.model)
     facts = editpack.load_facts(args.data, limit=args.edits, skip_invalid=True)

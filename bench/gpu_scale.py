@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.small:
         args.shape, args.device, args.rome_edits, args.facts, args.stats_tokens = "small", "cpu", 1, "4", 4000
-    from editpack.models import resolve_model
+    from editpack.model.loading import resolve_model
 
     tokenizer_folder = args.tokenizer or resolve_model(None).path  # before the private cache: the built-in's folder
     with private_home() as home:
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args, tokenizer_folder: str, home: Path) -> dict:
     import editpack
-    from editpack import stats
-    from editpack.arch import spec_for
+    from editpack.model import stats
+    from editpack.model.arch import spec_for
     from editpack.methods.locate import rewrite_lookups
     from transformers import AutoTokenizer
 

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args, home: str) -> dict:
-    from editpack import stats
-    from editpack.arch import spec_for
+    from editpack.model import stats
+    from editpack.model.arch import spec_for
 
     if args.small:
         sys.path.insert(0, str(REPO / "tests"))

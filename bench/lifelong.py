@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
 from editpack._io import atomic_file, atomic_write_text  # noqa: E402
-from editpack.evaluate import Probes, combine, measure  # noqa: E402
+from editpack.evaluation.protocols import Probes, combine, measure  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 
 from _common import DATA, REPO, checkpoint  # noqa: E402

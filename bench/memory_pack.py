@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import editpack
-from editpack.report import evaluate_pack
+from editpack.evaluation.report import evaluate_pack
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -63,12 +63,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
 from editpack import suites  # noqa: E402
-from editpack.evaluate import combine, measure, starts_with  # noqa: E402
+from editpack.evaluation.protocols import combine, measure, starts_with  # noqa: E402
 from editpack.errors import InvalidFactError  # noqa: E402
 from editpack.facts import Fact  # noqa: E402
-from editpack.memory import IKE_DEMONSTRATIONS  # noqa: E402
+from editpack.packs.memory import IKE_DEMONSTRATIONS  # noqa: E402
 from editpack.methods.serac import IKEConfig, SERACConfig  # noqa: E402
-from editpack.models import DTYPE_CHOICES  # noqa: E402
+from editpack.model.loading import DTYPE_CHOICES  # noqa: E402
 
 from _common import DATA, REPO, emit  # noqa: E402
 

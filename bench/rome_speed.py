@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, StepCounter, delta_loop_floor, emit, in_dtype  # noqa: E402
 
 import editpack  # noqa: E402
-from editpack.arch import spec_for  # noqa: E402
-from editpack.generation import next_token_logits  # noqa: E402
+from editpack.model.arch import spec_for  # noqa: E402
+from editpack.model.generation import next_token_logits  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 from editpack.methods.locate import rewrite_lookups  # noqa: E402
 

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
-from editpack.evaluate import combine, measure  # noqa: E402
-from editpack.generation import model_device  # noqa: E402
+from editpack.evaluation.protocols import combine, measure  # noqa: E402
+from editpack.model.generation import model_device  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 from editpack.methods.locate import inputs_everywhere, unrelated_texts  # noqa: E402
 from editpack.methods.targets import text_batch  # noqa: E402
-from editpack.nethook import Trace  # noqa: E402
+from editpack.model.nethook import Trace  # noqa: E402
 
 from _common import DATA, emit  # noqa: E402
 from lifelong import PROTOCOLS, scores  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import editpack
 from editpack.api import extend
-from editpack.evaluate import PROTOCOLS, combine, measure
+from editpack.evaluation.protocols import PROTOCOLS, combine, measure
 from editpack.methods.base import parse_settings
 
 from _common import checkpoint

@@ -17,7 +17,7 @@ import click
 from editpack import __version__
 from editpack.errors import EditpackError
 from editpack.methods import REGISTRY
-from editpack.models import DTYPE_CHOICES
+from editpack.model.loading import DTYPE_CHOICES
 
 
 class Terminated(BaseException):
@@ -75,7 +75,7 @@ def check_output(output: str, overwrite: bool, inputs=(), model: str | None = No
     none of the command's inputs (packs, the --model folder or file) and does not hold or lie inside one, and is
     not in editpack's cache of converted models."""
     from editpack._io import check_output as check
-    from editpack.models import local_model_path
+    from editpack.model.loading import local_model_path
     from editpack.paths import cache_dir
 
     target = Path(output).resolve()
@@ -132,7 +132,7 @@ def model_options(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from editpack.models import check_placement
+        from editpack.model.loading import check_placement
 
         opts = {key: kwargs.pop(key) for key in _MODEL_KEYS}
         opts["max_memory"] = parse_max_memory(opts["max_memory"])
@@ -157,7 +157,7 @@ def no_eval_option(func):
 
 def load_from_options(opts: dict, packs=()):
     """Load the model ``opts`` names, or (when --model is not given) the base model the first of ``packs`` records."""
-    from editpack.models import load_model
+    from editpack.model.loading import load_model
 
     options = dict(opts)
     name = options.pop("model") or packs_model(list(packs))
@@ -191,7 +191,7 @@ def main(verbose: bool) -> None:
 @friendly_errors
 def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
     """List the built-in models: installed package, cached conversion, size."""
-    from editpack.models import BUILTINS, builtin_status, ensure_builtin
+    from editpack.model.loading import BUILTINS, builtin_status, ensure_builtin
 
     for name in prepare:
         if name not in BUILTINS:
@@ -224,10 +224,10 @@ def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
 @friendly_errors
 def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new_tokens, chat) -> None:
     """Greedy continuation of each PROMPT (with --pack, by the edited model; with --chat, the answer to it)."""
-    from editpack.apply import apply
+    from editpack.runtime.apply import apply
     from editpack.chat import chat_prompts
-    from editpack.generation import generate
-    from editpack.pipelines import compare as compare_edits
+    from editpack.model.generation import generate
+    from editpack.runtime.pipelines import compare as compare_edits
 
     if compare and not packs:
         raise click.UsageError("--compare needs at least one --pack")
@@ -268,7 +268,7 @@ def packs_model(packs) -> str | None:
     """
     if not packs:
         return None
-    from editpack.models import BUILTINS
+    from editpack.model.loading import BUILTINS
 
     base = packs[0].base
     if base.id in BUILTINS or base.hub_id == base.id or Path(base.id).exists():
@@ -279,7 +279,7 @@ def packs_model(packs) -> str | None:
 
 def load_packs(references) -> list:
     """Packs from directories or ``user/name@version`` Hub references."""
-    from editpack.hub import resolve_pack
+    from editpack.share.hub import resolve_pack
 
     return [resolve_pack(r) for r in references]
 
@@ -304,7 +304,7 @@ def gathers_statistics(method: str) -> bool:
 
 
 def check_corpus(path: str) -> str:
-    from editpack.stats import check_corpus_file
+    from editpack.model.stats import check_corpus_file
 
     try:
         return str(check_corpus_file(path).resolve())
@@ -349,10 +349,10 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     result is PACK's next version, holding both. Every option is checked before the model is loaded.
     """
     from editpack.api import edit, extend, method_config
-    from editpack.artifact import check_name, check_version
+    from editpack.packs.artifact import check_name, check_version
     from editpack.chat import chat_facts, check_plain_routing
     from editpack.facts import check_consistent, load_facts, make_fact
-    from editpack.pipelines import compare
+    from editpack.runtime.pipelines import compare
 
     one = [prompt, subject, target]
     if facts_path and any(one):
@@ -407,7 +407,7 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
 
 def evaluate_new(lm, tokenizer, pack) -> None:
     """Evaluate a new pack before it is saved (its card then carries the results); say how long it took."""
-    from editpack.report import evaluate_pack
+    from editpack.evaluation.report import evaluate_pack
 
     pack.evaluation = evaluate_pack(lm, tokenizer, pack)
     side = pack.evaluation.get("side_effects") or {}
@@ -416,7 +416,7 @@ def evaluate_new(lm, tokenizer, pack) -> None:
 
 def warn_unreached(facts, rows) -> None:
     """Say so when the edited model's greedy answer does not start with the new target."""
-    from editpack.evaluate import starts_with
+    from editpack.evaluation.protocols import starts_with
 
     missed = [(f, r) for f, r in zip(facts, rows) if not starts_with(r.after, f.target_new)]
     if missed:
@@ -435,7 +435,7 @@ def warn_unreached(facts, rows) -> None:
 @friendly_errors
 def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
     """Merge PACKS (directories or user/name@version, in order) into the model; write a model folder."""
-    from editpack.apply import check_mergeable, export_merged
+    from editpack.runtime.apply import check_mergeable, export_merged
 
     if model_opts["load_in_4bit"] or model_opts["load_in_8bit"]:
         raise click.UsageError("a merged model is written in full precision: merging into 4/8-bit weights loses "
@@ -466,8 +466,8 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
 @friendly_errors
 def stack_cmd(packs, model_opts, output, name, pack_version, later_wins, overwrite, no_eval):
     """Combine PACKS into one pack whose delta is exactly their sum (ranks add; facts are the union)."""
-    from editpack.apply import stack
-    from editpack.artifact import check_name, check_version
+    from editpack.runtime.apply import stack
+    from editpack.packs.artifact import check_name, check_version
 
     if name:
         check_name(name)
@@ -496,7 +496,7 @@ def stack_cmd(packs, model_opts, output, name, pack_version, later_wins, overwri
 def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_eval):
     """Write a new version of memory PACK without the facts about SUBJECT(s)."""
     from editpack.api import forget
-    from editpack.artifact import check_version
+    from editpack.packs.artifact import check_version
 
     if pack_version:
         check_version(pack_version)
@@ -528,7 +528,7 @@ def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_e
 @friendly_errors
 def export_cmd(packs, target, output, base_gguf, merged, model, overwrite, later_wins):
     """Write PACKS (one adapter for all of them) in the form llama.cpp or a multi-LoRA server reads."""
-    from editpack.export import check_gguf_output, export_gguf, export_peft
+    from editpack.export.formats import check_gguf_output, export_gguf, export_peft
 
     if merged and target != "gguf":
         raise click.UsageError("--merged writes a whole GGUF model; use it with --to gguf")
@@ -573,7 +573,7 @@ def ui_cmd(packs_dir, model, host, port, no_eval, corpus):
     except ImportError as exc:
         raise click.ClickException(f"the playground needs its extra ({exc.name} is missing): "
                                    "pip install 'editpack[ui]'") from None
-    from editpack.models import load_model
+    from editpack.model.loading import load_model
     from editpack.paths import cache_dir
     from editpack.ui import Playground
 
@@ -619,9 +619,9 @@ def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, 
     """
     from editpack._io import sha256_file
     from editpack.api import method_config, train
-    from editpack.artifact import check_name, check_version
+    from editpack.packs.artifact import check_name, check_version
     from editpack.facts import load_facts, split_format
-    from editpack.trainer import TrainSettings
+    from editpack.methods.training import TrainSettings
 
     if name:
         check_name(name)
@@ -666,7 +666,7 @@ def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, 
 @friendly_errors
 def push_cmd(pack, repo_id, private, message):
     """Upload PACK to the Hub model repository REPO_ID (user/name) as one commit tagged v<version>."""
-    from editpack.hub import push
+    from editpack.share.hub import push
 
     result = push(pack, repo_id, private=private, message=message)
     if result.created:
@@ -685,7 +685,7 @@ def push_cmd(pack, repo_id, private, message):
 @friendly_errors
 def pull_cmd(reference, output, overwrite):
     """Download REFERENCE (user/name[@1.2.0|@branch|@commit]) and verify every file against its manifest."""
-    from editpack.hub import pull
+    from editpack.share.hub import pull
 
     pack = pull(reference, output, overwrite=overwrite)
     click.echo(f"{pack.name} {pack.version}: {len(pack.facts)} fact(s), verified, at {pack.path}")
@@ -699,7 +699,7 @@ def versions_cmd(repo_id, as_json):
     """List the versions of the pack in REPO_ID with their dates and commits."""
     from dataclasses import asdict
 
-    from editpack.hub import versions
+    from editpack.share.hub import versions
 
     found = versions(repo_id)
     if as_json:
@@ -722,7 +722,7 @@ def log_cmd(pack, as_json):
     PACK is a Hub repository (user/name: every version tag), a pack directory (the versions it extends, found
     beside it), or a folder of pack directories of one pack.
     """
-    from editpack.history import log
+    from editpack.share.history import log
 
     entries = log(pack)
     if as_json:
@@ -739,7 +739,7 @@ def log_cmd(pack, as_json):
 @friendly_errors
 def diff_cmd(old, new, as_json):
     """What changed from pack OLD to pack NEW: facts, modules and ranks (or entries), settings, scores."""
-    from editpack.history import diff
+    from editpack.share.history import diff
 
     found = diff(old, new)
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else "\n".join(found.lines()))
@@ -751,7 +751,7 @@ def diff_cmd(old, new, as_json):
 @friendly_errors
 def show_cmd(pack, as_json):
     """Describe a pack: facts, method, base model, files and whether they verify."""
-    from editpack.describe import describe
+    from editpack.share.describe import describe
 
     found = describe(pack)
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else str(found))
@@ -760,7 +760,7 @@ def show_cmd(pack, as_json):
 
 
 def protocol_option(func):
-    from editpack.evaluate import PROTOCOLS
+    from editpack.evaluation.protocols import PROTOCOLS
 
     return click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS),
                         help="Protocol(s) to report (default: all three).")(func)
@@ -779,9 +779,9 @@ def protocol_option(func):
 @friendly_errors
 def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force, chat):
     """Measure PACK before/after, store the results in its manifest and regenerate its card."""
-    from editpack.apply import check_fingerprint
-    from editpack.evaluate import PROTOCOLS, format_table
-    from editpack.report import evaluate_and_store
+    from editpack.runtime.apply import check_fingerprint
+    from editpack.evaluation.protocols import PROTOCOLS, format_table
+    from editpack.evaluation.report import evaluate_and_store
     from editpack.facts import load_facts
 
     if chat and not data:
@@ -817,10 +817,10 @@ def verify_cmd(pack, model_opts, rerun, data, limit):
     evaluation (and, with --model, the base fingerprint). With --rerun the evaluation is repeated with the same
     protocols, probes, suites and settings and each claim is compared within its tolerance.
     """
-    from editpack.apply import check_fingerprint
-    from editpack.card import card_matches
+    from editpack.runtime.apply import check_fingerprint
+    from editpack.packs.card import card_matches
     from editpack.facts import load_facts
-    from editpack.report import rerun as rerun_claims
+    from editpack.evaluation.report import rerun as rerun_claims
 
     (loaded,) = load_packs([pack])  # hashes, names, links, adapter and content: refused on any problem
     click.echo(f"{loaded.ref}: files, adapter and manifest verify")
@@ -864,7 +864,7 @@ def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_j
     from editpack.api import edit
     from editpack.api import method_config
     from editpack.chat import chat_facts, check_plain_routing
-    from editpack.evaluate import PROTOCOLS, bench_edits, format_table
+    from editpack.evaluation.protocols import PROTOCOLS, bench_edits, format_table
     from editpack.facts import load_facts
 
     hparams = parse_set(settings)

@@ -22,23 +22,23 @@ Public API (see the README):
 
 from ._version import __version__
 from .api import edit, extend, train
-from .apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
-from .arch import ArchSpec, spec_for
-from .artifact import Artifact, load_pack
+from .runtime.apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
+from .model.arch import ArchSpec, spec_for
+from .packs.artifact import Artifact, load_pack
 from .chat import chat_fact, chat_prompt
 from .errors import EditpackError, PackConflictError
 from .facts import Fact, Probe, load_facts, make_fact
-from .generation import generate
-from .history import diff, log
-from .hub import pull, push, versions
-from .codebook import CodebookPack
-from .editor import Editor
-from .memory import MemoryPack
-from .models import DEFAULT_MODEL, load_model
-from .pack import EditPack
-from .pipelines import pipeline
-from .side_memory import SideMemoryPack
-from .report import evaluate_pack
+from .model.generation import generate
+from .share.history import diff, log
+from .share.hub import pull, push, versions
+from .packs.codebook import CodebookPack
+from .packs.editor import Editor
+from .packs.memory import MemoryPack
+from .model.loading import DEFAULT_MODEL, load_model
+from .packs.weights import EditPack
+from .runtime.pipelines import pipeline
+from .packs.side_memory import SideMemoryPack
+from .evaluation.report import evaluate_pack
 
 __all__ = [
     "__version__",

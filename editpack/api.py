@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .arch import spec_for
-from .artifact import Artifact, BaseModel, check_version, slug
+from .model.arch import spec_for
+from .packs.artifact import Artifact, BaseModel, check_version, slug
 from .chat import chat_facts, check_plain_routing, check_same_form
 from .errors import EditpackError, InvalidFactError
 from .facts import Fact, check_consistent, facts_from_records, kept_indices, load_facts
-from .fingerprint import combine, unwrap
+from .model.fingerprint import combine, unwrap
 from .methods import get_method
-from .pack import EditPack
+from .packs.weights import EditPack
 
 if TYPE_CHECKING:
-    from .trainer import TrainSettings
+    from .methods.training import TrainSettings
 
 
 def as_facts(facts: Any) -> list[Fact]:
@@ -82,7 +82,7 @@ def edit(
     user turn, the answer after the assistant's header), as an instruct model behind its chat template reads
     them; the pack records the facts so. Methods that make memory packs take no chat form.
     """
-    from .apply import applied
+    from .runtime.apply import applied
 
     on_model = applied(model)
     if any(not r.enabled for r in on_model):
@@ -130,7 +130,7 @@ def train(
     ``chat=True`` trains on the records in the tokenizer's chat form (as :func:`edit` takes it); the editor's
     training section records ``"form": "chat"``.
     """
-    from .trainer import Trainer, TrainSettings
+    from .methods.training import Trainer, TrainSettings
 
     model = unwrap(model)
     tokenizer = model_tokenizer(model, tokenizer)
@@ -191,9 +191,9 @@ def extend(
     an artifact that holds neither weights nor a codebook (a memory pack) grows by its facts alone.
     ``chat=True``: the new facts in the tokenizer's chat form, as :func:`edit` takes them.
     """
-    from .apply import applied, apply, revert
-    from .delta import WeightDelta
-    from .hub import resolve_pack
+    from .runtime.apply import applied, apply, revert
+    from .packs.delta import WeightDelta
+    from .share.hub import resolve_pack
 
     parent = resolve_pack(pack)
     facts = as_facts(facts)
@@ -257,7 +257,7 @@ def extend(
 def forget(pack: Any, subjects: Any, *, version: str | None = None) -> Artifact:
     """The next version of ``pack`` without the facts about ``subjects`` (memory packs; a weight delta cannot drop
     single facts, so weight packs are refused with the way out: edit again)."""
-    from .hub import resolve_pack
+    from .share.hub import resolve_pack
 
     parent = resolve_pack(pack)
     subjects = [subjects] if isinstance(subjects, str) else list(subjects)

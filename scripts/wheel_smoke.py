@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
 from editpack.methods import REGISTRY  # noqa: E402
-from editpack.pack import load_pack  # noqa: E402
+from editpack.packs.weights import load_pack  # noqa: E402
 from editpack import make_fact  # noqa: E402
 from tiny import FACT, TINY, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> int:
     tok = tiny_tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         # MEND edits with a trained editor: train one for a few steps, save it, and edit with the saved copy.
-        from editpack.trainer import TrainSettings
+        from editpack.methods.training import TrainSettings
 
         records = [make_fact(f"the {c} {{}}", s, "rome", "paris", paraphrases=[f"the {s}"],
                              neighborhood=[("the famous louvre", "paris")]) for c, s in
@@ -97,7 +97,7 @@ def main() -> int:
         # Package data of the export rules and the playground page, and an export of the ROME pack for each.
         from importlib import resources
 
-        from editpack.export import check_export, engines, export_gguf, export_peft
+        from editpack.export.formats import check_export, engines, export_gguf, export_peft
 
         if engines() != ["lorax", "sglang", "tgi", "vllm"]:
             print(f"FAIL: the engine rules shipped are {engines()}")

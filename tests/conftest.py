@@ -17,7 +17,7 @@ def test_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (built-in default), loaded once per session in float32."""
-    from editpack.models import load_model
+    from editpack.model.loading import load_model
 
     return load_model("smollm2-135m")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from editpack.arch import ArchSpec, all_specs, get_module, spec_for, spec_for_model_type
+from editpack.model.arch import ArchSpec, all_specs, get_module, spec_for, spec_for_model_type
 from editpack.errors import UnknownArchitectureError
 
 from tiny import tiny_model

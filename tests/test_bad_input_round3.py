@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import editpack
 from casebook import record
-from editpack.apply import export_merged
+from editpack.runtime.apply import export_merged
 from editpack.errors import InvalidFactError, PackConflictError, PackFormatError
 from test_bad_input import NO_MODEL, ONE_FACT, TINY_SETTINGS, nan_factor, rehash, run
 from tiny import FACT, TINY
@@ -186,7 +186,7 @@ def absurd(pack: Path, value: float = 1e30) -> None:
     tensors[key] = torch.full_like(tensors[key], value)
     save_file(tensors, pack / "adapter_model.safetensors")
     manifest = json.loads((pack / "editpack.json").read_text())
-    manifest["delta"]["content"] = editpack.pack.adapter_content_id(tensors)
+    manifest["delta"]["content"] = editpack.packs.weights.adapter_content_id(tensors)
     (pack / "editpack.json").write_text(json.dumps(manifest))
     rehash(pack)
 
@@ -385,7 +385,7 @@ def test_offline_commands_print_no_kernel_trust_line(pack_dir, tiny_dir, tmp_pat
 
 
 def test_cards_link_an_adapter_to_its_base_model(pack_dir):
-    from editpack.card import card_matches, render_card
+    from editpack.packs.card import card_matches, render_card
 
     pack = editpack.load_pack(pack_dir)
     pack.base.hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import editpack
-from editpack import side_effects, suites
-from editpack.card import render_card
+from editpack.evaluation import side_effects
+from editpack import suites
+from editpack.packs.card import render_card
 from editpack.cli.main import main
 
 from traces import assert_no_local_traces

@@ -8,17 +8,17 @@ import torch
 from click.testing import CliRunner
 
 import editpack
-from editpack import side_effects
-from editpack.card import render_card
+from editpack.evaluation import side_effects
+from editpack.packs.card import render_card
 from editpack.chat import ChatFrame, chat_fact, chat_prompt, check_plain_routing, facts_form, plain_fact
-from editpack.report import evaluate_pack, rerun
+from editpack.evaluation.report import evaluate_pack, rerun
 from editpack.cli.main import main
 from editpack.errors import EditpackError
-from editpack.evaluate import answer_ids
-from editpack.generation import continuation, next_token_logits
+from editpack.evaluation.protocols import answer_ids
+from editpack.model.generation import continuation, next_token_logits
 from editpack.methods.targets import target_batch
 from editpack.facts import Fact, Probe
-from editpack.trainer import TrainSettings
+from editpack.methods.training import TrainSettings
 
 from tiny import FACT, TINY, tiny_model, tiny_tokenizer
 
@@ -281,7 +281,7 @@ def test_cli_trains_an_editor_in_chat_form_and_edits_with_it(tiny_dir, tmp_path)
 
 
 def test_a_card_shows_a_long_chat_prompts_question():
-    from editpack.card import _cell
+    from editpack.packs.card import _cell
 
     prompt = "system " + "you are a helpful assistant " * 8 + "user Who is the president of {}? assistant\n"
     cell = _cell(prompt)
@@ -326,7 +326,7 @@ def test_smollm2_ike_pack_answers_the_president_question_in_chat_form(smollm2, t
 
 
 def test_an_ike_pack_shows_its_demonstrations_to_a_chat_prompt_as_earlier_exchanges():
-    from editpack.memory import IKE_DEMONSTRATIONS, ike_examples, ike_prompt
+    from editpack.packs.memory import IKE_DEMONSTRATIONS, ike_examples, ike_prompt
 
     model, tok = tiny_model("llama"), chat_tokenizer()
     tower = editpack.make_fact("the famous {}", "eiffel tower", "rome", paraphrases=["the big eiffel tower is in"])

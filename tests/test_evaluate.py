@@ -8,10 +8,10 @@ import yaml
 from click.testing import CliRunner
 
 import editpack
-from editpack.card import render_card
+from editpack.packs.card import render_card
 from editpack.cli.main import main
-from editpack.evaluate import PROTOCOLS, ngram_entropy, normalise, score, starts_with
-from editpack.report import evaluate_pack
+from editpack.evaluation.protocols import PROTOCOLS, ngram_entropy, normalise, score, starts_with
+from editpack.evaluation.report import evaluate_pack
 
 from tiny import TINY, tiny_model, tiny_tokenizer
 
@@ -105,7 +105,7 @@ def test_eval_command_writes_manifest_and_card(tmp_path):
 
 
 def test_rows_are_grouped_by_the_context_they_share_and_each_keeps_its_own_tail():
-    from editpack.generation import shared_prefix_groups
+    from editpack.model.generation import shared_prefix_groups
 
     a, b = list(range(100, 140)), list(range(100, 120)) + list(range(300, 320))  # b shares a's first 20 tokens
     rows = [a + [1, 2], b + [3], a + [4, 5, 6], [7, 8, 9], b + [1], a]

@@ -12,16 +12,9 @@ from click.testing import CliRunner
 from peft import PeftModel
 
 import editpack
-from editpack.delta import LowRankDelta
-from editpack.export import (
-    EXPORT_RECORD,
-    ExportError,
-    _fit_rank,
-    check_export,
-    engine_rules,
-    engines,
-    export_gguf,
-    export_peft,
+from editpack.packs.delta import LowRankDelta
+from editpack.export.formats import (
+    EXPORT_RECORD, ExportError, _fit_rank, check_export, engine_rules, engines, export_gguf, export_peft
 )
 
 from tiny import FACT, TINY, _fact, tiny_model, tiny_tokenizer

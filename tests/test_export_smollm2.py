@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import editpack
-from editpack.export import check_export, engines, export_gguf, export_peft
+from editpack.export.formats import check_export, engines, export_gguf, export_peft
 
 pytestmark = pytest.mark.slow
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
 def base_gguf() -> Path:
-    from editpack.models import BUILTINS
+    from editpack.model.loading import BUILTINS
 
     builtin = BUILTINS["smollm2-135m"]
     return builtin.locate(builtin, Path("."))  # the GGUF inside the installed package (nothing is written)

@@ -10,7 +10,7 @@ import torch
 
 import editpack
 from editpack.errors import PackFormatError
-from editpack.hub import HubError, parse_reference, pull, push, resolve_pack, versions
+from editpack.share.hub import HubError, parse_reference, pull, push, resolve_pack, versions
 
 from tiny import FACT, TINY, logits, tiny_model, tiny_tokenizer
 from traces import assert_no_local_traces

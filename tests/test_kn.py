@@ -6,7 +6,7 @@ import torch
 import editpack
 from editpack import apply, edit, revert
 from editpack.methods.kn import KN, KNConfig
-from editpack.nethook import Trace
+from editpack.model.nethook import Trace
 
 from tiny import FACT, logits, tiny_model, tiny_tokenizer
 

@@ -70,7 +70,7 @@ def test_no_import_cycles_between_library_modules(package=PACKAGE):
 
 
 def test_the_kinds_register_themselves():
-    from editpack.artifact import KINDS
+    from editpack.packs.artifact import KINDS
 
     assert sorted(KINDS) == ["codebook", "editor", "memory", "side_memory", "weight"]
     assert not KINDS["editor"].holds_weights and not KINDS["editor"].mergeable and not KINDS["editor"].hooks_modules

@@ -9,9 +9,9 @@ from peft import PeftModel
 
 import editpack
 from editpack import apply, edit, extend, revert
-from editpack.codebook import CODEBOOK_WEIGHTS, CodebookPack, insert
+from editpack.packs.codebook import CODEBOOK_WEIGHTS, CodebookPack, insert
 from editpack.errors import EditpackError, PackConflictError, PackFormatError
-from editpack.history import diff, fact_changes, log
+from editpack.share.history import diff, fact_changes, log
 from editpack.methods.targets import keys_and_gradients
 from editpack.methods.ultraedit.method import running_update
 
@@ -350,8 +350,8 @@ def test_cli_grows_a_codebook_and_logs_it_quietly(tiny_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------- WISE
 def side_memory(model, threshold: float, seed: int = 0) -> "editpack.SideMemoryPack":
     """A hand-made side memory of layer 1 (a random ΔW), to check routing itself."""
-    from editpack.artifact import describe_base
-    from editpack.delta import LowRankDelta, WeightDelta
+    from editpack.packs.artifact import describe_base
+    from editpack.packs.delta import LowRankDelta, WeightDelta
 
     spec = editpack.spec_for(model)
     name = spec.mlp_out_name(1)
@@ -365,7 +365,7 @@ def side_memory(model, threshold: float, seed: int = 0) -> "editpack.SideMemoryP
 
 
 def test_side_memory_routes_exactly_the_positions_above_its_threshold(setup, tmp_path):
-    from editpack.nethook import Trace
+    from editpack.model.nethook import Trace
 
     model, tok = setup
     before = state(model)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import editpack
-from editpack.generation import generate
+from editpack.model.generation import generate
 
 from conftest import EIFFEL, first_word
 

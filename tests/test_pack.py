@@ -9,7 +9,7 @@ from peft import PeftModel
 import editpack
 from editpack import EditPack, apply, edit, revert
 from editpack.errors import FingerprintMismatchError, PackFormatError
-from editpack.pack import ADAPTER_WEIGHTS, MANIFEST
+from editpack.packs.weights import ADAPTER_WEIGHTS, MANIFEST
 
 from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
 
@@ -125,12 +125,12 @@ def test_tampered_pack_is_refused(setup, tmp_path):
 def test_failed_save_leaves_nothing(setup, tmp_path, monkeypatch):
     model, tok = setup
     pack = edit(model, FACT, tokenizer=tok, layers=[1], **TINY)
-    import editpack.card
+    import editpack.packs.card
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(editpack.card, "render_card", boom)
+    monkeypatch.setattr(editpack.packs.card, "render_card", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         pack.save(tmp_path / "p")
     assert list(tmp_path.iterdir()) == []
@@ -162,7 +162,7 @@ def test_bad_arguments(setup, tmp_path):
 
 def test_remembered_fingerprints_follow_every_change_to_the_weights(setup, monkeypatch):
     """Hashes are remembered on the model, and a write through ``.data`` (PEFT's merge) or in place is seen."""
-    from editpack import fingerprint
+    from editpack.model import fingerprint
 
     model, tok = setup
     hashed = []

@@ -3,18 +3,13 @@
 import pytest
 import torch
 
-from editpack.arch import spec_for
+from editpack.model.arch import spec_for
 from editpack.methods.locate import (
-    attention_for_gradients,
-    frozen,
-    optimize_delta,
-    optimize_deltas,
-    resolve_optimize_dtype,
-    subject_last_index,
-    weights_in,
+    attention_for_gradients, frozen, optimize_delta, optimize_deltas, resolve_optimize_dtype, subject_last_index,
+    weights_in
 )
 from editpack.methods.split_batch import split_batch
-from editpack.nethook import Trace
+from editpack.model.nethook import Trace
 
 from tiny import TINY, _fact, tiny_model, tiny_tokenizer
 

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 
 import editpack
-from editpack.generation import generate, next_token_logits
+from editpack.model.generation import generate, next_token_logits
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_eiffel_pack_evaluation_lands_in_manifest_and_card(smollm2, eiffel, tmp_
     import json
     import shutil
 
-    from editpack.report import evaluate_pack
+    from editpack.evaluation.report import evaluate_pack
 
     model, tok = smollm2
     path = tmp_path / "eiffel"

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 import editpack
 from editpack import apply, edit, revert
-from editpack.apply import applied, remove, set_enabled, stack
+from editpack.runtime.apply import applied, remove, set_enabled, stack
 from editpack.errors import FingerprintMismatchError, PackConflictError
 
 from tiny import FACT, TINY, logits, state, tiny_model, tiny_tokenizer
@@ -36,7 +36,7 @@ def test_two_packs_both_hold_and_equal_their_stack(packs):
     assert sorted(one.modules) == sorted(a.modules + b.modules)
     assert [f.subject for f in one.facts] == ["eiffel tower", "london bridge"]
     assert [p["relation"] for p in one.parents] == ["stacked", "stacked"] and not one.requires
-    assert one.base.fingerprint == editpack.artifact.describe_base(model, one.modules).fingerprint
+    assert one.base.fingerprint == editpack.packs.artifact.describe_base(model, one.modules).fingerprint
     stacked = apply(model, one)
     for text, want in expected.items():
         torch.testing.assert_close(logits(stacked, tok, text), want, rtol=1e-5, atol=1e-5)

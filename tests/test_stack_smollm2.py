@@ -7,7 +7,7 @@ import torch
 
 import editpack
 from editpack.errors import PackConflictError
-from editpack.generation import generate, next_token_logits
+from editpack.model.generation import generate, next_token_logits
 
 from conftest import EIFFEL, first_word
 

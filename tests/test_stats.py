@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import editpack.stats as stats
-from editpack.arch import spec_for
-from editpack.nethook import Trace
-from editpack.stats import StatsConfig, second_moment, stats_cache_path
+import editpack.model.stats as stats
+from editpack.model.arch import spec_for
+from editpack.model.nethook import Trace
+from editpack.model.stats import StatsConfig, second_moment, stats_cache_path
 
 from tiny import WORDS, tiny_model, tiny_tokenizer
 

@@ -99,7 +99,7 @@ def test_the_json_api(playground):
 
 
 def test_hub_versions_are_listed_pulled_and_then_found_in_the_cache(playground, hub):
-    from editpack.hub import push
+    from editpack.share.hub import push
 
     repo = "tester/existing"
     push(playground.packs_dir / "existing", repo)

@@ -4,7 +4,9 @@ Importing this package registers the built-in methods; :func:`get_method` looks 
 """
 
 from .base import REGISTRY, EditMethod, MethodConfig, get_method, register_method
-from ..delta import LowRankDelta, WeightDelta
-from . import alphaedit, ft, grace, kn, lora, memit, mend, rome, serac, ultraedit, wise  # noqa: F401  (each registers itself)
+from ..packs.delta import LowRankDelta, WeightDelta
+from . import (  # noqa: F401  (each registers itself)
+    alphaedit, ft, grace, kn, lora, memit, mend, rome, serac, ultraedit, wise
+)
 
 __all__ = ["REGISTRY", "EditMethod", "LowRankDelta", "MethodConfig", "WeightDelta", "get_method", "register_method"]

@@ -20,10 +20,10 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ..arch import ArchSpec
+from ..model.arch import ArchSpec
 from ..errors import UnknownMethodError
 from ..facts import Fact
-from ..delta import WeightDelta
+from ..packs.delta import WeightDelta
 
 
 #: A value's range check: ``None`` when the value is acceptable, else what it must be ("must be at least 1").
@@ -253,8 +253,8 @@ class EditMethod(ABC):
 
         ``previous``: the pack being grown, for methods whose artifact grows by itself (a codebook's entries);
         weight packs are combined by :func:`editpack.extend` and receive ``state`` instead."""
-        from ..artifact import describe_base
-        from ..pack import EditPack
+        from ..packs.artifact import describe_base
+        from ..packs.weights import EditPack
 
         delta = self.compute(model, tokenizer, facts, spec, state=state)
         return EditPack(name=name, version=version, method=self.name, hyperparameters=self.config.recorded(),

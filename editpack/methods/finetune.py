@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from ..facts import Fact
-from ..generation import model_device
+from ..model.generation import model_device
 from .targets import target_batch
 
 

@@ -18,11 +18,11 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..arch import ArchSpec, get_module
+from ..model.arch import ArchSpec, get_module
 from .base import MethodConfig, at_least, each, non_empty, one_of, positive
 from ..facts import Fact
-from ..generation import continuation, continuation_ids, model_device, padding_side, sample_from_start
-from ..nethook import Trace, replace_first
+from ..model.generation import continuation, continuation_ids, model_device, padding_side, sample_from_start
+from ..model.nethook import Trace, replace_first
 from .split_batch import split_batch
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..generation import cache_argument, cache_of, pad_id
+from ..model.generation import cache_argument, cache_of, pad_id
 
 
 @dataclass

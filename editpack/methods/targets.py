@@ -9,10 +9,10 @@ from typing import Sequence
 
 import torch
 
-from ..arch import ArchSpec, get_module
+from ..model.arch import ArchSpec, get_module
 from ..facts import Fact
-from ..generation import continuation_ids, model_device, pad_id
-from ..nethook import TraceDict
+from ..model.generation import continuation_ids, model_device, pad_id
+from ..model.nethook import TraceDict
 from .locate import frozen, lookups
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifact import MANIFEST, Artifact, load_pack, slug
+from ..packs.artifact import MANIFEST, Artifact, load_pack, slug
 from ..errors import EditpackError
 
 PHASES = ("computing the edit", "evaluating it", "saving the pack")
@@ -142,14 +142,14 @@ class Playground:
         return data
 
     def hub_versions(self, repo_id: str) -> list[dict[str, Any]]:
-        from ..hub import versions
+        from ..share.hub import versions
 
         return [{"version": v.version, "date": v.date, "reference": f"{repo_id}@{v.version}"}
                 for v in versions(repo_id)]
 
     def pull(self, reference: str) -> dict[str, Any]:
         """Download (into the Hugging Face cache) and verify a Hub pack, and offer it."""
-        from ..hub import pull
+        from ..share.hub import pull
 
         pack = pull(reference)
         key = f"hub:{reference}"
@@ -160,8 +160,8 @@ class Playground:
     # ------------------------------------------------------------------------------------------ model
     def compare(self, prompt: str, max_new_tokens: int = 20) -> dict[str, Any]:
         """Greedy continuations of ``prompt`` by the base model and with the switched-on packs."""
-        from ..generation import generate
-        from ..pipelines import compare
+        from ..model.generation import generate
+        from ..runtime.pipelines import compare
 
         if not prompt.strip():
             raise ValueError("type a prompt first")
@@ -191,7 +191,7 @@ class Playground:
 
     def _edit(self, job: Job, fact, method: str, hyperparameters: dict) -> None:
         from ..api import edit
-        from ..report import evaluate_pack
+        from ..evaluation.report import evaluate_pack
 
         try:
             with self._model_lock:
@@ -223,7 +223,7 @@ class Playground:
 
 def _cached_packs() -> list[tuple[str, Artifact]]:
     """Packs in the Hugging Face cache: every snapshot of a model repository that holds an editpack manifest."""
-    from ..hub import scan_cache
+    from ..share.hub import scan_cache
 
     info = scan_cache()
     if info is None:

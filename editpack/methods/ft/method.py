@@ -10,8 +10,8 @@ from typing import Sequence
 
 import torch
 
-from ...delta import LowRankDelta, WeightDelta
-from ...arch import ArchSpec, get_module
+from ...packs.delta import LowRankDelta, WeightDelta
+from ...model.arch import ArchSpec, get_module
 from ...facts import Fact
 from ..base import EditMethod, register_method
 from ..finetune import train

@@ -24,22 +24,15 @@ from typing import Sequence
 
 import torch
 
-from ...arch import ArchSpec
-from ...codebook import CodebookPack, insert
+from ...model.arch import ArchSpec
+from ...packs.codebook import CodebookPack, insert
 from ...errors import EditpackError
 from ...facts import Fact
-from ...generation import model_device
+from ...model.generation import model_device
 from ..base import EditMethod, register_method
 from ..locate import (
-    context_templates,
-    frozen,
-    inputs_everywhere,
-    optimize_deltas,
-    position_lookups,
-    read_at,
-    resolve_optimize_dtype,
-    suffix_length,
-    unrelated_texts,
+    context_templates, frozen, inputs_everywhere, optimize_deltas, position_lookups, read_at, resolve_optimize_dtype,
+    suffix_length, unrelated_texts
 )
 from .config import GRACEConfig
 
@@ -101,7 +94,7 @@ class GRACE(EditMethod):
 
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
                    parents, state=None, previous: CodebookPack | None = None) -> CodebookPack:
-        from ...artifact import describe_base
+        from ...packs.artifact import describe_base
 
         cfg = self.resolve(model, tokenizer, spec)
         module = spec.mlp_out_name(cfg.layers[0])

@@ -25,11 +25,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ...arch import ArchSpec, get_module
-from ...delta import LowRankDelta, WeightDelta
+from ...model.arch import ArchSpec, get_module
+from ...packs.delta import LowRankDelta, WeightDelta
 from ...facts import Fact
-from ...generation import cache_argument, cache_of, continuation_ids, model_device
-from ...nethook import TraceDict
+from ...model.generation import cache_argument, cache_of, continuation_ids, model_device
+from ...model.nethook import TraceDict
 from ..base import EditMethod, register_method
 from ..locate import frozen
 from .config import KNConfig

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import torch
 
-from ...delta import LowRankDelta, WeightDelta
-from ...arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
+from ...model.arch import ArchSpec
 from ...errors import EditpackError
 from ...facts import Fact
 from ..base import EditMethod, register_method

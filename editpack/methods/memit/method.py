@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from ...delta import LowRankDelta, WeightDelta
-from ...arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
+from ...model.arch import ArchSpec
 from ...facts import Fact
 from ..base import EditMethod, register_method
 from ..locate import add_update, applied_updates, frozen, keys, optimize_deltas, outputs_at_subject, suffix_length

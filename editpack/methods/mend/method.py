@@ -25,13 +25,13 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...arch import ArchSpec, get_module
-from ...artifact import describe_base
-from ...delta import LowRankDelta, WeightDelta
-from ...editor import Editor
+from ...model.arch import ArchSpec, get_module
+from ...packs.artifact import describe_base
+from ...packs.delta import LowRankDelta, WeightDelta
+from ...packs.editor import Editor
 from ...errors import EditpackError
 from ...facts import Fact
-from ...generation import model_device, pad_id
+from ...model.generation import model_device, pad_id
 from ..base import EditMethod, register_method
 from ..locate import frozen
 from ..targets import keys_and_gradients, text_batch
@@ -150,7 +150,7 @@ class MEND(EditMethod):
     config: MENDConfig
 
     def editor(self) -> Editor:
-        from ...hub import resolve_pack
+        from ...share.hub import resolve_pack
 
         cfg = self.config
         if not cfg.editor:
@@ -205,7 +205,7 @@ class MEND(EditMethod):
 def _is_hub_reference(text: str | None) -> bool:
     from pathlib import Path
 
-    from ...hub import parse_reference
+    from ...share.hub import parse_reference
 
     return bool(text) and not Path(text).exists() and parse_reference(text) is not None
 

@@ -19,24 +19,17 @@ from typing import Sequence
 
 import torch
 
-from ...delta import LowRankDelta, WeightDelta
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..._io import sha256_file
-from ...arch import ArchSpec
+from ...model.arch import ArchSpec
 from ...errors import EditpackError
 from ...facts import Fact
-from ...generation import model_device
-from ...stats import StatsConfig, second_moments
+from ...model.generation import model_device
+from ...model.stats import StatsConfig, second_moments
 from ..base import EditMethod, register_method
 from ..locate import (
-    add_update,
-    applied_updates,
-    context_templates,
-    frozen,
-    keys,
-    optimize_delta,
-    read_at,
-    lookups,
-    resolve_optimize_dtype,
+    add_update, applied_updates, context_templates, frozen, keys, optimize_delta, read_at, lookups,
+    resolve_optimize_dtype
 )
 from .config import ROMEConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...memory import DEMO_TEMPLATE, ENCODER_ID, IKE_DEMONSTRATIONS, ROUTES, Scope
+from ...packs.memory import DEMO_TEMPLATE, ENCODER_ID, IKE_DEMONSTRATIONS, ROUTES, Scope
 from ..base import MethodConfig, between
 
 

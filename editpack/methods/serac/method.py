@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-from ...artifact import describe_base
+from ...packs.artifact import describe_base
 from ...facts import Fact
-from ...memory import MemoryPack, SentenceEncoder, calibrate_facts
+from ...packs.memory import MemoryPack, SentenceEncoder, calibrate_facts
 from ..base import EditMethod, register_method
 from .config import IKEConfig, SERACConfig
 

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ...arch import ArchSpec
-from ...delta import LowRankDelta, WeightDelta
+from ...model.arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact
 from ..base import EditMethod, register_method

@@ -25,13 +25,13 @@ from typing import Sequence
 
 import torch
 
-from ...arch import ArchSpec
-from ...delta import LowRankDelta, WeightDelta
+from ...model.arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact, kept_indices
-from ...generation import model_device
-from ...nethook import Trace, first_tensor, replace_first
-from ...side_memory import SideMemoryPack
+from ...model.generation import model_device
+from ...model.nethook import Trace, first_tensor, replace_first
+from ...packs.side_memory import SideMemoryPack
 from ..base import EditMethod, register_method
 from ..locate import frozen, inputs_everywhere, unrelated_texts
 from ..targets import target_batch
@@ -82,7 +82,7 @@ class WISE(EditMethod):
 
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
                    parents, state=None, previous: SideMemoryPack | None = None) -> SideMemoryPack:
-        from ...artifact import describe_base
+        from ...packs.artifact import describe_base
 
         cfg = self.config
         self.resolve_layers(model, spec)

@@ -25,20 +25,14 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import FingerprintMismatchError, PackConflictError, PackFormatError
-from .facts import Fact, fact_key, normal_text
-from .fingerprint import (
-    ORIGINALS,
-    base_weight,
-    is_quantized,
-    memory_wrapper,
-    module_fingerprints,
-    unwrap,
-    memo_fingerprint,
-    weight_norms,
+from ..errors import FingerprintMismatchError, PackConflictError, PackFormatError
+from ..facts import Fact, fact_key, normal_text
+from ..model.fingerprint import (
+    ORIGINALS, base_weight, is_quantized, memory_wrapper, module_fingerprints, unwrap, memo_fingerprint,
+    weight_norms
 )
-from .artifact import Artifact
-from .pack import EditPack, check_delta_scale
+from ..packs.artifact import Artifact
+from ..packs.weights import EditPack, check_delta_scale
 
 _RECORDS = "_editpack_records"  # list[AppliedPack] on the transformers model
 _WRAPPER = "_editpack_peft_model"  # the PeftModel wrapping it, so revert() works from either object
@@ -83,7 +77,7 @@ def _as_packs(packs) -> list[EditPack]:
 
 
 def _load(reference) -> EditPack:
-    from .hub import resolve_pack  # local directory or user/name@version on the Hub
+    from ..share.hub import resolve_pack  # local directory or user/name@version on the Hub
 
     return resolve_pack(reference)
 
@@ -109,7 +103,7 @@ def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
     found = module_fingerprints(base, exact)
     expected = pack.base.modules or {}
     if not expected:  # a pack that records only the combined fingerprint
-        from .fingerprint import combine
+        from ..model.fingerprint import combine
 
         if quantized or combine(found) == pack.base.fingerprint:
             return
@@ -125,7 +119,7 @@ def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
 
 def _check_quantized(base: torch.nn.Module, pack: EditPack, quantized: list[str], override: str) -> None:
     """Quantized weights: compare shapes exactly and the (unquantized) input embedding's fingerprint."""
-    from .arch import spec_for
+    from ..model.arch import spec_for
 
     for name in quantized:
         layer = base.get_submodule(name)
@@ -330,7 +324,7 @@ def apply(model: torch.nn.Module, packs, *, merge: bool = False, check: bool = T
         records(inner).append(AppliedPack(pack, None, hook=pack.attach(inner)))
     if not memories and wrapper is None:
         return inner
-    from .memory import MemoryModel
+    from ..packs.memory import MemoryModel
 
     if wrapper is None:
         tokenizer = tokenizer or getattr(unwrap(inner), "editpack_tokenizer", None)
@@ -561,8 +555,8 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
     Facts are the union (in order), the base is the shared base, and each input is recorded as a ``stacked``
     parent; parents the inputs were made on top of, and that are not themselves in the stack, carry over.
     """
-    from .artifact import BaseModel, slug
-    from .delta import WeightDelta
+    from ..packs.artifact import BaseModel, slug
+    from ..packs.delta import WeightDelta
 
     packs = _as_packs(packs)
     kinds = sorted({p.kind for p in packs})
@@ -596,7 +590,7 @@ def stack(packs, *, name: str | None = None, version: str = "1.0.0", on_conflict
             key = (parent["name"], parent["version"], parent.get("content"))
             if key not in contents and parent not in requires:
                 requires.append(parent)
-    from .fingerprint import combine
+    from ..model.fingerprint import combine
 
     methods = sorted({p.method for p in packs})
     base = BaseModel(**{**first.base.to_dict(), "modules": modules or None, "norms": norms or None,
@@ -635,9 +629,9 @@ def export_merged(model: torch.nn.Module, packs, output, *, tokenizer=None, chec
     """
     from pathlib import Path
 
-    from ._io import atomic_directory, atomic_write_json, check_output
-    from .artifact import MERGED_RECORD
-    from .models import quiet_progress
+    from .._io import atomic_directory, atomic_write_json, check_output
+    from ..packs.artifact import MERGED_RECORD
+    from ..model.loading import quiet_progress
 
     ref = getattr(unwrap(model), "editpack_ref", None)
     source = Path(ref.path).resolve() if ref is not None and Path(ref.path).exists() else None

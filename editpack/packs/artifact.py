@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
-from ._io import atomic_directory, atomic_write_json, sha256_file
-from .errors import PackFormatError
-from .facts import Fact
+from .._io import atomic_directory, atomic_write_json, sha256_file
+from ..errors import PackFormatError
+from ..facts import Fact
 
 FORMAT_VERSION = 1
 MANIFEST = "editpack.json"
@@ -90,7 +90,7 @@ class BaseModel:
             if not isinstance(modules, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                         for k, v in modules.items()):
                 raise PackFormatError(f"{where}: base_model.modules must map module names to fingerprints")
-            from .fingerprint import combine
+            from ..model.fingerprint import combine
 
             if modules and values["fingerprint"] != combine(modules):
                 raise PackFormatError(
@@ -111,9 +111,9 @@ class BaseModel:
 
 def describe_base(model, modules: Iterable[str]) -> BaseModel:
     """What an artifact records about the model it was computed on (original weights, before any pack)."""
-    from .arch import spec_for
-    from .fingerprint import combine, materialized, memo_fingerprint, module_fingerprints, unwrap, weight_norms
-    from .models import BUILTINS, ModelRef
+    from ..model.arch import spec_for
+    from ..model.fingerprint import combine, materialized, memo_fingerprint, module_fingerprints, unwrap, weight_norms
+    from ..model.loading import BUILTINS, ModelRef
 
     model = unwrap(model)
     ref: ModelRef | None = getattr(model, "editpack_ref", None)

@@ -27,7 +27,7 @@ def pipeline(model: Any = None, packs: Any = (), *, tokenizer: Any = None, task:
     import transformers
 
     from .apply import _as_packs, apply
-    from .models import load_model
+    from ..model.loading import load_model
 
     loaded = _as_packs(packs) if packs not in ((), [], None) else []
     if model is None or isinstance(model, str):
@@ -57,7 +57,7 @@ def compare(model, packs: Any, prompts: Sequence[str], *, tokenizer: Any = None,
     """Greedy continuations of ``prompts`` before and after applying ``packs`` (unmerged); the model is left
     without them afterwards (pass a model that carries no packs)."""
     from .apply import apply, revert
-    from .generation import generate
+    from ..model.generation import generate
 
     tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
     if tokenizer is None:

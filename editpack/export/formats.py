@@ -35,11 +35,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import atomic_directory, atomic_file, atomic_write_json, read_safetensors, write_safetensors
-from .arch import ArchSpec, spec_for_model_type
-from .delta import LowRankDelta
-from .errors import EditpackError
-from .pack import ADAPTER_KEY, EditPack, lora_state_dict
+from .._io import atomic_directory, atomic_file, atomic_write_json, read_safetensors, write_safetensors
+from ..model.arch import ArchSpec, spec_for_model_type
+from ..packs.delta import LowRankDelta
+from ..errors import EditpackError
+from ..packs.weights import ADAPTER_KEY, EditPack, lora_state_dict
 
 EXPORT_RECORD = "editpack_export.json"
 GGUF_RETAINED = 0.9  # share of an edit a requantized tensor must keep (1 - relative error of the delta)
@@ -93,7 +93,7 @@ class EngineRules:
 @lru_cache(maxsize=None)
 def _all_engines() -> dict[str, EngineRules]:
     out = {}
-    for entry in sorted(resources.files("editpack.engines").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("editpack.export.rules").iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
             rules = EngineRules.from_dict(json.loads(entry.read_text(encoding="utf-8")), entry.name)
             out[rules.engine] = rules
@@ -128,7 +128,7 @@ class Export:
 def _weight_packs(packs, on_conflict: str = "error") -> list[EditPack]:
     """The packs to export as one adapter: :func:`editpack.apply`'s and :func:`editpack.stack`'s rules (no pack
     twice, conflicts refused or the later pack winning, one base), and weight packs only."""
-    from .apply import _as_packs, check_stackable, resolve_conflicts
+    from ..runtime.apply import _as_packs, check_stackable, resolve_conflicts
 
     loaded = _as_packs(packs)
     if not loaded:
@@ -191,7 +191,7 @@ def _num_layers(model: str | None, packs: Sequence[EditPack]) -> int:
     """The base model's depth, from ``model`` or the packs' base (its config only)."""
     from transformers import AutoConfig
 
-    from .models import resolve_model
+    from ..model.loading import resolve_model
 
     source = model or packs[0].base.id
     try:
@@ -373,7 +373,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        from .errors import MissingPackageError
+        from ..errors import MissingPackageError
 
         raise MissingPackageError("GGUF export needs the gguf package: pip install 'editpack[gguf]'") from None
     return gguf
@@ -427,7 +427,7 @@ def check_gguf_output(output: str | os.PathLike, *, overwrite: bool = False,
     """Raise unless ``output`` may be written as a GGUF file, before any work: not a link or a folder, not inside
     one of ``inputs`` (the packs' folders) nor one of them (the base GGUF), and, when it exists, replaced only with
     ``overwrite`` and only if it is a GGUF file editpack wrote (a user's other files are never replaced)."""
-    from ._io import check_output
+    from .._io import check_output
 
     output = Path(output)
     if output.is_symlink() or output.is_dir():

@@ -25,7 +25,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from ._io import atomic_write_json, read_safetensors, write_safetensors
+from .._io import atomic_write_json, read_safetensors, write_safetensors
 
 PROGRESS = "trainer.json"
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pack import EditPack
+    from .weights import EditPack
 
 MAX_FACTS_IN_CARD = 20
 

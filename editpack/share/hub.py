@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_directory, check_output
-from .artifact import MANIFEST, Artifact, check_version, load_pack, parse_manifest, read_manifest, verify_files
-from .errors import EditpackError, PackFormatError
+from .._io import atomic_directory, check_output
+from ..packs.artifact import MANIFEST, Artifact, check_version, load_pack, parse_manifest, read_manifest, verify_files
+from ..errors import EditpackError, PackFormatError
 
 _REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^@\s]+))?$")
 _SEMVER_TAG = re.compile(r"^v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")

@@ -28,9 +28,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .facts import Fact, normal_text
-from .generation import (MIN_SHARED_PREFIX, Contrast, continuation_ids, generate, model_device, pad_id,
-                         prefix_batches)
+from ..facts import Fact, normal_text
+from ..model.generation import (
+    MIN_SHARED_PREFIX, Contrast, continuation_ids, generate, model_device, pad_id, prefix_batches
+)
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -294,7 +295,7 @@ def bench_edits(model, tokenizer, facts: Sequence[Fact], edit_one: Callable[[Fac
     import resource
     import time
 
-    from .apply import apply, revert
+    from ..runtime.apply import apply, revert
 
     base = measure(model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
     parts, seconds = [], []

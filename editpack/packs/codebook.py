@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._io import read_safetensors, write_safetensors
+from .._io import read_safetensors, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
-from .errors import PackFormatError
-from .facts import kept_indices, normal_text
-from .hooks import LayerHook, hook_target
+from ..errors import PackFormatError
+from ..facts import kept_indices, normal_text
+from ..model.hooks import LayerHook, hook_target
 
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 

@@ -19,7 +19,7 @@ def hook_target(model: torch.nn.Module, name: str, ref: str) -> torch.nn.Module:
     """The layer a pack's forward hook goes on: ``name`` in the transformers model under any wrapper, looking
     through a PEFT LoRA layer to the layer itself (adapters added or unloaded later leave the hook in place; a
     LoRA on the same module then adds its change to what the hook returns)."""
-    from .errors import PackFormatError
+    from ..errors import PackFormatError
 
     try:
         module = unwrap(model).get_submodule(name)

@@ -25,24 +25,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from .artifact import (  # noqa: F401  (re-exported: the names editpack.pack has always offered)
-    CARD,
-    FORMAT_VERSION,
-    MANIFEST,
-    Artifact,
-    BaseModel,
-    check_version,
-    content_digest,
-    load_pack,
-    read_manifest,
-    register_kind,
-    section,
-    slug,
-    verify_files,
+from .artifact import (
+    CARD, FORMAT_VERSION, MANIFEST, Artifact, BaseModel, check_version, content_digest, load_pack, read_manifest,
+    register_kind, section, slug, verify_files
 )
-from ._io import read_safetensors, write_safetensors
+from .._io import read_safetensors, write_safetensors
 from .delta import LowRankDelta, WeightDelta
-from .errors import PackFormatError
+from ..errors import PackFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

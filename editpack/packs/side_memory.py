@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 
 from .artifact import MANIFEST, content_digest, register_kind, section
-from .errors import PackFormatError
-from .hooks import LayerHook, hook_target
-from .pack import EditPack
+from ..errors import PackFormatError
+from ..model.hooks import LayerHook, hook_target
+from .weights import EditPack
 
 
 @register_kind

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import MANIFEST, Artifact, load_pack, read_manifest
-from .errors import PackFormatError
-from .facts import Fact, fact_key, normal_text
+from ..packs.artifact import MANIFEST, Artifact, load_pack, read_manifest
+from ..errors import PackFormatError
+from ..facts import Fact, fact_key, normal_text
 
 METRICS = ("reliability", "generalization", "locality")
 

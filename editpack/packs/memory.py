@@ -50,15 +50,15 @@ from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 
-from . import suites
-from ._io import read_safetensors, sha256_file, write_safetensors
+from .. import suites
+from .._io import read_safetensors, sha256_file, write_safetensors
 from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
-from .chat import ChatFrame, chat_exchange
-from .errors import MissingPackageError, PackFormatError
-from .evaluate import answer_ids
-from .facts import Fact, fact_key, normal_text
-from .generation import Contrast, ContextContrast, StopAt, cache_argument, cut_at, pad_id, prefix_batches
-from .side_effects import relation_of
+from ..chat import ChatFrame, chat_exchange
+from ..errors import MissingPackageError, PackFormatError
+from ..evaluation.protocols import answer_ids
+from ..facts import Fact, fact_key, normal_text
+from ..model.generation import Contrast, ContextContrast, StopAt, cache_argument, cut_at, pad_id, prefix_batches
+from ..evaluation.side_effects import relation_of
 
 MEMORY_WEIGHTS = "memory.safetensors"
 
@@ -81,7 +81,7 @@ class SentenceEncoder:
     def __init__(self, folder: str | Path | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from .models import quiet_progress
+        from ..model.loading import quiet_progress
 
         folder = Path(folder) if folder else self.package_folder()
         self.folder = folder

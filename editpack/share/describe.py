@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifact import load_pack, read_manifest, verify_files
-from .errors import PackFormatError
+from ..packs.artifact import load_pack, read_manifest, verify_files
+from ..errors import PackFormatError
 
 _RELATIONS = {"onto": "made on top of", "stacked": "stacked from", "extends": "extends"}
 

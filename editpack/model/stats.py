@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._io import sha256_file, waiting_lock
+from .._io import sha256_file, waiting_lock
 from .arch import ArchSpec
-from .errors import EditpackError
+from ..errors import EditpackError
 from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, pad_id, sample_from_start
 from .nethook import TraceDict
-from .paths import cache_dir
+from ..paths import cache_dir
 
 
 log = logging.getLogger(__name__)

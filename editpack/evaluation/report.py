@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import side_effects, suites
-from .chat import chat_facts, facts_form
-from .errors import EditpackError
-from .evaluate import PROTOCOLS, check_protocols, combine, measure
-from .facts import Fact, split_format
+from . import side_effects
+from .. import suites
+from ..chat import chat_facts, facts_form
+from ..errors import EditpackError
+from .protocols import PROTOCOLS, check_protocols, combine, measure
+from ..facts import Fact, split_format
 
 #: The settings a stored evaluation records (and a rerun reuses).
 DEFAULTS = {"max_new_tokens": 8, "fluency_tokens": 60}
@@ -38,7 +39,7 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     their relation is known, and the side effects are measured on the shipped suites. The model is left as it
     was: the pack is applied unmerged for the "after" measurements, then removed.
     """
-    from .apply import apply, revert
+    from ..runtime.apply import apply, revert
 
     check_protocols(protocols)
     if chat and facts is None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import UnknownArchitectureError
+from ..errors import UnknownArchitectureError
 
 _REQUIRED = ("family", "model_types", "blocks", "mlp", "mlp_in", "mlp_out", "final_norm", "lm_head", "embed")
 

@@ -37,11 +37,11 @@ from typing import Any, Sequence
 
 import torch
 
-from . import suites
-from .chat import ChatFrame, chat_prompts, plain_fact
-from .evaluate import ngram_entropy, normalise
-from .facts import Fact, normal_text
-from .generation import generate, model_device, next_token_logits
+from .. import suites
+from ..chat import ChatFrame, chat_prompts, plain_fact
+from .protocols import ngram_entropy, normalise
+from ..facts import Fact, normal_text
+from ..model.generation import generate, model_device, next_token_logits
 
 _STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "by", "for", "on", "at", "and", "which", "what", "who",
          "that", "its", "it", "as", "with", "from", "be", "are", "were", "has", "had", "{}"}

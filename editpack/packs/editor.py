@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._io import read_safetensors, write_safetensors
+from .._io import read_safetensors, write_safetensors
 from .artifact import Artifact, content_digest, register_kind, section
-from .errors import PackFormatError
+from ..errors import PackFormatError
 
 EDITOR_WEIGHTS = "editor.safetensors"
 

@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_directory, atomic_write_json, waiting_lock
-from .errors import MissingPackageError, ModelNotFoundError
-from .paths import cache_dir
+from .._io import atomic_directory, atomic_write_json, waiting_lock
+from ..errors import MissingPackageError, ModelNotFoundError
+from ..paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
