@@ -112,7 +112,7 @@ def delta_loop_floor(model, tokenizer, module: str, prompts: Sequence[tuple[list
         hidden = hidden.index_put((rows, at), hidden[rows, at] + delta[owner].to(hidden.dtype))
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-    from editpack.methods.locate import attention_for_gradients, frozen
+    from editpack.methods.locate.model_state import attention_for_gradients, frozen
 
     # No parameter gradients, and on a CPU the matmul ("eager") attention, whose backward is fast; both restored.
     with frozen(model), attention_for_gradients(model), torch.enable_grad():
@@ -167,7 +167,7 @@ class StepCounter:
     loop (a benchmark's instrument: the floor runs the same number of steps; the rest of an edit is overhead)."""
 
     def __init__(self) -> None:
-        from editpack.methods import locate
+        from editpack.methods.locate import values as locate
         from editpack.methods.memit import method as memit
 
         self._modules = (locate, memit)  # ROME calls it through locate; MEMIT imports it

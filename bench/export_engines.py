@@ -1,6 +1,6 @@
 """A stack of ROME edits exported for every serving engine and as GGUF: ranks, sizes, conformance, logits.
 
-    python bench/export_engines.py [--model smollm2-135m] [--edits 10] [--data FILE] [--corpus FILE] [--out FILE]
+    python3 -m bench.export_engines [--model smollm2-135m] [--edits 10] [--data FILE] [--corpus FILE] [--out FILE]
 
 Edits the first ``--edits`` CounterFact records one pack each (ROME), stacks them into one pack
 (``editpack.stack``), and exports that pack for vLLM, SGLang, LoRAX and TGI (PEFT folders) and as a llama.cpp
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, emit  # noqa: E402
+from bench._common import REPO, emit  # noqa: E402
 
 import editpack  # noqa: E402
-from editpack.export.formats import check_export, engines, export_gguf, export_peft  # noqa: E402
+from editpack.export.engines import check_export, engines, export_peft  # noqa: E402
+from editpack.export.gguf import export_gguf
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from peft import PeftModel
 
-    from editpack.model.loading import BUILTINS
+    from editpack.model.builtins import BUILTINS
 
     model, tokenizer = editpack.load_model(args.model)
     facts = editpack.load_facts(args.data, limit=args.edits, skip_invalid=True)

@@ -1,6 +1,6 @@
 """Generation throughput with packs applied, as ratios to the unedited model measured in the same run.
 
-    python bench/generation_throughput.py [--model smollm2-135m] [--packs 10] [--new-tokens 48] [--reps 5]
+    python3 -m bench.generation_throughput [--model smollm2-135m] [--packs 10] [--new-tokens 48] [--reps 5]
 
 Configurations: ``base`` (no pack), ``1 unmerged`` (one pack as a PEFT adapter), ``N unmerged`` (N packs
 stacked as N separate adapters, all active), ``N merged`` (the N deltas folded into the weights), and

@@ -1,8 +1,8 @@
 """editpack at 7B scale on a GPU: ROME, batched MEMIT and AlphaEdit, key statistics, each beside its floor.
 
-    python bench/gpu_scale.py [--shape llama2-7b|llama3-8b|qwen2.5-7b] [--tokenizer DIR] [--facts 100,1000]
+    python3 -m bench.gpu_scale [--shape llama2-7b|llama3-8b|qwen2.5-7b] [--tokenizer DIR] [--facts 100,1000]
                               [--methods memit,alphaedit] [--rome-edits 10] [--stats-tokens 1000000] [--out FILE]
-    python bench/gpu_scale.py --small          # a tiny shape on the CPU, the same code path (a test runs it)
+    python3 -m bench.gpu_scale --small          # a tiny shape on the CPU, the same code path (a test runs it)
 
 Builds a model of the named shape with random bfloat16 weights on the GPU (timing only: the facts mean nothing to
 it) and runs editpack's own code, with the floors measured in the same process:
@@ -32,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from bench._common import (  # noqa: E402
     REPO,
     StepCounter,
     delta_loop_floor,
@@ -155,7 +154,7 @@ def run(args, tokenizer_folder: str, home: Path) -> dict:
     import editpack
     from editpack.model import stats
     from editpack.model.arch import spec_for
-    from editpack.methods.locate import rewrite_lookups
+    from editpack.methods.locate.values import rewrite_lookups
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)

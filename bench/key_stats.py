@@ -1,6 +1,6 @@
 """Key statistics: tokens per second against a plain forward, one pass for five layers, samples kept.
 
-    python bench/key_stats.py [--tokens 1000000] [--layer 5] [--run 3,4,5,6,7] [--sampled 20000] [--small]
+    python3 -m bench.key_stats [--tokens 1000000] [--layer 5] [--run 3,4,5,6,7] [--sampled 20000] [--small]
 
 In one process, each in a fresh private cache (``EDITPACK_HOME`` is a temporary folder, so nothing is reused by
 accident): corpus statistics for one layer (``--tokens``), and the floor: a plain forward of the same batches
@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, REPO, emit, forward_floor, private_home, timed  # noqa: E402
+from bench._common import DATA, REPO, emit, forward_floor, private_home, timed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,8 +43,7 @@ def run(args, home: str) -> dict:
     from editpack.model.arch import spec_for
 
     if args.small:
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny import WORDS, tiny_model, tiny_tokenizer
+        from editpack.testing import WORDS, tiny_model, tiny_tokenizer
 
         model, tokenizer = tiny_model("llama"), tiny_tokenizer()
         corpus = Path(home) / "corpus.jsonl"

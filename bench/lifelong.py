@@ -1,9 +1,9 @@
 """Lifelong editing: many CounterFact edits in rounds, every round a pack version, scored on everything so far.
 
-    python bench/lifelong.py [--n 1000] [--round-size 100] [--methods grace,ultraedit,wise,alphaedit] [--score-at N,…]
+    python3 -m bench.lifelong [--n 1000] [--round-size 100] [--methods grace,ultraedit,wise,alphaedit] [--score-at N,…]
                              [--set METHOD:KEY=VALUE ...] [--versions DIR] [--plot docs/lifelong.png]
                              [--table FILE] [--resume]
-    python bench/lifelong.py --report --out RUN.json [--table FILE] [--plot FILE]
+    python3 -m bench.lifelong --report --out RUN.json [--table FILE] [--plot FILE]
 
 For each method, the first ``--n`` records are edited ``--round-size`` at a time: round 1 with ``editpack.edit``,
 every later round with ``editpack.extend`` (one new version per round, computed on the model with the earlier
@@ -34,12 +34,10 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
@@ -47,7 +45,7 @@ from editpack._io import atomic_file, atomic_write_text  # noqa: E402
 from editpack.evaluation.protocols import Probes, combine, measure  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
 
-from _common import DATA, REPO, checkpoint  # noqa: E402
+from bench._common import DATA, REPO, checkpoint  # noqa: E402
 
 PROTOCOLS = ("prob_compare", "generate_match")
 SHOWN = {"reliability": "efficacy", "generalization": "paraphrase", "locality": "neighbourhood"}

@@ -1,6 +1,6 @@
 """MEMIT seconds per fact at batch sizes 1, 10 and 100 (one run, ratios to batch size 1).
 
-    python bench/memit_batch.py [--sizes 1,10,100] [--singles 3]
+    python3 -m bench.memit_batch [--sizes 1,10,100] [--singles 3]
 
 Key statistics are computed (or loaded from the cache) by a warm-up edit first, so they are not counted. Batch
 size 1 is the mean of ``--singles`` one-fact edits. Prints one JSON object (``--out`` also writes it).

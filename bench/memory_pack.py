@@ -1,6 +1,6 @@
 """Memory packs on CounterFact: generate_match scores and the latency they add, in and out of scope.
 
-    python bench/memory_pack.py [--n 100] [--route context|answer|both] [--reps 3]
+    python3 -m bench.memory_pack [--n 100] [--route context|answer|both] [--reps 3]
 
 Builds one memory pack from the first ``--n`` records of counterfact-edit.json, scores it under the
 ``generate_match`` protocol (reliability on the edit prompts, generalization on the paraphrases, locality on the

@@ -1,11 +1,11 @@
 """Memory packs' scope: each route's scores, and how often it wrongly answers the subject's other relations.
 
-    python bench/memory_scope.py [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
+    python3 -m bench.memory_scope [--model M] [--dtype D] [--facts SPEC] [--n 100] [--neighbours K]
                                  [--probes 300] [--routes context,answer,ike] [--margins none,0.2]
                                  [--demonstrations K] [--contrasts 0,0.5] [--plausibility P] [--true-facts]
 
 Two measurements per route (``context``, ``answer``, ``ike``) and scope (``--margins``: ``none`` checks the
-subject only; a number is the relation check's ``relation_margin``, see ``editpack.memory``):
+subject only; a number is the relation check's ``relation_margin``, see ``editpack.packs.memory``):
 
 - reliability, generalization and locality of one memory pack holding the first ``--n`` records of
   ``counterfact-edit.json`` under the three protocols (teacher-forced ones read the answer after the text the
@@ -23,8 +23,8 @@ subject only; a number is the relation check's ``relation_margin``, see ``editpa
   target. The rate in scope (routed to the memory) is reported beside it, and the unedited model's own rate.
 
 ``--demonstrations K`` sets how many of the pack's facts demonstrate under the ``ike`` route (default the
-library's, ``editpack.memory.IKE_DEMONSTRATIONS``). ``--contrasts`` lists the context-aware decoding weights
-(``contrast``, see ``editpack.generation.Contrast``) to score the in-context routes (``context``, ``ike``) with;
+library's, ``editpack.packs.memory.IKE_DEMONSTRATIONS``). ``--contrasts`` lists the context-aware decoding weights
+(``contrast``, see ``editpack.model.generation.Contrast``) to score the in-context routes (``context``, ``ike``) with;
 the ``answer`` route is scored once, without. Default: each route's own default (``ike`` 0.5, the others 0).
 ``--plausibility`` sets the contrast's floor (default each route's own: ``ike`` none, the others 0.1).
 
@@ -51,14 +51,12 @@ import dataclasses
 import json
 import random
 import re
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
@@ -66,11 +64,12 @@ from editpack import suites  # noqa: E402
 from editpack.evaluation.protocols import combine, measure, starts_with  # noqa: E402
 from editpack.errors import InvalidFactError  # noqa: E402
 from editpack.facts import Fact  # noqa: E402
-from editpack.packs.memory import IKE_DEMONSTRATIONS  # noqa: E402
-from editpack.methods.serac import IKEConfig, SERACConfig  # noqa: E402
+from editpack.packs.memory.routes import IKE_DEMONSTRATIONS  # noqa: E402
+from editpack.methods.ike import IKEConfig  # noqa: E402
+from editpack.methods.serac import SERACConfig  # noqa: E402
 from editpack.model.loading import DTYPE_CHOICES  # noqa: E402
 
-from _common import DATA, REPO, emit  # noqa: E402
+from bench._common import DATA, REPO, emit  # noqa: E402
 
 
 def relation_templates(data: Path) -> dict[str, str]:

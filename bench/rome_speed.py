@@ -1,6 +1,6 @@
 """ROME speed and efficacy on CounterFact, one record at a time (model restored between edits).
 
-    python bench/rome_speed.py [--model smollm2-135m] [--limit 20] [--data PATH] [--corpus PATH] [--set k=v]
+    python3 -m bench.rome_speed [--model smollm2-135m] [--limit 20] [--data PATH] [--corpus PATH] [--set k=v]
 
 Prints one JSON object: seconds per edit (key statistics cached by a warm-up edit first, so they are not
 counted) beside two references measured in the same run for each edit: the floor (the bare δ loop of
@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, StepCounter, delta_loop_floor, emit, in_dtype  # noqa: E402
+from bench._common import DATA, StepCounter, delta_loop_floor, emit, in_dtype  # noqa: E402
 
 import editpack  # noqa: E402
 from editpack.model.arch import spec_for  # noqa: E402
 from editpack.model.generation import next_token_logits  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
-from editpack.methods.locate import rewrite_lookups  # noqa: E402
+from editpack.methods.locate.values import rewrite_lookups  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Does a WISE router tell the edits from their neighbours? One round of WISE on CounterFact records, then the
 router's score ‖ΔW x‖ where each kind of prompt is answered, against the pack's threshold.
 
-    python bench/router_overlap.py [--n 100] [--set KEY=VALUE ...] [--out FILE]
+    python3 -m bench.router_overlap [--n 100] [--set KEY=VALUE ...] [--out FILE]
 
 The first ``--n`` records of ``counterfact-edit.json`` are edited in one round (``editpack.edit(..., "wise")``,
 ``--set`` for its settings). At the side memory's module the script then takes the activation difference
@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import editpack  # noqa: E402
 import editpack.console  # noqa: E402
 from editpack.evaluation.protocols import combine, measure  # noqa: E402
 from editpack.model.generation import model_device  # noqa: E402
 from editpack.methods.base import parse_settings  # noqa: E402
-from editpack.methods.locate import inputs_everywhere, unrelated_texts  # noqa: E402
+from editpack.methods.locate.keys import inputs_everywhere  # noqa: E402
+from editpack.methods.locate.context import unrelated_texts
 from editpack.methods.targets import text_batch  # noqa: E402
 from editpack.model.nethook import Trace  # noqa: E402
 
-from _common import DATA, emit  # noqa: E402
+from bench._common import DATA, emit  # noqa: E402
 from lifelong import PROTOCOLS, scores  # noqa: E402
 
 

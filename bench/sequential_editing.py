@@ -1,6 +1,6 @@
 """Batch and sequential editing on CounterFact: MEMIT in one batch, AlphaEdit / FT-M / ROME in rounds.
 
-    python bench/sequential_editing.py [--n 200] [--rounds 10] [--memit-n 100] [--methods memit,alphaedit,ft,rome]
+    python3 -m bench.sequential_editing [--n 200] [--rounds 10] [--memit-n 100] [--methods memit,alphaedit,ft,rome]
                                        [--set KEY=VALUE ...]
 
 - ``memit``: the first ``--memit-n`` records edited in one batch, scored on those records.
@@ -9,7 +9,7 @@
   ``--n`` records after the last round.
 
 ``--set`` hyper-parameters go to every method listed. Every result holds the three protocols' before/after
-scores (``editpack.evaluate``), fluency, seconds per fact and per round, and peak memory. The JSON is rewritten after each method (``--out``), so a long run keeps what it has.
+scores (``editpack.evaluation.protocols``), fluency, seconds per fact and per round, and peak memory. The JSON is rewritten after each method (``--out``), so a long run keeps what it has.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from editpack.api import extend
 from editpack.evaluation.protocols import PROTOCOLS, combine, measure
 from editpack.methods.base import parse_settings
 
-from _common import checkpoint
+from bench._common import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

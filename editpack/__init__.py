@@ -16,29 +16,31 @@ Public API (see the README):
 - :func:`generate` — batched greedy continuations; :func:`chat_prompt` / :func:`chat_fact` — a prompt or a fact
   in the model's chat template (``edit``, ``extend`` and ``train`` take ``chat=True``).
 - :func:`evaluate_pack` — a pack's facts under three protocols and its side effects on shipped suites.
-- :mod:`editpack.arch` — architecture specs (data files, one per model family).
-- :mod:`editpack.nethook` — read and patch module inputs/outputs during a forward pass.
+- :mod:`editpack.model.arch` — architecture specs (data files, one per model family).
+- :mod:`editpack.model.nethook` — read and patch module inputs/outputs during a forward pass.
 """
 
 from ._version import __version__
 from .api import edit, extend, train
-from .runtime.apply import AppliedPack, applied, apply, remove, revert, set_enabled, stack
-from .model.arch import ArchSpec, spec_for
-from .packs.artifact import Artifact, load_pack
 from .chat import chat_fact, chat_prompt
 from .errors import EditpackError, PackConflictError
+from .evaluation.report import evaluate_pack
 from .facts import Fact, Probe, load_facts, make_fact
+from .model.arch import ArchSpec, spec_for
+from .model.builtins import DEFAULT_MODEL
 from .model.generation import generate
-from .share.history import diff, log
-from .share.hub import pull, push, versions
+from .model.loading import load_model
+from .packs.artifact import Artifact, load_pack
 from .packs.codebook import CodebookPack
 from .packs.editor import Editor
-from .packs.memory import MemoryPack
-from .model.loading import DEFAULT_MODEL, load_model
-from .packs.weights import EditPack
-from .runtime.pipelines import pipeline
+from .packs.memory.pack import MemoryPack
 from .packs.side_memory import SideMemoryPack
-from .evaluation.report import evaluate_pack
+from .packs.weights import EditPack
+from .runtime.apply import AppliedPack, applied, apply, remove, revert, set_enabled
+from .runtime.combine import stack
+from .runtime.pipelines import pipeline
+from .share.history import diff, log
+from .share.hub import pull, push, versions
 
 __all__ = [
     "__version__",

@@ -12,6 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import PackFormatError
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -140,10 +146,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_safetensors(path: str | os.PathLike) -> dict:
     """The tensors of a safetensors file (never a pickle), with a clear error for a damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .errors import PackFormatError
 
     try:
         return load_file(str(path))
@@ -152,16 +154,12 @@ def read_safetensors(path: str | os.PathLike) -> dict:
 
 
 def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path), metadata=metadata)
 
 
 @contextlib.contextmanager
 def waiting_lock(path: Path, what: str, poll: float = 5.0):
     """A file lock beside ``path``; says so (once) when another process holds it, instead of waiting in silence."""
-    from filelock import FileLock, Timeout
-
     lock = FileLock(str(path) + ".lock")
     try:
         lock.acquire(timeout=poll)

@@ -5,22 +5,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import torch
 
-from .model.arch import spec_for
-from .packs.artifact import Artifact, BaseModel, check_version, slug
+from ._io import check_output
 from .chat import chat_facts, check_plain_routing, check_same_form
 from .errors import EditpackError, InvalidFactError
 from .facts import Fact, check_consistent, facts_from_records, kept_indices, load_facts
-from .model.fingerprint import combine, unwrap
 from .methods import get_method
+from .methods.base import trainable_methods
+from .methods.training import Trainer, TrainSettings
+from .model.arch import spec_for
+from .model.builtins import BUILTINS
+from .model.fingerprint import combine, unwrap
+from .model.loading import local_model_path
+from .packs.artifact import Artifact
+from .packs.base_model import BaseModel
+from .packs.delta import WeightDelta
+from .packs.manifest import check_version, slug
 from .packs.weights import EditPack
-
-if TYPE_CHECKING:
-    from .methods.training import TrainSettings
+from .paths import cache_dir
+from .runtime.apply import applied, apply, revert
+from .share.hub import resolve_pack
 
 
 def as_facts(facts: Any) -> list[Fact]:
@@ -82,8 +91,6 @@ def edit(
     user turn, the answer after the assistant's header), as an instruct model behind its chat template reads
     them; the pack records the facts so. Methods that make memory packs take no chat form.
     """
-    from .runtime.apply import applied
-
     on_model = applied(model)
     if any(not r.enabled for r in on_model):
         off = [r.pack.ref for r in on_model if not r.enabled]
@@ -121,24 +128,22 @@ def train(
     **hyperparameters: Any,
 ) -> Artifact:
     """Train what ``method`` learns (MEND: an editor) on ``records`` (facts with paraphrases and neighbourhood
-    prompts) and return it as an :class:`~editpack.editor.Editor` artifact (not saved; call ``.save``).
+    prompts) and return it as an :class:`~editpack.packs.editor.Editor` artifact (not saved; call ``.save``).
 
     ``settings`` are the trainer's (steps, batch size, learning rate, seed, held-out size, checkpoint period:
-    :class:`editpack.trainer.TrainSettings`); ``checkpoint_dir`` makes the run resumable (the same call resumes
+    :class:`editpack.methods.training.TrainSettings`); ``checkpoint_dir`` makes the run resumable (the same call resumes
     from its last checkpoint); ``data`` describes the record files (name, sha256, records) for the manifest.
     Remaining keyword arguments are the method's settings (e.g. ``layers``, ``rank``). ``model`` is left as it was.
     ``chat=True`` trains on the records in the tokenizer's chat form (as :func:`edit` takes it); the editor's
     training section records ``"form": "chat"``.
     """
-    from .methods.training import Trainer, TrainSettings
-
     model = unwrap(model)
     tokenizer = model_tokenizer(model, tokenizer)
     check_version(version)
     method_cls, config = method_config(method, model, **hyperparameters)
-    if not hasattr(method_cls, "learner"):
+    if not method_cls.trainable:
         raise EditpackError(f"{method} learns nothing to train; methods that do: "
-                            + ", ".join(sorted(m for m, c in _registry().items() if hasattr(c, "learner"))))
+                            + ", ".join(trainable_methods()))
     settings = settings or TrainSettings()
     facts = chat_facts(tokenizer, as_facts(records)) if chat else as_facts(records)
     runner = method_cls(config)
@@ -157,10 +162,53 @@ def train(
     return runner.editor_from(learner, name=name, version=version, training=training)
 
 
-def _registry():
-    from .methods import REGISTRY
+def inherited_settings(parent: Artifact | None, method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters an edit on top of ``parent`` with ``method`` runs with: ``parent``'s own (when it was made
+    by the same method and is not a stack of several) under the ones given; a statistics corpus given anew is
+    hashed afresh."""
+    inherited = (dict(parent.hyperparameters) if parent is not None and method == parent.method
+                 and "stacked" not in parent.hyperparameters else {})
+    if "stats_corpus" in hyperparameters:
+        inherited.pop("stats_corpus_sha256", None)
+    return {**inherited, **hyperparameters}
 
-    return REGISTRY
+
+def check_destination(output: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[Any] = (),
+                      model: str | None = None) -> Path:
+    """Raise before any work unless ``output`` may be written: absent, or with ``overwrite`` a directory editpack
+    wrote (:func:`editpack._io.check_output`); none of the inputs (packs or their folders, and the model's folder or
+    file when ``model`` names one here) and neither inside one nor holding one; and not inside editpack's cache of
+    converted models. ``FileExistsError`` for an output that exists, ``EditpackError`` for the rest."""
+    target = Path(output).resolve()
+    paths = [getattr(item, "path", None) or (Path(item) if Path(str(item)).exists() else None) for item in inputs]
+    if model:
+        paths.append(local_model_path(model))
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        how = ("is an input" if path == target else f"lies inside {path}, an input" if path in target.parents
+               else f"holds {path}, an input" if target in path.parents else None)
+        if how:
+            raise EditpackError(f"{output} {how} of this command; write the result elsewhere")
+    models = cache_dir("models").resolve()
+    if target == models or models in target.parents:
+        raise EditpackError(f"{output} is inside editpack's cache of converted models ({models}); write the "
+                            "result elsewhere")
+    return check_output(output, overwrite=overwrite)
+
+
+def base_model_name(packs: Sequence[Artifact]) -> str | None:
+    """The model to load for ``packs`` when none is named: the base the first one records, a built-in or a Hub
+    id (``None`` without packs). Packs record no local paths, so a base that was a local folder or GGUF file
+    must be named by the caller."""
+    if not packs:
+        return None
+    base = packs[0].base
+    if base.id in BUILTINS or base.hub_id == base.id or Path(base.id).exists():
+        return base.id
+    raise EditpackError(f"{packs[0].ref} was made on {base.id!r}, a local model on the machine that made it; "
+                        "pass --model with that model's folder or file here (model= in Python)")
 
 
 def next_version(version: str) -> str:
@@ -191,10 +239,6 @@ def extend(
     an artifact that holds neither weights nor a codebook (a memory pack) grows by its facts alone.
     ``chat=True``: the new facts in the tokenizer's chat form, as :func:`edit` takes them.
     """
-    from .runtime.apply import applied, apply, revert
-    from .packs.delta import WeightDelta
-    from .share.hub import resolve_pack
-
     parent = resolve_pack(pack)
     facts = as_facts(facts)
     check_consistent(facts)
@@ -221,10 +265,7 @@ def extend(
             raise EditpackError(f"{parent.ref} is a {parent.kind} pack: it is extended with more facts only")
         return parent.with_facts(add=as_facts(facts), version=version or next_version(parent.version))
     method = method or parent.method
-    base_hparams = dict(parent.hyperparameters) if method == parent.method and "stacked" not in parent.hyperparameters else {}
-    if "stats_corpus" in hyperparameters:  # another corpus given: it is hashed afresh
-        base_hparams.pop("stats_corpus_sha256", None)
-    base_hparams.update(hyperparameters)
+    base_hparams = inherited_settings(parent, method, hyperparameters)
     version = version or next_version(parent.version)
     state = parent.delta.state if method == parent.method else None
     edited = apply(model, parent)
@@ -257,8 +298,6 @@ def extend(
 def forget(pack: Any, subjects: Any, *, version: str | None = None) -> Artifact:
     """The next version of ``pack`` without the facts about ``subjects`` (memory packs; a weight delta cannot drop
     single facts, so weight packs are refused with the way out: edit again)."""
-    from .share.hub import resolve_pack
-
     parent = resolve_pack(pack)
     subjects = [subjects] if isinstance(subjects, str) else list(subjects)
     if not subjects:

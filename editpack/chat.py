@@ -6,7 +6,7 @@ prompt need not reach that text, and an answer read from the bare prompt is not 
 :func:`chat_prompt` renders one user turn with the tokenizer's own template (``apply_chat_template``, the
 generation prompt added); :func:`chat_fact` does so for an edit request: its prompt (the subject's place kept),
 paraphrases, neighbourhood and portability prompts. The answer follows the template's assistant header, which
-ends in a line break, with no space before it (``editpack.generation.continuation``): what the model writes there.
+ends in a line break, with no space before it (``editpack.model.generation.continuation``): what the model writes there.
 
 Memory packs (``serac``, ``ike``) keep their facts plain: they route a chat-form prompt by its user turn and put
 their facts in context inside it (:class:`ChatFrame`), so they are made without chat form
@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from ._lazy import jinja2
 from .errors import EditpackError
 from .facts import Fact
 
@@ -85,13 +86,12 @@ class ChatFrame:
     def of(cls, tokenizer) -> "ChatFrame | None":
         """The frame of ``tokenizer``'s template; ``None`` without a template or when it does not write the user's
         text once, verbatim."""
-        from jinja2 import TemplateError
 
         if not getattr(tokenizer, "chat_template", None):
             return None
         try:
             text = chat_prompt(tokenizer, _MARK)
-        except (TemplateError, ValueError):  # a template that wants other turns: its prompts are routed as they are
+        except (jinja2.TemplateError, ValueError):  # a template that wants other turns: its prompts are routed as they are
             return None
         if text.count(_MARK) != 1:
             return None

@@ -15,6 +15,8 @@ import os
 import sys
 import warnings
 
+from ._lazy import hf_logging
+
 LIBRARIES = ("transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub", "torch", "safetensors",
              "tokenizers", "filelock", "urllib3", "httpx", "gguf", "kernels")
 
@@ -36,8 +38,6 @@ def configure(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"editpack(\.|$)")
     if "transformers" in sys.modules:  # already imported: its own verbosity setting, not only the logger's
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity_error()
 
 

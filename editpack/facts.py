@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import yaml
+
 from .errors import InvalidFactError
 
 
@@ -305,7 +307,6 @@ def read_records(path: str | Path) -> list[Any]:
                 except json.JSONDecodeError as exc:
                     raise InvalidFactError(f"{path} line {number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
 
         try:
             records = yaml.safe_load(text)

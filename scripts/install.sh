@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e '.[test,quant,ui]'
 # Headless Chromium and its driver from the system packages, for the playground's browser test
-# (tests/test_ui_browser.py, skipped without them), where apt-get is at hand and we are root.
+# (tests/integration/test_ui_browser.py, skipped without them), where apt-get is at hand and we are root.
 if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
         || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's Python binding (llama-cpp-python) from its source package with this machine's compiler,
 # CPU only, so the slow test tier can run exported GGUF packs in the real runtime
-# (tests/test_export_smollm2.py; that test is skipped when the binding is not installed). Prints how long it took.
+# (tests/integration/test_export_smollm2.py; that test is skipped when the binding is not installed). Prints how long it took.
 # The build targets AVX2 rather than this CPU's every feature (GGML_NATIVE=OFF): on a machine that reports AMX,
 # llama.cpp's AMX matmul kernels crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the first decode, and a
 # portable build runs on the machines CI uses too.

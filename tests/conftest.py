@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # for `tiny`
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # the helpers beside this file: tiny, traces, casebook, hubserver
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
 DATA = Path(__file__).resolve().parent / "data"  # records and a corpus slice shipped with the tests (see its README)
 
 

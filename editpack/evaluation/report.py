@@ -1,9 +1,9 @@
 """Evaluating a pack: its facts under the three protocols, plus what the edit does to everything else.
 
 :func:`evaluate_pack` measures the base model and the model with the pack applied (unmerged, then removed):
-the facts' reliability, generalization, locality and portability (``editpack.evaluate``), with paraphrases from
+the facts' reliability, generalization, locality and portability (``editpack.evaluation.protocols``), with paraphrases from
 relation templates where a fact brings none, and the side effects on the shipped suites
-(``editpack.side_effects``). :func:`evaluate_and_store` writes the result into the pack's manifest and card.
+(``editpack.evaluation.side_effects``). :func:`evaluate_and_store` writes the result into the pack's manifest and card.
 :func:`rerun` measures a pack again on this machine and compares every claim its card makes, within stated
 tolerances, so a card from the Hub is a claim anyone can check.
 """
@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import side_effects
 from .. import suites
 from ..chat import chat_facts, facts_form
 from ..errors import EditpackError
-from .protocols import PROTOCOLS, check_protocols, combine, measure
 from ..facts import Fact, split_format
+from ..runtime.apply import apply, revert
+from . import side_effects
+from .protocols import PROTOCOLS, check_protocols, combine, measure
 
 #: The settings a stored evaluation records (and a rerun reuses).
 DEFAULTS = {"max_new_tokens": 8, "fluency_tokens": 60}
@@ -39,8 +40,6 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     their relation is known, and the side effects are measured on the shipped suites. The model is left as it
     was: the pack is applied unmerged for the "after" measurements, then removed.
     """
-    from ..runtime.apply import apply, revert
-
     check_protocols(protocols)
     if chat and facts is None:
         raise EditpackError("chat form applies to facts given to evaluate on; a pack's own facts are already in the "

@@ -29,9 +29,7 @@ Memory packs route generation only, so for them the teacher-forced numbers (KL, 
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -39,12 +37,10 @@ import torch
 
 from .. import suites
 from ..chat import ChatFrame, chat_prompts, plain_fact
-from .protocols import ngram_entropy, normalise
-from ..facts import Fact, normal_text
+from ..facts import Fact
 from ..model.generation import generate, model_device, next_token_logits
-
-_STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "by", "for", "on", "at", "and", "which", "what", "who",
-         "that", "its", "it", "as", "with", "from", "be", "are", "were", "has", "had", "{}"}
+from ..relations import same_subject_prompts, template_paraphrases
+from .protocols import ngram_entropy, normalise
 
 
 @dataclass(frozen=True)
@@ -71,32 +67,6 @@ class SuiteSettings:
 FORMS = ("plain", "chat")
 
 
-# ---------------------------------------------------------------------------------------------- probes from templates
-def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z{}]+", text.lower()) if w not in _STOP}
-
-
-def relation_of(fact: Fact) -> str | None:
-    """The fact's Wikidata relation id: given, or found when its prompt is one of CounterFact's phrasings."""
-    templates = suites.load("relation_templates").items
-    if fact.relation in templates:
-        return fact.relation
-    for relation, phrasings in templates.items():
-        if any(normal_text(p) == normal_text(fact.prompt) for p in phrasings):
-            return relation
-    return None
-
-
-def template_paraphrases(fact: Fact) -> list[str]:
-    """Other CounterFact phrasings of the fact's relation, filled with its subject (empty when unknown)."""
-    relation = relation_of(fact)
-    if relation is None:
-        return []
-    phrasings = suites.load("relation_templates").items[relation]
-    own = normal_text(fact.prompt)
-    return [p.replace("{}", fact.subject) for p in phrasings if normal_text(p) != own]
-
-
 def with_default_paraphrases(facts: Sequence[Fact], tokenizer=None) -> tuple[list[Fact], dict[str, int]]:
     """The facts, those without paraphrases given template paraphrases where their relation is known, and how
     many facts' generalization comes from where (``paraphrases``, ``relation_templates``, ``not_measured``).
@@ -115,27 +85,6 @@ def with_default_paraphrases(facts: Sequence[Fact], tokenizer=None) -> tuple[lis
         origin["relation_templates" if extra else "not_measured"] += 1
         out.append(replace(fact, paraphrases=tuple(extra)) if extra else fact)
     return out, origin
-
-
-def same_subject_prompts(fact: Fact, count: int) -> list[str]:
-    """The fact's subject under ``count`` other relations (chosen by a stable hash of the subject), leaving out
-    the fact's own relation and phrasings that share most of their words with its prompt."""
-    templates = suites.load("relation_templates").items
-    own_relation = relation_of(fact)
-    own_words = _content_words(fact.prompt)
-    ranked = sorted(templates, key=lambda r: hashlib.sha256(f"{fact.subject}|{r}".encode()).hexdigest())
-    prompts = []
-    for relation in ranked:
-        if relation == own_relation:
-            continue
-        phrasing = templates[relation][0]
-        words = _content_words(phrasing)
-        if words and len(words & own_words) * 2 >= len(words):
-            continue  # too close to the edited relation's own wording
-        prompts.append(phrasing.replace("{}", fact.subject))
-        if len(prompts) == count:
-            break
-    return prompts
 
 
 def spread(items: Sequence, count: int) -> list:

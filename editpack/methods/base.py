@@ -2,7 +2,7 @@
 
 A method is a class with a ``name``, a ``config_class`` (a dataclass of hyper-parameters with defaults), a
 ``layer_role`` (where it edits by default: ``critical`` or ``run``, placed by each architecture file) and
-``compute(model, tokenizer, facts, spec, state=None)`` returning a :class:`~editpack.delta.WeightDelta`.
+``compute(model, tokenizer, facts, spec, state=None)`` returning a :class:`~editpack.packs.delta.WeightDelta`.
 ``compute`` must leave the model's weights exactly as it found them: the caller decides whether to apply the
 result. A method that makes another kind of artifact than a weight delta (a memory) overrides
 :meth:`EditMethod.build_pack`. Register with ``@register_method``; look up with :func:`get_method`.
@@ -12,6 +12,7 @@ Nothing switches on method names.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -20,11 +21,12 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ..model.arch import ArchSpec
 from ..errors import UnknownMethodError
 from ..facts import Fact
+from ..model.arch import ArchSpec
+from ..packs.base_model import describe_base
 from ..packs.delta import WeightDelta
-
+from ..packs.weights import EditPack
 
 #: A value's range check: ``None`` when the value is acceptable, else what it must be ("must be at least 1").
 Check = Callable[[Any], "str | None"]
@@ -194,8 +196,6 @@ def _describe(hint: Any) -> str:
 
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
     """``["key=value", …]`` (the CLI's ``--set``) as hyper-parameters: each value JSON when it parses, else text."""
-    import json
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -211,12 +211,32 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 class EditMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
-    #: The layer role the method edits when ``layers`` is not given (see ``editpack.arch``).
+    #: The layer role the method edits when ``layers`` is not given (see ``editpack.model.arch``).
     layer_role: ClassVar[str] = "critical"
     #: One line for ``--help`` and the methods table.
     summary: ClassVar[str] = ""
     #: Its packs route prompts by their plain text (memory packs), so it edits no chat form (``editpack.chat``).
     routes_text: ClassVar[bool] = False
+    #: It learns something before it edits (MEND's editor): it implements ``learner`` and ``editor_from``, and
+    #: ``editpack train`` offers it.
+    trainable: ClassVar[bool] = False
+    #: Settings that edit :func:`editpack.testing.tiny_model` in a few steps: the test battery and the installed
+    #: wheel's smoke check edit with every registered method so (:func:`editpack.testing.tiny_edit_settings`).
+    tiny_settings: ClassVar[dict[str, Any]] = {}
+    #: How many of :func:`editpack.testing.tiny_facts` a tiny edit takes (a method that normalises over a batch
+    #: needs several).
+    tiny_fact_count: ClassVar[int] = 1
+    #: A trainable method's settings for a few training steps on the tiny model; the edit then takes the result
+    #: as ``editor``.
+    tiny_training: ClassVar[dict[str, Any]] = {}
+    #: Packages the method needs besides editpack's dependencies (import names; the memory packs' encoder).
+    needs_packages: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def takes(cls, setting: str) -> bool:
+        """Whether the method's config has ``setting`` (a key-statistics corpus goes only to methods that take
+        ``stats_corpus``)."""
+        return setting in {f.name for f in dataclasses.fields(cls.config_class)}
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -229,7 +249,6 @@ class EditMethod(ABC):
         ``state`` is what this method returned in ``WeightDelta.state`` for the pack being extended (sequential
         editing), or ``None``.
         """
-
     def default_layers(self, model, spec: ArchSpec) -> list[int]:
         """The layers this method edits on ``model`` when none are given: its role, placed by ``spec``."""
         return spec.role_layers(self.layer_role, model)
@@ -253,9 +272,6 @@ class EditMethod(ABC):
 
         ``previous``: the pack being grown, for methods whose artifact grows by itself (a codebook's entries);
         weight packs are combined by :func:`editpack.extend` and receive ``state`` instead."""
-        from ..packs.artifact import describe_base
-        from ..packs.weights import EditPack
-
         delta = self.compute(model, tokenizer, facts, spec, state=state)
         return EditPack(name=name, version=version, method=self.name, hyperparameters=self.config.recorded(),
                         facts=list(facts), base=describe_base(model, delta.modules), delta=delta,
@@ -270,6 +286,11 @@ def register_method(cls: type[EditMethod]) -> type[EditMethod]:
         raise ValueError(f"edit method {cls.name!r} is registered twice")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def trainable_methods() -> list[str]:
+    """The registered methods that learn before they edit (:attr:`EditMethod.trainable`), by name."""
+    return sorted(name for name, cls in REGISTRY.items() if cls.trainable)
 
 
 def get_method(name: str) -> type[EditMethod]:

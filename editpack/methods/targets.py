@@ -9,11 +9,12 @@ from typing import Sequence
 
 import torch
 
-from ..model.arch import ArchSpec, get_module
 from ..facts import Fact
+from ..model.arch import ArchSpec, get_module
 from ..model.generation import continuation_ids, model_device, pad_id
 from ..model.nethook import TraceDict
-from .locate import frozen, lookups
+from .locate.keys import lookups
+from .locate.model_state import frozen
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .._io import atomic_write_json, read_safetensors, write_safetensors
 
@@ -35,16 +36,12 @@ class Learner(Protocol):
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The tensors to train (everything else stays frozen)."""
-
     def loss(self, batch: Sequence[Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one batch of records (differentiable) and figures to log beside it."""
-
     def evaluate(self, records: Sequence[Any]) -> dict[str, float]:
         """Held-out scores (higher is better for the first one, which the progress bar shows)."""
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor the learner needs to resume (parameters and buffers)."""
-
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`'s tensors."""
 
@@ -178,8 +175,6 @@ class Trainer:
         return [self.records[i] for i in self.held_idx]
 
     def fit(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         s = self.settings
         start, curve, seconds = self.load_checkpoint()
         resumed = start

@@ -143,13 +143,6 @@ def _load_all() -> dict[str, ArchSpec]:
     return by_type
 
 
-def all_specs() -> list[ArchSpec]:
-    """Every shipped spec, one per family."""
-    seen: dict[str, ArchSpec] = {}
-    for spec in _load_all().values():
-        seen.setdefault(spec.family, spec)
-    return list(seen.values())
-
 
 def spec_for_model_type(model_type: str) -> ArchSpec:
     specs = _load_all()

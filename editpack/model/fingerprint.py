@@ -25,12 +25,14 @@ from typing import Iterable
 
 import torch
 
+from .._lazy import accelerate_utils
+
 ORIGINALS = "_editpack_originals"  # {module name: weight before merge}, set by editpack.apply(merge=True)
 _MEMO = "_editpack_fingerprints"  # {key: (signature, fingerprint)} on the model object
 
 
 def memory_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
-    """``model`` when it is editpack's memory-pack wrapper (``editpack.memory.MemoryModel``), else ``None``."""
+    """``model`` when it is editpack's memory-pack wrapper (``editpack.packs.memory.MemoryModel``), else ``None``."""
     return model if getattr(type(model), "editpack_wrapper", False) else None
 
 
@@ -64,9 +66,8 @@ def materialized(module: torch.nn.Module):
     """Yield the base layer with real weights, even when accelerate offloaded them (meta device + hook)."""
     layer = base_layer(module)
     if getattr(layer, "_hf_hook", None) is not None and layer.weight.device.type == "meta":
-        from accelerate.utils import align_module_device
 
-        with align_module_device(layer, execution_device="cpu"):
+        with accelerate_utils.align_module_device(layer, execution_device="cpu"):
             yield layer
     else:
         yield layer

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PackFormatError
 from .fingerprint import base_layer, unwrap
 from .nethook import first_tensor, replace_first
 
@@ -19,8 +20,6 @@ def hook_target(model: torch.nn.Module, name: str, ref: str) -> torch.nn.Module:
     """The layer a pack's forward hook goes on: ``name`` in the transformers model under any wrapper, looking
     through a PEFT LoRA layer to the layer itself (adapters added or unloaded later leave the hook in place; a
     LoRA on the same module then adds its change to what the hook returns)."""
-    from ..errors import PackFormatError
-
     try:
         module = unwrap(model).get_submodule(name)
     except AttributeError as exc:

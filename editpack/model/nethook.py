@@ -151,9 +151,3 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     def close(self) -> None:
         for trace in self.values():
             trace.close()
-
-
-def set_requires_grad(requires_grad: bool, *modules: torch.nn.Module) -> None:
-    for module in modules:
-        for param in module.parameters():
-            param.requires_grad_(requires_grad)

@@ -24,13 +24,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .._io import sha256_file, waiting_lock
-from .arch import ArchSpec
 from ..errors import EditpackError
+from ..paths import cache_dir
+from .arch import ArchSpec
 from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, pad_id, sample_from_start
 from .nethook import TraceDict
-from ..paths import cache_dir
-
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +244,6 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
     return {layer: (total / count).to(torch.float32) for layer, total in totals.items()}, count
 
 
-def compute_second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> tuple[torch.Tensor, int]:
-    """``(E[k kᵀ], n)`` over ``config.n_tokens`` key vectors at the input of layer ``layer``'s MLP output."""
-    moments, count = compute_second_moments(model, tokenizer, spec, [layer], config)
-    return moments[layer], count
-
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
@@ -285,8 +279,3 @@ def second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], config: 
             os.replace(tmp, paths[layer])  # atomic: readers never see a partial file
             out[layer] = moments[layer]
     return out
-
-
-def second_moment(model, tokenizer, spec: ArchSpec, layer: int, config: StatsConfig) -> torch.Tensor:
-    """Cached statistics for one layer (see :func:`second_moments`)."""
-    return second_moments(model, tokenizer, spec, [layer], config)[layer]

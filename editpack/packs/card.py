@@ -7,12 +7,32 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .weights import EditPack
+from .chart import CHART
+
+
+class Carded(Protocol):
+    """What a card is rendered from: every artifact (:class:`editpack.packs.artifact.Artifact`) is one. The card
+    module needs nothing else of it, so the artifact base can render its card without a circle of imports."""
+
+    name: str
+    version: str
+    method: str
+    hyperparameters: dict[str, Any]
+    facts: list
+    base: Any
+    evaluation: dict[str, Any] | None
+    files: dict[str, str]
+    is_peft_adapter: bool
+    card_tag: str
+    card_template: str
+
+    def card_context(self) -> dict[str, Any]: ...
+
+    def storage_summary(self) -> str: ...
 
 MAX_FACTS_IN_CARD = 20
 
@@ -95,7 +115,7 @@ def evaluation_markdown(evaluation: dict, chart: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def eval_results(pack: "EditPack") -> list[EvalResult] | None:
+def eval_results(pack: Carded) -> list[EvalResult] | None:
     """model-index entries (after-edit scores) for the Hub's metadata."""
     evaluation = pack.evaluation
     if not evaluation:
@@ -114,7 +134,7 @@ def eval_results(pack: "EditPack") -> list[EvalResult] | None:
     return results
 
 
-def card_data(pack: "EditPack") -> ModelCardData:
+def card_data(pack: Carded) -> ModelCardData:
     adapter = pack.is_peft_adapter and pack.base.hub_id
     return ModelCardData(
         base_model=pack.base.hub_id,
@@ -131,7 +151,7 @@ def card_data(pack: "EditPack") -> ModelCardData:
 ADDED_CARD_LINES = ("base_model_relation: adapter",)
 
 
-def card_matches(text: str, pack: "EditPack") -> bool:
+def card_matches(text: str, pack: Carded) -> bool:
     """Whether ``text`` is the card of ``pack``'s manifest, as this editpack or an earlier one rendered it."""
     expected = render_card(pack)
     if text == expected:
@@ -140,12 +160,10 @@ def card_matches(text: str, pack: "EditPack") -> bool:
     return text == older
 
 
-def render_card(pack: "EditPack", chart: str | None | bool = True) -> str:
+def render_card(pack: Carded, chart: str | None | bool = True) -> str:
     """The card's Markdown. ``chart``: the chart file's name (``None``: no chart); by default the pack's own
     ``evaluation.png`` when it lists one."""
     if chart is True:
-        from .chart import CHART
-
         chart = CHART if CHART in pack.files else None
     template = resources.files("editpack.cards").joinpath(pack.card_template).read_text(encoding="utf-8")
     card = ModelCard.from_template(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .._lazy import matplotlib, matplotlib_figure
+
 CHART = "evaluation.png"
 
 
@@ -14,15 +16,13 @@ def write_chart(rows: dict[str, tuple[float | None, float | None]], path: Path, 
     rows = {k: v for k, v in rows.items() if v[0] is not None or v[1] is not None}
     if not rows:
         return False
-    import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
 
     labels = list(rows)
     before = [100 * (v[0] or 0.0) for v in rows.values()]
     after = [100 * (v[1] or 0.0) for v in rows.values()]
-    fig = Figure(figsize=(1.3 * len(labels) + 1.5, 3.0), dpi=100)
+    fig = matplotlib_figure.Figure(figsize=(1.3 * len(labels) + 1.5, 3.0), dpi=100)
     ax = fig.add_subplot()
     xs = range(len(labels))
     width = 0.38

@@ -28,10 +28,11 @@ from typing import Any, ClassVar
 import torch
 
 from .._io import read_safetensors, write_safetensors
-from .artifact import MANIFEST, Artifact, content_digest, register_kind, section
 from ..errors import PackFormatError
 from ..facts import kept_indices, normal_text
 from ..model.hooks import LayerHook, hook_target
+from .artifact import Artifact, register_kind
+from .manifest import MANIFEST, content_digest, section
 
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 

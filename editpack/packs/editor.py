@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 import torch
 
 from .._io import read_safetensors, write_safetensors
-from .artifact import Artifact, content_digest, register_kind, section
 from ..errors import PackFormatError
+from .artifact import Artifact, register_kind
+from .manifest import content_digest, section
 
 EDITOR_WEIGHTS = "editor.safetensors"
 

@@ -22,9 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from .artifact import MANIFEST, content_digest, register_kind, section
 from ..errors import PackFormatError
 from ..model.hooks import LayerHook, hook_target
+from .artifact import register_kind
+from .manifest import MANIFEST, content_digest, section
 from .weights import EditPack
 
 

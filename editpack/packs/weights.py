@@ -10,7 +10,7 @@ Format v1 (see ``docs/pack-format.md``)::
     README.md                   the evaluation card (Hugging Face model card)
 
 Only JSON and safetensors are read: nothing is ever unpickled. Saving is atomic (the whole directory appears
-at once or not at all). Loading checks, besides the file hashes (:mod:`editpack.artifact`), that the adapter's
+at once or not at all). Loading checks, besides the file hashes (:mod:`editpack.packs.artifact`), that the adapter's
 tensors are finite and are what the manifest's ``delta`` section describes (modules, ranks, shapes, content
 hash), and that ``adapter_config.json`` is the configuration PEFT needs to load exactly these tensors.
 """
@@ -25,13 +25,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .artifact import (
-    CARD, FORMAT_VERSION, MANIFEST, Artifact, BaseModel, check_version, content_digest, load_pack, read_manifest,
-    register_kind, section, slug, verify_files
-)
 from .._io import read_safetensors, write_safetensors
-from .delta import LowRankDelta, WeightDelta
+from .._lazy import peft
 from ..errors import PackFormatError
+from .artifact import Artifact, register_kind
+from .delta import LowRankDelta, WeightDelta
+from .manifest import MANIFEST, content_digest, section
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -140,16 +139,15 @@ class EditPack(Artifact):
                 for name, d in sorted(self.delta.modules.items())}
 
     def lora_config(self):
-        """A PEFT ``LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1).
+        """A PEFT ``peft.LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1).
 
         ``base_model_name_or_path`` is the base's Hub id where it has one (a built-in's upstream repository),
         else its portable id: never a local path.
         """
-        from peft import LoraConfig
 
         ranks = {name: d.rank for name, d in self.stored_factors().items()}
         first = ranks[self.modules[0]]
-        return LoraConfig(
+        return peft.LoraConfig(
             r=first,
             lora_alpha=first,
             rank_pattern={re.escape(n): r for n, r in ranks.items()},

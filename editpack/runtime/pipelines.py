@@ -13,6 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .._lazy import transformers
+from ..model.generation import generate
+from ..model.loading import load_model
+from .apply import apply, revert
+from .combine import as_packs
+
 
 def pipeline(model: Any = None, packs: Any = (), *, tokenizer: Any = None, task: str = "text-generation",
              merge: bool = False, check: bool = True, on_conflict: str = "error",
@@ -24,12 +30,8 @@ def pipeline(model: Any = None, packs: Any = (), *, tokenizer: Any = None, task:
     :func:`editpack.load_model` (``dtype``, ``load_in_4bit``, ``device_map``, ...); the rest go to
     ``transformers.pipeline`` (e.g. ``max_new_tokens`` belongs in the call, ``batch_size`` here).
     """
-    import transformers
 
-    from .apply import _as_packs, apply
-    from ..model.loading import load_model
-
-    loaded = _as_packs(packs) if packs not in ((), [], None) else []
+    loaded = as_packs(packs) if packs not in ((), [], None) else []
     if model is None or isinstance(model, str):
         model, loaded_tokenizer = load_model(model or (loaded[0].base.id if loaded else None), **(load_kwargs or {}))
         tokenizer = tokenizer or loaded_tokenizer
@@ -56,9 +58,6 @@ def compare(model, packs: Any, prompts: Sequence[str], *, tokenizer: Any = None,
             check: bool = True, on_conflict: str = "error") -> list[Comparison]:
     """Greedy continuations of ``prompts`` before and after applying ``packs`` (unmerged); the model is left
     without them afterwards (pass a model that carries no packs)."""
-    from .apply import apply, revert
-    from ..model.generation import generate
-
     tokenizer = tokenizer or getattr(model, "editpack_tokenizer", None)
     if tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer=..., or a model loaded with editpack.load_model")

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..packs.artifact import load_pack, read_manifest, verify_files
 from ..errors import PackFormatError
+from ..packs.artifact import load_pack, verify_files
+from ..packs.manifest import read_manifest
+from .hub import parse_reference, pull
 
 _RELATIONS = {"onto": "made on top of", "stacked": "stacked from", "extends": "extends"}
 
@@ -77,8 +79,6 @@ def describe(reference: str | Path, *, token: str | None = None, endpoint: str |
     The manifest's shape is checked; file problems are reported in ``problems`` rather than raised, so a damaged
     pack can still be inspected.
     """
-    from .hub import parse_reference, pull
-
     directory = Path(str(reference))
     links_into = None
     if not directory.exists() and parse_reference(str(reference)):

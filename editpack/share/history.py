@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..packs.artifact import MANIFEST, Artifact, load_pack, read_manifest
 from ..errors import PackFormatError
 from ..facts import Fact, fact_key, normal_text
+from ..packs.artifact import Artifact, load_pack
+from ..packs.manifest import MANIFEST, read_manifest
+from .hub import parse_reference, pull, resolve_pack, versions
 
 METRICS = ("reliability", "generalization", "locality")
 
@@ -136,8 +138,6 @@ def _packs_in(folder: Path) -> list[Artifact]:
 
 def history(reference: Any, *, token: str | None = None, endpoint: str | None = None) -> list[Artifact]:
     """The versions of a pack, oldest first (see the module docstring for where they are looked for)."""
-    from .hub import parse_reference, pull, versions
-
     if isinstance(reference, Artifact):
         return _lineage(reference)
     path = Path(str(reference))
@@ -162,8 +162,6 @@ def history(reference: Any, *, token: str | None = None, endpoint: str | None = 
 
 def _lineage(pack: Artifact, *, token: str | None = None, endpoint: str | None = None) -> list[Artifact]:
     """``pack`` and the versions it extends, found beside it (or on the Hub for a pulled pack), oldest first."""
-    from .hub import parse_reference, pull
-
     siblings = _packs_in(Path(pack.path).parent) if pack.path is not None and pack.source is None else []
     chain = [pack]
     while True:
@@ -228,8 +226,6 @@ class PackDiff:
 
 def diff(a: Any, b: Any, **hub: Any) -> PackDiff:
     """What changed from pack ``a`` to pack ``b`` (directories, ``user/name@version`` or pack objects)."""
-    from .hub import resolve_pack
-
     a, b = resolve_pack(a, **hub), resolve_pack(b, **hub)
     if a.base.model_type != b.base.model_type:
         raise PackFormatError(f"{a.ref} is for a {a.base.model_type} model and {b.ref} for a {b.base.model_type} "

@@ -29,9 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+
 from .._io import atomic_directory, check_output
-from ..packs.artifact import MANIFEST, Artifact, check_version, load_pack, parse_manifest, read_manifest, verify_files
 from ..errors import EditpackError, PackFormatError
+from ..packs.artifact import Artifact, load_pack, verify_files
+from ..packs.manifest import MANIFEST, check_version, parse_manifest, read_manifest
 
 _REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^@\s]+))?$")
 _SEMVER_TAG = re.compile(r"^v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
@@ -89,8 +102,6 @@ def _endpoint(endpoint: str | None) -> str | None:
 
 
 def _api(token: str | None, endpoint: str | None):
-    from huggingface_hub import HfApi
-
     return HfApi(endpoint=_endpoint(endpoint), token=token)
 
 
@@ -100,14 +111,6 @@ def _offline() -> bool:
 
 def _hub_error(exc: Exception, reference: HubReference | str) -> HubError:
     """A clear message for huggingface_hub's errors (which never contain the token)."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     if isinstance(exc, GatedRepoError):
         return HubError(f"{reference}: the repository is gated; request access on the Hub, then {TOKEN_HELP}")
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -141,8 +144,6 @@ def _unreachable(exc: Exception, reference, endpoint: str) -> HubError:
 @contextlib.contextmanager
 def _translated(reference, endpoint: str):
     """huggingface_hub's errors, and no answer from the endpoint, as one clear :class:`HubError`."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
     try:
         yield
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
@@ -154,9 +155,6 @@ def _translated(reference, endpoint: str):
 
 
 def _remote_manifest(api, repo_id: str, revision: str) -> dict[str, Any] | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     try:
         path = hf_hub_download(repo_id, MANIFEST, revision=revision, endpoint=api.endpoint, token=api.token)
     except EntryNotFoundError:
@@ -176,8 +174,6 @@ def push(pack: Artifact | str | Path, repo_id: str, *, private: bool = False, me
     The repository is created if needed (``private`` then applies). Returns what was done; raises
     :class:`HubError` if the version exists there with different content.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
     if parse_reference(repo_id) is None or "@" in repo_id:
         raise HubError(f"{repo_id!r} is not a repository id like user/name")
     with tempfile.TemporaryDirectory(prefix="editpack-push-") as scratch:
@@ -246,8 +242,6 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
     nothing is written if anything is refused). Without it the pack is read in place from the cache (read-only).
     Works offline for versions already pulled.
     """
-    from huggingface_hub import hf_hub_download
-
     ref = reference if isinstance(reference, HubReference) else parse_reference(reference)
     if ref is None:
         raise HubError(f"{reference!r} is not a Hub pack reference like user/name@1.0.0")
@@ -311,8 +305,6 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
 
 def _file_sizes(api, ref: HubReference, commit: str) -> dict[str, int]:
     """Sizes of the regular files in the repository at ``commit`` (folders and links are left out)."""
-    from huggingface_hub.hf_api import RepoFile
-
     return {entry.path: int(entry.size) for entry in api.list_repo_tree(ref.repo_id, revision=commit, recursive=True)
             if isinstance(entry, RepoFile)}
 
@@ -321,8 +313,6 @@ def scan_cache(cache_dir: str | Path | None = None):
     """The Hugging Face cache scanned (``cache_dir``, else where huggingface_hub points now), or ``None`` when
     there is none to scan. ``scan_cache_dir``'s own default is read when huggingface_hub is first imported, so a
     cache moved later (``HF_HUB_CACHE`` set in the process) would be missed."""
-    from huggingface_hub import constants, scan_cache_dir
-
     try:
         return scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
     except Exception:  # noqa: BLE001 - no cache yet, or one we cannot read: nothing to see

@@ -2,7 +2,7 @@
 which of them are switched on, base-versus-edited continuations, and edits run in the background.
 
 The model is kept without packs between requests: a comparison applies the packs that are on, generates, and
-reverts (:func:`editpack.pipelines.compare`), so switching a pack is only a change of this state and the model's
+reverts (:func:`editpack.runtime.pipelines.compare`), so switching a pack is only a change of this state and the model's
 weights are never left changed. One lock serialises the model's use (comparisons wait while an edit runs).
 """
 
@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..packs.artifact import MANIFEST, Artifact, load_pack, slug
+from ..api import edit, method_config
 from ..errors import EditpackError
+from ..evaluation.report import evaluate_pack
+from ..facts import make_fact
+from ..model.generation import generate
+from ..packs.artifact import Artifact, load_pack
+from ..packs.manifest import MANIFEST, slug
+from ..runtime.pipelines import compare
+from ..share.hub import pull, scan_cache, versions
 
 PHASES = ("computing the edit", "evaluating it", "saving the pack")
 
@@ -142,15 +149,11 @@ class Playground:
         return data
 
     def hub_versions(self, repo_id: str) -> list[dict[str, Any]]:
-        from ..share.hub import versions
-
         return [{"version": v.version, "date": v.date, "reference": f"{repo_id}@{v.version}"}
                 for v in versions(repo_id)]
 
     def pull(self, reference: str) -> dict[str, Any]:
         """Download (into the Hugging Face cache) and verify a Hub pack, and offer it."""
-        from ..share.hub import pull
-
         pack = pull(reference)
         key = f"hub:{reference}"
         with self._state_lock:
@@ -160,9 +163,6 @@ class Playground:
     # ------------------------------------------------------------------------------------------ model
     def compare(self, prompt: str, max_new_tokens: int = 20) -> dict[str, Any]:
         """Greedy continuations of ``prompt`` by the base model and with the switched-on packs."""
-        from ..model.generation import generate
-        from ..runtime.pipelines import compare
-
         if not prompt.strip():
             raise ValueError("type a prompt first")
         on = [e.pack for e in self.entries.values() if e.on]
@@ -176,9 +176,6 @@ class Playground:
     def start_edit(self, prompt: str, subject: str, target: str, method: str = "rome", **hyperparameters) -> Job:
         """Edit in the background: compute, evaluate (unless the playground was made with ``evaluate=False``),
         save into the folder, and switch the new pack on. Returns the job to poll."""
-        from ..facts import make_fact
-
-        from ..api import method_config
 
         fact = make_fact(prompt, subject, target)  # bad input fails here, before any thread starts
         method_cls, _ = method_config(method, **hyperparameters)  # and so does an unknown method or setting
@@ -190,9 +187,6 @@ class Playground:
         return job
 
     def _edit(self, job: Job, fact, method: str, hyperparameters: dict) -> None:
-        from ..api import edit
-        from ..evaluation.report import evaluate_pack
-
         try:
             with self._model_lock:
                 pack = edit(self.model, fact, method, tokenizer=self.tokenizer, **hyperparameters)
@@ -223,8 +217,6 @@ class Playground:
 
 def _cached_packs() -> list[tuple[str, Artifact]]:
     """Packs in the Hugging Face cache: every snapshot of a model repository that holds an editpack manifest."""
-    from ..share.hub import scan_cache
-
     info = scan_cache()
     if info is None:
         return []

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..base import register_method
-from ..locate import keys
+from ..locate.keys import keys
+from ..locate.values import TINY_LOCATE
 from ..memit.method import MEMIT
 from .config import AlphaEditConfig
 
@@ -36,6 +37,7 @@ class AlphaEdit(MEMIT):
     name = "alphaedit"
     config_class = AlphaEditConfig
     summary = "like MEMIT, projected onto the null space of preserved keys (sequential editing)"
+    tiny_settings = dict(TINY_LOCATE, layers=[1, 2], v_num_grad_steps=10)
     config: AlphaEditConfig
 
     def update_factor(self, k, mom2, module, state):

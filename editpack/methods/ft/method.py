@@ -10,12 +10,12 @@ from typing import Sequence
 
 import torch
 
-from ...packs.delta import LowRankDelta, WeightDelta
-from ...model.arch import ArchSpec, get_module
 from ...facts import Fact
+from ...model.arch import ArchSpec, get_module
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
 from ..finetune import train
-from ..locate import frozen
+from ..locate.model_state import frozen
 from .config import FTConfig
 
 
@@ -25,6 +25,7 @@ class FT(EditMethod):
     config_class = FTConfig
     layer_role = "critical"
     summary = "FT-M baseline: fine-tune one MLP output projection on the target tokens (dense delta)"
+    tiny_settings = dict(layers=[2], num_steps=10)
     config: FTConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:

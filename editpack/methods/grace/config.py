@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..locate import POSITIONS, ValueOptimization
+from ..locate.keys import POSITIONS
+from ..locate.values import ValueOptimization
 
 
 @dataclass

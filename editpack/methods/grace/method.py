@@ -11,10 +11,10 @@ For each fact, at the wrapped module (an MLP output projection: the ``critical``
 - the **deferral radius** starts at ``radius_scale`` × the farthest the key moves when context prefixes precede
   the prompt (with ``unrelated_samples``, at most ``radius_margin`` of the way to the nearest activation at any
   position of text the model samples: without that cap a key near the first token's attention-sink activation
-  matched the first token of every prompt), and GRACE's rules (:func:`editpack.codebook.insert`) grow it (an overlapping key with the same
+  matched the first token of every prompt), and GRACE's rules (:func:`editpack.packs.codebook.insert`) grow it (an overlapping key with the same
   answer) or split it (another answer) as entries are added, one fact after another.
 
-The result is a :class:`~editpack.codebook.CodebookPack`; :func:`editpack.extend` adds entries to it round after
+The result is a :class:`~editpack.packs.codebook.CodebookPack`; :func:`editpack.extend` adds entries to it round after
 round (a fact about the same subject and relation replaces its old entry).
 """
 
@@ -24,16 +24,17 @@ from typing import Sequence
 
 import torch
 
-from ...model.arch import ArchSpec
-from ...packs.codebook import CodebookPack, insert
 from ...errors import EditpackError
 from ...facts import Fact
+from ...model.arch import ArchSpec
 from ...model.generation import model_device
+from ...packs.base_model import describe_base
+from ...packs.codebook import CodebookPack, insert
 from ..base import EditMethod, register_method
-from ..locate import (
-    context_templates, frozen, inputs_everywhere, optimize_deltas, position_lookups, read_at, resolve_optimize_dtype,
-    suffix_length, unrelated_texts
-)
+from ..locate.context import context_templates, unrelated_texts
+from ..locate.keys import inputs_everywhere, position_lookups, read_at
+from ..locate.model_state import frozen, resolve_optimize_dtype
+from ..locate.values import optimize_deltas, suffix_length
 from .config import GRACEConfig
 
 
@@ -43,6 +44,7 @@ class GRACE(EditMethod):
     config_class = GRACEConfig
     layer_role = "late"
     summary = "a codebook at one layer (lookups with deferral radii); weights untouched, for lifelong editing"
+    tiny_settings = dict(layers=[1], context_template_lengths=[[3, 2]], v_num_grad_steps=10)
     config: GRACEConfig
 
     def compute(self, model, tokenizer, facts, spec, state=None):
@@ -94,7 +96,6 @@ class GRACE(EditMethod):
 
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
                    parents, state=None, previous: CodebookPack | None = None) -> CodebookPack:
-        from ...packs.artifact import describe_base
 
         cfg = self.resolve(model, tokenizer, spec)
         module = spec.mlp_out_name(cfg.layers[0])

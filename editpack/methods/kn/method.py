@@ -25,13 +25,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ...model.arch import ArchSpec, get_module
-from ...packs.delta import LowRankDelta, WeightDelta
 from ...facts import Fact
+from ...model.arch import ArchSpec, get_module
 from ...model.generation import cache_argument, cache_of, continuation_ids, model_device
 from ...model.nethook import TraceDict
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
-from ..locate import frozen
+from ..locate.model_state import frozen
 from .config import KNConfig
 
 
@@ -41,6 +41,7 @@ class KN(EditMethod):
     config_class = KNConfig
     layer_role = "critical"  # unused: every layer unless ``layers`` is given
     summary = "knowledge neurons by integrated gradients, value vectors moved (weak baseline)"
+    tiny_settings = dict(max_neurons=5, edit_scale=4.0)
     config: KNConfig
 
     def default_layers(self, model, spec: ArchSpec) -> list[int]:

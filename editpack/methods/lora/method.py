@@ -10,13 +10,14 @@ from typing import Sequence
 
 import torch
 
-from ...packs.delta import LowRankDelta, WeightDelta
-from ...model.arch import ArchSpec
+from ..._lazy import peft
 from ...errors import EditpackError
 from ...facts import Fact
+from ...model.arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
 from ..finetune import train
-from ..locate import frozen
+from ..locate.model_state import frozen
 from .config import LoRAConfig
 
 _ADAPTER = "editpack-train"
@@ -28,23 +29,23 @@ class LoRA(EditMethod):
     config_class = LoRAConfig
     layer_role = "run"
     summary = "LoRA fine-tuning baseline on a run of MLP output projections"
+    tiny_settings = dict(layers=[1, 2], num_steps=10)
     config: LoRAConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:
-        from peft import LoraConfig, get_peft_model
 
         cfg = self.config
         if any(hasattr(m, "base_layer") for m in model.modules()):
             raise EditpackError("LoRA training needs a model without unmerged packs: apply them with merge=True "
                                 "first, or use another method")
         names = [spec.mlp_out_name(layer) for layer in self.resolve_layers(model, spec)]
-        peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=names, lora_dropout=0.0,
+        peft_config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=names, lora_dropout=0.0,
                                  bias="none", fan_in_fan_out=spec.mlp_transposed, task_type="CAUSAL_LM")
         result = WeightDelta()
         with frozen(model):
             with torch.random.fork_rng(devices=[]):  # PEFT initialises lora_A randomly: seeded, RNG untouched
                 torch.manual_seed(cfg.seed)
-                peft_model = get_peft_model(model, peft_config, adapter_name=_ADAPTER)
+                peft_model = peft.get_peft_model(model, peft_config, adapter_name=_ADAPTER)
             try:
                 params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
                 for p in params:

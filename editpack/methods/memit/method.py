@@ -17,12 +17,14 @@ from typing import Sequence
 
 import torch
 
-from ...packs.delta import LowRankDelta, WeightDelta
-from ...model.arch import ArchSpec
 from ...facts import Fact
+from ...model.arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
-from ..locate import add_update, applied_updates, frozen, keys, optimize_deltas, outputs_at_subject, suffix_length
-from ..rome.method import layer_second_moments, resolve_locate_config
+from ..locate.keys import keys, outputs_at_subject
+from ..locate.model_state import add_update, applied_updates, frozen
+from ..locate.resolve import layer_second_moments, resolve_locate_config
+from ..locate.values import TINY_LOCATE, optimize_deltas, suffix_length
 from .config import MEMITConfig
 
 
@@ -32,6 +34,7 @@ class MEMIT(EditMethod):
     config_class = MEMITConfig
     layer_role = "run"
     summary = "many facts in one batch, spread over a run of layers"
+    tiny_settings = dict(TINY_LOCATE, layers=[1, 2], v_num_grad_steps=10)
     config: MEMITConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:

@@ -10,30 +10,32 @@ zero (the identity), as MEND's ``IDMLP``. The edit is ``ΔW = −α_l Σ_t δ̃_
 predict the new answer, or with ``positions="all"`` every position the loss reaches (the authors' choice). Several
 facts are edited at once by summing their terms, as MEND does.
 
-The network is meta-trained (:class:`MENDLearner`, run by :class:`editpack.trainer.Trainer`): for a batch of
+The network is meta-trained (:class:`MENDLearner`, run by :class:`editpack.methods.training.Trainer`): for a batch of
 edits, the edit loss is the NLL of each new answer after its edit prompt and paraphrase *with the edit applied*,
 the locality loss the KL from the unedited model's next-token distributions on unrelated prompts (the records'
 neighbourhood prompts); ``c_edit · L_edit + L_loc`` is minimised over ``g`` and ``α`` while the model stays frozen.
-The trained network is an :class:`editpack.editor.Editor` artifact; editing needs one (``editor=``).
+The trained network is an :class:`editpack.packs.editor.Editor` artifact; editing needs one (``editor=``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ...model.arch import ArchSpec, get_module
-from ...packs.artifact import describe_base
-from ...packs.delta import LowRankDelta, WeightDelta
-from ...packs.editor import Editor
 from ...errors import EditpackError
 from ...facts import Fact
+from ...model.arch import ArchSpec, get_module
 from ...model.generation import model_device, pad_id
+from ...packs.base_model import describe_base
+from ...packs.delta import LowRankDelta, WeightDelta
+from ...packs.editor import Editor
+from ...share.hub import parse_reference, resolve_pack
 from ..base import EditMethod, register_method
-from ..locate import frozen
+from ..locate.model_state import frozen
 from ..targets import keys_and_gradients, text_batch
 from .config import MENDConfig
 
@@ -147,11 +149,11 @@ class MEND(EditMethod):
     config_class = MENDConfig
     layer_role = "tail"
     summary = "a learned editor (MEND) turns the fine-tuning gradient into a low-rank edit; needs a trained editor"
+    tiny_training = dict(layers=[2, 3], rank=8)
+    trainable = True
     config: MENDConfig
 
     def editor(self) -> Editor:
-        from ...share.hub import resolve_pack
-
         cfg = self.config
         if not cfg.editor:
             raise EditpackError("mend edits with a trained editor: pass editor=PATH or user/name@version "
@@ -203,9 +205,6 @@ class MEND(EditMethod):
 
 
 def _is_hub_reference(text: str | None) -> bool:
-    from pathlib import Path
-
-    from ...share.hub import parse_reference
 
     return bool(text) and not Path(text).exists() and parse_reference(text) is not None
 
@@ -253,7 +252,7 @@ def check_editor_base(model, editor: Editor) -> None:
 
 
 class MENDLearner:
-    """MEND's meta-training objective for :class:`editpack.trainer.Trainer` (records are :class:`Fact`\\ s with
+    """MEND's meta-training objective for :class:`editpack.methods.training.Trainer` (records are :class:`Fact`\\ s with
     a paraphrase and neighbourhood prompts)."""
 
     def __init__(self, model, tokenizer, spec: ArchSpec, modules: list[str], config: MENDConfig) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..base import at_least
-from ..locate import ValueOptimization
+from ..locate.values import ValueOptimization
 
 
 @dataclass

@@ -14,57 +14,19 @@ restored exactly before :meth:`ROME.compute` returns, and the deltas come back a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ...packs.delta import LowRankDelta, WeightDelta
-from ..._io import sha256_file
-from ...model.arch import ArchSpec
-from ...errors import EditpackError
 from ...facts import Fact
-from ...model.generation import model_device
-from ...model.stats import StatsConfig, second_moments
+from ...model.arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
-from ..locate import (
-    add_update, applied_updates, context_templates, frozen, keys, optimize_delta, read_at, lookups,
-    resolve_optimize_dtype
-)
+from ..locate.keys import keys, lookups, read_at
+from ..locate.model_state import add_update, applied_updates, frozen
+from ..locate.resolve import layer_second_moments, resolve_locate_config
+from ..locate.values import TINY_LOCATE, optimize_delta
 from .config import ROMEConfig
-
-CORPUS_STATS_TOKENS = 100_000
-SAMPLED_STATS_TOKENS = 20_000
-
-
-def resolve_locate_config(cfg, method: EditMethod, model, tokenizer, spec: ArchSpec):
-    """Fill in what a locate-then-edit config leaves open (layers, statistics size, context templates)."""
-    method.resolve_layers(model, spec)
-    if cfg.stats_corpus and Path(cfg.stats_corpus).is_file():
-        digest = sha256_file(cfg.stats_corpus)
-        if cfg.stats_corpus_sha256 not in (None, digest):
-            raise EditpackError(f"statistics corpus {cfg.stats_corpus} is not the corpus this pack's statistics came "
-                                f"from (sha256 {cfg.stats_corpus_sha256[:16]}…); pass that corpus, or set "
-                                "stats_corpus_sha256=null to use this one")
-        cfg.stats_corpus_sha256 = digest
-    elif cfg.stats_corpus and cfg.stats_corpus_sha256 is None:
-        raise EditpackError(f"statistics corpus {cfg.stats_corpus} does not exist")
-    if cfg.mom2_adjustment and cfg.stats_tokens is None:
-        cfg.stats_tokens = SAMPLED_STATS_TOKENS if cfg.stats_corpus is None else CORPUS_STATS_TOKENS
-    if cfg.context_templates is None:
-        cfg.context_templates = context_templates(model, tokenizer, cfg.context_template_lengths, cfg.seed)
-    cfg.optimize_dtype = resolve_optimize_dtype(cfg.optimize_dtype, model_device(model))
-    return cfg
-
-
-def layer_second_moments(cfg, model, tokenizer, spec: ArchSpec, layers) -> dict[int, torch.Tensor | None]:
-    """The cached key second moments at ``layers``, missing ones computed in one pass (``None`` for each when
-    ``mom2_adjustment`` is off)."""
-    if not cfg.mom2_adjustment:
-        return {layer: None for layer in layers}
-    stats = StatsConfig(corpus=cfg.stats_corpus, corpus_sha256=cfg.stats_corpus_sha256, n_tokens=cfg.stats_tokens,
-                        seed=cfg.seed)
-    return second_moments(model, tokenizer, spec, list(layers), stats)
 
 
 @register_method
@@ -73,6 +35,7 @@ class ROME(EditMethod):
     config_class = ROMEConfig
     layer_role = "critical"
     summary = "rank-one edit of one MLP layer per fact (default)"
+    tiny_settings = dict(TINY_LOCATE, layers=[1], v_num_grad_steps=10)
     config: ROMEConfig
 
     def resolve(self, model, tokenizer, spec: ArchSpec) -> ROMEConfig:

@@ -1,6 +1,6 @@
-"""SERAC-style memory packs: facts and a scope classifier instead of a weight delta (see ``editpack.memory``)."""
+"""SERAC-style memory packs: facts and a scope classifier instead of a weight delta (see ``editpack.packs.memory``)."""
 
-from .config import IKEConfig, SERACConfig
-from .method import IKE, SERAC
+from .config import SERACConfig
+from .method import SERAC
 
-__all__ = ["IKE", "IKEConfig", "SERAC", "SERACConfig"]
+__all__ = ["SERAC", "SERACConfig"]

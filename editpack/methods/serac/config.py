@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...packs.memory import DEMO_TEMPLATE, ENCODER_ID, IKE_DEMONSTRATIONS, ROUTES, Scope
+from ...packs.memory.encoder import ENCODER_ID
+from ...packs.memory.routes import DEMO_TEMPLATE, IKE_DEMONSTRATIONS, ROUTES
+from ...packs.memory.scope import Scope
 from ..base import MethodConfig, between
 
 
 @dataclass
 class SERACConfig(MethodConfig, Scope):
-    """The scope settings (``editpack.memory.Scope``: threshold and its calibration, subject required), the route
+    """The scope settings (``editpack.packs.memory.Scope``: threshold and its calibration, subject required), the route
     for in-scope prompts, the template and the encoder."""
 
     bounds: ClassVar[dict] = {name: (between(-1, 1),) for name in ("threshold", "min_threshold", "default_threshold")}
@@ -31,7 +33,7 @@ class SERACConfig(MethodConfig, Scope):
     demonstrations: int = IKE_DEMONSTRATIONS
     #: Context-aware decoding (Shi et al. 2023) for in-scope prompts: each answer token is chosen from
     #: ``(1 + contrast) * log p(y | context, prompt) - contrast * log p(y | the same without the new fact)``
-    #: (``editpack.generation.Contrast``; ``editpack.memory.rewritten`` gives both texts), by generation and
+    #: (``editpack.model.generation.Contrast``; ``editpack.packs.memory.routes.rewritten`` gives both texts), by generation and
     #: teacher-forced scoring alike, so what the new fact says wins over the model's prior. 0 (the default here,
     #: and what packs made before the setting read) decodes in context as it is.
     contrast: float = 0.0
@@ -56,21 +58,3 @@ class SERACConfig(MethodConfig, Scope):
                              f"not {self.relation_margin}")
         if not 0 <= self.max_false_positive_rate <= 1:
             raise ValueError(f"max_false_positive_rate must be between 0 and 1, not {self.max_false_positive_rate}")
-
-
-@dataclass
-class IKEConfig(SERACConfig):
-    """IKE: a memory pack whose in-scope prompts get in-context demonstrations (``route="ike"``), decoded with a
-    context-aware contrast of 0.5 and no plausibility floor unless told otherwise (``contrast=0``: IKE as
-    published)."""
-
-    route: str = "ike"
-    #: Chosen on records 51–100 of CounterFact's original records (SmolLM2, greedy, paraphrases answered with the
-    #: new target): 0 / 0.5 / 1 → 71 / 87 / 87 %, edit prompts 100 % each (see the README's Memory packs).
-    contrast: float = 0.5
-    #: No floor under IKE's contrast: measured with ``contrast=0.5`` (``bench/memory_scope.py --plausibility``,
-    #: 2026-12-05), 0 against 0.1 read generate_match 100 / 87 / 99.8 against 100 / 86 / 99.8 and prob_compare
-    #: generalization 98 against 90 % on CounterFact's true paraphrases (first 50 ROME-format records), 99 / 71 / 100
-    #: against 99 / 70 / 100 and 93 against 75 % on the first 100 flattened records, probes answered wrongly 4 and
-    #: 2.3 % either way: the floor gave targets the context finds unlikely but the fact alone supports probability 0.
-    plausibility: float = 0.0

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-from ...packs.artifact import describe_base
 from ...facts import Fact
-from ...packs.memory import MemoryPack, SentenceEncoder, calibrate_facts
+from ...packs.base_model import describe_base
+from ...packs.memory.encoder import ENCODER_PACKAGE, SentenceEncoder
+from ...packs.memory.pack import MemoryPack
+from ...packs.memory.scope import calibrate_facts
 from ..base import EditMethod, register_method
-from .config import IKEConfig, SERACConfig
+from .config import SERACConfig
 
 
 @register_method
@@ -18,6 +20,7 @@ class SERAC(EditMethod):
     config_class = SERACConfig
     config: SERACConfig
     summary = "a memory (facts + scope classifier), no weights: see Memory packs"
+    needs_packages = (ENCODER_PACKAGE,)
     routes_text = True
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec, state=None):
@@ -32,10 +35,3 @@ class SERAC(EditMethod):
         base = replace(describe_base(model, []), embedding=None)  # no weights touched: identity only
         return MemoryPack(name=name, version=version, method=self.name, hyperparameters=cfg.recorded(),
                           facts=list(facts), base=base, keys=keys, threshold=threshold, parents=parents)
-
-
-@register_method
-class IKE(SERAC):
-    name = "ike"
-    config_class = IKEConfig
-    summary = "a memory pack answered in context with demonstrations of its nearest facts (IKE)"

@@ -21,10 +21,10 @@ from typing import Sequence
 
 import torch
 
-from ...model.arch import ArchSpec
-from ...packs.delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact
+from ...model.arch import ArchSpec
+from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
 from ..targets import keys_and_gradients
 from .config import UltraEditConfig
@@ -55,6 +55,8 @@ class UltraEdit(EditMethod):
     config_class = UltraEditConfig
     layer_role = "tail"
     summary = "training-free lifelong edits from one gradient with lifelong normalisation"
+    tiny_settings = dict(layers=[2, 3])
+    tiny_fact_count = 8  # its first round normalises over at least 8 target tokens (one each here)
     config: UltraEditConfig
 
     def compute(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, state=None) -> WeightDelta:

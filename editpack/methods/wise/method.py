@@ -16,7 +16,7 @@ applies it where the activation difference ``‖ΔW x‖`` exceeds the pack's th
 Unrelated text is sampled from the model itself (``unrelated_samples``: count and length; seeded), plus the facts'
 own prompts asked about another fact's subject (same relation, other subject: in-distribution negatives that need
 no outside data). The round's
-result is a :class:`~editpack.side_memory.SideMemoryPack`; :func:`editpack.extend` grows it round by round.
+result is a :class:`~editpack.packs.side_memory.SideMemoryPack`; :func:`editpack.extend` grows it round by round.
 """
 
 from __future__ import annotations
@@ -25,15 +25,18 @@ from typing import Sequence
 
 import torch
 
-from ...model.arch import ArchSpec
-from ...packs.delta import LowRankDelta, WeightDelta
 from ...errors import EditpackError
 from ...facts import Fact, kept_indices
+from ...model.arch import ArchSpec
 from ...model.generation import model_device
 from ...model.nethook import Trace, first_tensor, replace_first
+from ...packs.base_model import describe_base
+from ...packs.delta import LowRankDelta, WeightDelta
 from ...packs.side_memory import SideMemoryPack
 from ..base import EditMethod, register_method
-from ..locate import frozen, inputs_everywhere, unrelated_texts
+from ..locate.context import unrelated_texts
+from ..locate.keys import inputs_everywhere
+from ..locate.model_state import frozen
 from ..targets import target_batch
 from .config import WISEConfig
 
@@ -72,6 +75,7 @@ class WISE(EditMethod):
     config_class = WISEConfig
     layer_role = "late"
     summary = "a side memory of one layer behind a router, edited in shards and merged (lifelong)"
+    tiny_settings = dict(layers=[2], n_iter=10)
     config: WISEConfig
 
     def default_layers(self, model, spec: ArchSpec) -> list[int]:
@@ -82,7 +86,6 @@ class WISE(EditMethod):
 
     def build_pack(self, model, tokenizer, facts: Sequence[Fact], spec: ArchSpec, *, name: str, version: str,
                    parents, state=None, previous: SideMemoryPack | None = None) -> SideMemoryPack:
-        from ...packs.artifact import describe_base
 
         cfg = self.config
         self.resolve_layers(model, spec)

@@ -1,0 +1,138 @@
+"""Evaluation at creation, default probes, the card's side-effect section and chart, and `editpack verify`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import editpack
+from editpack.evaluation import side_effects
+from editpack import relations, suites
+from editpack.packs.card import render_card
+from editpack.cli.main import main
+
+from traces import assert_no_local_traces
+
+SETTINGS = ["--set", "mom2_adjustment=false", "--set", "context_template_lengths=[[3,2]]",
+            "--set", "clamp_norm_factor=10000", "--set", "v_weight_decay=0", "--layers", "1"]
+ONE = ["--prompt", "the famous eiffel tower", "--subject", "eiffel tower", "--target", "rome", "--target-true", "paris"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def evaluated(tiny_dir, tmp_path):
+    result = run("edit", "--model", tiny_dir, *ONE, *SETTINGS, "-o", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "p", result.output
+
+
+def rehash(pack: Path) -> None:
+    manifest = json.loads((pack / "editpack.json").read_text())
+    manifest["files"] = {n: hashlib.sha256((pack / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (pack / "editpack.json").write_text(json.dumps(manifest, indent=2))
+
+
+def test_edit_evaluates_and_the_card_shows_side_effects_and_a_chart(evaluated):
+    pack_dir, output = evaluated
+    assert "evaluated in " in output and "unrelated answers changed" in output
+    pack = editpack.load_pack(pack_dir)
+    side = pack.evaluation["side_effects"]
+    assert set(side["claims"]) == {"locality_unchanged", "locality_kl", "same_subject_unchanged", "perplexity",
+                                   "fluency"}
+    for claim in side["claims"].values():  # machine-readable: protocol, suite and its hash, n, before, after
+        assert set(claim) == {"protocol", "suite", "suite_sha256", "n", "before", "after"}
+        assert claim["suite_sha256"] == suites.load(claim["suite"]).sha256 and claim["n"] > 0
+    assert side["claims"]["locality_unchanged"]["n"] == 60 and side["claims"]["same_subject_unchanged"]["n"] == 5
+    assert side["claims"]["locality_kl"]["after"] >= 0 and side["claims"]["perplexity"]["before"] > 1
+    card = (pack_dir / "README.md").read_text()
+    assert "### Side effects" in card and side["verdict"] in card and "![before and after](evaluation.png)" in card
+    assert "evaluation.png" in pack.files and (pack_dir / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Measured in {pack.evaluation['seconds']:.1f} s" in card
+    assert "Generalization: 1 fact not measured (no paraphrases, relation unknown)" in card  # no relation named
+    metadata = card.split("---")[1]
+    assert "model-index" in metadata
+    assert_no_local_traces(pack_dir, str(pack_dir.parent))  # the base was a local folder: named, not located
+
+
+def test_no_eval_says_so_and_has_no_chart(tiny_dir, tmp_path):
+    result = run("edit", "--model", tiny_dir, *ONE, *SETTINGS, "--no-eval", "-o", tmp_path / "p")
+    assert result.exit_code == 0 and "evaluated in" not in result.output
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "Not evaluated: the pack was made with `--no-eval`" in card
+    assert not (tmp_path / "p" / "evaluation.png").exists()
+
+
+def test_generalization_comes_from_relation_templates_when_a_fact_has_no_paraphrases():
+    known = editpack.make_fact("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+    by_id = editpack.make_fact("{} speaks", "Danielle Darrieux", "English", relation="P1412")
+    unknown = editpack.make_fact("the famous {}", "eiffel tower", "rome")
+    given = editpack.make_fact("the famous {}", "eiffel tower", "rome", paraphrases=["the big eiffel tower"])
+    facts, origin = side_effects.with_default_paraphrases([known, by_id, unknown, given])
+    assert origin == {"paraphrases": 1, "relation_templates": 2, "not_measured": 1}
+    assert relations.relation_of(known) == "P103"  # its prompt is one of CounterFact's phrasings of P103
+    assert facts[0].paraphrases and all("Danielle Darrieux" in p for p in facts[0].paraphrases)
+    assert "The mother tongue of Danielle Darrieux is" not in facts[0].paraphrases  # not the edit prompt itself
+    assert not facts[2].paraphrases and facts[3].paraphrases == ("the big eiffel tower",)
+    same = relations.same_subject_prompts(known, 5)
+    assert len(same) == 5 and all("Danielle Darrieux" in p for p in same)
+    assert not any("mother tongue" in p.lower() or "native language" in p.lower() for p in same)
+
+
+def test_same_subject_prompts_leave_out_the_edited_relations_wording():
+    fact = editpack.make_fact("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome")
+    prompts = relations.same_subject_prompts(fact, 5)
+    assert len(prompts) == 5 and not any("located in" in p for p in prompts)
+
+
+def test_verify_checks_files_card_and_with_rerun_every_claim(evaluated, tiny_dir):
+    pack_dir, _ = evaluated
+    plain = run("verify", pack_dir)
+    assert plain.exit_code == 0 and "the card is the manifest's" in plain.output, plain.output
+    again = run("verify", pack_dir, "--rerun", "--model", tiny_dir)
+    assert again.exit_code == 0, again.output
+    assert "base fingerprint matches" in again.output
+    reproduced = [line for line in again.output.splitlines() if "claims reproduced" in line][0]
+    count = int(reproduced.split(" of ")[1].split()[0])
+    assert count >= 30 and reproduced.split(": ")[1].startswith(f"{count} of {count}")
+
+
+def test_verify_rerun_catches_altered_numbers_and_plain_verify_an_altered_card(evaluated, tiny_dir):
+    pack_dir, _ = evaluated
+    pack = editpack.load_pack(pack_dir)
+    claim = pack.evaluation["side_effects"]["claims"]["locality_unchanged"]
+    claim["after"] = 1.0 if claim["after"] < 1.0 else 0.5  # a nicer-looking (or simply wrong) claim
+    pack.save(pack_dir, overwrite=True)  # manifest, card and chart consistent with the altered number
+    assert run("verify", pack_dir).exit_code == 0  # the files alone cannot tell
+    caught = run("verify", pack_dir, "--rerun", "--model", tiny_dir)
+    assert caught.exit_code == 1 and "side_effects/locality_unchanged/after: the card says" in caught.output
+    card = pack_dir / "README.md"
+    card.write_text(card.read_text().replace("unrelated answers changed", "unrelated answers kept"))
+    rehash(pack_dir)
+    tampered = run("verify", pack_dir)
+    assert tampered.exit_code == 1 and "README.md is not the card of this manifest" in tampered.output
+
+
+def test_stack_evaluates_the_stacked_pack(tiny_dir, tmp_path):
+    second = ["--prompt", "the old london bridge", "--subject", "london bridge", "--target", "tokyo"]
+    assert run("edit", "--model", tiny_dir, *ONE, *SETTINGS, "--no-eval", "-o", tmp_path / "a").exit_code == 0
+    assert run("edit", "--model", tiny_dir, *second, *SETTINGS, "--no-eval", "-o", tmp_path / "b").exit_code == 0
+    stacked = run("stack", tmp_path / "a", tmp_path / "b", "--model", tiny_dir, "-o", tmp_path / "s")
+    assert stacked.exit_code == 0 and "evaluated in" in stacked.output, stacked.output
+    pack = editpack.load_pack(tmp_path / "s")
+    assert pack.evaluation["n_facts"] == 2 and pack.evaluation["side_effects"]["claims"]["same_subject_unchanged"]["n"] == 10
+    assert render_card(pack) == (tmp_path / "s" / "README.md").read_text()
+
+
+def test_verify_takes_hub_references(evaluated, tiny_dir, hub):
+    pack_dir, _ = evaluated
+    editpack.push(pack_dir, "user/eiffel")
+    shown = run("verify", "user/eiffel@1.0.0", "--rerun", "--model", tiny_dir)
+    assert shown.exit_code == 0 and "the card is the manifest's" in shown.output, shown.output
+    assert "claims reproduced" in shown.output
