@@ -7,6 +7,7 @@ import json
 import click
 
 from editpack.chat import chat_prompts
+from editpack.model.arch import spec_for, spec_json
 from editpack.model.builtins import BUILTINS, builtin_status, ensure_builtin
 from editpack.model.generation import generate
 from editpack.runtime.apply import apply
@@ -16,8 +17,8 @@ from .common import friendly_errors, load_from_options, load_packs, model_option
 
 
 @click.command("models")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--prepare", "prepare", multiple=True, metavar="NAME",
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@click.option("--prepare", "prepare", multiple=True, default=(), metavar="NAME",
               help="Convert built-in NAME into the cache now (repeatable).")
 @friendly_errors
 def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
@@ -42,13 +43,16 @@ def models_cmd(as_json: bool, prepare: tuple[str, ...]) -> None:
 @click.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @model_options
-@click.option("--pack", "packs", multiple=True, metavar="PACK",
+@click.option("--pack", "packs", multiple=True, default=(), metavar="PACK",
               help="Apply this pack first: a directory or user/name@version (repeatable, in order; unmerged).")
-@click.option("--compare", is_flag=True, help="Show the base model's and the edited model's answers side by side.")
-@click.option("--force", is_flag=True, help="Apply packs even if their base fingerprint does not match.")
-@click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
+@click.option("--compare", is_flag=True, default=False,
+              help="Show the base model's and the edited model's answers side by side.")
+@click.option("--force", is_flag=True, default=False, help="Apply packs even if their base fingerprint does not match.")
+@click.option("--later-wins", is_flag=True, default=False,
+              help="Let a later pack override an earlier one that sets the same fact.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--chat", is_flag=True, help="Put each prompt in the model's chat template: a user turn, answered "
+@click.option("--chat", is_flag=True, default=False,
+              help="Put each prompt in the model's chat template: a user turn, answered "
               "after the assistant's header, as an instruct model is served.")
 @friendly_errors
 def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new_tokens, chat) -> None:
@@ -74,5 +78,16 @@ def generate_cmd(prompts, model_opts, packs, compare, force, later_wins, max_new
         click.echo(f"{prompt}\n  {text!r}" if chat else f"{prompt}{text}")
 
 
+@click.command("arch")
+@model_options
+@friendly_errors
+def arch_cmd(model_opts) -> None:
+    """Print the architecture file editpack uses for a model: its family's, the one given with --arch, or the one
+    it infers from the module tree (save it, adjust it, and pass it with --arch or put it in
+    $EDITPACK_ARCHITECTURES)."""
+    lm, _ = load_from_options(model_opts)
+    click.echo(spec_json(spec_for(lm)), nl=False)
+
+
 #: The commands of this module, in the order ``editpack --help`` lists them.
-COMMANDS = [models_cmd, generate_cmd]
+COMMANDS = [models_cmd, generate_cmd, arch_cmd]

@@ -9,20 +9,24 @@ wraps (GRACE); ``tail``: the last MLPs a gradient-based lifelong method edits (U
 role as integers (a layer index) or floats in ``(0, 1)`` (a fraction of the model's depth, rounded down), so one
 file serves every size of a family. ``method_settings`` holds a family's hyper-parameter defaults for a method.
 
-Adding a family means adding ``adapters/<family>.json``; see ``docs/architectures.md``.
+Adding a family means adding ``adapters/<family>.json``; see ``docs/concepts/architectures.md``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import logging
+import os
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UnknownArchitectureError
+from .fingerprint import unwrap
 
 _REQUIRED = ("family", "model_types", "blocks", "mlp", "mlp_in", "mlp_out", "final_norm", "lm_head", "embed")
 
@@ -49,6 +53,10 @@ class ArchSpec:
     #: copies without transforming them (``plain_modules``, suffixes after the layer): only those can be exported
     #: as GGUF LoRA tensors. Absent: no GGUF export.
     gguf: dict[str, Any] = field(default_factory=dict)
+    #: What the family's forward does to the head's output besides soft-capping (``final_logit_softcapping``):
+    #: ``{"multiply_by": "<config attribute>"}`` (Cohere's ``logit_scale``) or ``{"divide_by": …}`` (Granite's
+    #: ``logits_scaling``), so methods that read logits from hidden states read what the model computes.
+    logits: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ArchSpec":
@@ -144,19 +152,153 @@ def _load_all() -> dict[str, ArchSpec]:
 
 
 
+ARCHITECTURES_ENV = "EDITPACK_ARCHITECTURES"
+#: Where a spec given for one model (``load_model(arch=…)``, ``--arch FILE``) or inferred for it is kept on it.
+_ON_MODEL = "_editpack_arch"
+#: The layer roles an inferred spec places (the shipped decoders' fractions of depth).
+DEFAULT_ROLES = {"critical": {"layers": [0.17]}, "run": {"start": 0.12, "count": 5}, "late": {"layers": [0.85]},
+                 "tail": {"start": 0.75, "count": 4}}
+log = logging.getLogger(__name__)
+
+
+def load_spec_file(path: str | os.PathLike) -> ArchSpec:
+    """An architecture file of the user's (the shipped files' format), with a clear error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UnknownArchitectureError(f"architecture file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnknownArchitectureError(f"architecture file {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UnknownArchitectureError(f"architecture file {path} must hold one JSON object")
+    try:
+        return ArchSpec.from_dict(data, source=path.name)
+    except (TypeError, ValueError) as exc:
+        raise UnknownArchitectureError(str(exc)) from None
+
+
+def user_specs() -> dict[str, ArchSpec]:
+    """The specs in ``$EDITPACK_ARCHITECTURES`` (a folder of JSON files), by model type; read on every call."""
+    folder = os.environ.get(ARCHITECTURES_ENV)
+    if not folder:
+        return {}
+    if not Path(folder).is_dir():
+        raise UnknownArchitectureError(f"{ARCHITECTURES_ENV}={folder} is not a folder of architecture files")
+    found: dict[str, ArchSpec] = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        spec = load_spec_file(path)
+        found.update({t: spec for t in spec.model_types})
+    return found
+
+
 def spec_for_model_type(model_type: str) -> ArchSpec:
+    """The spec of a model type: the user's (``$EDITPACK_ARCHITECTURES``) before the shipped files."""
+    user = user_specs()
+    if model_type in user:
+        return user[model_type]
     specs = _load_all()
     if model_type not in specs:
         raise UnknownArchitectureError(
             f"no architecture spec for model_type {model_type!r} (known: {', '.join(sorted(specs))}). Describe it in "
-            f"a new file adapters/<family>.json listing \"{model_type}\" under model_types; see docs/architectures.md"
+            f"a JSON file listing \"{model_type}\" under model_types (`editpack arch --model M` prints what editpack "
+            f"infers) and pass it with --arch FILE, or put it in ${ARCHITECTURES_ENV}; see "
+            "docs/concepts/architectures.md"
         )
     return specs[model_type]
 
 
+def use_spec(model: torch.nn.Module, spec: ArchSpec) -> None:
+    """Make ``spec`` the one editpack uses for ``model`` (``load_model(arch=…)``, ``--arch FILE``)."""
+    unwrap(model).__dict__[_ON_MODEL] = spec
+
+
 def spec_for(model: torch.nn.Module) -> ArchSpec:
-    """The spec for a transformers model (or a PEFT model wrapping one), chosen by ``config.model_type``."""
-    config = getattr(model, "config", None)
+    """The spec for a transformers model (or a wrapper of one): the one given for it (``--arch``), else by
+    ``config.model_type`` (the user's files, then the shipped ones), else inferred from its module tree
+    (:func:`infer_spec`; said once, with how to pin it)."""
+    base = unwrap(model)
+    given = base.__dict__.get(_ON_MODEL)
+    if given is not None:
+        return given
+    config = getattr(base, "config", None)
     if config is None:
         raise UnknownArchitectureError(f"{type(model).__name__} has no config; editpack needs a transformers model")
-    return spec_for_model_type(config.model_type)
+    try:
+        return spec_for_model_type(config.model_type)
+    except UnknownArchitectureError as unknown:
+        try:
+            spec = infer_spec(base)
+        except UnknownArchitectureError as exc:
+            raise UnknownArchitectureError(f"{unknown} Inferring it from the module tree did not work either: "
+                                           f"{exc}") from None
+    log.info("No architecture file for model_type %r: its layout was inferred from the module tree (blocks %s, "
+             "MLP output %s). Pin it: `editpack arch --model M > %s.json`, then --arch %s.json (or put it in $%s).",
+             config.model_type, spec.blocks, spec.mlp_out, config.model_type, config.model_type, ARCHITECTURES_ENV)
+    use_spec(base, spec)
+    return spec
+
+
+def _linear_shape(module: torch.nn.Module) -> tuple[int, int, bool] | None:
+    """``(out_features, in_features, transposed)`` of a linear layer (``nn.Linear``, GPT-2's ``Conv1D``, a PEFT or
+    bitsandbytes wrapper of either), else ``None``."""
+    module = getattr(module, "base_layer", module)
+    if isinstance(module, torch.nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return int(module.out_features), int(module.in_features), False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return int(module.nf), int(module.weight.shape[0]), True
+    return None
+
+
+def infer_spec(model: torch.nn.Module) -> ArchSpec:
+    """A spec read off the model's module tree: the ``ModuleList`` of decoder blocks, in the first block the
+    MLP's output projection (a linear layer from a width larger than the hidden size back to it) and its input
+    projections (from the hidden size to that width, or twice it when fused), the norm after the blocks, the
+    output head and the input embedding. Raises :class:`UnknownArchitectureError` saying what is missing (a
+    Mixture-of-Experts block, whose experts are not linear layers, has no single MLP output projection)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2
+             and len({type(c) for c in m}) == 1]
+    if not lists:
+        raise UnknownArchitectureError("no ModuleList of identical decoder blocks found")
+    blocks_name, blocks = max(lists, key=lambda item: len(item[1]))
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None or id(embed) not in names or id(head) not in names:
+        raise UnknownArchitectureError("the model's input embedding or output head is not one of its modules")
+    hidden = hidden or embed.weight.shape[1]
+    block = blocks[0]
+    linears = {n: _linear_shape(m) for n, m in block.named_modules() if n and _linear_shape(m) is not None
+               and "lora_" not in n and not n.endswith(".base_layer")}
+    outs = [(n, shape) for n, shape in linears.items() if shape[0] == hidden and shape[1] > hidden]
+    if not outs:
+        raise UnknownArchitectureError(
+            f"the first block ({blocks_name}.0) has no linear layer from a wider width back to the hidden size "
+            f"{hidden} (an MLP output projection); a Mixture-of-Experts block keeps its experts as other parameters")
+    out_name, (_, width, transposed) = max(outs, key=lambda item: item[1][1])
+    mlp_name = out_name.rpartition(".")[0]
+    ins = [n for n, shape in linears.items() if n.rpartition(".")[0] == mlp_name and shape[1] == hidden
+           and shape[0] in (width, 2 * width)]
+    if not mlp_name or not ins:
+        raise UnknownArchitectureError(f"{blocks_name}.0.{out_name} has no input projection beside it in one MLP")
+    parent = blocks_name.rpartition(".")[0]
+    siblings = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[0] == parent and n != blocks_name]
+    norms = [n for n, m in siblings if "norm" in type(m).__name__.lower() or "layernorm" in n.lower().replace("_", "")]
+    if not norms:
+        raise UnknownArchitectureError(f"no norm after the blocks beside {blocks_name}")
+    attn = [n for n, m in block.named_children() if n != mlp_name.split(".")[0] and any(
+        _linear_shape(c) is not None for c in m.modules())]
+    template = lambda name: f"{blocks_name}.{{}}.{name}"  # noqa: E731
+    return ArchSpec(
+        family=f"inferred-{model.config.model_type}", model_types=(model.config.model_type,),
+        description=f"inferred by editpack from {type(model).__name__}'s module tree",
+        blocks=blocks_name, mlp=template(mlp_name), mlp_in=tuple(template(n) for n in ins), mlp_out=template(out_name),
+        attn=template(attn[0]) if attn else None, final_norm=norms[-1], lm_head=names[id(head)],
+        embed=names[id(embed)], mlp_transposed=transposed, layer_roles=DEFAULT_ROLES)
+
+
+def spec_json(spec: ArchSpec) -> str:
+    """``spec`` as an architecture file (the shipped files' format)."""
+    data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items() if v not in ({}, None, "")}
+    data["family"] = spec.family.removeprefix("inferred-")
+    return json.dumps(data, indent=2) + "\n"

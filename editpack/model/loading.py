@@ -14,6 +14,7 @@ import torch
 
 from .._lazy import transformers
 from ..errors import MissingPackageError, ModelNotFoundError
+from .arch import ArchSpec, load_spec_file, use_spec
 from .builtins import BUILTINS, DEFAULT_MODEL, ensure_builtin, ensure_gguf
 from .quiet import log_once, quiet_progress
 
@@ -156,6 +157,7 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | None = None,
     revision: str | None = None,
+    arch: str | os.PathLike | ArchSpec | None = None,
 ):
     """Load a causal LM and its tokenizer.
 
@@ -167,10 +169,12 @@ def load_model(
 
     Returns ``(model, tokenizer)``; the model is in eval mode, ``model.editpack_ref`` says what was loaded and
     ``model.editpack_tokenizer`` is the tokenizer (so ``editpack.edit(model, facts)`` needs no other argument).
-    The tokenizer always has a pad token (the EOS token when the model defines none).
+    The tokenizer always has a pad token (the EOS token when the model defines none). ``arch``: an architecture
+    file (or :class:`~editpack.model.arch.ArchSpec`) editpack uses for this model instead of looking its family up.
     """
 
     check_placement(device_map, max_memory, offload_folder)
+    spec = load_spec_file(arch) if isinstance(arch, (str, os.PathLike)) else arch  # checked before the load
     ref = resolve_model(name_or_path, revision)
     kwargs: dict[str, Any] = {}
     if isinstance(dtype, str) and dtype != "auto":
@@ -201,4 +205,6 @@ def load_model(
     model.eval()
     model.editpack_ref = ref
     model.editpack_tokenizer = tokenizer
+    if spec is not None:
+        use_spec(model, spec)
     return model, tokenizer
