@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args, home: str) -> dict:
     from editpack.model import stats
     from editpack.model.arch import spec_for
+    from editpack.packs.statistics import cached_moments
 
     if args.small:
         from editpack.testing import WORDS, tiny_model, tiny_tokenizer
@@ -59,14 +60,14 @@ def run(args, home: str) -> dict:
     run_layers = [int(x) for x in args.run.split(",")]
     config = stats.StatsConfig(corpus=args.corpus, n_tokens=args.tokens)
 
-    (_, count), seconds = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, [args.layer], config))
+    (_, count, _), seconds = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, [args.layer], config))
     floor_seconds, floor_tokens = forward_floor(model, tokenizer, spec, args.layer, config)
     few = stats.StatsConfig(corpus=args.corpus, n_tokens=max(args.tokens // 10, 1000))
     _, one_layer = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, [max(run_layers)], few))
     _, all_layers = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, run_layers, few))
     sampled = stats.StatsConfig(corpus=None, n_tokens=args.sampled)
-    _, first_sampled = timed(lambda: stats.second_moments(model, tokenizer, spec, [run_layers[0]], sampled))
-    _, later_sampled = timed(lambda: stats.second_moments(model, tokenizer, spec, [run_layers[-1]], sampled))
+    _, first_sampled = timed(lambda: cached_moments(model, tokenizer, spec, [run_layers[0]], sampled))
+    _, later_sampled = timed(lambda: cached_moments(model, tokenizer, spec, [run_layers[-1]], sampled))
     result = {
         "benchmark": "key_stats", "model": getattr(getattr(model, "editpack_ref", None), "id", "tiny-llama"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),

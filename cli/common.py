@@ -18,6 +18,7 @@ from editpack.errors import EditpackError
 from editpack.evaluation.protocols import PROTOCOLS, starts_with
 from editpack.evaluation.report import evaluate_pack
 from editpack.methods.base import parse_settings
+from editpack.model.arch import load_spec_file
 from editpack.model.loading import DTYPE_CHOICES, check_placement, load_model
 from editpack.model.stats import check_corpus_file
 from editpack.paths import cache_dir
@@ -77,7 +78,7 @@ def check_output(output: str, overwrite: bool, inputs=(), model: str | None = No
         raise click.UsageError(str(exc).replace("overwrite=True / --overwrite", "--overwrite")) from None
 
 
-MODEL_KEYS = ("model", "dtype", "device_map", "load_in_4bit", "load_in_8bit", "max_memory", "offload_folder")
+MODEL_KEYS = ("model", "dtype", "device_map", "load_in_4bit", "load_in_8bit", "max_memory", "offload_folder", "arch")
 
 
 def parse_max_memory(values: tuple[str, ...]) -> dict | None:
@@ -96,21 +97,30 @@ def model_options(func):
     options = [
         click.option("--model", "-m", "model", default=None, metavar="M",
                      help="Built-in name (default smollm2-135m), local folder, .gguf file or Hub id."),
-        click.option("--dtype", default="float32", show_default=True,
-                     type=click.Choice(DTYPE_CHOICES)),
+        click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPE_CHOICES),
+                     help="Precision the model is loaded in."),
         click.option("--device-map", default=None, help="accelerate device map, e.g. auto, cpu or sequential."),
-        click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+        click.option("--max-memory", multiple=True, default=(), metavar="DEVICE=SIZE",
                      help="With --device-map: memory budget per device, e.g. cpu=2GiB (repeatable)."),
         click.option("--offload-folder", default=None, type=click.Path(file_okay=False),
                      help="With --device-map: where layers that fit nowhere are offloaded to disk."),
-        click.option("--load-in-4bit", is_flag=True, help="Quantize to 4 bits with bitsandbytes (packs stay unmerged)."),
-        click.option("--load-in-8bit", is_flag=True, help="Quantize to 8 bits with bitsandbytes (packs stay unmerged)."),
+        click.option("--load-in-4bit", is_flag=True, default=False,
+                     help="Quantize to 4 bits with bitsandbytes (packs stay unmerged)."),
+        click.option("--arch", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+                     help="An architecture file for this model (`editpack arch` prints one) instead of its family's."),
+        click.option("--load-in-8bit", is_flag=True, default=False,
+                     help="Quantize to 8 bits with bitsandbytes (packs stay unmerged)."),
     ]
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         opts = {key: kwargs.pop(key) for key in MODEL_KEYS}
         opts["max_memory"] = parse_max_memory(opts["max_memory"])
+        if opts["arch"]:
+            try:
+                opts["arch"] = load_spec_file(opts["arch"])  # before the model loads
+            except EditpackError as exc:
+                raise click.BadParameter(str(exc), param_hint="--arch") from None
         try:
             check_placement(opts["device_map"], opts["max_memory"], opts["offload_folder"])
         except ValueError as exc:
@@ -126,12 +136,12 @@ def model_options(func):
 
 
 def no_eval_option(func):
-    return click.option("--no-eval", "no_eval", is_flag=True,
+    return click.option("--no-eval", "no_eval", is_flag=True, default=False,
                         help="Skip the evaluation at creation (the card then says it was not evaluated).")(func)
 
 
 def protocol_option(func):
-    return click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS),
+    return click.option("--protocol", "protocols", multiple=True, default=(), type=click.Choice(PROTOCOLS),
                         help="Protocol(s) to report (default: all three).")(func)
 
 

@@ -33,7 +33,9 @@ from .common import (
     writing,
 )
 
-METHOD_HELP = "Edit method: " + "; ".join(f"{name}: {cls.summary}" for name, cls in sorted(REGISTRY.items()) if cls.summary)
+METHOD_HELP = "Edit method: " + "; ".join(
+    f"{name}: {cls.summary}" + (f" (experimental: {cls.experimental})" if cls.experimental else "")
+    for name, cls in sorted(REGISTRY.items()) if cls.summary)
 
 
 @click.command("edit")
@@ -46,11 +48,13 @@ METHOD_HELP = "Edit method: " + "; ".join(f"{name}: {cls.summary}" for name, cls
 @click.option("--subject", default=None, help="One fact: the subject.")
 @click.option("--target", default=None, help="One fact: the new answer.")
 @click.option("--target-true", default=None, help="One fact: the current answer (optional).")
-@click.option("--paraphrase", multiple=True, help="One fact: a paraphrase of the prompt (repeatable).")
+@click.option("--paraphrase", multiple=True, default=(), help="One fact: a paraphrase of the prompt (repeatable).")
 @click.option("--layers", default=None, help="Comma-separated layer indices (default: the architecture spec's).")
 @click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH",
               help="Text corpus (JSONL with 'text', or plain text) for key statistics; default: model-sampled text.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any method hyper-parameter.")
+@click.option("--set", "settings", multiple=True, default=(), metavar="KEY=VALUE", help="Any method hyper-parameter.")
+@click.option("--stats", "stats_ref", default=None, metavar="PATH|USER/NAME@VERSION",
+              help="Key statistics to edit with (`editpack stats compute` makes them; ROME, MEMIT, AlphaEdit).")
 @click.option("--editor", default=None, metavar="PATH|USER/NAME@VERSION",
               help="A trained editor (methods that edit with one: mend; `editpack train` makes it).")
 @click.option("--name", default=None, help="Pack name (default from method and subject).")
@@ -59,13 +63,15 @@ METHOD_HELP = "Edit method: " + "; ".join(f"{name}: {cls.summary}" for name, cls
 @click.option("--onto", default=None, metavar="PACK",
               help="Sequential editing: compute on the model with PACK applied and write PACK's next version.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
-@click.option("--chat", is_flag=True, help="Edit the facts in the model's chat template: each prompt a user turn, "
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing pack directory.")
+@click.option("--chat", is_flag=True, default=False,
+              help="Edit the facts in the model's chat template: each prompt a user turn, "
               "the answer after the assistant's header (weight methods).")
 @no_eval_option
 @friendly_errors
 def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
-             target, target_true, paraphrase, layers, corpus, settings, editor, name, pack_version, onto, output,
+             target, target_true, paraphrase, layers, corpus, settings, stats_ref, editor, name, pack_version, onto,
+             output,
              overwrite, chat, no_eval):
     """Compute an edit and write it as a pack directory.
 
@@ -89,6 +95,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
         hparams["layers"] = parse_layers(layers)
     if editor:
         hparams["editor"] = editor
+    if stats_ref:
+        hparams["stats"] = stats_ref
     facts = (load_facts(facts_path, limit=limit) if facts_path
              else [make_fact(prompt, subject, target, target_true, paraphrases=paraphrase, where="--prompt")])
     check_consistent(facts, facts_path or "--prompt")
@@ -99,6 +107,8 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
     check_settings(method, inherited_settings(parent, method, hparams))
     if chat:  # before the model loads
         check_plain_routing([REGISTRY[method], *([parent] if parent else [])])
+    if REGISTRY[method].experimental:
+        click.echo(f"Warning: {method} is experimental: {REGISTRY[method].experimental}", err=True)
     with writing(output):
         lm, tokenizer = load_from_options(model_opts, [parent] if parent else [])
         if parent:
@@ -122,10 +132,11 @@ def edit_cmd(model_opts, method, facts_path, limit, prompt, subject,
 @click.command("forget")
 @click.argument("pack")
 @model_options
-@click.option("--subject", "subjects", multiple=True, required=True, help="Drop the facts about this subject (repeatable).")
+@click.option("--subject", "subjects", multiple=True, default=(), required=True,
+              help="Drop the facts about this subject (repeatable).")
 @click.option("--version", "pack_version", default=None, help="Version of the result (default: next minor).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing pack directory.")
 @no_eval_option
 @friendly_errors
 def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_eval):
@@ -146,7 +157,7 @@ def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_e
 @click.command("train")
 @click.argument("method", type=click.Choice(trainable_methods()))
 @model_options
-@click.option("--data", "data_paths", multiple=True, required=True, metavar="[FORMAT:]FILE",
+@click.option("--data", "data_paths", multiple=True, default=(), required=True, metavar="[FORMAT:]FILE",
               help="Training records (repeatable): CounterFact, zsRE, … with paraphrases and neighbourhood prompts.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N records of each --data.")
 @click.option("--max-steps", type=click.IntRange(1), default=1000, show_default=True)
@@ -158,12 +169,13 @@ def forget_cmd(pack, model_opts, subjects, pack_version, output, overwrite, no_e
 @click.option("--eval-every", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--layers", default=None, help="Comma-separated layer indices (default: the architecture's tail).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any of the method's settings.")
+@click.option("--set", "settings", multiple=True, default=(), metavar="KEY=VALUE", help="Any of the method's settings.")
 @click.option("--name", default=None, help="Editor name (default from method and model).")
 @click.option("--version", "editor_version", default="1.0.0", show_default=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Editor directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing editor directory.")
-@click.option("--chat", is_flag=True, help="Train on the records in the model's chat template (each prompt a user "
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing editor directory.")
+@click.option("--chat", is_flag=True, default=False,
+              help="Train on the records in the model's chat template (each prompt a user "
               "turn), for edits made with --chat.")
 @friendly_errors
 def train_cmd(method, model_opts, data_paths, limit, max_steps, batch_size, lr, seed, held_out, eval_every,

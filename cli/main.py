@@ -15,13 +15,13 @@ import click
 
 from editpack import __version__, console
 
-from . import edit, evaluate, hub, models, packs, ui
+from . import edit, evaluate, hub, models, packs, stats, ui
 from .common import terminate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="editpack")
-@click.option("--verbose", "-v", is_flag=True, help="Show the libraries' warnings and log messages too.")
+@click.option("--verbose", "-v", is_flag=True, default=False, help="Show the libraries' warnings and log messages too.")
 def main(verbose: bool) -> None:
     """Knowledge edits of language models as versioned, shareable packs."""
     console.configure(verbose)
@@ -35,7 +35,7 @@ def main(verbose: bool) -> None:
         signal.signal(signal.SIGTERM, terminate)
 
 
-for group in (models, edit, packs, hub, evaluate, ui):
+for group in (models, edit, packs, hub, evaluate, stats, ui):
     for command in group.COMMANDS:
         main.add_command(command)
 

@@ -11,21 +11,24 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import check_output
+from ._io import check_output, sha256_file
 from .chat import chat_facts, check_plain_routing, check_same_form
 from .errors import EditpackError, InvalidFactError
 from .facts import Fact, check_consistent, facts_from_records, kept_indices, load_facts
-from .methods import get_method
+from .methods import REGISTRY, get_method
 from .methods.base import trainable_methods
 from .methods.training import Trainer, TrainSettings
 from .model.arch import spec_for
 from .model.builtins import BUILTINS
 from .model.fingerprint import combine, unwrap
 from .model.loading import local_model_path
+from .model.stats import AUTO_MAX_TOKENS, AUTO_TOLERANCE, StatsConfig, check_corpus_file, default_tokens
 from .packs.artifact import Artifact
 from .packs.base_model import BaseModel
 from .packs.delta import WeightDelta
 from .packs.manifest import check_version, slug
+from .packs.statistics import StatsPack, save_to_store
+from .packs.statistics import compute as compute_statistics
 from .packs.weights import EditPack
 from .paths import cache_dir
 from .runtime.apply import applied, apply, revert
@@ -108,8 +111,60 @@ def edit(
         check_plain_routing([method_cls])
         fact_list = chat_facts(tokenizer, fact_list)
     name = name or f"{method}-{slug(fact_list[0].subject)}" + (f"-and-{len(fact_list) - 1}-more" if len(fact_list) > 1 else "")
-    return method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,
+    pack = method_cls(config).build_pack(model, tokenizer, fact_list, spec_for(model), name=name, version=version,
                                          parents=parents, state=state)
+    return with_method_notes(pack, method_cls)
+
+
+def compute_stats(
+    model: torch.nn.Module,
+    method: str = "rome",
+    *,
+    layers: Sequence[int] | None = None,
+    corpus: str | os.PathLike | None = None,
+    tokens: int | str | None = None,
+    tokenizer=None,
+    name: str | None = None,
+    version: str = "1.0.0",
+    seed: int = 0,
+) -> StatsPack:
+    """Key statistics for ``method``'s layers on ``model`` (or ``layers``) as a statistics artifact, kept in the
+    local cache as well (so later edits find them) and returned unsaved (``.save(dir)``; ``editpack push`` shares
+    it). ``corpus``: a JSONL (``text`` field) or plain-text file; ``None`` samples text from the model. ``tokens``:
+    how many keys to read (``None``: the methods' default, :func:`editpack.model.stats.default_tokens`), or ``"auto"``: until the solved update on held-out keys moves less than
+    :data:`AUTO_TOLERANCE` between checkpoints (at most :data:`AUTO_MAX_TOKENS`)."""
+    model = unwrap(model)
+    tokenizer = model_tokenizer(model, tokenizer)
+    check_version(version)
+    method_cls, config = method_config(method, model, **({"layers": list(layers)} if layers is not None else {}))
+    if not method_cls.takes("stats_corpus"):
+        raise EditpackError(f"{method} uses no key statistics; methods that do: "
+                            + ", ".join(sorted(m for m, c in REGISTRY.items() if c.takes("stats_corpus"))))
+    spec = spec_for(model)
+    chosen = method_cls(config).resolve_layers(model, spec)
+    if tokens is None:
+        tokens = default_tokens(corpus)
+    if tokens == "auto":
+        n_tokens, tolerance = AUTO_MAX_TOKENS, AUTO_TOLERANCE
+    elif isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1:
+        n_tokens, tolerance = tokens, None
+    else:
+        raise EditpackError(f"tokens must be a positive number or 'auto', not {tokens!r}")
+    corpus_path = str(check_corpus_file(corpus).resolve()) if corpus is not None else None
+    stats = StatsConfig(corpus=corpus_path, corpus_sha256=sha256_file(corpus_path) if corpus_path else None,
+                        n_tokens=n_tokens, seed=seed, tolerance=tolerance)
+    pack = compute_statistics(model, tokenizer, spec, chosen, stats, method=method, name=name, version=version)
+    save_to_store(pack)
+    return pack
+
+
+def with_method_notes(pack: Artifact, method_cls) -> Artifact:
+    """``pack`` with its method's caveat among its notes (an experimental method's measured reason), once."""
+    if method_cls.experimental:
+        note = f"{method_cls.name} is experimental: {method_cls.experimental}"
+        if note not in pack.notes:
+            pack.notes.append(note)
+    return pack
 
 
 def train(
@@ -257,9 +312,9 @@ def extend(
                                 f"{parent.method} only")
         version = check_version(version or next_version(parent.version))
         method_cls, config = method_config(parent.method, model, **{**parent.hyperparameters, **hyperparameters})
-        return method_cls(config).build_pack(
+        return with_method_notes(method_cls(config).build_pack(
             unwrap(model), tokenizer, as_facts(facts), spec_for(unwrap(model)), name=parent.name, version=version,
-            parents=list(parent.requires) + [parent.lineage_record("extends")], previous=parent)
+            parents=list(parent.requires) + [parent.lineage_record("extends")], previous=parent), method_cls)
     if not parent.holds_weights:
         if method not in (None, parent.method) or hyperparameters:
             raise EditpackError(f"{parent.ref} is a {parent.kind} pack: it is extended with more facts only")
@@ -292,6 +347,7 @@ def extend(
         delta=delta,
         fan_in_fan_out=parent.fan_in_fan_out,
         parents=list(parent.requires) + [parent.lineage_record("extends")],
+        notes=list(child.notes),
     )
 
 

@@ -187,3 +187,43 @@ def test_lifelong_benchmark_runs_small(tmp_path, real_model):
     missing = command[:command.index("--out") + 1] + [str(tmp_path / "none.json")] + command[command.index("--out") + 2:]
     nothing = subprocess.run(missing + ["--resume"], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert nothing.returncode == 2 and "none.json does not exist" in nothing.stderr
+
+
+def test_methods_benchmark_small_mode(tmp_path):
+    """bench/methods.py --small: each method the way it is used (records one at a time, or all in one edit), one
+    JSON file each with what the choosing-a-method table reads."""
+    results = load_bench("methods").main(["--small", "--methods", "rome,memit", "--out-dir", str(tmp_path)])
+    for method, mode in (("rome", "each"), ("memit", "batch")):
+        found = json.loads((tmp_path / f"{method}.json").read_text())
+        assert found == json.loads(json.dumps(results[method])) and found["mode"] == mode and found["n"] == 3
+        assert {"reliability", "generalization", "locality"} <= set(found["protocols"]["prob_compare"])
+        assert found["seconds_per_edit"]["mean"] > 0 and found["date"] and found["command"].startswith("python3 -m")
+
+
+def test_stats_tokens_benchmark_small_mode(tmp_path, monkeypatch):
+    """bench/stats_tokens.py --small: ROME and MEMIT against the statistics' token count, the stopping rule's row,
+    and the default it picks (the smallest count within a point of the largest)."""
+    monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
+    result = load_bench("stats_tokens").main(["--small", "--out", str(tmp_path / "out.json")])
+    assert [(r["method"], r["tokens"]) for r in result["rows"]] == [
+        ("rome", 300), ("rome", 600), ("rome", "auto"), ("memit", 300), ("memit", 600), ("memit", "auto")]
+    assert result["default"] in (300, 600) and json.loads((tmp_path / "out.json").read_text())["rows"]
+    bench = load_bench("stats_tokens")
+    measured = []
+    monkeypatch.setattr(bench, "run", lambda model, tok, facts, method, count, *rest: measured.append(
+        (method, count)) or {**{k: v for k, v in result["rows"][0].items() if k != "method"}, "tokens": count})
+    again = bench.main(["--small", "--tokens", "300,900", "--out", str(tmp_path / "out.json")])
+    assert measured == [("rome", 900), ("memit", 900)], "a second run measures only the rows it lacks"
+    assert len(again["rows"]) == 8
+    pick = bench.default_count
+    row = lambda method, tokens, value: {"method": method, "tokens": tokens, "scores": {  # noqa: E731
+        "prob_compare": {"reliability": value, "generalization": value, "locality": value}}}
+    assert pick([row("rome", 10, 0.5), row("rome", 100, 0.9), row("rome", 1000, 0.905)]) == 100
+    assert pick([row("rome", 10, 0.5), row("rome", 100, 0.9), row("memit", 10, 0.9), row("memit", 100, 0.9)]) == 100
+
+
+def test_first_edit_benchmark_runs(tmp_path, real_model):
+    """bench/first_edit.py: the first edit with statistics computed and with them pulled from a Hub server."""
+    result = load_bench("first_edit").main(["--tokens", "2000", "--out", str(tmp_path / "out.json")])
+    assert set(result["seconds"]) == {"computed", "pulled"} and all(v > 0 for v in result["seconds"].values())
+    assert result["max_delta_difference"] <= 1e-6

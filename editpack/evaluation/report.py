@@ -54,8 +54,8 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
                                                             else "plain")
     kwargs = dict(max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
     base = measure(model, tokenizer, facts, **kwargs)
-    base_snap = (side_effects.snapshot(model, tokenizer, pack.facts, settings, logits=pack.scores_logits)
-                 if default_probes else None)
+    base_snap = (side_effects.snapshot(model, tokenizer, pack.facts, settings, logits=pack.scores_logits,
+                                       reuse=True) if default_probes else None)
     edited = apply(model, pack, tokenizer=tokenizer)
     try:
         after = measure(edited, tokenizer, facts, **kwargs)

@@ -29,17 +29,23 @@ Memory packs route generation only, so for them the teacher-forced numbers (KL, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
 from .. import suites
+from .._io import atomic_write_json, read_safetensors, write_safetensors
 from ..chat import ChatFrame, chat_prompts, plain_fact
 from ..facts import Fact
+from ..model.fingerprint import parameters_fingerprint
 from ..model.generation import generate, model_device, next_token_logits
+from ..paths import cache_dir
 from ..relations import same_subject_prompts, template_paraphrases
+from ..runtime.apply import applied
 from .protocols import ngram_entropy, normalise
 
 
@@ -106,27 +112,71 @@ class Snapshot:
     fluency: list[float]
 
 
-def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True) -> Snapshot:
+def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True,
+             reuse: bool = False) -> Snapshot:
     """Run the suites on ``model`` (teacher-forced parts only when ``logits``), their prompts in ``settings.form``.
-    The subjects of ``facts`` in chat form are asked about by the user's text of their prompts."""
+    The subjects of ``facts`` in chat form are asked about by the user's text of their prompts.
+
+    With ``reuse`` (the unedited model, before a pack is applied) the suites that do not depend on the facts
+    (unrelated prompts, perplexity, fluency) are read from the cache when this model's weights, its tokenizer,
+    the suites and the settings were measured before, and kept there otherwise (:func:`fixed_suites`)."""
     asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
     frame = ChatFrame.of(tokenizer)
     facts = [plain_fact(frame, f) for f in spread(facts, settings.same_subject_facts)]
-    loc = asked([item["prompt"] for item in suites.load("locality").items[: settings.locality]])
     same = asked([p for f in facts for p in same_subject_prompts(f, settings.same_subject)])
+    fixed = (fixed_suites if reuse and not applied(model) else measure_fixed)(model, tokenizer, settings, logits)
+    return Snapshot(
+        locality=fixed["locality"],
+        locality_logprobs=fixed["locality_logprobs"],
+        same_subject=generate(model, tokenizer, same, max_new_tokens=settings.max_new_tokens,
+                              batch_size=settings.batch_size) if same else [],
+        heldout_nll=fixed["heldout_nll"],
+        fluency=fixed["fluency"],
+    )
+
+
+def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool) -> dict[str, Any]:
+    """The suites that do not depend on a pack's facts: unrelated prompts' answers (and, with ``logits``, their
+    next-token log-probabilities), perplexity on the held-out text, fluency."""
+    asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
+    loc = asked([item["prompt"] for item in suites.load("locality").items[: settings.locality]])
     generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
-    answers = generate(model, tokenizer, loc + same, max_new_tokens=settings.max_new_tokens,
-                       batch_size=settings.batch_size)
     free = generate(model, tokenizer, asked(generic), max_new_tokens=settings.fluency_tokens,
                     batch_size=settings.batch_size)
-    return Snapshot(
-        locality=answers[: len(loc)],
-        locality_logprobs=(torch.log_softmax(next_token_logits(model, tokenizer, loc, settings.batch_size), dim=-1)
-                           if logits else None),
-        same_subject=answers[len(loc):],
-        heldout_nll=_heldout_nll(model, tokenizer, settings) if logits else None,
-        fluency=[ngram_entropy(p + text) for p, text in zip(generic, free)],
-    )
+    return {
+        "locality": generate(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
+                             batch_size=settings.batch_size),
+        "locality_logprobs": (torch.log_softmax(next_token_logits(model, tokenizer, loc, settings.batch_size), dim=-1)
+                              if logits else None),
+        "heldout_nll": _heldout_nll(model, tokenizer, settings) if logits else None,
+        "fluency": [ngram_entropy(p + text) for p, text in zip(generic, free)],
+    }
+
+
+def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool) -> dict[str, Any]:
+    """:func:`measure_fixed` of an unedited model, cached under ``$EDITPACK_HOME/suites`` by the fingerprint of
+    every weight, the tokenizer, the suites' sha256 and the settings: a model's second card is measured on the
+    edited side only."""
+    key = {
+        "weights": parameters_fingerprint(model, [""]),
+        "tokenizer": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+                                    + str(getattr(tokenizer, "chat_template", None)).encode()).hexdigest(),
+        "suites": {name: suites.load(name).sha256 for name in ("locality", "generic_prompts", "heldout")},
+        "settings": {k: v for k, v in asdict(settings).items() if not k.startswith("same_subject")},
+        "logits": logits, "device": str(model_device(model)), "dtype": str(next(model.parameters()).dtype),
+    }
+    path = cache_dir("suites") / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}"
+    record, tensors = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if record.is_file() and (tensors.is_file() or not logits):
+        found = json.loads(record.read_text(encoding="utf-8"))
+        found["heldout_nll"] = tuple(found["heldout_nll"]) if found["heldout_nll"] else None
+        found["locality_logprobs"] = read_safetensors(tensors)["locality_logprobs"] if logits else None
+        return found
+    fixed = measure_fixed(model, tokenizer, settings, logits)
+    if logits:
+        write_safetensors({"locality_logprobs": fixed["locality_logprobs"].contiguous()}, tensors)
+    atomic_write_json(record, {k: v for k, v in fixed.items() if k != "locality_logprobs"})
+    return fixed
 
 
 @torch.no_grad()

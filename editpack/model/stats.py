@@ -1,21 +1,24 @@
-"""Second-moment statistics of MLP keys (``C = E[k kᵀ]``), computed once and cached on disk.
+"""Second-moment statistics of MLP keys (``C = E[k kᵀ]``): computed here, kept and shared as statistics
+artifacts (:mod:`editpack.packs.statistics`, which also holds the local cache).
 
 ROME and MEMIT solve for weight updates under the covariance of the keys an MLP output projection sees. Keys
 are read at the projection's input over a text corpus (a JSONL file with a ``text`` field, or plain text split on
-blank lines) or, when none is given, over text the model samples itself (seeded, so reproducible). Results are
-cached under ``$EDITPACK_HOME/stats`` keyed by a fingerprint of every weight that shapes those keys (embeddings
-and the blocks up to the layer), the module, the corpus content and the token count.
+blank lines) or, when none is given, over text the model samples itself (seeded, so reproducible; the samples are
+kept as token ids under ``$EDITPACK_HOME/samples``). A module's statistics are keyed by a fingerprint of every
+weight that shapes its keys (embeddings and the blocks up to the layer), the module, the corpus content and the
+token count (:func:`stats_key`). With a ``tolerance`` the token count is decided by a stopping rule instead: the
+keys are read until the update they give, solved on held-out keys, moves less than the tolerance between
+checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +36,20 @@ from .nethook import TraceDict
 
 log = logging.getLogger(__name__)
 
+#: Keys read from a corpus when no count is given (the smallest count within one point of 1M, ``bench.stats_tokens``).
+CORPUS_STATS_TOKENS = 100_000
+#: Keys sampled from the model itself when there is no corpus (sampling is slow).
+SAMPLED_STATS_TOKENS = 20_000
+#: ``tokens="auto"``: the stopping rule's tolerance and the most it reads.
+AUTO_TOLERANCE = 0.01
+AUTO_MAX_TOKENS = 1_000_000
+
+
+def default_tokens(corpus) -> int:
+    """How many keys statistics read when nothing says: :data:`CORPUS_STATS_TOKENS` of a corpus, else
+    :data:`SAMPLED_STATS_TOKENS` sampled."""
+    return SAMPLED_STATS_TOKENS if corpus is None else CORPUS_STATS_TOKENS
+
 
 @dataclass(frozen=True)
 class StatsConfig:
@@ -40,10 +57,20 @@ class StatsConfig:
 
     corpus: str | None = None
     corpus_sha256: str | None = None  # identifies the corpus's cached statistics when the file is not at hand
-    n_tokens: int = 100_000
+    n_tokens: int = CORPUS_STATS_TOKENS
     max_length: int = 256
     batch_size: int = 8
     seed: int = 0
+    #: ``--tokens auto``: stop once the solved update ``C⁻¹ K`` on held-out keys ``K`` moves by less than this
+    #: (relative, Frobenius) between two checkpoints ``check_every`` tokens apart; ``n_tokens`` is then the most
+    #: read. ``None``: read exactly ``n_tokens``.
+    tolerance: float | None = None
+    check_every: int = 10_000
+
+    @property
+    def tokens_setting(self) -> str | int:
+        """What the token count is, as keys and manifests record it: a number, or the stopping rule."""
+        return self.n_tokens if self.tolerance is None else f"auto:{self.tolerance:g}:max{self.n_tokens}"
 
 
 def check_corpus_file(path: str | os.PathLike) -> Path:
@@ -166,24 +193,37 @@ def _corpus_id(config: StatsConfig) -> str:
     raise FileNotFoundError(f"statistics corpus {path} does not exist")
 
 
-def stats_cache_path(model, spec: ArchSpec, layer: int, config: StatsConfig) -> Path:
-    upstream = [spec.embed + "."] + [spec.block_name(i) + "." for i in range(layer + 1)]
+def corpus_description(config: StatsConfig) -> str:
+    """How a log line or a card names where the keys come from."""
+    if config.corpus is None:
+        return f"text the model samples itself (seed {config.seed})"
+    return f"{Path(config.corpus).name}"
+
+
+def stats_key(model, spec: ArchSpec, layer: int, config: StatsConfig) -> tuple[str, str]:
+    """``(key, upstream)``: the cache key of ``layer``'s statistics under ``config`` and the fingerprint of every
+    weight that shapes its keys (the input embedding and the blocks up to the layer)."""
+    upstream = parameters_fingerprint(model, [spec.embed + "."] + [spec.block_name(i) + "." for i in range(layer + 1)])
     key = {
-        "weights": parameters_fingerprint(model, upstream),
+        "weights": upstream,
         "module": spec.mlp_out_name(layer),
         "corpus": _corpus_id(config),
-        "n_tokens": config.n_tokens,
+        "n_tokens": config.tokens_setting,
         "max_length": config.max_length,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir("stats") / f"{spec.mlp_out_name(layer)}-{digest}.safetensors"
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24], upstream
+
+
+#: Held-out keys per layer the stopping rule solves on (taken from the first batch, which is then not counted).
+PROBE_KEYS = 64
 
 
 @torch.no_grad()
 def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
-                           config: StatsConfig) -> tuple[dict[int, torch.Tensor], int]:
-    """``({layer: E[k kᵀ]}, n)`` over ``config.n_tokens`` key vectors at the input of each layer's MLP output,
-    all layers in one pass: one forward per batch, hooked at every layer, stopped after the deepest."""
+                           config: StatsConfig) -> tuple[dict[int, torch.Tensor], int, dict]:
+    """``({layer: E[k kᵀ]}, n, how)`` over ``config.n_tokens`` key vectors (or as many as the stopping rule reads)
+    at the input of each layer's MLP output, all layers in one pass: one forward per batch, hooked at every layer,
+    stopped after the deepest. ``how`` says what decided the count (the rule's checkpoints, with a tolerance)."""
     modules = {layer: spec.mlp_out_name(layer) for layer in sorted(layers)}
     device = model_device(model)
     if config.corpus is not None:
@@ -197,85 +237,91 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
         chunks = iter(sampled_rows(model, tokenizer, spec, config))
         source = "model-sampled text"
     totals: dict[int, torch.Tensor] = {}
+    probes: dict[int, torch.Tensor] = {}
+    previous: dict[int, torch.Tensor] = {}
+    checkpoints: list[list] = []
     count = 0
+    stopped = f"read {config.n_tokens:,} tokens"
     what = modules[min(modules)] if len(modules) == 1 else f"{len(modules)} layers"
     bar = tqdm(total=config.n_tokens, desc=f"key statistics {what} ({source})", unit="tok")
     pad = pad_id(tokenizer)
     pending: list[list[int]] = []
 
-    def flush(rows: list[list[int]]) -> int:
+    def flush(rows: list[list[int]], hold_out: bool = False) -> int:
         width = max(map(len, rows))
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
         with TraceDict(model, list(modules.values()), retain_input=True, retain_output=False, stop=True) as td:
             model(input_ids=ids, attention_mask=mask)
         for layer, name in modules.items():
+            keys = td[name].input[mask.bool()].float()
+            if hold_out:  # the stopping rule's held-out keys: kept aside, not counted
+                probes[layer] = keys[:: max(1, len(keys) // PROBE_KEYS)][:PROBE_KEYS].double().cpu()
+                continue
             # One batch's sum in float32 (a few thousand rows: float32 keeps it to ~1e-6), the running total in
             # float64. A float64 product costs about twice as much on a CPU (more on GPUs without fast float64):
             # at d = 8,960 (Qwen2.5-1.5B) it made the statistics slower than the forward itself.
-            keys = td[name].input[mask.bool()].float()
             product = (keys.T @ keys).double()
             totals[layer] = product if layer not in totals else totals[layer] + product
-        return int(mask.sum())
+        return 0 if hold_out else int(mask.sum())
+
+    def settled() -> bool:
+        """The stopping rule at a checkpoint: has every layer's solved update stopped moving?"""
+        change = 0.0
+        for layer, total in totals.items():
+            second = (total / count).cpu()
+            ridge = 1e-5 * float(second.diagonal().mean())
+            solved = torch.linalg.solve(second + ridge * torch.eye(len(second), dtype=second.dtype), probes[layer].T)
+            if layer in previous:
+                change = max(change, float((solved - previous[layer]).norm() / solved.norm().clamp_min(1e-30)))
+            else:
+                change = float("inf")
+            previous[layer] = solved
+        checkpoints.append([count, None if change == float("inf") else round(change, 5)])
+        return change < config.tolerance
 
     started = time.monotonic()
+    next_check = config.check_every
     for chunk in chunks:
         pending.append(chunk)
         if len(pending) == config.batch_size:
+            if config.tolerance is not None and not probes:
+                flush(pending, hold_out=True)
+                pending = []
+                continue
             added = flush(pending)
             pending = []
             if count == 0:  # the first batch tells how long the rest takes here
                 rate = added / max(time.monotonic() - started, 1e-6)
                 with tqdm.external_write_mode():  # a line of its own, not in the middle of the bar
-                    log.info("  about %s at this machine's speed (%d tokens/s)",
-                             _duration(max(config.n_tokens - added, 0) / rate), rate)
+                    log.info("  about %s at this machine's speed (%d tokens/s)%s",
+                             _duration(max(config.n_tokens - added, 0) / rate), rate,
+                             ", at most: a stopping rule decides" if config.tolerance is not None else "")
             count += added
             bar.update(added)
+            if config.tolerance is not None and count >= next_check:
+                next_check += config.check_every
+                if settled():
+                    stopped = (f"the solved update on {PROBE_KEYS} held-out keys moved less than "
+                               f"{config.tolerance:g} between checkpoints {config.check_every:,} tokens apart")
+                    break
             if count >= config.n_tokens:
                 break
     else:
-        if pending:
+        if pending and not (config.tolerance is not None and not probes):
             added = flush(pending)
             count += added
             bar.update(added)
+        stopped = f"the corpus ended after {count:,} tokens" if count < config.n_tokens else stopped
     bar.close()
     if not totals or count == 0:
         raise ValueError(f"statistics corpus {config.corpus} gave no text to compute key statistics from")
-    return {layer: (total / count).to(torch.float32) for layer, total in totals.items()}, count
-
+    how = {"stopped": stopped}
+    if config.tolerance is not None:
+        how.update(rule={"tolerance": config.tolerance, "check_every": config.check_every, "probe_keys": PROBE_KEYS,
+                         "max_tokens": config.n_tokens}, checkpoints=checkpoints)
+    return {layer: (total / count).to(torch.float32) for layer, total in totals.items()}, count, how
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
-def second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], config: StatsConfig) -> dict[int, torch.Tensor]:
-    """Cached statistics for ``layers``: those not cached yet are computed together in one pass (under file
-    locks, written atomically), so a method that needs five layers pays for one pass, not five."""
-    layers = sorted(set(layers))
-    paths = {layer: stats_cache_path(model, spec, layer, config) for layer in layers}
-    out: dict[int, torch.Tensor] = {}
-    with contextlib.ExitStack() as locks:
-        for layer in layers:
-            locks.enter_context(waiting_lock(paths[layer], f"key statistics for {spec.mlp_out_name(layer)}"))
-        missing = [layer for layer in layers if not paths[layer].is_file()]
-        for layer in layers:
-            if layer not in missing:
-                out[layer] = load_file(str(paths[layer]))["mom2"]
-        if not missing:
-            return out
-        source = (f"{config.n_tokens:,} tokens of {Path(config.corpus).name}" if config.corpus else
-                  f"{config.n_tokens:,} tokens the model samples itself (slow the first time, then kept under "
-                  f"{cache_dir('samples')}; --corpus FILE with plain text or JSONL is faster)")
-        log.info("Computing key statistics for %s from %s, once, in one pass: they are cached in %s for every "
-                 "later edit.", ", ".join(spec.mlp_out_name(layer) for layer in missing), source,
-                 paths[missing[0]].parent)
-        with adapters_disabled(model):  # statistics of the base model, also while packs are applied
-            moments, count = compute_second_moments(model, tokenizer, spec, missing, config)
-        metadata = {"count": str(count), **{k: str(v) for k, v in asdict(config).items()}}
-        for layer in missing:
-            tmp = paths[layer].with_name(paths[layer].name + ".partial")
-            save_file({"mom2": moments[layer].contiguous()}, str(tmp), metadata=metadata)
-            os.replace(tmp, paths[layer])  # atomic: readers never see a partial file
-            out[layer] = moments[layer]
-    return out

@@ -55,6 +55,8 @@ class Artifact(ABC):
     path: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
     source: str | None = None  # ``user/name@commit`` when read in place from the Hugging Face cache (read-only)
+    #: What a reader must know before using it (an experimental method's measured caveat); shown on the card.
+    notes: list[str] = field(default_factory=list)
 
     kind: ClassVar[str]
     #: Files the kind's payload always has (besides the manifest and the card).
@@ -151,6 +153,7 @@ class Artifact(ABC):
             "facts": [f.to_dict() for f in self.facts],
             "parents": self.parents,
             "evaluation": self.evaluation,
+            **({"notes": self.notes} if self.notes else {}),
             "files": self.files,
         }
 
@@ -164,6 +167,7 @@ class Artifact(ABC):
             base=BaseModel.from_dict(manifest["base_model"], where=str(directory / MANIFEST)),
             created=manifest["created"], parents=manifest.get("parents") or [],
             evaluation=manifest.get("evaluation"), path=directory, files=manifest.get("files") or {},
+            notes=list(manifest.get("notes") or []),
         )
 
     # -------------------------------------------------------------------------------------- disk

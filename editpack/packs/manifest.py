@@ -110,6 +110,9 @@ def parse_manifest(data: bytes, path: Path | str) -> dict[str, Any]:
         raise PackFormatError(f"{path}: field 'parents' must be a list")
     if manifest.get("evaluation") is not None and not isinstance(manifest["evaluation"], dict):
         raise PackFormatError(f"{path}: field 'evaluation' must be an object")
+    notes = manifest.get("notes")
+    if notes is not None and (not isinstance(notes, list) or not all(isinstance(n, str) for n in notes)):
+        raise PackFormatError(f"{path}: field 'notes' must be a list of texts")
     for name, digest in manifest["files"].items():
         check_file_name(name, path)
         if not isinstance(digest, str) or not _SHA256.match(digest):

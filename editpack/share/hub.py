@@ -45,6 +45,7 @@ from .._io import atomic_directory, check_output
 from ..errors import EditpackError, PackFormatError
 from ..packs.artifact import Artifact, load_pack, verify_files
 from ..packs.manifest import MANIFEST, check_version, parse_manifest, read_manifest
+from ..packs.statistics import StatsPack, install
 
 _REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^@\s]+))?$")
 _SEMVER_TAG = re.compile(r"^v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
@@ -240,7 +241,8 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
     repository and at most ``max_file_bytes`` (default 8 GiB, or ``EDITPACK_MAX_FILE_BYTES``). Nothing else in
     the repository is fetched or read. With ``output`` the verified files are also copied there (atomically;
     nothing is written if anything is refused). Without it the pack is read in place from the cache (read-only).
-    Works offline for versions already pulled.
+    Works offline for versions already pulled. Key statistics pulled so are also kept in the local statistics
+    cache, where later edits of the model they were made for find them.
     """
     ref = reference if isinstance(reference, HubReference) else parse_reference(reference)
     if ref is None:
@@ -296,11 +298,14 @@ def pull(reference: str | HubReference, output: str | Path | None = None, *, ove
     if output is None:
         pack = load_pack(folder, verify=False, links_into=cache_repo)
         pack.source = f"{ref.repo_id}@{folder.name}"
-        return pack
-    with atomic_directory(Path(output), overwrite=overwrite) as tmp:
-        for name in [MANIFEST, *listed]:
-            shutil.copyfile(folder / name, tmp / name)  # follows the cache's links to the blobs: plain files
-    return load_pack(Path(output))
+    else:
+        with atomic_directory(Path(output), overwrite=overwrite) as tmp:
+            for name in [MANIFEST, *listed]:
+                shutil.copyfile(folder / name, tmp / name)  # follows the cache's links to the blobs: plain files
+        pack = load_pack(Path(output))
+    if isinstance(pack, StatsPack):  # key statistics: kept in the local cache, where later edits look for them
+        install(pack)
+    return pack
 
 
 def _file_sizes(api, ref: HubReference, commit: str) -> dict[str, int]:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import editpack
@@ -136,3 +137,32 @@ def test_verify_takes_hub_references(evaluated, tiny_dir, hub):
     shown = run("verify", "user/eiffel@1.0.0", "--rerun", "--model", tiny_dir)
     assert shown.exit_code == 0 and "the card is the manifest's" in shown.output, shown.output
     assert "claims reproduced" in shown.output
+
+
+def test_the_unedited_models_suites_are_measured_once_per_model_and_settings(tiny_dir, isolated_home, monkeypatch):
+    """A second card on the same model reads the base model's facts-independent suites (unrelated prompts,
+    perplexity, fluency) from the cache, keyed by its weights, tokenizer, suites and settings, and claims the same
+    numbers as measured afresh; a model that carries packs, or other weights, is measured again."""
+    model, tok = editpack.load_model(str(tiny_dir))
+    first = editpack.edit(model, editpack.make_fact("the famous {}", "eiffel tower", "rome"), layers=[1],
+                          mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4)
+    second = editpack.edit(model, editpack.make_fact("the old {}", "london bridge", "tokyo"), layers=[1],
+                           mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4,
+                           name="second")
+    fresh = editpack.evaluate_pack(model, tok, second)["side_effects"]["claims"]
+    calls = []
+    real = side_effects.measure_fixed
+    monkeypatch.setattr(side_effects, "measure_fixed", lambda *a: calls.append(1) or real(*a))
+    editpack.evaluate_pack(model, tok, first)
+    assert calls == [1]  # the edited side only: the base was measured by the evaluation before
+    assert editpack.evaluate_pack(model, tok, second)["side_effects"]["claims"] == fresh
+    calls.clear()
+    carrying = editpack.apply(model, first)
+    editpack.evaluate_pack(carrying, tok, second)
+    assert calls == [1, 1]  # a model with a pack on is not the unedited model the cache holds
+    model = editpack.revert(carrying)
+    calls.clear()
+    with torch.no_grad():
+        model.get_submodule("model.layers.3.mlp.down_proj").weight.add_(0.01)
+    editpack.evaluate_pack(model, tok, second)
+    assert calls == [1, 1]  # other weights: measured again

@@ -72,8 +72,9 @@ def test_no_import_cycles_between_library_modules(package=PACKAGE):
 def test_the_kinds_register_themselves():
     from editpack.packs.artifact import KINDS
 
-    assert sorted(KINDS) == ["codebook", "editor", "memory", "side_memory", "weight"]
+    assert sorted(KINDS) == ["codebook", "editor", "memory", "side_memory", "statistics", "weight"]
     assert not KINDS["editor"].holds_weights and not KINDS["editor"].mergeable and not KINDS["editor"].hooks_modules
     assert KINDS["weight"].holds_weights and not KINDS["memory"].holds_weights
     assert KINDS["codebook"].hooks_modules and KINDS["side_memory"].hooks_modules
     assert not KINDS["codebook"].holds_weights and not KINDS["side_memory"].mergeable
+    assert not (KINDS["statistics"].holds_weights or KINDS["statistics"].mergeable or KINDS["statistics"].hooks_modules)

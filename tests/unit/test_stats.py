@@ -1,14 +1,17 @@
 """Key statistics: the right numbers, computed once, cached by what they depend on."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 import editpack.model.stats as stats
+import editpack.packs.statistics as store
 from editpack.model.arch import spec_for
 from editpack.model.nethook import Trace
-from editpack.model.stats import StatsConfig, second_moments, stats_cache_path
+from editpack.model.stats import StatsConfig, stats_key
+from editpack.packs.statistics import cached_moments
 
 from tiny import WORDS, tiny_model, tiny_tokenizer
 
@@ -23,7 +26,14 @@ def corpus(tmp_path):
 
 def second_moment(model, tokenizer, spec, layer, config):
     """One layer's cached statistics."""
-    return second_moments(model, tokenizer, spec, [layer], config)[layer]
+    return cached_moments(model, tokenizer, spec, [layer], config)[layer]
+
+
+def forget_statistics(home):
+    """Empty the local statistics cache (the model's own samples are kept)."""
+    for folder in (home / "stats").iterdir():
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def test_second_moment_matches_a_direct_computation(isolated_home, corpus):
@@ -47,26 +57,26 @@ def test_cached_result_is_reused_and_keyed_by_weights(isolated_home, corpus, mon
     config = StatsConfig(corpus=str(corpus), n_tokens=200, batch_size=4)
     first = second_moment(model, tok, spec, 1, config)
     calls = []
-    real = stats.compute_second_moments
-    monkeypatch.setattr(stats, "compute_second_moments", lambda *a: calls.append(1) or real(*a))
+    real = store.compute_second_moments
+    monkeypatch.setattr(store, "compute_second_moments", lambda *a: calls.append(1) or real(*a))
     torch.testing.assert_close(second_moment(model, tok, spec, 1, config), first, rtol=0, atol=0)
     assert not calls, "the cached statistics must be read, not recomputed"
-    path = stats_cache_path(model, spec, 1, config)
+    path = stats_key(model, spec, 1, config)[0]
     with torch.no_grad():  # a later block does not shape layer 1's keys
         model.get_submodule(spec.block_name(3)).mlp.c_fc.weight.add_(1.0)
-    assert stats_cache_path(model, spec, 1, config) == path
+    assert stats_key(model, spec, 1, config)[0] == path
     with torch.no_grad():  # an earlier one does
         model.get_submodule(spec.block_name(0)).mlp.c_fc.weight.add_(1.0)
-    assert stats_cache_path(model, spec, 1, config) != path
-    assert not [p for p in (isolated_home / "stats").iterdir() if p.name.endswith(".partial")]
+    assert stats_key(model, spec, 1, config)[0] != path
+    assert not [p for p in (isolated_home / "stats").iterdir() if p.name.startswith(".")]
 
 
 def test_model_sampled_text_is_reproducible(isolated_home):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     spec = spec_for(model)
     config = StatsConfig(corpus=None, n_tokens=300, batch_size=16, seed=3)
-    a, n = stats.compute_second_moments(model, tok, spec, [0], config)
-    b, _ = stats.compute_second_moments(model, tok, spec, [0], config)
+    a, n, _ = stats.compute_second_moments(model, tok, spec, [0], config)
+    b, _, _ = stats.compute_second_moments(model, tok, spec, [0], config)
     assert n >= 300 and torch.equal(a[0], b[0])
 
 
@@ -96,8 +106,7 @@ def test_a_pack_names_its_corpus_portably_and_extends_from_the_cached_statistics
     second = editpack.make_fact("the old {}", "london bridge", "tokyo", "london")
     grown = editpack.extend(model, editpack.load_pack(tmp_path / "p"), second)
     assert grown.version == "1.1.0" and len(grown.facts) == 2
-    for cached in (isolated_home / "stats").glob("*.safetensors"):
-        cached.unlink()  # neither the file nor its statistics: a clear request for the corpus
+    forget_statistics(isolated_home)  # neither the file nor its statistics: a clear request for the corpus
     with pytest.raises(EditpackError, match="from corpus corpus.jsonl .* are not cached here .* pass it with --corpus"):
         editpack.extend(model, editpack.load_pack(tmp_path / "p"), second)
 
@@ -110,7 +119,7 @@ def test_several_layers_in_one_pass_equal_one_layer_at_a_time(isolated_home, cor
     monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "other-home"))  # nothing cached
     forwards = []
     hook = model.get_submodule(spec.embed).register_forward_hook(lambda *a: forwards.append(1))
-    together = stats.second_moments(model, tok, spec, [2, 1], config)
+    together = cached_moments(model, tok, spec, [2, 1], config)
     hook.remove()
     for layer in (1, 2):
         torch.testing.assert_close(together[layer], alone[layer], rtol=0, atol=0)
@@ -134,7 +143,6 @@ def test_model_samples_are_drawn_once_and_reused_by_every_layer(isolated_home, m
     rows = stats.sampled_rows(model, tok, spec, bigger)
     assert rounds[0] == 3 and rounds[1:] == list(range(4, 4 + len(rounds) - 1))  # only the missing rounds
     assert sum(map(len, rows)) >= bigger.n_tokens
-    for path in (isolated_home / "stats").glob("*.safetensors"):
-        path.unlink()
+    forget_statistics(isolated_home)
     again = second_moment(model, tok, spec, 0, config)  # statistics gone, samples kept: the same numbers
     torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""A small Hugging Face Hub-compatible HTTP server for tests (the real Hub cannot be reached here).
+"""A small Hugging Face Hub-compatible HTTP server on 127.0.0.1, for tests and benchmarks of code that pushes and
+pulls packs (no real Hub is needed; nothing leaves the machine).
 
 It implements the endpoints the real ``huggingface_hub`` client uses for model repositories, with the headers
 the client checks, so tests run the real client (``HfApi``, ``snapshot_download``, PEFT's loading) against it:
