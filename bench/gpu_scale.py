@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args, tokenizer_folder: str, home: Path) -> dict:
     import editpack
     from editpack.model import stats
+    from editpack.packs.statistics import cached_moments
     from editpack.model.arch import spec_for
     from editpack.methods.locate.values import rewrite_lookups
     from transformers import AutoTokenizer
@@ -174,10 +175,10 @@ def run(args, tokenizer_folder: str, home: Path) -> dict:
 
     # Key statistics: every needed layer in one pass, against a forward to the deepest.
     with Peak(args.device) as peak:
-        (_, count), seconds = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, needed, stats_config))
+        (_, count, _), seconds = timed(lambda: stats.compute_second_moments(model, tokenizer, spec, needed, stats_config))
         synchronize(args.device)
     floor_seconds, floor_tokens = forward_floor(model, tokenizer, spec, max(needed), stats_config)
-    stats.second_moments(model, tokenizer, spec, needed, stats_config)  # cached for the edits below (not timed)
+    cached_moments(model, tokenizer, spec, needed, stats_config)  # cached for the edits below (not timed)
     result["key_statistics"] = {
         "layers": needed, "tokens": count, "seconds": round(seconds, 2), "tokens_per_second": round(count / seconds),
         "floor_tokens_per_second": round(floor_tokens / floor_seconds),

@@ -1,7 +1,7 @@
 """Lifelong editing: many CounterFact edits in rounds, every round a pack version, scored on everything so far.
 
     python3 -m bench.lifelong [--n 1000] [--round-size 100] [--methods grace,ultraedit,wise,alphaedit] [--score-at N,…]
-                             [--set METHOD:KEY=VALUE ...] [--versions DIR] [--plot docs/lifelong.png]
+                             [--set METHOD:KEY=VALUE ...] [--versions DIR] [--plot docs/results/lifelong.png]
                              [--table FILE] [--resume]
     python3 -m bench.lifelong --report --out RUN.json [--table FILE] [--plot FILE]
 

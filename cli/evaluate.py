@@ -37,9 +37,11 @@ from .common import (
 @click.option("--data", default=None, metavar="[FORMAT:]PATH", help="Evaluate on these facts instead of the pack's.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="First N records of --data.")
 @protocol_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--force", is_flag=True, help="Evaluate even if the pack's base fingerprint does not match.")
-@click.option("--chat", is_flag=True, help="With --data: put its facts in the model's chat template first, as a pack "
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@click.option("--force", is_flag=True, default=False,
+              help="Evaluate even if the pack's base fingerprint does not match.")
+@click.option("--chat", is_flag=True, default=False,
+              help="With --data: put its facts in the model's chat template first, as a pack "
               "edited with --chat holds its own.")
 @friendly_errors
 def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force, chat):
@@ -65,7 +67,8 @@ def eval_cmd(pack, model_opts, data, limit, protocols, as_json, force, chat):
 @click.command("verify")
 @click.argument("pack")
 @model_options
-@click.option("--rerun", is_flag=True, help="Measure the pack again here and compare every number its card claims.")
+@click.option("--rerun", is_flag=True, default=False,
+              help="Measure the pack again here and compare every number its card claims.")
 @click.option("--data", default=None, metavar="[FORMAT:]PATH",
               help="With --rerun: the data the pack was evaluated on, when that was not its own facts.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="First N records of --data.")
@@ -107,11 +110,12 @@ def verify_cmd(pack, model_opts, rerun, data, limit):
 @click.option("--data", required=True, metavar="[FORMAT:]PATH", help="Facts to edit one at a time.")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH", help="Key-statistics corpus.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameters.")
+@click.option("--set", "settings", multiple=True, default=(), metavar="KEY=VALUE", help="Method hyper-parameters.")
 @protocol_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
-@click.option("--chat", is_flag=True, help="Edit and score the records in the model's chat template (weight methods).")
+@click.option("--chat", is_flag=True, default=False,
+              help="Edit and score the records in the model's chat template (weight methods).")
 @friendly_errors
 def bench_cmd(model_opts, method, data, limit, corpus, settings, protocols, as_json, out, chat):
     """Edit each record on its own (model restored between) and report all protocols, time and memory."""

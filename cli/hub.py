@@ -15,7 +15,8 @@ from .common import friendly_errors, load_packs
 @click.command("push")
 @click.argument("pack")
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repository as private (if it does not exist yet).")
+@click.option("--private", is_flag=True, default=False,
+              help="Create the repository as private (if it does not exist yet).")
 @click.option("--message", default=None, help="Commit message (default: pack name and version).")
 @friendly_errors
 def push_cmd(pack, repo_id, private, message):
@@ -33,7 +34,7 @@ def push_cmd(pack, repo_id, private, message):
 @click.argument("reference")
 @click.option("--output", "-o", default=None, type=click.Path(file_okay=False),
               help="Copy the verified pack here (default: use it in place in the Hugging Face cache).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing output directory.")
 @friendly_errors
 def pull_cmd(reference, output, overwrite):
     """Download REFERENCE (user/name[@1.2.0|@branch|@commit]) and verify every file against its manifest."""
@@ -43,7 +44,7 @@ def pull_cmd(reference, output, overwrite):
 
 @click.command("versions")
 @click.argument("repo_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
 @friendly_errors
 def versions_cmd(repo_id, as_json):
     """List the versions of the pack in REPO_ID with their dates and commits."""

@@ -32,9 +32,11 @@ from .common import (
 @model_options
 @click.argument("packs", nargs=-1, required=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
-@click.option("--force", is_flag=True, help="Apply even if a pack's base fingerprint does not match the model.")
-@click.option("--later-wins", is_flag=True, help="Let a later pack override an earlier one that sets the same fact.")
-@click.option("--overwrite", is_flag=True, help="Replace a model folder editpack wrote before.")
+@click.option("--force", is_flag=True, default=False,
+              help="Apply even if a pack's base fingerprint does not match the model.")
+@click.option("--later-wins", is_flag=True, default=False,
+              help="Let a later pack override an earlier one that sets the same fact.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace a model folder editpack wrote before.")
 @friendly_errors
 def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
     """Merge PACKS (directories or user/name@version, in order) into the model; write a model folder."""
@@ -61,8 +63,9 @@ def apply_cmd(model_opts, packs, output, force, later_wins, overwrite):
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Pack directory to write.")
 @click.option("--name", default=None, help="Name of the stacked pack (default from the first input).")
 @click.option("--version", "pack_version", default="1.0.0", show_default=True, help="Its semantic version.")
-@click.option("--later-wins", is_flag=True, help="Leave out earlier packs whose facts a later pack overrides.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing pack directory.")
+@click.option("--later-wins", is_flag=True, default=False,
+              help="Leave out earlier packs whose facts a later pack overrides.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing pack directory.")
 @no_eval_option
 @friendly_errors
 def stack_cmd(packs, model_opts, output, name, pack_version, later_wins, overwrite, no_eval):
@@ -90,11 +93,13 @@ def stack_cmd(packs, model_opts, output, name, pack_version, later_wins, overwri
 @click.option("--output", "-o", required=True, type=click.Path(), help="The .gguf file or the adapter folder to write.")
 @click.option("--base", "base_gguf", default=None, type=click.Path(exists=True, dir_okay=False),
               help="The base model's GGUF (names and shapes are checked against it; needed for --merged).")
-@click.option("--merged", is_flag=True, help="With --to gguf: a whole edited GGUF model instead of an adapter.")
+@click.option("--merged", is_flag=True, default=False,
+              help="With --to gguf: a whole edited GGUF model instead of an adapter.")
 @click.option("--model", default=None, help="The base model, for its depth (LoRAX/TGI want every layer); default: "
                                             "the packs' base.")
-@click.option("--overwrite", is_flag=True, help="Replace an export editpack wrote before.")
-@click.option("--later-wins", is_flag=True, help="Leave out earlier packs whose facts a later pack overrides.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an export editpack wrote before.")
+@click.option("--later-wins", is_flag=True, default=False,
+              help="Leave out earlier packs whose facts a later pack overrides.")
 @friendly_errors
 def export_cmd(packs, target, output, base_gguf, merged, model, overwrite, later_wins):
     """Write PACKS (one adapter for all of them) in the form llama.cpp or a multi-LoRA server reads."""
@@ -125,7 +130,7 @@ def export_cmd(packs, target, output, base_gguf, merged, model, overwrite, later
 
 @click.command("show")
 @click.argument("pack")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest and verification as JSON.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print the manifest and verification as JSON.")
 @friendly_errors
 def show_cmd(pack, as_json):
     """Describe a pack: facts, method, base model, files and whether they verify."""
@@ -137,7 +142,7 @@ def show_cmd(pack, as_json):
 
 @click.command("log")
 @click.argument("pack")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of lines.")
 @friendly_errors
 def log_cmd(pack, as_json):
     """List the versions of PACK, oldest first: facts added (+), replaced (~) and removed (-), payload, size and
@@ -157,7 +162,7 @@ def log_cmd(pack, as_json):
 @click.command("diff")
 @click.argument("old")
 @click.argument("new")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of lines.")
 @friendly_errors
 def diff_cmd(old, new, as_json):
     """What changed from pack OLD to pack NEW: facts, modules and ranks (or entries), settings, scores."""

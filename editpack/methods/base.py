@@ -220,6 +220,9 @@ class EditMethod(ABC):
     #: It learns something before it edits (MEND's editor): it implements ``learner`` and ``editor_from``, and
     #: ``editpack train`` offers it.
     trainable: ClassVar[bool] = False
+    #: Why the method is experimental, as measured on the built-in models (``None``: it is not): ``--help``, the
+    #: card of every pack it makes and the docs say so.
+    experimental: ClassVar[str | None] = None
     #: Settings that edit :func:`editpack.testing.tiny_model` in a few steps: the test battery and the installed
     #: wheel's smoke check edit with every registered method so (:func:`editpack.testing.tiny_edit_settings`).
     tiny_settings: ClassVar[dict[str, Any]] = {}

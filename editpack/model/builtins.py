@@ -1,5 +1,5 @@
 """The built-in models: GGUF files shipped inside PyPI packages (no Hub access needed), converted once into a
-plain safetensors folder under ``$EDITPACK_HOME/models/<name>`` (about a second to load afterwards for SmolLM2).
+plain safetensors folder under ``$EDITPACK_HOME/models/<name>`` (a quick load afterwards).
 A file lock makes concurrent first loads safe, and the folder appears atomically, so an interrupted conversion
 leaves nothing behind."""
 

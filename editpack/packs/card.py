@@ -29,6 +29,7 @@ class Carded(Protocol):
     is_peft_adapter: bool
     card_tag: str
     card_template: str
+    notes: list[str]
 
     def card_context(self) -> dict[str, Any]: ...
 
@@ -184,6 +185,7 @@ def render_card(pack: Carded, chart: str | None | bool = True) -> str:
         more_facts=max(0, len(pack.facts) - MAX_FACTS_IN_CARD),
         hyperparameters=[(k, _cell(v)) for k, v in sorted(pack.hyperparameters.items())],
         evaluation_section=evaluation_markdown(pack.evaluation, chart) if pack.evaluation else None,
+        notes=list(getattr(pack, "notes", []) or []),
         **pack.card_context(),
     )
     return str(card).rstrip() + "\n"

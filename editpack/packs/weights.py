@@ -1,6 +1,6 @@
 """Weight packs: a versioned directory holding a weight delta as a PEFT LoRA adapter, a manifest and a card.
 
-Format v1 (see ``docs/pack-format.md``)::
+Format v1 (see ``docs/concepts/pack-format.md``)::
 
     editpack.json               manifest: format, name, version, base model + fingerprint, method and
                                 hyper-parameters, facts, sha256 of every other file

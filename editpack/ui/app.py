@@ -52,7 +52,8 @@ def create_app(playground: Playground, *, hosts: list[str] | None = None):
 
     @app.get("/api/packs")
     def packs() -> Any:
-        return {"packs": playground.listing(), "folder": str(playground.packs_dir)}
+        return {"packs": playground.listing(), "folder": str(playground.packs_dir),
+                "folder_name": playground.packs_dir.name}
 
     @app.post("/api/refresh")
     def refresh() -> Any:

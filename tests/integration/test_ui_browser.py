@@ -92,6 +92,8 @@ def test_playground_edit_and_compare_in_headless_chromium(server, tmp_path):
 
         rows[0].find_element(By.CLASS_NAME, "card-link").click()
         WebDriverWait(driver, 30).until(lambda d: "Eiffel" in find("card").text)
+        header = driver.find_element(By.TAG_NAME, "header").text
+        assert header.endswith("packs in packs/") and str(tmp_path) not in header  # no local path in a screenshot
         shot = tmp_path / "playground.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000

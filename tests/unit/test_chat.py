@@ -116,7 +116,7 @@ def test_a_pack_extends_with_facts_in_its_own_form(tiny_dir, tmp_path):
     assert not (tmp_path / "next").exists()
 
 
-def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monkeypatch):
+def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monkeypatch, isolated_home):
     model, tok = tiny_model("llama"), chat_tokenizer()
     fact = editpack.make_fact("the mother tongue of {} is", "eiffel tower", "english")  # a CounterFact phrasing
     asked = []
@@ -135,7 +135,8 @@ def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monke
         result = evaluate_pack(model, tok, pack, suite_settings=side_effects.SuiteSettings(
             **{**settings.__dict__, "form": "chat" if chat else "plain"}))
         assert result["generalization_origin"] == {"paraphrases": 0, "relation_templates": 1, "not_measured": 0}
-        assert len(asked) == 2 * (4 + 2 + 2)  # before and after: locality, the subject's other relations, fluency
+        # before and after: locality, the subject's other relations, fluency (a private home: no cached base side)
+        assert len(asked) == 2 * (4 + 2 + 2)
         assert [p.startswith("user ") and p.endswith(" \n") for p in asked] == [chat] * len(asked)
         subject = [ChatFrame.of(tok).message(p) if chat else p for p in asked if "eiffel tower" in p]
         assert len(subject) == 4 and not any("user" in p or "{}" in p for p in subject)  # asked by the user's text

@@ -25,6 +25,8 @@ RECORDS = [editpack.make_fact("the famous {}", s, CITIES[i % 6], CITIES[(i + 1) 
                               neighborhood=[("the famous louvre", "paris")])
            for i, s in enumerate(SUBJECTS * 3)]
 SMALL = dict(layers=[2, 3], rank=16)
+#: MEND as published (the answer positions, its initial step, one step): what these tests of its mechanics train.
+PUBLISHED = dict(positions="target", edit_lr=1e-4, steps=1)
 
 
 def settings(**extra) -> TrainSettings:
@@ -36,7 +38,8 @@ def settings(**extra) -> TrainSettings:
 def trained():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     editor = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(), progress=False, name="mend-tiny",
-                            data=[{"name": "records.json", "sha256": "0" * 64, "records": len(RECORDS)}], **SMALL)
+                            data=[{"name": "records.json", "sha256": "0" * 64, "records": len(RECORDS)}], **SMALL,
+                            **PUBLISHED)
     return model, tok, editor
 
 
@@ -96,7 +99,7 @@ def test_an_editor_is_an_artifact_that_edits_as_mend(trained, tmp_path):
     n_target = len(tok(" rome", add_special_tokens=False)["input_ids"])
     assert all(d.rank <= n_target for d in pack.delta.modules.values())
     # The pack's delta is the network's: ΔW = -α Σ δ̃ ũᵀ over the target tokens.
-    net = MENDNetwork({m: tuple(s) for m, s in editor.training["shapes"].items()}, 16, 1e-4)
+    net = MENDNetwork({m: tuple(s) for m, s in editor.training["shapes"].items()}, 16, PUBLISHED["edit_lr"])
     net.load_state_dict(editor.tensors)
     before = logits(model, tok, FACT.text)
     edited = apply(model, pack)
@@ -138,7 +141,7 @@ def test_an_editor_carries_its_number_of_steps(trained, tmp_path):
     """An editor trained with ``steps=N`` scores its held-out edits with N steps and edits with N unless told
     otherwise; an editor whose record has no number (made before the setting) edits with one, as MEND."""
     model, tok, editor = trained
-    assert editor.hyperparameters["steps"] == 1  # trained without the setting: MEND's one step, recorded
+    assert editor.hyperparameters["steps"] == 1  # trained with MEND's one step, recorded
     calls = []
     learner = MENDLearner(model, tok, editpack.spec_for(model), editor.trained_modules, MENDConfig(steps=3, rank=16))
     factors = learner.factors
@@ -166,7 +169,7 @@ def test_an_editor_trained_at_every_position_edits_at_every_position(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     editor = editpack.train(model, "mend", RECORDS, tokenizer=tok, settings=settings(max_steps=4, eval_every=2,
                                                                                       checkpoint_every=2),
-                            progress=False, name="mend-all", positions="all", **SMALL)
+                            progress=False, name="mend-all", positions="all", steps=1, **SMALL)
     assert editor.hyperparameters["positions"] == "all"
     path = editor.save(tmp_path / "editor")
     pack = edit(model, FACT, "mend", tokenizer=tok, editor=str(path))
@@ -359,3 +362,24 @@ def test_cli_trains_an_editor_and_edits_with_it(tiny_dir, tmp_path):
     made_pack = editpack.load_pack(tmp_path / "pack")
     assert made_pack.hyperparameters["editor"].startswith("mend-")
     assert made_pack.hyperparameters["steps"] == 2  # the editor's, trained with --set steps=2
+
+
+def test_train_mend_with_no_settings_trains_the_measured_recipe(tmp_path):
+    """``editpack train mend`` with no ``--set`` trains the recipe that met every target on SmolLM2 (the subject's
+    last token at the architecture's middle ``run`` layers, an initial step of 1e-3, two edit steps) and the
+    editor records it."""
+    folder = tmp_path / "tiny"
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([r.to_dict() for r in RECORDS[:8]]))
+    result = CliRunner().invoke(main, ["train", "mend", "--model", str(folder), "--data", str(data), "--max-steps", "2",
+                                       "--held-out", "2", "--eval-every", "1", "--batch-size", "2", "--set", "rank=16",
+                                       "-o", str(tmp_path / "editor")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    editor = editpack.load_pack(tmp_path / "editor")
+    assert editor.hyperparameters["steps"] == 2 and editor.hyperparameters["positions"] == "subject"
+    assert editor.hyperparameters["edit_lr"] == 1e-3
+    run = editpack.spec_for(model).role_layers("run", model)
+    assert editor.trained_modules == [f"model.layers.{layer}.mlp.down_proj" for layer in run]

@@ -162,3 +162,26 @@ def test_settings_parse_json_values_and_reject_malformed_items():
     for bad in ["v_lr", "=3"]:
         with pytest.raises(ValueError, match="is not KEY=VALUE"):
             parse_settings([bad])
+
+
+def test_experimental_methods_say_so_in_help_on_the_command_line_and_in_their_card(tiny_dir, tmp_path):
+    """WISE and UltraEdit barely edit on the built-ins: --help gives the measured reason, `edit` warns, and the
+    pack records it as a note its card shows; other methods' packs carry no note (and their cards are as before)."""
+    from click.testing import CliRunner
+
+    from editpack.cli.main import main
+    from editpack.methods import REGISTRY
+
+    assert {m for m, c in REGISTRY.items() if c.experimental} == {"wise", "ultraedit"}
+    shown = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
+    assert "(experimental: after 1,000 edits on SmolLM2 the new answer beat the old one for 38 %" in shown
+    result = CliRunner().invoke(main, ["edit", "--model", str(tiny_dir), "--method", "wise", "--prompt",
+                                       "the famous eiffel tower", "--subject", "eiffel tower", "--target", "rome",
+                                       "--layers", "2", "--set", "n_iter=10", "--no-eval", "-o", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    assert "Warning: wise is experimental: after 1,000 edits" in result.stderr
+    pack = editpack.load_pack(tmp_path / "w")
+    assert pack.notes == [f"wise is experimental: {REGISTRY['wise'].experimental}"]
+    assert "> **Note:** wise is experimental" in (tmp_path / "w" / "README.md").read_text()
+    plain = edit(tiny_model("llama"), FACT, tokenizer=tiny_tokenizer(), layers=[1], mom2_adjustment=False)
+    assert plain.notes == [] and "notes" not in plain.manifest()

@@ -15,9 +15,10 @@ class GRACEConfig(ValueOptimization):
     layers: list[int] | None = None
     #: The token whose activation is the key and whose output is replaced: ``subject`` (the subject's last token,
     #: as ROME's key; default) or ``prompt`` (the prompt's last token, as the GRACE paper: the key holds subject
-    #: and relation). On SmolLM2 and 20 CounterFact records, prompt keys at the late layer answered no paraphrase
-    #: beyond the unedited 30 % (prob_compare), subject keys at the critical layer 75 %, both with neighbourhood
-    #: unchanged; subject keys also answer the subject's other relations from the codebook, as ROME does.
+    #: and relation). Measured on SmolLM2, prompt keys at the late layer answered no more paraphrases than the
+    #: unedited model and subject keys at the critical layer most of them, both leaving the neighbourhood as it
+    #: was (docs/results/lifelong.md); subject keys also answer the subject's other relations from the codebook,
+    #: as ROME does.
     key_position: str = "subject"
     #: Value optimisation as ROME's (``ValueOptimization``), with fewer context prefixes (3 prompts, not 11):
     #: a lifelong stream of edits stays cheap.
@@ -28,8 +29,8 @@ class GRACEConfig(ValueOptimization):
     radius_scale: float = 1.0
     #: ... and, with ``unrelated_samples`` (count and tokens of text the model samples; ``None`` turns the cap
     #: off), at most ``radius_margin`` of the distance to the nearest module input at any position of that text.
-    #: On SmolLM2 after 100 CounterFact edits the cap kept every neighbourhood prompt's greedy continuation (53 %
-    #: without it: keys near the first token's attention-sink activation matched other prompts' first token).
+    #: Without the cap, keys near the first token's attention-sink activation matched other prompts' first token
+    #: and changed many neighbourhood continuations; with it none changed (docs/results/lifelong.md).
     radius_margin: float = 0.5
     unrelated_samples: list[int] | None = field(default_factory=lambda: [32, 24])
     #: Values are optimised this many facts at a time (memory grows with it).

@@ -13,8 +13,13 @@ from ...model.generation import model_device
 
 
 def head_logits(model, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (float32) for final-norm outputs ``hidden``, as the model's own head computes them."""
+    """Logits (float32) for final-norm outputs ``hidden``, as the model's own head computes them (the family's
+    logit scale, ``spec.logits``, and soft-capping included)."""
     logits = get_module(model, spec.lm_head)(hidden).float()
+    if "multiply_by" in spec.logits:
+        logits = logits * float(getattr(model.config, spec.logits["multiply_by"]))
+    if "divide_by" in spec.logits:
+        logits = logits / float(getattr(model.config, spec.logits["divide_by"]))
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -42,8 +47,8 @@ def resolve_optimize_dtype(name: str, device: torch.device) -> str:
 def attention_for_gradients(model: torch.nn.Module) -> Iterator[None]:
     """On a CPU, run attention with the plain matmul ("eager") implementation for the duration.
 
-    PyTorch's CPU flash-attention backward is slow (in bf16 about 3 ms per call on SmolLM2, a third of a step);
-    the matmul form gives the same values and a fast backward. GPUs keep the model's own implementation.
+    PyTorch's CPU flash-attention backward is slow (a large share of each step); the matmul form gives the same
+    values and a fast backward. GPUs keep the model's own implementation.
     """
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)

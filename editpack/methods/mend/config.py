@@ -19,28 +19,23 @@ class MENDConfig(MethodConfig):
     #: The editor's content hash (``sha256:…``); when given, an editor with other content is refused.
     editor_content: str | None = None
     #: Edit steps: each takes the edit loss's gradient factors with the previous steps' edit added and maps them
-    #: through the editor; the edit is the sum (rank ≤ steps × tokens × facts per layer). MEND takes one; more
-    #: give an editor whose single step moves the answer too little (one trained for the middle layers) more
-    #: reach, at the cost of one forward and backward pass each. On SmolLM2 the middle-layer editor (below) with
-    #: 5 steps read prob_compare 96 / 72 / 60 on the first 100 CounterFact edit records (unedited neighbourhood
-    #: 66; one step: 69 / 51 / 64), while its neighbours' greedy continuations changed more (README).
-    #: ``None``: the editor's own (set when it is trained, e.g. ``editpack train mend --set steps=2``, and used for
-    #: its held-out scores; 1 for editors trained without it). A pack records the number it was made with.
+    #: through the editor; the edit is the sum (rank ≤ steps × tokens × facts per layer). MEND takes one; an
+    #: editor at the middle layers, whose single step moves the answer too little, reaches further with more, at
+    #: the cost of one forward and backward pass each (docs/results/mend.md). ``None``: the editor's own (set when
+    #: it is trained: 2 for new editors, ``--set steps=N`` otherwise; 1 for editors trained before steps were
+    #: recorded), which its held-out scores are taken with. A pack records the number it was made with.
     steps: int | None = None
     # ------------------------------------------------------------------ training a new editor
-    #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``tail``.
-    #: On SmolLM2 the middle layers (3-7, ``positions="all"``) kept CounterFact's neighbourhood but edited 65-69 %
-    #: (prob_compare, first 100 edit records) after 600-900 steps, also with the initial step or Adam's rate ten
-    #: times larger.
+    #: Layers whose MLP output projections the editor is trained for; ``None``: the architecture's ``run`` (the
+    #: middle layers where MEMIT edits; MEND's own editors took the ``tail``, ``--set "layers=[…]"``).
     layers: list[int] | None = None
     #: Width of the editor network's hidden layer (one network per module shape, layer-specific scale/shift).
     rank: int = 512
-    #: Initial per-layer edit step (learned).
-    edit_lr: float = 1e-4
+    #: Initial per-layer edit step (learned); 1e-3 for the middle layers (MEND's own: 1e-4).
+    edit_lr: float = 1e-3
     #: Weight of the edit loss (NLL of the new answer after the edit prompt and its paraphrase) against the
-    #: locality loss (KL from the unedited model on unrelated prompts), as MEND's c_edit. On SmolLM2 (900 steps,
-    #: the first 100 CounterFact edit records) 0.05 with 3 neighbourhood prompts moved the neighbourhood 12
-    #: points (prob_compare efficacy 81 %), 0.1 with 1 prompt 19 points (efficacy 90 %).
+    #: locality loss (KL from the unedited model on unrelated prompts), as MEND's c_edit; lower keeps more of
+    #: the neighbourhood and edits less (docs/results/mend.md).
     edit_weight: float = 0.05
     #: Training steps over which the inputs' normalisation statistics are gathered (then frozen).
     norm_steps: int = 100
@@ -51,16 +46,15 @@ class MENDConfig(MethodConfig):
     locality_at: str = "answer"
     #: Neighbourhood prompts per edit in the locality loss (CounterFact records have 10).
     locality_prompts: int = 3
-    #: Which tokens' gradient factors ``[u_t, δ_t]`` the editor sees: ``"target"``, the positions that predict
-    #: the new answer's tokens; ``"all"``, every position with a gradient (the prompt's get theirs through
-    #: attention, the subject's among them), as the authors' code does; or ``"subject"``, each prompt's
-    #: subject-last token only (ROME's key: one row per fact and step; the loss reaches it through the attention
-    #: of later layers, so not at the model's last layer unless the subject ends the prompt). An editor keeps the
-    #: positions it was trained with; edits with it use them. On SmolLM2 (900 steps, the first 100 CounterFact
-    #: edit records, prob_compare; unedited neighbourhood 66 %) at the last four layers ``"all"`` edited more and
-    #: kept less (87 / 80 / 51 %) than ``"target"`` (81 / 73 / 54 %); at layers 3-7 with ``edit_lr=1e-3``,
-    #: ``"subject"`` with ``steps=2`` read 94 / 85 / 65 % (``"all"`` with 5 steps: 96 / 72 / 60 %).
-    positions: str = "target"
+    #: Which tokens' gradient factors ``[u_t, δ_t]`` the editor sees: ``"subject"``, each prompt's subject-last
+    #: token only (ROME's key: one row per fact and step; the loss reaches it through the attention of later
+    #: layers, so not at the model's last layer unless the subject ends the prompt); ``"target"``, the positions
+    #: that predict the new answer's tokens (MEND's own); or ``"all"``, every position with a gradient, as the
+    #: authors' code does. An editor keeps the positions it was trained with; edits with it use them. The subject
+    #: at the middle layers with two steps is the recipe that met every target measured on SmolLM2
+    #: (docs/results/mend.md); late in the network the answer positions carry the relation more than the subject,
+    #: and edits keyed there move the relation's other subjects too.
+    positions: str = "subject"
 
     def validate(self) -> None:
         if self.rank < 1 or self.edit_lr <= 0 or self.edit_weight <= 0 or self.norm_steps < 1:

@@ -6,9 +6,11 @@ its output; :func:`editpack.methods.targets.keys_and_gradients`). A small learne
 ``[u_t, δ_t]`` (normalised by statistics gathered in training) to edited factors ``[ũ_t, δ̃_t]``: one network per
 module shape, ``z + W₂ relu(W₁ (s_l ⊙ z + b_l))`` with a layer-specific scale and shift and ``W₂`` initialised to
 zero (the identity), as MEND's ``IDMLP``. The edit is ``ΔW = −α_l Σ_t δ̃_t ũ_tᵀ`` with a learned per-layer step
-``α_l``: a LoRA of rank ≤ tokens × facts per layer (``B = −α_l δ̃ᵀ``, ``A = ũ``). The tokens are those that
-predict the new answer, or with ``positions="all"`` every position the loss reaches (the authors' choice). Several
-facts are edited at once by summing their terms, as MEND does.
+``α_l``: a LoRA of rank ≤ tokens × facts per layer (``B = −α_l δ̃ᵀ``, ``A = ũ``). The tokens are each prompt's
+subject-last token (``positions="subject"``, the default, at the architecture's middle ``run`` layers, edited in
+two steps), those that predict the new answer (``"target"``, MEND's own, at the ``tail`` layers), or every position
+the loss reaches (``"all"``, the authors' code). Several facts are edited at once by summing their terms, as MEND
+does.
 
 The network is meta-trained (:class:`MENDLearner`, run by :class:`editpack.methods.training.Trainer`): for a batch of
 edits, the edit loss is the NLL of each new answer after its edit prompt and paraphrase *with the edit applied*,
@@ -143,11 +145,15 @@ def low_rank_added(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]])
 
 
 # ---------------------------------------------------------------------------------------------- editing
+#: The steps a new editor edits (and is scored on held-out records) with, unless ``--set steps=N`` says otherwise.
+NEW_EDITOR_STEPS = 2
+
+
 @register_method
 class MEND(EditMethod):
     name = "mend"
     config_class = MENDConfig
-    layer_role = "tail"
+    layer_role = "run"
     summary = "a learned editor (MEND) turns the fine-tuning gradient into a low-rank edit; needs a trained editor"
     tiny_training = dict(layers=[2, 3], rank=8)
     trainable = True
@@ -191,8 +197,8 @@ class MEND(EditMethod):
 
     # ------------------------------------------------------------------------------------------ training
     def learner(self, model, tokenizer, spec: ArchSpec) -> "MENDLearner":
-        if self.config.steps is None:  # a new editor's own steps: MEND's one unless set (checkpoints record 1)
-            self.config.steps = 1
+        if self.config.steps is None:  # a new editor's own steps: two unless set (the measured recipe's)
+            self.config.steps = NEW_EDITOR_STEPS
         modules = [spec.mlp_out_name(layer) for layer in sorted(self.resolve_layers(model, spec))]
         return MENDLearner(model, tokenizer, spec, modules, self.config)
 

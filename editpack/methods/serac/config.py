@@ -20,12 +20,9 @@ class SERACConfig(MethodConfig, Scope):
 
     #: ``"answer"``: the stored target starts the answer; ``"context"``: fact in context, the model answers;
     #: ``"ike"``: in-context demonstrations from the pack's nearest facts before the fact (IKE). ``answer`` is the
-    #: default because, with the relation check (``relation_margin``), it was the only route to answer ≥ 95 % of
-    #: edit prompts, ≥ 85 % of paraphrases and keep ≥ 98 % of unrelated prompts (``bench/memory_scope.py``, SmolLM2:
-    #: 100 / 92 / 100 % generate_match), answering 4.0 % of same-subject, other-relation probes with the stored
-    #: target (``context``: 80 / 55 / 100 % and 2.7 %; ``ike``: 97 / 57 / 100 % and 1.7 %, with ``contrast=0.5``
-    #: 99 / 70 / 100 % and 2.3 %, 99 / 71 / 100 % without a plausibility floor; without the relation check
-    #: ``answer`` wrongly answers 51 %).
+    #: default: with the relation check (``relation_margin``) it was the only route measured that answers the
+    #: edit prompts, generalises to their paraphrases and keeps unrelated prompts at once
+    #: (docs/results/memory-packs.md).
     route: str = "answer"
     template: str = DEMO_TEMPLATE
     encoder: str = ENCODER_ID

@@ -19,9 +19,8 @@ class UltraEditConfig(MethodConfig):
     #: Added to the running variance before normalising.
     norm_epsilon: float = 1e-8
     #: Rows of the update: the ``"target"`` positions that predict the new answer (the authors' ``token: ans``), or
-    #: ``"all"`` positions of each prompt and target (``token: mask``). On the first 100 CounterFact records,
-    #: SmolLM2, one round, prob_compare efficacy / paraphrase / neighbourhood (unedited 37 / 36 / 66), generate_match
-    #: neighbourhood unchanged: target 48 / 37 / 64, 79 %; all 75 / 40 / 59, 42 %; all with lr=1e-3 99 / 71 / 33, 0 %.
+    #: ``"all"`` positions of each prompt and target (``token: mask``); every setting measured trades efficacy
+    #: for neighbourhood along one line (docs/results/lifelong.md).
     #: ``"subject"`` (each prompt's subject-last token, as MEND's) is accepted but not measured for UltraEdit.
     positions: str = "target"
     #: Facts per forward/backward pass (memory grows with it; the update is solved over all of them at once).

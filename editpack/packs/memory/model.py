@@ -66,8 +66,8 @@ class MemoryModel(torch.nn.Module):
     def rewritten(self, memory: MemoryPack, fact: Fact, prompt: str) -> tuple[str, str]:
         """:func:`rewritten` for ``prompt``. In chat form the memory's text goes inside the user's turn; under the
         ``ike`` route each demonstration is an earlier exchange instead (its prompt from the user, its answer from
-        the assistant), as a chat model is shown few-shot examples: inside one turn a SmolLM2 pack of 30 facts
-        answered about the demonstrations' facts (0 of 30 edit prompts in generate_match; 21 of 30 as exchanges)."""
+        the assistant), as a chat model is shown few-shot examples: inside one turn a chat model answered about the
+        demonstrations' facts instead (docs/results/chat-form.md)."""
         asked = self.message(prompt)
         if asked is prompt:
             return rewritten(memory, fact, prompt)

@@ -24,8 +24,8 @@ ANSWER_END = "\n\n"
 
 
 # ---------------------------------------------------------------------------------------------- IKE
-#: Stored facts whose copy, update and retain examples precede an IKE prompt. On SmolLM2 (the first 50 CounterFact
-#: edit records, generate_match) 8 answered 98 % of edit prompts and 60 % of paraphrases, 4 answered 92 % and 50 %.
+#: Stored facts whose copy, update and retain examples precede an IKE prompt (chosen by measurement:
+#: docs/results/memory-packs.md).
 IKE_DEMONSTRATIONS = 8
 
 

@@ -1,0 +1,113 @@
+"""The README's generated tables: "choosing a method" from the benchmarks' JSON (``bench/results``) and the
+commands from the click commands themselves; never typed by hand.
+
+    python3 scripts/generated_tables.py            # rewrite them in README.md (and docs/results/methods.md)
+    python3 scripts/generated_tables.py --check    # exit 1 when a page is not what the sources give (a test runs this)
+
+``docs/results/choosing.json`` lists the situations, one row each: the situation and what the method costs in
+words (no figures), the method, and the JSON the figures come from (``bench/results/methods/<method>.json`` from
+``python3 -m bench.methods``, or ``bench/results/lifelong-….json#<method>`` from ``python3 -m bench.lifelong``).
+The table is written between the ``<!-- methods-table -->`` and ``<!-- /methods-table -->`` lines of each page,
+the commands between ``<!-- commands-table -->`` and ``<!-- /commands-table -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "docs" / "results" / "choosing.json"
+PAGES = {REPO / "README.md": "docs/results/methods.md", REPO / "docs" / "results" / "methods.md": "methods.md"}
+
+
+def figures(source: str) -> dict:
+    """prob_compare efficacy / paraphrase / neighbourhood after the edits (and the neighbourhood before),
+    generate_match's share of neighbourhood answers unchanged, seconds per edit, records and date."""
+    path, _, method = source.partition("#")
+    data = json.loads((REPO / path).read_text(encoding="utf-8"))
+    if method:  # a lifelong run: the method's last round
+        run = data["methods"][method]
+        last = run["rounds"][-1]
+        pc, gm = last["scores"]["prob_compare"], last["scores"]["generate_match"]
+        return {"efficacy": pc["efficacy"]["after"], "paraphrase": pc["paraphrase"]["after"],
+                "neighbourhood": pc["neighbourhood"]["after"], "unedited": pc["neighbourhood"]["before"],
+                "kept": gm["neighbourhood"]["after"], "seconds": run["seconds_per_edit"],
+                "n": f"{last['edits']} edits in rounds of {data['round_size']}", "model": data["model"]}
+    pc, gm = data["protocols"]["prob_compare"], data["protocols"]["generate_match"]
+    return {"efficacy": pc["reliability"]["after"], "paraphrase": pc["generalization"]["after"],
+            "neighbourhood": pc["locality"]["after"], "unedited": pc["locality"]["before"],
+            "kept": gm["locality"]["after"], "seconds": data["seconds_per_edit"]["mean"],
+            "n": f"{data['n']} records, {'one at a time' if data['mode'] == 'each' else 'in one edit'}",
+            "model": data["model"]}
+
+
+def pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.0f}"
+
+
+def table(link: str) -> str:
+    rows = json.loads(SPEC.read_text(encoding="utf-8"))
+    lines = ["| situation | method | what it costs | efficacy / paraphrase / neighbourhood (unedited) | "
+             "neighbours' answers kept | s/edit |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        f = figures(row["source"])
+        method = f"`{row['method']}`" + (" (experimental)" if row.get("experimental") else "")
+        lines.append(f"| {row['situation']} | {method} | {row['cost']} | {pct(f['efficacy'])} / "
+                     f"{pct(f['paraphrase'])} / {pct(f['neighbourhood'])} ({pct(f['unedited'])}) | {pct(f['kept'])} % | "
+                     f"{f['seconds']:.2f} |")
+    models = sorted({figures(r["source"])["model"] for r in rows})
+    lines += ["", f"Measured on {', '.join(models)} with 2 CPU cores, CounterFact's `counterfact-edit.json` "
+              "(prob_compare; neighbours' answers kept: generate_match on the neighbourhood prompts); each row's "
+              f"records, command and date are in [the results]({link})."]
+    return "\n".join(lines)
+
+
+def commands() -> str:
+    """Every ``editpack`` command with its one-line help, from the click group."""
+    from editpack.cli.main import main as group
+
+    lines = ["| command | what it does |", "|---|---|"]
+    for name in sorted(group.commands):
+        lines.append(f"| `editpack {name}` | {group.commands[name].get_short_help_str(120)} |")
+    return "\n".join(lines)
+
+
+def fill(text: str, block: str, body: str, page: Path) -> str:
+    start, end = f"<!-- {block} -->", f"<!-- /{block} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{page} has no {start} … {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def rendered(page: Path, link: str) -> str:
+    text = fill(page.read_text(encoding="utf-8"), "methods-table", table(link), page)
+    if page.name == "README.md":
+        text = fill(text, "commands-table", commands(), page)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    args = parser.parse_args(argv)
+    stale = []
+    for page, link in PAGES.items():
+        new = rendered(page, link)
+        if new != page.read_text(encoding="utf-8"):
+            stale.append(page.relative_to(REPO))
+            if not args.check:
+                page.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print(f"not generated from bench/results: {', '.join(map(str, stale))} (run python3 scripts/generated_tables.py)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
