@@ -202,7 +202,7 @@ def test_methods_benchmark_small_mode(tmp_path):
 
 def test_stats_tokens_benchmark_small_mode(tmp_path, monkeypatch):
     """bench/stats_tokens.py --small: ROME and MEMIT against the statistics' token count, the stopping rule's row,
-    and the default it picks (the smallest count within a point of the largest)."""
+    and the default it picks (the smallest count no score of which falls a point below the largest's)."""
     monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
     result = load_bench("stats_tokens").main(["--small", "--out", str(tmp_path / "out.json")])
     assert [(r["method"], r["tokens"]) for r in result["rows"]] == [
@@ -216,10 +216,13 @@ def test_stats_tokens_benchmark_small_mode(tmp_path, monkeypatch):
     assert measured == [("rome", 900), ("memit", 900)], "a second run measures only the rows it lacks"
     assert len(again["rows"]) == 8
     pick = bench.default_count
-    row = lambda method, tokens, value: {"method": method, "tokens": tokens, "scores": {  # noqa: E731
-        "prob_compare": {"reliability": value, "generalization": value, "locality": value}}}
+    row = lambda method, tokens, value, gm=0.5: {"method": method, "tokens": tokens, "scores": {  # noqa: E731
+        "prob_compare": {"reliability": value, "generalization": value, "locality": value},
+        "generate_match": {"reliability": gm, "generalization": gm, "locality": gm}}}
     assert pick([row("rome", 10, 0.5), row("rome", 100, 0.9), row("rome", 1000, 0.905)]) == 100
     assert pick([row("rome", 10, 0.5), row("rome", 100, 0.9), row("memit", 10, 0.9), row("memit", 100, 0.9)]) == 100
+    assert pick([row("rome", 10, 0.95), row("rome", 100, 0.9)]) == 10, "scoring higher is not held against a count"
+    assert pick([row("rome", 10, 0.9, gm=0.4), row("rome", 100, 0.9)]) == 100, "generate_match counts too"
 
 
 def test_first_edit_benchmark_runs(tmp_path, real_model):

@@ -36,7 +36,7 @@ from .nethook import TraceDict
 
 log = logging.getLogger(__name__)
 
-#: Keys read from a corpus when no count is given (the smallest count within one point of 1M, ``bench.stats_tokens``).
+#: Keys read from a corpus when no count is given (``bench.stats_tokens`` measures counts against edit quality).
 CORPUS_STATS_TOKENS = 100_000
 #: Keys sampled from the model itself when there is no corpus (sampling is slow).
 SAMPLED_STATS_TOKENS = 20_000
