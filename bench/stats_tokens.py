@@ -81,6 +81,54 @@ def default_count(rows: list[dict]) -> int | None:
     return candidates[-1]
 
 
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--data", default=f"counterfact:{DATA / 'counterfact' / 'counterfact-edit.json'}")
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--methods", default="rome,memit")
+    parser.add_argument("--tokens", default="10000,30000,100000,300000,1000000,auto")
+    parser.add_argument("--corpus", default=str(DATA / "corpus" / "wikipedia_en_sample.jsonl"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "stats_tokens.json"))
+    parser.add_argument("--small", action="store_true", help="a tiny model, 3 shipped records, small counts")
+    args = parser.parse_args(argv)
+    settings: dict = {}
+    if args.small:
+        from editpack.testing import TINY_LOCATE, tiny_model, tiny_tokenizer
+
+        model, tokenizer = tiny_model(), tiny_tokenizer()
+        model.editpack_tokenizer = tokenizer
+        args.data, args.n = f"counterfact:{REPO / 'tests' / 'data' / 'counterfact-edit-25.json'}", 3
+        args.tokens = "300,600,auto" if args.tokens == parser.get_default("tokens") else args.tokens
+        args.corpus = str(REPO / "tests" / "data" / "wikipedia-slice.jsonl")
+        tiny = {k: v for k, v in TINY_LOCATE.items() if k != "mom2_adjustment"}
+        settings = {"edit": tiny, "stats": {"layers": [1]}}
+        settings["edit"]["layers"] = [1]
+    else:
+        model, tokenizer = editpack.load_model(args.model)
+        if not Path(args.corpus).is_file():
+            args.corpus = str(REPO / "tests" / "data" / "wikipedia-slice.jsonl")
+    facts = editpack.load_facts(args.data, limit=args.n, skip_invalid=True)
+    counts = [t if t == "auto" else int(t) for t in args.tokens.split(",")]
+    result = {"benchmark": "stats_tokens", "model": getattr(getattr(model, "editpack_ref", None), "id", "tiny"),
+              "data": args.data.split(":", 1)[-1].rsplit("/", 1)[-1], "n": len(facts),
+              "corpus": Path(args.corpus).name, "rows": []}
+    result["rows"] = earlier_rows(args.out, result)
+    for method in args.methods.split(","):
+        for count in counts:
+            if any(r["method"] == method and r["tokens"] == count for r in result["rows"]):
+                continue
+            row = {"method": method, **run(model, tokenizer, facts, method, count, args.corpus, settings)}
+            result["rows"].append(row)
+            pc = row["scores"]["prob_compare"]
+            print(f"{method} {count} ({row['tokens_read']:,} read, {row['stats_seconds']} s): prob_compare "
+                  f"{100 * pc['reliability']:.0f} / {100 * pc['generalization']:.0f} / {100 * pc['locality']:.0f}",
+                  flush=True)
+            result["default"] = default_count(result["rows"])
+            checkpoint(result, args.out)
+    return result
+
+
 def earlier_rows(out: str, result: dict) -> list[dict]:
     """The rows of an earlier run written to ``out`` with the same model, records and corpus (else none)."""
     try:
