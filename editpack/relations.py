@@ -1,6 +1,11 @@
 """What editpack knows of a fact's relation: CounterFact's phrasings of 34 Wikidata relations
 (``editpack/suites/relation_templates.json``), which of them a fact's prompt is, the other phrasings of it
-(template paraphrases) and the fact's subject under other relations."""
+(template paraphrases) and the fact's subject under other relations.
+
+The subject under other relations is asked in two disjoint sets of phrasings: :func:`same_subject_prompts` (each
+relation's first phrasing) measures relation specificity on cards and in benchmarks, and
+:func:`retention_prompts` (the other phrasings, none of them a first phrasing) is what locate-then-edit methods
+keep unchanged while they edit (``retain_factor``), so what is measured is never what was optimised."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import hashlib
 import re
 
 from . import suites
+from .chat import ChatFrame, plain_fact
 from .facts import Fact, normal_text
 
 _STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "by", "for", "on", "at", "and", "which", "what", "who",
@@ -40,22 +46,62 @@ def template_paraphrases(fact: Fact) -> list[str]:
     return [p.replace("{}", fact.subject) for p in phrasings if normal_text(p) != own]
 
 
-def same_subject_prompts(fact: Fact, count: int) -> list[str]:
-    """The fact's subject under ``count`` other relations (chosen by a stable hash of the subject), leaving out
-    the fact's own relation and phrasings that share most of their words with its prompt."""
+def _other_relations(fact: Fact, salt: str) -> list[str]:
+    """The relations the fact is not about, in an order fixed by a hash of its subject (and ``salt``)."""
     templates = suites.load("relation_templates").items
-    own_relation = relation_of(fact)
-    own_words = _content_words(fact.prompt)
-    ranked = sorted(templates, key=lambda r: hashlib.sha256(f"{fact.subject}|{r}".encode()).hexdigest())
+    own = relation_of(fact)
+    return sorted((r for r in templates if r != own),
+                  key=lambda r: hashlib.sha256(f"{salt}{fact.subject}|{r}".encode()).hexdigest())
+
+
+def _close_to(fact: Fact, phrasing: str) -> bool:
+    """Whether ``phrasing`` shares most of its words with the fact's prompt or one of its relation's phrasings
+    (the edited relation in other words; CounterFact phrases some relations alike)."""
+    words = _content_words(phrasing)
+    own = relation_of(fact)
+    for text in [fact.prompt, *(suites.load("relation_templates").items[own] if own else [])]:
+        if normal_text(text) == normal_text(phrasing) or (words and len(words & _content_words(text)) * 2 >= len(words)):
+            return True
+    return False
+
+
+def same_subject_prompts(fact: Fact, count: int) -> list[str]:
+    """The fact's subject under ``count`` other relations (chosen by a stable hash of the subject), each in its
+    relation's first phrasing, leaving out the fact's own relation and phrasings that share most of their words
+    with its prompt."""
+    templates = suites.load("relation_templates").items
     prompts = []
-    for relation in ranked:
-        if relation == own_relation:
-            continue
+    for relation in _other_relations(fact, ""):
         phrasing = templates[relation][0]
-        words = _content_words(phrasing)
-        if words and len(words & own_words) * 2 >= len(words):
+        if _close_to(fact, phrasing):
             continue  # too close to the edited relation's own wording
         prompts.append(phrasing.replace("{}", fact.subject))
         if len(prompts) == count:
             break
     return prompts
+
+
+def retention_prompts(fact: Fact, count: int) -> list[str]:
+    """Up to ``count`` templates (one ``{}`` for the subject) of other relations than the fact's, never one that
+    :func:`same_subject_prompts` asks: each relation's second and later phrasings that are no relation's first,
+    one per relation in a hashed order of their own, then more per relation while ``count`` asks for them. A fact
+    in chat form is a plain fact here; :func:`in_fact_form` frames the result."""
+    templates = suites.load("relation_templates").items
+    measured = {normal_text(p[0]) for p in templates.values()}
+    pools = [[p for p in templates[r][1:] if normal_text(p) not in measured and not _close_to(fact, p)]
+             for r in _other_relations(fact, "retain|")]
+    out: list[str] = []
+    for depth in range(max(map(len, pools), default=0)):
+        for pool in pools:
+            if depth < len(pool) and len(out) < count and normal_text(pool[depth]) not in map(normal_text, out):
+                out.append(pool[depth])
+    return out
+
+
+def subject_prompts_in_form(tokenizer, fact: Fact, count: int, *, retention: bool = False) -> list[str]:
+    """:func:`same_subject_prompts` (or, with ``retention``, :func:`retention_prompts`, as templates) of a fact
+    in its own form: for a fact in ``tokenizer``'s chat form, the user's turns in that form."""
+    frame = ChatFrame.of(tokenizer) if tokenizer is not None else None
+    plain = plain_fact(frame, fact)
+    prompts = (retention_prompts if retention else same_subject_prompts)(plain, count)
+    return [frame.wrap(p) for p in prompts] if frame is not None and plain.prompt != fact.prompt else prompts

@@ -230,3 +230,15 @@ def test_first_edit_benchmark_runs(tmp_path, real_model):
     result = load_bench("first_edit").main(["--tokens", "2000", "--out", str(tmp_path / "out.json")])
     assert set(result["seconds"]) == {"computed", "pulled"} and all(v > 0 for v in result["seconds"].values())
     assert result["max_delta_difference"] <= 1e-6
+
+
+def test_relation_specificity_benchmark_small_mode(tmp_path, monkeypatch):
+    """bench/relation_specificity.py on a tiny model: a row per method and retain_factor, with the control."""
+    monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
+    result = load_bench("relation_specificity").main(["--small", "--mquake", "1", "--out", str(tmp_path / "o.json")])
+    assert [(r["method"], r["settings"]["retain_factor"]) for r in result["rows"]] == [
+        ("rome", 0.0), ("rome", 1.0), ("memit", 0.0), ("memit", 1.0)]
+    for row in result["rows"]:
+        assert 0 <= row["same_subject_changed"] <= 1 and row["control_changed"] is not None
+        assert row["n_same_subject"] == 2 * 24
+    assert len(result["portability"]) == 4 and result["portability"][0]["questions"] == 3

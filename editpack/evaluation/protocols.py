@@ -14,6 +14,10 @@ Protocols (every score is labelled with the protocol it was computed under):
     whitespace and leading punctuation normalised, whole words). Locality is the share of neighbourhood prompts whose
     generation is the same as the base model's. Teacher forcing flatters editors; this one does not.
 
+Relation specificity (RippleEdits' name) is the share of the edited subject's answers under other relations
+(:func:`editpack.relations.same_subject_prompts`, ``same_subject`` per fact) whose greedy generation is the same
+as the base model's; it is reported under ``generate_match`` only, as it compares generations.
+
 Fluency is ROME's weighted bigram/trigram entropy of greedy free generations.
 All scoring is batched with left padding (positions taken from the attention mask).
 """
@@ -31,12 +35,17 @@ from typing import Callable, Sequence
 from ..facts import Fact, normal_text
 from ..model.generation import generate
 from ..model.scoring import Scored, score
+from ..relations import subject_prompts_in_form
 from ..runtime.apply import apply, revert
 
 PROTOCOLS = ("teacher_forced_token_acc", "prob_compare", "generate_match")
 
 
-METRICS = ("reliability", "generalization", "locality", "portability")
+METRICS = ("reliability", "generalization", "locality", "portability", "relation_specificity")
+
+#: The edited subject's other relations asked per fact (its answers compared before and after): enough that one
+#: prompt is under 5 % of a fact's score.
+SAME_SUBJECT = 24
 
 
 def normalise(text: str) -> str:
@@ -82,6 +91,7 @@ class Probes:
     gen_neigh: list[list[str]]
     gen_port: list[list[str]]
     fluency: list[float] = field(default_factory=list)
+    gen_same: list[list[str]] = field(default_factory=list)  # the subject under other relations
 
     @classmethod
     def concat(cls, parts: Sequence["Probes"]) -> "Probes":
@@ -99,8 +109,9 @@ def _nested(counts: list[int], flat: list) -> list[list]:
 
 
 def measure(model, tokenizer, facts: Sequence[Fact], *, max_new_tokens: int = 8, fluency_tokens: int = 60,
-            batch_size: int = 32) -> Probes:
-    """Run every probe of ``facts`` on ``model`` in a few large batches."""
+            same_subject: int = SAME_SUBJECT, batch_size: int = 32) -> Probes:
+    """Run every probe of ``facts`` on ``model`` in a few large batches (``same_subject``: the subject's other
+    relations asked per fact; 0 asks none)."""
     para_n = [len(f.paraphrases) for f in facts]
     neigh_n = [len(f.neighborhood) for f in facts]
     port_n = [len(f.portability) for f in facts]
@@ -126,18 +137,22 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, max_new_tokens: int = 8,
     neigh_new = _nested(neigh_n, take(len(neighs)))
     port = _nested(port_n, take(len(ports)))
 
-    prompts = [f.text for f in facts] + paras + [p for p, _, _ in neighs] + [p for p, _ in ports]
+    same = [subject_prompts_in_form(tokenizer, f, same_subject) if same_subject else [] for f in facts]
+    prompts = ([f.text for f in facts] + paras + [p for p, _, _ in neighs] + [p for p, _ in ports]
+               + [p for row in same for p in row])
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size) if prompts else []
     gen_edit, rest = gens[: len(facts)], gens[len(facts) :]
     gen_para = _nested(para_n, rest[: len(paras)])
     gen_neigh = _nested(neigh_n, rest[len(paras) : len(paras) + len(neighs)])
-    gen_port = _nested(port_n, rest[len(paras) + len(neighs) :])
+    at = len(paras) + len(neighs) + len(ports)
+    gen_port = _nested(port_n, rest[len(paras) + len(neighs) : at])
+    gen_same = _nested([len(row) for row in same], rest[at:])
     fluency = []
     if fluency_tokens:
         free = generate(model, tokenizer, [f.text for f in facts], max_new_tokens=fluency_tokens, batch_size=batch_size)
         fluency = [ngram_entropy(f.text + text) for f, text in zip(facts, free)]
     return Probes(edit, edit_true, para, para_true, neigh, neigh_new, port, gen_edit, gen_para, gen_neigh,
-                  gen_port, fluency)
+                  gen_port, fluency, gen_same)
 
 
 # ------------------------------------------------------------------------------------------- protocols
@@ -153,6 +168,7 @@ def protocol_scores(protocol: str, facts: Sequence[Fact], probes: Probes, base: 
     """Per-metric mean and count for ``protocol``; ``base`` is the unedited model (for locality)."""
     flat = lambda nested: [x for row in nested for x in row]  # noqa: E731
     out: dict[str, dict] = {}
+    same: list[float] = []
     if protocol == "teacher_forced_token_acc":
         rel = [s.token_acc for s in probes.edit]
         gen = [s.token_acc for s in flat(probes.para)]
@@ -175,10 +191,13 @@ def protocol_scores(protocol: str, facts: Sequence[Fact], probes: Probes, base: 
         loc = [float(normalise(a) == normalise(b)) for a, b in zip(flat(probes.gen_neigh), flat(base.gen_neigh))]
         port = [float(starts_with(g, p.answer)) for row, f in zip(probes.gen_port, facts)
                 for g, p in zip(row, f.portability)]
+        same = [float(normalise(a) == normalise(b)) for a, b in zip(flat(probes.gen_same), flat(base.gen_same))]
     else:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     for name, values in (("reliability", rel), ("generalization", gen), ("locality", loc), ("portability", port)):
         out[name] = _entry(values)
+    if protocol == "generate_match" and same:
+        out["relation_specificity"] = _entry(same)
     return {k: out[k] for k in sorted(out, key=lambda k: (k not in METRICS, METRICS.index(k) if k in METRICS else 0, k))}
 
 
@@ -212,11 +231,13 @@ def combine(facts, base: Probes, after: Probes, protocols: Sequence[str] = PROTO
 
 
 def bench_edits(model, tokenizer, facts: Sequence[Fact], edit_one: Callable[[Fact], object], *,
-                protocols: Sequence[str] = PROTOCOLS, max_new_tokens: int = 8, fluency_tokens: int = 60) -> dict:
+                protocols: Sequence[str] = PROTOCOLS, max_new_tokens: int = 8, fluency_tokens: int = 60,
+                same_subject: int = SAME_SUBJECT) -> dict:
     """Edit each fact on its own (``edit_one(fact)`` returns a pack; the model is restored between edits) and
     score all protocols before/after, with seconds per edit and peak resident memory."""
 
-    base = measure(model, tokenizer, facts, max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
+    kwargs = dict(max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens, same_subject=same_subject)
+    base = measure(model, tokenizer, facts, **kwargs)
     parts, seconds = [], []
     for fact in facts:
         start = time.perf_counter()
@@ -224,8 +245,7 @@ def bench_edits(model, tokenizer, facts: Sequence[Fact], edit_one: Callable[[Fac
         seconds.append(time.perf_counter() - start)
         edited = apply(model, pack)
         try:
-            parts.append(measure(edited, tokenizer, [fact], max_new_tokens=max_new_tokens,
-                                 fluency_tokens=fluency_tokens))
+            parts.append(measure(edited, tokenizer, [fact], **kwargs))
         finally:
             model = revert(edited)
     result = combine(facts, base, Probes.concat(parts), protocols)

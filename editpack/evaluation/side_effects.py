@@ -8,9 +8,9 @@ A pack's own facts say whether the edit took. These say what else moved, on suit
     whose greedy answer is unchanged, and the mean KL divergence KL(base ‖ edited) of the next-token
     distribution after each prompt.
 ``same_subject``
-    the edited subject under other relations (CounterFact's phrasings of up to 5 relations the fact is not
-    about, from ``relation_templates``): the share of greedy answers unchanged. This is where subject-level
-    bleed shows ("everything about the Eiffel Tower is now Rome").
+    the edited subject under other relations (the first CounterFact phrasing of up to 24 relations the fact is
+    not about, from ``relation_templates``): the share of greedy answers unchanged, relation specificity. This is
+    where subject-level bleed shows ("everything about the Eiffel Tower is now Rome").
 ``perplexity``
     on the first 1,024 tokens of held-out Wikipedia text (``heldout``): the edited model's against the base's.
 ``fluency``
@@ -46,7 +46,7 @@ from ..model.generation import generate, model_device, next_token_logits
 from ..paths import cache_dir
 from ..relations import same_subject_prompts, template_paraphrases
 from ..runtime.apply import applied
-from .protocols import ngram_entropy, normalise
+from .protocols import SAME_SUBJECT, ngram_entropy, normalise
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class SuiteSettings:
     """How much of each suite to run (sized for seconds on SmolLM2 on 2 CPU cores)."""
 
     locality: int = 60
-    same_subject: int = 5  # other relations per fact
+    same_subject: int = SAME_SUBJECT  # other relations per fact
     same_subject_facts: int = 20  # at most this many facts, evenly spaced through the pack
     heldout_tokens: int = 1024
     fluency_prompts: int = 8

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import editpack
 from editpack.evaluation import side_effects
+from editpack.evaluation.protocols import SAME_SUBJECT
 from editpack import relations, suites
 from editpack.packs.card import render_card
 from editpack.cli.main import main
@@ -50,7 +51,7 @@ def test_edit_evaluates_and_the_card_shows_side_effects_and_a_chart(evaluated):
     for claim in side["claims"].values():  # machine-readable: protocol, suite and its hash, n, before, after
         assert set(claim) == {"protocol", "suite", "suite_sha256", "n", "before", "after"}
         assert claim["suite_sha256"] == suites.load(claim["suite"]).sha256 and claim["n"] > 0
-    assert side["claims"]["locality_unchanged"]["n"] == 60 and side["claims"]["same_subject_unchanged"]["n"] == 5
+    assert side["claims"]["locality_unchanged"]["n"] == 60 and side["claims"]["same_subject_unchanged"]["n"] == SAME_SUBJECT
     assert side["claims"]["locality_kl"]["after"] >= 0 and side["claims"]["perplexity"]["before"] > 1
     card = (pack_dir / "README.md").read_text()
     assert "### Side effects" in card and side["verdict"] in card and "![before and after](evaluation.png)" in card
@@ -127,7 +128,7 @@ def test_stack_evaluates_the_stacked_pack(tiny_dir, tmp_path):
     stacked = run("stack", tmp_path / "a", tmp_path / "b", "--model", tiny_dir, "-o", tmp_path / "s")
     assert stacked.exit_code == 0 and "evaluated in" in stacked.output, stacked.output
     pack = editpack.load_pack(tmp_path / "s")
-    assert pack.evaluation["n_facts"] == 2 and pack.evaluation["side_effects"]["claims"]["same_subject_unchanged"]["n"] == 10
+    assert pack.evaluation["n_facts"] == 2 and pack.evaluation["side_effects"]["claims"]["same_subject_unchanged"]["n"] == 2 * SAME_SUBJECT
     assert render_card(pack) == (tmp_path / "s" / "README.md").read_text()
 
 

@@ -1,6 +1,7 @@
 """The value optimisation of locate-then-edit methods: a vector δ added at the subject's last token to a module's
-output so that the model predicts the new target (NLL), keeps its distribution on "{subject} is a" (KL), with a
-norm penalty and clamp and early stopping; the settings a method's config carries for it."""
+output so that the model predicts the new target (NLL), keeps its distribution on "{subject} is a" (KL) and, with
+``retain_factor``, its next-token distribution after the subject under other relations (retention), with a norm
+penalty and clamp and early stopping; the settings a method's config carries for it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 
 from ...facts import Fact
 from ...model.arch import ArchSpec, get_module
-from ...model.generation import continuation, continuation_ids, model_device
+from ...model.generation import continuation, continuation_ids, generate, model_device
 from ...model.nethook import Trace, replace_first
+from ...relations import subject_prompts_in_form
 from ..base import MethodConfig, at_least, each, non_empty, one_of, positive
 from .keys import _first, fill, lookups, position_lookups, subject_last_index
 from .model_state import attention_for_gradients, head_logits, resolve_optimize_dtype, weights_in
@@ -27,6 +29,7 @@ class ValueOptimization(MethodConfig):
     bounds: ClassVar[dict] = {
         "v_num_grad_steps": (at_least(1),), "v_lr": (positive,), "v_weight_decay": (at_least(0),),
         "clamp_norm_factor": (positive,), "kl_factor": (at_least(0),), "early_stop_loss": (at_least(0),),
+        "retain_factor": (at_least(0),), "retain_prompts": (at_least(0),), "retain_tokens": (at_least(1),),
         "optimize_dtype": (one_of("auto", "float32", "bfloat16"),),
         "context_template_lengths": (each(lambda pair: None if len(pair) == 2 and pair[0] >= 1 and pair[1] >= 1
                                           else "must be [tokens, count], both at least 1", "each entry"),),
@@ -40,6 +43,15 @@ class ValueOptimization(MethodConfig):
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
+    #: Relation specificity: the weight of the mean KL(unedited ‖ edited) of the next-token distributions after
+    #: the subject under ``retain_prompts`` other relations (:func:`editpack.relations.retention_prompts`:
+    #: phrasings that the same-subject suites never ask), at the prompt's last token and along the first
+    #: ``retain_tokens - 1`` tokens of the unedited model's greedy answer. A prompt the unedited model answers
+    #: with the fact's old answer is the edited relation in other words and is not retained. 0 turns it off.
+    #: Only where δ sits at the subject (not GRACE's prompt keys).
+    retain_factor: float = 0.0
+    retain_prompts: int = 12
+    retain_tokens: int = 1
     early_stop_loss: float = 0.05
     #: Precision of the decoder blocks while δ is optimised: "float32", "bfloat16", or "auto" (bfloat16 where
     #: the device has fast bf16 arithmetic: a CUDA GPU that supports it, a CPU with AVX-512 BF16 / AMX; else
@@ -117,11 +129,16 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
         t, i = lookups(tokenizer, ["{} is a"], fact)
         texts += t
         idxs += i
+    retain_owners = []  # the subject under other relations, after the KL rows
+    if cfg.retain_factor and cfg.retain_prompts and at == "subject":
+        t, i, retain_owners = retention_lookups(model, tokenizer, facts, cfg.retain_prompts, cfg.retain_tokens)
+        texts += t
+        idxs += i
     # Nothing before the subject's last token depends on δ: cache it once, optimise over the suffixes.
     batch = split_batch(tokenizer, texts, idxs, device)
     cols = torch.tensor(batch.edit_columns, device=device)
     rows = torch.arange(len(texts), device=device)
-    owner_of_row = torch.tensor(owners + list(range(n_facts)), device=device)
+    owner_of_row = torch.tensor(owners + list(range(n_facts)) + retain_owners, device=device)
 
     # Only some positions need logits: those predicting the new answers' tokens, and the KL lookups.
     target_rows, target_cols, target_tokens, target_owner = [], [], [], []
@@ -138,12 +155,26 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
     target_tokens = torch.tensor(target_tokens, device=device)
     target_owner = torch.tensor(target_owner, device=device)
     nll_scale = torch.tensor([1.0 / (len(ids) * n_rewrite) for ids in targets], device=device)
-    kl_rows = rows[n_facts * n_rewrite :]
+    kl_rows = rows[n_facts * n_rewrite : n_facts * (n_rewrite + 1)]
+    # Each retention row's last ``retain_tokens`` positions: the prompt's last token and the answer's tokens.
+    retain_rows, retain_cols, owner_list = [], [], []
+    for r, owner in zip(rows[n_facts * (n_rewrite + 1) :].tolist(), retain_owners):
+        end, first = batch.suffix_lengths[r], batch.edit_columns[r]
+        for col in range(max(first, end - cfg.retain_tokens), end):
+            retain_rows.append(r)
+            retain_cols.append(col)
+            owner_list.append(owner)
+    retain_rows = torch.tensor(retain_rows, device=device, dtype=torch.long)
+    retain_cols = torch.tensor(retain_cols, device=device, dtype=torch.long)
+    retain_owner = torch.tensor(owner_list, device=device, dtype=torch.long)
+    retain_scale = 1.0 / torch.zeros(n_facts, device=device).index_add(
+        0, retain_owner, torch.ones(len(owner_list), device=device)).clamp(min=1)
 
     delta: torch.Tensor | None = None  # (n_facts, hidden)
     optimizer = None
     init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
+    retain_init: torch.Tensor | None = None
 
     def add_delta(output, _layer):
         nonlocal init, delta, optimizer
@@ -168,16 +199,24 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
                 optimizer.zero_grad()
             with Trace(model, module, retain_output=False, edit_output=add_delta):
                 hidden = batch.run(model)  # the final norm's output
-            picked_hidden = torch.cat([hidden[kl_rows, cols[kl_rows]], hidden[target_rows, target_cols]])
+            picked_hidden = torch.cat([hidden[kl_rows, cols[kl_rows]], hidden[retain_rows, retain_cols],
+                                       hidden[target_rows, target_cols]])
             all_log_probs = F.log_softmax(head_logits(model, spec, picked_hidden), dim=-1)  # one pass over the head
-            kl_log_probs, log_probs = all_log_probs[:n_facts], all_log_probs[n_facts:]
-            if kl_init is None:
+            n_kl = n_facts + len(retain_rows)
+            kl_log_probs, retain_log_probs = all_log_probs[:n_facts], all_log_probs[n_facts:n_kl]
+            log_probs = all_log_probs[n_kl:]
+            if kl_init is None:  # step 0: δ is zero, these are the unedited model's distributions
                 kl_init = kl_log_probs.detach().clone()
+                retain_init = retain_log_probs.detach().clone()
             picked = log_probs.gather(1, target_tokens.unsqueeze(1)).squeeze(1)
             nll = -torch.zeros(n_facts, device=device).index_add(0, target_owner, picked) * nll_scale
             kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="none").sum(-1)
             decay = cfg.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
             loss = nll + kl + decay  # (n_facts,)
+            if len(retain_rows):
+                kept_kl = F.kl_div(retain_log_probs, retain_init, log_target=True, reduction="none").sum(-1)
+                loss = loss + cfg.retain_factor * retain_scale * torch.zeros(n_facts, device=device).index_add(
+                    0, retain_owner, kept_kl)
             values = loss.detach().cpu()  # one host sync per step
             live = active.cpu()
             losses[live] = values[live]
@@ -197,6 +236,42 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
                 delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
     final = delta.detach().float()
     return [Optimized(final[f].clone(), init[f], float(losses[f]), int(steps[f])) for f in range(n_facts)]
+
+
+def answer_prefix(tokenizer, answer: str, count: int) -> str:
+    """The text of ``answer``'s first ``count`` tokens, as written (its spaces kept)."""
+    if count <= 0:
+        return ""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = [o for o in tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                   if o[1] > o[0]]
+        return answer[: offsets[min(count, len(offsets)) - 1][1]] if offsets else ""
+    return tokenizer.decode(tokenizer(answer, add_special_tokens=False)["input_ids"][:count])
+
+
+@torch.no_grad()
+def retention_lookups(model, tokenizer, facts: Sequence[Fact], count: int,
+                      tokens: int) -> tuple[list[str], list[int], list[int]]:
+    """The rows the retention term reads: for each fact, up to ``count`` of its subject's other relations
+    (:func:`editpack.relations.retention_prompts`, in the fact's form) followed by the first ``tokens - 1`` tokens
+    of the model's greedy answer; each row's subject-last index and owning fact. A prompt whose answer begins with
+    the fact's old answer is left out: it asks the edited relation in other words, and the edit may move it."""
+    prompts, at, owners = [], [], []
+    for f, fact in enumerate(facts):
+        filled, idxs = lookups(tokenizer, subject_prompts_in_form(tokenizer, fact, count, retention=True), fact)
+        prompts += filled
+        at += idxs  # the answer comes after the prompt: the subject's index stays
+        owners += [f] * len(filled)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max(tokens - 1, 4), batch_size=64) if prompts else []
+    texts, idxs, kept = [], [], []
+    for prompt, index, answer, owner in zip(prompts, at, answers, owners):
+        old = facts[owner].target_true
+        if old and answer.strip().casefold().startswith(old.strip().casefold()):
+            continue
+        texts.append(prompt + answer_prefix(tokenizer, answer, tokens - 1))
+        idxs.append(index)
+        kept.append(owner)
+    return texts, idxs, kept
 
 
 #: :attr:`~editpack.methods.base.EditMethod.tiny_settings` of the locate-then-edit methods. Tiny random models have
