@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Sequence
 
 from . import suites
 from .chat import ChatFrame, plain_fact
@@ -46,34 +47,40 @@ def template_paraphrases(fact: Fact) -> list[str]:
     return [p.replace("{}", fact.subject) for p in phrasings if normal_text(p) != own]
 
 
-def _other_relations(fact: Fact, salt: str) -> list[str]:
-    """The relations the fact is not about, in an order fixed by a hash of its subject (and ``salt``)."""
+def _other_relations(fact: Fact, own: str | None, salt: str) -> list[str]:
+    """The relations but ``own`` (the fact's), in an order fixed by a hash of the fact's subject (and ``salt``)."""
     templates = suites.load("relation_templates").items
-    own = relation_of(fact)
     return sorted((r for r in templates if r != own),
                   key=lambda r: hashlib.sha256(f"{salt}{fact.subject}|{r}".encode()).hexdigest())
 
 
-def _close_to(fact: Fact, phrasing: str) -> bool:
-    """Whether ``phrasing`` shares most of its words with the fact's prompt or one of its relation's phrasings
+class _OwnWording:
+    """The fact's prompt and its relation's phrasings: what a phrasing of another relation must not resemble
     (the edited relation in other words; CounterFact phrases some relations alike)."""
-    words = _content_words(phrasing)
-    own = relation_of(fact)
-    for text in [fact.prompt, *(suites.load("relation_templates").items[own] if own else [])]:
-        if normal_text(text) == normal_text(phrasing) or (words and len(words & _content_words(text)) * 2 >= len(words)):
-            return True
-    return False
+
+    def __init__(self, fact: Fact, own: str | None):
+        texts = [fact.prompt, *(suites.load("relation_templates").items[own] if own else [])]
+        self.normal = {normal_text(t) for t in texts}
+        self.words = [_content_words(t) for t in texts]
+
+    def close_to(self, phrasing: str) -> bool:
+        """Whether ``phrasing`` is one of them, or shares most of its words with one."""
+        words = _content_words(phrasing)
+        return normal_text(phrasing) in self.normal or bool(words) and any(
+            len(words & own) * 2 >= len(words) for own in self.words)
 
 
 def same_subject_prompts(fact: Fact, count: int) -> list[str]:
     """The fact's subject under ``count`` other relations (chosen by a stable hash of the subject), each in its
     relation's first phrasing, leaving out the fact's own relation and phrasings that share most of their words
-    with its prompt."""
+    with its prompt or one of its relation's phrasings."""
     templates = suites.load("relation_templates").items
+    own = relation_of(fact)
+    wording = _OwnWording(fact, own)
     prompts = []
-    for relation in _other_relations(fact, ""):
+    for relation in _other_relations(fact, own, ""):
         phrasing = templates[relation][0]
-        if _close_to(fact, phrasing):
+        if wording.close_to(phrasing):
             continue  # too close to the edited relation's own wording
         prompts.append(phrasing.replace("{}", fact.subject))
         if len(prompts) == count:
@@ -85,23 +92,32 @@ def retention_prompts(fact: Fact, count: int) -> list[str]:
     """Up to ``count`` templates (one ``{}`` for the subject) of other relations than the fact's, never one that
     :func:`same_subject_prompts` asks: each relation's second and later phrasings that are no relation's first,
     one per relation in a hashed order of their own, then more per relation while ``count`` asks for them. A fact
-    in chat form is a plain fact here; :func:`in_fact_form` frames the result."""
+    in chat form is a plain fact here; :func:`subject_prompts_in_form` frames the result."""
     templates = suites.load("relation_templates").items
+    own = relation_of(fact)
+    wording = _OwnWording(fact, own)
     measured = {normal_text(p[0]) for p in templates.values()}
-    pools = [[p for p in templates[r][1:] if normal_text(p) not in measured and not _close_to(fact, p)]
-             for r in _other_relations(fact, "retain|")]
+    pools = [[p for p in templates[r][1:] if normal_text(p) not in measured and not wording.close_to(p)]
+             for r in _other_relations(fact, own, "retain|")]
     out: list[str] = []
+    taken: set[str] = set()
     for depth in range(max(map(len, pools), default=0)):
         for pool in pools:
-            if depth < len(pool) and len(out) < count and normal_text(pool[depth]) not in map(normal_text, out):
+            if depth < len(pool) and len(out) < count and normal_text(pool[depth]) not in taken:
                 out.append(pool[depth])
+                taken.add(normal_text(pool[depth]))
     return out
 
 
-def subject_prompts_in_form(tokenizer, fact: Fact, count: int, *, retention: bool = False) -> list[str]:
-    """:func:`same_subject_prompts` (or, with ``retention``, :func:`retention_prompts`, as templates) of a fact
-    in its own form: for a fact in ``tokenizer``'s chat form, the user's turns in that form."""
+def subject_prompts_in_form(tokenizer, facts: Sequence[Fact], count: int, *,
+                            retention: bool = False) -> list[list[str]]:
+    """:func:`same_subject_prompts` (or, with ``retention``, :func:`retention_prompts`, as templates) of each
+    fact in its own form: for a fact in ``tokenizer``'s chat form, the user's turns in that form."""
     frame = ChatFrame.of(tokenizer) if tokenizer is not None else None
-    plain = plain_fact(frame, fact)
-    prompts = (retention_prompts if retention else same_subject_prompts)(plain, count)
-    return [frame.wrap(p) for p in prompts] if frame is not None and plain.prompt != fact.prompt else prompts
+    prompts_of = retention_prompts if retention else same_subject_prompts
+    out = []
+    for fact in facts:
+        plain = plain_fact(frame, fact)
+        prompts = prompts_of(plain, count)
+        out.append([frame.wrap(p) for p in prompts] if frame is not None and plain.prompt != fact.prompt else prompts)
+    return out

@@ -137,7 +137,7 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, max_new_tokens: int = 8,
     neigh_new = _nested(neigh_n, take(len(neighs)))
     port = _nested(port_n, take(len(ports)))
 
-    same = [subject_prompts_in_form(tokenizer, f, same_subject) if same_subject else [] for f in facts]
+    same = subject_prompts_in_form(tokenizer, facts, same_subject) if same_subject else [[] for _ in facts]
     prompts = ([f.text for f in facts] + paras + [p for p, _, _ in neighs] + [p for p, _ in ports]
                + [p for row in same for p in row])
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size) if prompts else []
@@ -196,7 +196,7 @@ def protocol_scores(protocol: str, facts: Sequence[Fact], probes: Probes, base: 
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     for name, values in (("reliability", rel), ("generalization", gen), ("locality", loc), ("portability", port)):
         out[name] = _entry(values)
-    if protocol == "generate_match" and same:
+    if same:  # generate_match only
         out["relation_specificity"] = _entry(same)
     return {k: out[k] for k in sorted(out, key=lambda k: (k not in METRICS, METRICS.index(k) if k in METRICS else 0, k))}
 

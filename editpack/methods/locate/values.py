@@ -257,8 +257,9 @@ def retention_lookups(model, tokenizer, facts: Sequence[Fact], count: int,
     of the model's greedy answer; each row's subject-last index and owning fact. A prompt whose answer begins with
     the fact's old answer is left out: it asks the edited relation in other words, and the edit may move it."""
     prompts, at, owners = [], [], []
+    templates = subject_prompts_in_form(tokenizer, facts, count, retention=True)
     for f, fact in enumerate(facts):
-        filled, idxs = lookups(tokenizer, subject_prompts_in_form(tokenizer, fact, count, retention=True), fact)
+        filled, idxs = lookups(tokenizer, templates[f], fact)
         prompts += filled
         at += idxs  # the answer comes after the prompt: the subject's index stays
         owners += [f] * len(filled)
