@@ -29,7 +29,7 @@ import torch
 
 import editpack
 from bench._common import DATA, REPO, checkpoint
-from editpack.evaluation.protocols import PROTOCOLS, bench_edits, combine, measure
+from editpack.evaluation.protocols import PROTOCOLS, SAME_SUBJECT, bench_edits, combine, measure
 from editpack.methods import REGISTRY
 from editpack.methods.base import parse_settings
 
@@ -54,20 +54,26 @@ def commit() -> str | None:
     return found.stdout.strip() or None
 
 
-def run_method(model, tokenizer, facts, method: str, hparams: dict) -> dict:
-    mode = MODES.get(method, "each")
+def run_method(model, tokenizer, facts, method: str, hparams: dict, *, mode: str | None = None,
+               **measuring) -> dict:
+    """Edit ``facts`` with ``method`` in its ``mode`` (``MODES``, or the one given) and score them; ``measuring`` goes
+    to :func:`measure` (``same_subject``, ``fluency_tokens``)."""
+    mode = mode or MODES.get(method, "each")
     if mode == "each":
+        def progress(i: int, seconds: float) -> None:
+            print(f"{method}: edit {i}/{len(facts)} in {seconds:.1f} s", flush=True)
+
         result = bench_edits(model, tokenizer, facts, lambda fact: editpack.edit(model, fact, method,
                                                                                  tokenizer=tokenizer, **hparams),
-                             protocols=PROTOCOLS)
+                             protocols=PROTOCOLS, on_edit=progress, **measuring)
     else:
-        base = measure(model, tokenizer, facts)
+        base = measure(model, tokenizer, facts, **measuring)
         start = time.perf_counter()
         pack = editpack.edit(model, facts, method, tokenizer=tokenizer, **hparams)
         seconds = time.perf_counter() - start
         edited = editpack.apply(model, pack, tokenizer=tokenizer)
         try:
-            result = combine(facts, base, measure(edited, tokenizer, facts), PROTOCOLS)
+            result = combine(facts, base, measure(edited, tokenizer, facts, **measuring), PROTOCOLS)
         finally:
             editpack.revert(edited)
         result["seconds_per_edit"] = {"mean": round(seconds / len(facts), 3), "batch_seconds": round(seconds, 1)}
@@ -84,10 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--corpus", default=str(REPO / "tests" / "data" / "wikipedia-slice.jsonl"))
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD:KEY=VALUE")
     parser.add_argument("--out-dir", default=str(REPO / "bench" / "results" / "methods"))
+    parser.add_argument("--batch", default="", help="methods to edit all records in one call, beyond MODES (grace)")
+    parser.add_argument("--same-subject", type=int, default=SAME_SUBJECT,
+                        help="same-subject prompts per fact (relation specificity); 0 skips them")
+    parser.add_argument("--fluency-tokens", type=int, default=60, help="tokens generated for fluency; 0 skips it")
     parser.add_argument("--small", action="store_true", help="a tiny model and 3 shipped records (a test's run)")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in REGISTRY]
+    batch = {m for m in args.batch.split(",") if m}
+    unknown = [m for m in methods + sorted(batch) if m not in REGISTRY]
     if unknown or args.n < 1:
         parser.error(f"unknown methods {unknown}" if unknown else "--n must be at least 1")
     per_method = settings_by_method(args.settings)
@@ -109,8 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
         if REGISTRY[method].takes("stats_corpus") and "mom2_adjustment" not in hparams and Path(args.corpus).is_file():
             hparams.setdefault("stats_corpus", args.corpus)
             editpack.edit(model, facts[0], method, tokenizer=tokenizer, **hparams)  # statistics: not timed
-        print(f"{method}: {len(facts)} records, {MODES.get(method, 'each')}", flush=True)
-        found = run_method(model, tokenizer, facts, method, hparams)
+        mode = "batch" if method in batch else MODES.get(method, "each")
+        print(f"{method}: {len(facts)} records, {mode}", flush=True)
+        found = run_method(model, tokenizer, facts, method, hparams, mode=mode, same_subject=args.same_subject,
+                           fluency_tokens=args.fluency_tokens)
         recorded = {k: (Path(v).name if k in ("stats_corpus", "editor") and isinstance(v, str) else v)
                     for k, v in hparams.items()}
         found.update({"model": model.editpack_ref.id if hasattr(model, "editpack_ref") else "tiny-llama",

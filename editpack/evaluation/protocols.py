@@ -232,9 +232,10 @@ def combine(facts, base: Probes, after: Probes, protocols: Sequence[str] = PROTO
 
 def bench_edits(model, tokenizer, facts: Sequence[Fact], edit_one: Callable[[Fact], object], *,
                 protocols: Sequence[str] = PROTOCOLS, max_new_tokens: int = 8, fluency_tokens: int = 60,
-                same_subject: int = SAME_SUBJECT) -> dict:
+                same_subject: int = SAME_SUBJECT, on_edit: Callable[[int, float], None] | None = None) -> dict:
     """Edit each fact on its own (``edit_one(fact)`` returns a pack; the model is restored between edits) and
-    score all protocols before/after, with seconds per edit and peak resident memory."""
+    score all protocols before/after, with seconds per edit and peak resident memory. ``on_edit(i, seconds)`` is
+    called after the ``i``-th edit (a long run's progress)."""
 
     kwargs = dict(max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens, same_subject=same_subject)
     base = measure(model, tokenizer, facts, **kwargs)
@@ -243,6 +244,8 @@ def bench_edits(model, tokenizer, facts: Sequence[Fact], edit_one: Callable[[Fac
         start = time.perf_counter()
         pack = edit_one(fact)
         seconds.append(time.perf_counter() - start)
+        if on_edit is not None:
+            on_edit(len(seconds), seconds[-1])
         edited = apply(model, pack)
         try:
             parts.append(measure(edited, tokenizer, [fact], **kwargs))
