@@ -4,7 +4,8 @@ Each family is one JSON file in the ``editpack.adapters`` package data (the repo
 A spec is chosen by the model config's ``model_type``; nothing here tests model names. Module paths are
 templates in which ``{}`` stands for the layer index. ``layer_roles`` says where the layers that methods edit
 lie: each method declares a role (``critical``: the layer(s) a single-layer method such as ROME edits; ``run``:
-the run of consecutive layers MEMIT-style methods spread an update over; ``late``: the one layer a codebook
+a run of consecutive layers (LoRA, MEND); ``spread``: the layers MEMIT-style methods spread an update over (the
+``run`` where a file leaves it out); ``late``: the one layer a codebook
 wraps (GRACE); ``tail``: the last MLPs a gradient-based lifelong method edits (UltraEdit)), and the file places each
 role as integers (a layer index) or floats in ``(0, 1)`` (a fraction of the model's depth, rounded down), so one
 file serves every size of a family. ``method_settings`` holds a family's hyper-parameter defaults for a method.
@@ -45,6 +46,10 @@ class ArchSpec:
     lm_head: str
     embed: str
     attn: str | None = None
+    #: The norm the MLP's output passes through before it joins the residual stream (Gemma 2/3's and OLMo 2's
+    #: ``post_feedforward_layernorm``), a template like ``mlp``; absent where the output is added as it is. A
+    #: method that spreads a residual change over MLP outputs (MEMIT, AlphaEdit) writes it through this norm.
+    mlp_out_norm: str | None = None
     mlp_transposed: bool = False
     description: str = ""
     layer_roles: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -82,6 +87,9 @@ class ArchSpec:
     def mlp_out_name(self, layer: int) -> str:
         return self.mlp_out.format(layer)
 
+    def mlp_out_norm_name(self, layer: int) -> str | None:
+        return self.mlp_out_norm.format(layer) if self.mlp_out_norm else None
+
     def mlp_in_names(self, layer: int) -> list[str]:
         return [template.format(layer) for template in self.mlp_in]
 
@@ -99,7 +107,7 @@ class ArchSpec:
 
     def role_layers(self, role: str, model: torch.nn.Module) -> list[int]:
         """The layers of ``role`` (``critical``, ``run``, …) on ``model``, resolving depth fractions."""
-        entry = self.layer_roles.get(role)
+        entry = self.layer_roles.get(role, self.layer_roles.get(ROLE_FALLBACKS.get(role, "")))
         if entry is None or ("layers" not in entry and "start" not in entry):
             raise UnknownArchitectureError(
                 f"the {self.family} spec does not place layer role {role!r}; pass layers=... or add "
@@ -156,6 +164,9 @@ ARCHITECTURES_ENV = "EDITPACK_ARCHITECTURES"
 #: Where a spec given for one model (``load_model(arch=…)``, ``--arch FILE``) or inferred for it is kept on it.
 _ON_MODEL = "_editpack_arch"
 #: The layer roles an inferred spec places (the shipped decoders' fractions of depth).
+#: A role a file may leave out, and the role that places it then: ``spread``, the layers MEMIT and AlphaEdit spread
+#: a residual over, is the ``run`` unless a family needs fewer (Gemma 3: one; see docs/concepts/architectures.md).
+ROLE_FALLBACKS = {"spread": "run"}
 DEFAULT_ROLES = {"critical": {"layers": [0.17]}, "run": {"start": 0.12, "count": 5}, "late": {"layers": [0.85]},
                  "tail": {"start": 0.75, "count": 4}}
 log = logging.getLogger(__name__)

@@ -93,6 +93,23 @@ def test_methods_declare_a_layer_role_and_the_spec_places_it():
     assert layers_of("memit", short) == [0, 1, 2, 3]  # a run never leaves the model
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "olmo2", "exaone4"])
+def test_post_norm_families_spread_memit_over_the_critical_layer_and_name_their_norm(model_type):
+    from tiny import tiny_model
+
+    model = tiny_model(model_type, num_hidden_layers=30)
+    spec = spec_for(model)
+    assert layers_of("memit", model) == layers_of("alphaedit", model) == layers_of("rome", model) == [5]
+    assert layers_of("lora", model) == [3, 4, 5, 6, 7]  # the run itself is unchanged
+    norm = get_module(model, spec.mlp_out_norm_name(5))
+    assert norm is get_module(model, spec.block_name(5)).post_feedforward_layernorm
+
+
+def test_a_spec_without_a_spread_role_spreads_over_its_run():
+    spec = spec_for_model_type("llama")
+    assert "spread" not in spec.layer_roles and spec.mlp_out_norm is None
+
+
 def layers_of(method: str, model) -> list[int]:
     from editpack.methods import get_method
 

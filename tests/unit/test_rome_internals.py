@@ -178,3 +178,53 @@ def test_a_fact_that_stops_early_keeps_its_delta_while_others_go_on():
     for a, b in zip(together, alone):
         assert a.steps == b.steps
         assert (a.delta - b.delta).norm() <= 1e-4 * b.delta.norm()
+
+
+# ------------------------------------------------------------------ a residual change through an output norm
+def _gemma_norm(d=16, seed=0):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(seed)
+    norm = Gemma3RMSNorm(d)
+    with torch.no_grad():
+        norm.weight.normal_(0, 5)  # gains of 1 + w, far from one, as Gemma's post-feed-forward norms are
+    return norm
+
+
+def test_a_reachable_change_through_an_rms_norm_is_reached_exactly():
+    from editpack.methods.locate.through_norm import through_norm
+
+    norm = _gemma_norm()
+    y, other = 0.2 * torch.randn(3, 16), 0.3 * torch.randn(3, 16)
+    wanted = (norm(other) - norm(y)).detach()
+    delta = through_norm(norm, y, wanted)
+    torch.testing.assert_close(norm(y + delta), norm(other), atol=1e-4, rtol=1e-4)
+
+
+def test_a_large_change_is_reached_in_direction_with_a_small_output_change():
+    from editpack.methods.locate.through_norm import through_norm
+
+    norm = _gemma_norm()
+    y = 0.2 * torch.randn(4, 16)
+    wanted = 10 * torch.randn(4, 16)
+    delta = through_norm(norm, y, wanted)
+    reached = norm(y + delta).detach()
+    target = norm(y).detach() + wanted
+    assert torch.nn.functional.cosine_similarity(reached, target).min() > 0.999
+    # The naive write adds `wanted` to y itself: fifty times y's size. Through the norm the change stays at y's scale.
+    assert delta.norm(dim=1).max() < 0.2 * wanted.norm(dim=1).min()
+
+
+def test_a_norm_that_depends_on_its_input_scale_is_refused():
+    from editpack.methods.locate.through_norm import through_norm
+
+    class Affine(torch.nn.Module):  # not scale-invariant: a linear map
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x):
+            return x * self.weight
+
+    with pytest.raises(ValueError, match="RMS norm"):
+        through_norm(Affine(), torch.randn(2, 16), torch.randn(2, 16), name="model.layers.1.post_norm")

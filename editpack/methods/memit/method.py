@@ -1,10 +1,12 @@
 """MEMIT (Meng et al. 2023): a batch of facts, the residual spread over the layers of a critical range.
 
 1. For each fact, a target hidden state ``z = h + δ`` at the output of the last edited block, at the subject's
-   last token, with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp); the facts' δ
+   last token (where the MLP's output reaches the stream through a norm, δ is optimised at the last MLP's output
+   and ``z`` is the change it makes through that norm), with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp); the facts' δ
    are optimised together, ``facts_per_batch`` at a time, each with its own loss and early stop.
 2. For each edited layer ``l`` in order: keys ``K`` (the MLP output projection's input at the subject's last
-   token, averaged over context prefixes), the remaining residual ``R = (z − h_now) / (layers left)``, and the
+   token, averaged over context prefixes), the remaining residual ``R = (z − h_now) / (layers left)`` (written
+   through the architecture's ``mlp_out_norm`` where the MLP's output passes one: :func:`through_norm`), and the
    update ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹``, applied before the next layer is processed.
 
 ``ΔW`` is stored as the factors ``B = R`` (out × n) and ``A = ((λC + K Kᵀ)⁻¹ K)ᵀ`` (n × in): rank ≤ n facts.
@@ -18,12 +20,13 @@ from typing import Sequence
 import torch
 
 from ...facts import Fact
-from ...model.arch import ArchSpec
+from ...model.arch import ArchSpec, get_module
 from ...packs.delta import LowRankDelta, WeightDelta
 from ..base import EditMethod, register_method
 from ..locate.keys import keys, outputs_at_subject
 from ..locate.model_state import add_update, applied_updates, frozen
 from ..locate.resolve import layer_second_moments, resolve_locate_config
+from ..locate.through_norm import through, through_norm
 from ..locate.values import TINY_LOCATE, optimize_deltas, suffix_length
 from .config import MEMITConfig
 
@@ -32,7 +35,7 @@ from .config import MEMITConfig
 class MEMIT(EditMethod):
     name = "memit"
     config_class = MEMITConfig
-    layer_role = "run"
+    layer_role = "spread"
     summary = "many facts in one batch, spread over a run of layers"
     tiny_settings = dict(TINY_LOCATE, layers=[1, 2], v_num_grad_steps=10)
     config: MEMITConfig
@@ -43,6 +46,10 @@ class MEMIT(EditMethod):
         cfg.layers = layers
         mom2 = layer_second_moments(cfg, model, tokenizer, spec, layers)  # missing layers: one pass for all
         block = spec.block_name(layers[-1])
+        # Where the MLP's output reaches the stream through a norm, δ is optimised at the last layer's MLP output
+        # (as ROME does), so the residual target is one that layer can reach through its norm.
+        normed = spec.mlp_out_norm_name(layers[-1])
+        at = spec.mlp_out_name(layers[-1]) if normed else block
         result = WeightDelta()
         with frozen(model):
             with torch.enable_grad():
@@ -51,16 +58,24 @@ class MEMIT(EditMethod):
                 found = {}
                 for start in range(0, len(order), cfg.facts_per_batch):
                     chunk = order[start : start + cfg.facts_per_batch]
-                    found.update(zip(chunk, optimize_deltas(model, tokenizer, spec, block,
+                    found.update(zip(chunk, optimize_deltas(model, tokenizer, spec, at,
                                                             [facts[i] for i in chunk], cfg)))
                 optimized = [found[i] for i in range(len(facts))]
             targets = torch.stack([o.init + o.delta for o in optimized])  # (n, hidden)
+            if normed:  # the residual change the optimised output makes through the last layer's norm
+                norm, init = get_module(model, normed), torch.stack([o.init for o in optimized])
+                moved = through(norm, targets) - through(norm, init)
+                targets = outputs_at_subject(model, tokenizer, block, facts).to(moved.device) + moved
             with applied_updates(model, spec) as originals:
                 for i, layer in enumerate(layers):
                     name = spec.mlp_out_name(layer)
                     k = keys(model, tokenizer, name, facts, cfg.context_templates)  # (n, in)
                     now = outputs_at_subject(model, tokenizer, block, facts)  # (n, hidden)
                     resid = (targets - now.to(targets.device)) / (len(layers) - i)
+                    norm = spec.mlp_out_norm_name(layer)
+                    if norm:  # the output reaches the stream through a norm (Gemma 2/3, OLMo 2)
+                        outputs = outputs_at_subject(model, tokenizer, name, facts).to(resid.device)
+                        resid = through_norm(get_module(model, norm), outputs, resid, name=norm)
                     a = self.update_factor(k, mom2[layer], name, state)  # (n, in)
                     delta = LowRankDelta(B=resid.T.contiguous(), A=a.contiguous())
                     add_update(model, spec, name, delta.dense(), originals)
