@@ -300,12 +300,42 @@ def infer_spec(model: torch.nn.Module) -> ArchSpec:
     attn = [n for n, m in block.named_children() if n != mlp_name.split(".")[0] and any(
         _linear_shape(c) is not None for c in m.modules())]
     template = lambda name: f"{blocks_name}.{{}}.{name}"  # noqa: E731
+    out_norm = _norm_after(model, block, mlp_name)
     return ArchSpec(
         family=f"inferred-{model.config.model_type}", model_types=(model.config.model_type,),
         description=f"inferred by editpack from {type(model).__name__}'s module tree",
         blocks=blocks_name, mlp=template(mlp_name), mlp_in=tuple(template(n) for n in ins), mlp_out=template(out_name),
-        attn=template(attn[0]) if attn else None, final_norm=norms[-1], lm_head=names[id(head)],
-        embed=names[id(embed)], mlp_transposed=transposed, layer_roles=DEFAULT_ROLES)
+        attn=template(attn[0]) if attn else None, mlp_out_norm=template(out_norm) if out_norm else None,
+        final_norm=norms[-1], lm_head=names[id(head)], embed=names[id(embed)], mlp_transposed=transposed,
+        layer_roles=DEFAULT_ROLES)
+
+
+def _norm_after(model: torch.nn.Module, block: torch.nn.Module, mlp_name: str) -> str | None:
+    """The block's norm-like child (a weight vector, not a linear layer; dropouts have no weights) that reads the
+    MLP's output itself (a post-feed-forward norm), found by running the model
+    on two tokens and watching which module receives the MLP's output tensor; ``None`` when none does, or when
+    the model cannot run here (its weights not loaded)."""
+    mlp = get_module(block, mlp_name)
+    children = [(n, m) for n, m in block.named_children() if m is not mlp and n != mlp_name.split(".")[0]
+                and _linear_shape(m) is None and any(p.dim() == 1 for p in m.parameters(recurse=False))]
+    seen: dict[str, Any] = {}
+    hooks = [mlp.register_forward_hook(lambda _m, _i, out: seen.setdefault("mlp", out))]
+    for name, child in children:
+        hooks.append(child.register_forward_pre_hook(
+            lambda _m, args, name=name: seen.setdefault(name, args[0] if args else None)))
+    try:
+        param = next(model.parameters())
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=param.device))
+    except Exception as error:  # noqa: BLE001 - meta weights, a dispatched model without its devices: no norm known
+        log.debug("could not run the model to find the MLP's output norm: %s", error)
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = seen.get("mlp")
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return next((name for name, _ in children if out is not None and seen.get(name) is out), None)
 
 
 def spec_json(spec: ArchSpec) -> str:

@@ -40,7 +40,8 @@ def model_of(model_type: str):
 def test_the_inferred_layout_of_every_shipped_family_is_its_file(model_type):
     model, _ = model_of(model_type)
     inferred, shipped = infer_spec(model), spec_for_model_type(model_type)
-    for key in ("blocks", "mlp", "mlp_in", "mlp_out", "attn", "final_norm", "lm_head", "embed", "mlp_transposed"):
+    for key in ("blocks", "mlp", "mlp_in", "mlp_out", "mlp_out_norm", "attn", "final_norm", "lm_head", "embed",
+                "mlp_transposed"):
         assert getattr(inferred, key) == getattr(shipped, key), key
 
 
