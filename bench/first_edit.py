@@ -1,7 +1,7 @@
 """Time to the first edit of a model on a machine whose statistics cache is empty: the key statistics computed by
 the edit itself, against pulled from a Hub server (``editpack edit --stats user/name@1.0.0``).
 
-    python3 -m bench.first_edit [--model smollm2-135m] [--method rome] [--corpus FILE] [--tokens 100000]
+    python3 -m bench.first_edit [--model smollm2-135m] [--method rome] [--corpus FILE] [--tokens 100000] [--reuse-cache]
 
 Each timing is one ``editpack edit`` command run as a user runs it (a fresh process: loading the model, the
 statistics, the edit; ``--no-eval``), in its own empty ``EDITPACK_HOME`` (the converted model linked in, so only
@@ -53,15 +53,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="rome")
     parser.add_argument("--corpus", default=str(REPO / "tests" / "data" / "wikipedia-slice.jsonl"))
     parser.add_argument("--tokens", type=int, default=100_000)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "first_edit.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/first_edit.json (the default model), "
+                        "first_edit-MODEL.json (another)")
+    parser.add_argument("--reuse-cache", action="store_true",
+                        help="make the statistics to push in this machine's own cache (found there when an earlier "
+                             "run computed them; not timed either way)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "first_edit.json" if args.model == DEFAULT_MODEL else f"first_edit-{args.model}.json"
+        args.out = str(REPO / "bench" / "results" / name)
     common = ["--model", args.model, "--method", args.method, *FACT, "--no-eval"]
     with tempfile.TemporaryDirectory(prefix="editpack-first-edit-") as scratch, HubServer() as hub:
         root = Path(scratch)
         base = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HUB_DISABLE_XET="1")
         base.pop("HF_HUB_OFFLINE", None)
         # The statistics to pull: computed and pushed beforehand (not timed).
-        maker = dict(base, EDITPACK_HOME=str(fresh_home(root / "maker", args.model)), HF_HOME=str(root / "maker-hf"))
+        maker = dict(base, HF_HOME=str(root / "maker-hf"))
+        if not args.reuse_cache:
+            maker["EDITPACK_HOME"] = str(fresh_home(root / "maker", args.model))
         editpack(["stats", "compute", "--model", args.model, "--method", args.method, "--corpus", args.corpus,
                   "--tokens", str(args.tokens), "-o", str(root / "stats")], maker)
         editpack(["push", str(root / "stats"), "bench/stats"], maker)
