@@ -8,7 +8,8 @@ commands from the click commands themselves; never typed by hand.
 words (no figures), the method, and the JSON the figures come from (``bench/results/methods/<method>.json`` from
 ``python3 -m bench.methods``, or ``bench/results/lifelong-….json#<method>`` from ``python3 -m bench.lifelong``).
 The table is written between the ``<!-- methods-table -->`` and ``<!-- /methods-table -->`` lines of each page,
-the commands between ``<!-- commands-table -->`` and ``<!-- /commands-table -->``.
+the commands between ``<!-- commands-table -->`` and ``<!-- /commands-table -->``; ``docs/results/models.md``'s
+table (every model of ``bench/results/models/``) between ``<!-- models-table -->`` and ``<!-- /models-table -->``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "docs" / "results" / "choosing.json"
-PAGES = {REPO / "README.md": "docs/results/methods.md", REPO / "docs" / "results" / "methods.md": "methods.md"}
+PAGES = {REPO / "README.md": "docs/results/methods.md", REPO / "docs" / "results" / "methods.md": "methods.md",
+         REPO / "docs" / "results" / "models.md": None}
+#: ``bench/results/models/<model>/<method>.json`` (``python3 -m bench.methods --out-dir …``): the models page's table.
+MODELS = REPO / "bench" / "results" / "models"
+MODEL_ORDER = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
 
 
 def figures(source: str) -> dict:
@@ -66,6 +71,30 @@ def table(link: str) -> str:
     return "\n".join(lines)
 
 
+def models_table() -> str:
+    """One row per model and method: the three protocols' efficacy / paraphrase / neighbourhood after the edits
+    (neighbourhood before in brackets), seconds per edit and the process's peak memory."""
+    lines = ["| model | method | records | prob_compare | teacher_forced_token_acc | generate_match | s/edit | "
+             "peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    folders = sorted((d for d in MODELS.iterdir() if d.is_dir()),
+                     key=lambda d: (MODEL_ORDER.index(d.name) if d.name in MODEL_ORDER else len(MODEL_ORDER), d.name))
+    for folder in folders:
+        for method in ("rome", "memit", "grace"):
+            path = folder / f"{method}.json"
+            if not path.is_file():
+                continue
+            data = json.loads(path.read_text(encoding="utf-8"))
+            cells = []
+            for protocol in ("prob_compare", "teacher_forced_token_acc", "generate_match"):
+                m = data["protocols"][protocol]
+                cells.append(f"{pct(m['reliability']['after'])} / {pct(m['generalization']['after'])} / "
+                             f"{pct(m['locality']['after'])} ({pct(m['locality']['before'])})")
+            mode = "one at a time" if data["mode"] == "each" else "in one edit"
+            lines.append(f"| {data['model']} | `{method}` | {data['n']}, {mode} | {' | '.join(cells)} | "
+                         f"{data['seconds_per_edit']['mean']:.2f} | {data['peak_rss_mib'] / 1024:.1f} GiB |")
+    return "\n".join(lines)
+
+
 def commands() -> str:
     """Every ``editpack`` command with its one-line help, from the click group."""
     from editpack.cli.main import main as group
@@ -85,7 +114,9 @@ def fill(text: str, block: str, body: str, page: Path) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def rendered(page: Path, link: str) -> str:
+def rendered(page: Path, link: str | None) -> str:
+    if link is None:
+        return fill(page.read_text(encoding="utf-8"), "models-table", models_table(), page)
     text = fill(page.read_text(encoding="utf-8"), "methods-table", table(link), page)
     if page.name == "README.md":
         text = fill(text, "commands-table", commands(), page)
