@@ -5,8 +5,8 @@ A spec is chosen by the model config's ``model_type``; nothing here tests model 
 templates in which ``{}`` stands for the layer index. ``layer_roles`` says where the layers that methods edit
 lie: each method declares a role (``critical``: the layer(s) a single-layer method such as ROME edits; ``run``:
 a run of consecutive layers (LoRA, MEND); ``spread``: the layers MEMIT-style methods spread an update over (the
-``run`` where a file leaves it out); ``late``: the one layer a codebook
-wraps (GRACE); ``tail``: the last MLPs a gradient-based lifelong method edits (UltraEdit)), and the file places each
+``run`` where a file leaves it out); ``late``: the one layer a codebook wraps (GRACE); ``tail``: the last MLPs a
+gradient-based lifelong method edits (UltraEdit)), and the file places each
 role as integers (a layer index) or floats in ``(0, 1)`` (a fraction of the model's depth, rounded down), so one
 file serves every size of a family. ``method_settings`` holds a family's hyper-parameter defaults for a method.
 
@@ -163,10 +163,10 @@ def _load_all() -> dict[str, ArchSpec]:
 ARCHITECTURES_ENV = "EDITPACK_ARCHITECTURES"
 #: Where a spec given for one model (``load_model(arch=…)``, ``--arch FILE``) or inferred for it is kept on it.
 _ON_MODEL = "_editpack_arch"
-#: The layer roles an inferred spec places (the shipped decoders' fractions of depth).
 #: A role a file may leave out, and the role that places it then: ``spread``, the layers MEMIT and AlphaEdit spread
 #: a residual over, is the ``run`` unless a family needs fewer (Gemma 3: one; see docs/concepts/architectures.md).
 ROLE_FALLBACKS = {"spread": "run"}
+#: The layer roles an inferred spec places (the shipped decoders' fractions of depth).
 DEFAULT_ROLES = {"critical": {"layers": [0.17]}, "run": {"start": 0.12, "count": 5}, "late": {"layers": [0.85]},
                  "tail": {"start": 0.75, "count": 4}}
 log = logging.getLogger(__name__)
@@ -312,12 +312,12 @@ def infer_spec(model: torch.nn.Module) -> ArchSpec:
 
 def _norm_after(model: torch.nn.Module, block: torch.nn.Module, mlp_name: str) -> str | None:
     """The block's norm-like child (a weight vector, not a linear layer; dropouts have no weights) that reads the
-    MLP's output itself (a post-feed-forward norm), found by running the model
-    on two tokens and watching which module receives the MLP's output tensor; ``None`` when none does, or when
-    the model cannot run here (its weights not loaded)."""
+    MLP's output itself (a post-feed-forward norm), found by running the model on two tokens and watching which
+    module receives the MLP's output tensor; ``None`` when none does, or when the model cannot run here (its
+    weights not loaded)."""
     mlp = get_module(block, mlp_name)
-    children = [(n, m) for n, m in block.named_children() if m is not mlp and n != mlp_name.split(".")[0]
-                and _linear_shape(m) is None and any(p.dim() == 1 for p in m.parameters(recurse=False))]
+    children = [(n, m) for n, m in block.named_children() if n != mlp_name.split(".")[0] and _linear_shape(m) is None
+                and any(p.dim() == 1 for p in m.parameters(recurse=False))]
     seen: dict[str, Any] = {}
     hooks = [mlp.register_forward_hook(lambda _m, _i, out: seen.setdefault("mlp", out))]
     for name, child in children:

@@ -1,9 +1,10 @@
 """MEMIT (Meng et al. 2023): a batch of facts, the residual spread over the layers of a critical range.
 
 1. For each fact, a target hidden state ``z = h + δ`` at the output of the last edited block, at the subject's
-   last token (where the MLP's output reaches the stream through a norm, δ is optimised at the last MLP's output
-   and ``z`` is the change it makes through that norm), with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp); the facts' δ
-   are optimised together, ``facts_per_batch`` at a time, each with its own loss and early stop.
+   last token, with δ optimised as in ROME (NLL on the new target, KL, norm penalty and clamp); the facts' δ
+   are optimised together, ``facts_per_batch`` at a time, each with its own loss and early stop. Where the MLP's
+   output reaches the stream through a norm, δ is optimised at the last MLP's output instead, and ``z − h`` is the
+   change it makes through that norm.
 2. For each edited layer ``l`` in order: keys ``K`` (the MLP output projection's input at the subject's last
    token, averaged over context prefixes), the remaining residual ``R = (z − h_now) / (layers left)`` (written
    through the architecture's ``mlp_out_norm`` where the MLP's output passes one: :func:`through_norm`), and the
