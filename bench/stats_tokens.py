@@ -42,19 +42,19 @@ def run(model, tokenizer, facts, method: str, tokens, corpus: str, settings: dic
     hparams = {**settings.get("edit", {}), "stats_corpus": corpus, "stats_tokens": stats.provenance["n_tokens"]}
     if tokens == "auto":
         hparams["stats_tolerance"] = stats.provenance["rule"]["tolerance"]
-    # Fluency (free generation) is not among the scores: not generated.
+    # Fluency and the same-subject prompts are not among the scores: not generated.
     if method == "memit":
-        base = measure(model, tokenizer, facts, fluency_tokens=0)
+        base = measure(model, tokenizer, facts, fluency_tokens=0, same_subject=0)
         pack = editpack.edit(model, facts, method, tokenizer=tokenizer, **hparams)
         edited = editpack.apply(model, pack)
         try:
-            result = combine(facts, base, measure(edited, tokenizer, facts, fluency_tokens=0))
+            result = combine(facts, base, measure(edited, tokenizer, facts, fluency_tokens=0, same_subject=0))
         finally:
             editpack.revert(edited)
     else:
         result = bench_edits(model, tokenizer, facts,
                              lambda f: editpack.edit(model, f, method, tokenizer=tokenizer, **hparams),
-                             fluency_tokens=0)
+                             fluency_tokens=0, same_subject=0)
     return {"tokens": tokens, "tokens_read": stats.provenance["tokens"], "stats_seconds": round(stats_seconds, 1),
             "stopped": stats.provenance["stopped"], "scores": scores(result)}
 
