@@ -155,6 +155,14 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, max_new_tokens: int = 8,
                   gen_port, fluency, gen_same)
 
 
+def same_subject_answers(tokenizer, facts: Sequence[Fact], probes: Probes,
+                         same_subject: int = SAME_SUBJECT) -> dict[str, str]:
+    """The same-subject prompts :func:`measure` asked (with ``same_subject`` per fact) and the answers in
+    ``probes``, so a later suite on the same model need not generate them again."""
+    prompts = subject_prompts_in_form(tokenizer, facts, same_subject) if same_subject else []
+    return {p: a for row, answers in zip(prompts, probes.gen_same) for p, a in zip(row, answers)}
+
+
 # ------------------------------------------------------------------------------------------- protocols
 def _mean(values: list[float]) -> tuple[float | None, int]:
     return (sum(values) / len(values) if values else None), len(values)

@@ -21,7 +21,7 @@ from ..errors import EditpackError
 from ..facts import Fact, split_format
 from ..runtime.apply import apply, revert
 from . import side_effects
-from .protocols import PROTOCOLS, check_protocols, combine, measure
+from .protocols import PROTOCOLS, check_protocols, combine, measure, same_subject_answers
 
 #: The settings a stored evaluation records (and a rerun reuses).
 DEFAULTS = {"max_new_tokens": 8, "fluency_tokens": 60}
@@ -54,13 +54,17 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
                                                             else "plain")
     kwargs = dict(max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
     base = measure(model, tokenizer, facts, **kwargs)
+    # The same-subject prompts the probes asked are asked again by the suites when the settings agree: reuse them.
+    def same(probes) -> dict[str, str]:
+        return same_subject_answers(tokenizer, facts, probes) if settings.max_new_tokens == max_new_tokens else {}
+
     base_snap = (side_effects.snapshot(model, tokenizer, pack.facts, settings, logits=pack.scores_logits,
-                                       reuse=True) if default_probes else None)
+                                       reuse=True, answered=same(base)) if default_probes else None)
     edited = apply(model, pack, tokenizer=tokenizer)
     try:
         after = measure(edited, tokenizer, facts, **kwargs)
-        after_snap = (side_effects.snapshot(edited, tokenizer, pack.facts, settings, logits=pack.scores_logits)
-                      if default_probes else None)
+        after_snap = (side_effects.snapshot(edited, tokenizer, pack.facts, settings, logits=pack.scores_logits,
+                                            answered=same(after)) if default_probes else None)
     finally:
         revert(edited)
     result = combine(facts, base, after, protocols)

@@ -42,7 +42,7 @@ from .._io import atomic_write_json, read_safetensors, write_safetensors
 from ..chat import ChatFrame, chat_prompts, plain_fact
 from ..facts import Fact
 from ..model.fingerprint import parameters_fingerprint
-from ..model.generation import generate, model_device, next_token_logits
+from ..model.generation import generate, generate_with_first_logits, model_device
 from ..paths import cache_dir
 from ..relations import same_subject_prompts, template_paraphrases
 from ..runtime.apply import applied
@@ -113,13 +113,15 @@ class Snapshot:
 
 
 def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True,
-             reuse: bool = False) -> Snapshot:
+             reuse: bool = False, answered: dict[str, str] | None = None) -> Snapshot:
     """Run the suites on ``model`` (teacher-forced parts only when ``logits``), their prompts in ``settings.form``.
     The subjects of ``facts`` in chat form are asked about by the user's text of their prompts.
 
     With ``reuse`` (the unedited model, before a pack is applied) the suites that do not depend on the facts
     (unrelated prompts, perplexity, fluency) are read from the cache when this model's weights, its tokenizer,
-    the suites and the settings were measured before, and kept there otherwise (:func:`fixed_suites`)."""
+    the suites and the settings were measured before, and kept there otherwise (:func:`fixed_suites`).
+    ``answered`` maps prompts this model has already answered greedily (with ``settings.max_new_tokens``) to
+    their answers; those are not generated again."""
     asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
     frame = ChatFrame.of(tokenizer)
     facts = [plain_fact(frame, f) for f in spread(facts, settings.same_subject_facts)]
@@ -128,11 +130,18 @@ def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *
     return Snapshot(
         locality=fixed["locality"],
         locality_logprobs=fixed["locality_logprobs"],
-        same_subject=generate(model, tokenizer, same, max_new_tokens=settings.max_new_tokens,
-                              batch_size=settings.batch_size) if same else [],
+        same_subject=_answers(model, tokenizer, same, settings, answered or {}),
         heldout_nll=fixed["heldout_nll"],
         fluency=fixed["fluency"],
     )
+
+
+def _answers(model, tokenizer, prompts: list[str], settings: SuiteSettings, answered: dict[str, str]) -> list[str]:
+    """Greedy answers to ``prompts``, generating only those not in ``answered``."""
+    missing = list(dict.fromkeys(p for p in prompts if p not in answered))
+    new = dict(zip(missing, generate(model, tokenizer, missing, max_new_tokens=settings.max_new_tokens,
+                                     batch_size=settings.batch_size))) if missing else {}
+    return [answered[p] if p in answered else new[p] for p in prompts]
 
 
 def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool) -> dict[str, Any]:
@@ -143,14 +152,19 @@ def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool) -> di
     generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
     free = generate(model, tokenizer, asked(generic), max_new_tokens=settings.fluency_tokens,
                     batch_size=settings.batch_size)
+    # The next-token distribution after each prompt is the first step of its greedy answer: read off that step.
+    answers, first = generate_with_first_logits(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
+                                                batch_size=settings.batch_size)
     return {
-        "locality": generate(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
-                             batch_size=settings.batch_size),
-        "locality_logprobs": (torch.log_softmax(next_token_logits(model, tokenizer, loc, settings.batch_size), dim=-1)
-                              if logits else None),
+        "locality": answers,
+        "locality_logprobs": torch.log_softmax(first, dim=-1) if logits else None,
         "heldout_nll": _heldout_nll(model, tokenizer, settings) if logits else None,
         "fluency": [ngram_entropy(p + text) for p, text in zip(generic, free)],
     }
+
+
+#: How :func:`measure_fixed` measures, part of the cache key: a change to it makes earlier entries unused.
+MEASURED = 2
 
 
 def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool) -> dict[str, Any]:
@@ -164,6 +178,7 @@ def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool) -> dic
         "suites": {name: suites.load(name).sha256 for name in ("locality", "generic_prompts", "heldout")},
         "settings": {k: v for k, v in asdict(settings).items() if not k.startswith("same_subject")},
         "logits": logits, "device": str(model_device(model)), "dtype": str(next(model.parameters()).dtype),
+        "measured": MEASURED,
     }
     path = cache_dir("suites") / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}"
     record, tensors = path.with_suffix(".json"), path.with_suffix(".safetensors")

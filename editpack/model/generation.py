@@ -59,7 +59,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -73,12 +72,29 @@ def generate(
     A model that says how prompts batch best (``generation_order(prompts)``, as memory packs do: prompts answered
     in one context together, so it is computed once) gets them in that order; the outputs keep the given order."""
     single = isinstance(prompts, str)
-    given = [prompts] if single else list(prompts)
+    texts, _ = _greedy(model, tokenizer, [prompts] if single else list(prompts), max_new_tokens, batch_size, False)
+    return texts[0] if single else texts
+
+
+def generate_with_first_logits(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 20,
+                               batch_size: int = 16) -> tuple[list[str], torch.Tensor]:
+    """:func:`generate`, and the logits of the first generated token after each prompt (``(len(prompts), vocab)``,
+    float32): what :func:`next_token_logits` computes, read off the generation's first step instead of a forward
+    of its own."""
+    texts, logits = _greedy(model, tokenizer, list(prompts), max_new_tokens, batch_size, True)
+    return texts, logits
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, given: list[str], max_new_tokens: int, batch_size: int,
+            first_logits: bool) -> tuple[list[str], torch.Tensor | None]:
     ordering = getattr(model, "generation_order", None)
     order = list(ordering(given)) if callable(ordering) and len(given) > 1 else list(range(len(given)))
     items = [given[i] for i in order]
     outputs: list[str] = []
+    rows: list[torch.Tensor] = []
     device = model_device(model)
+    extra = dict(output_logits=True, return_dict_in_generate=True) if first_logits else {}
     with padding_side(tokenizer, "left"):
         for start in range(0, len(items), batch_size):
             batch = tokenizer(items[start : start + batch_size], return_tensors="pt", padding=True).to(device)
@@ -91,13 +107,20 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **extra,
             )
+            if first_logits:
+                rows.append(generated.logits[0].float().cpu())
+                generated = generated.sequences
             new = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     placed = [""] * len(given)
     for i, text in zip(order, outputs):
         placed[i] = text
-    return placed[0] if single else placed
+    if not first_logits:
+        return placed, None
+    logits = torch.empty(0) if not rows else torch.cat(rows)
+    return placed, logits[torch.tensor(order).argsort()] if len(order) else logits
 
 
 #: Tokens decoded together when looking for a stop text: enough for any text a few tokens long to be seen whole.

@@ -167,3 +167,31 @@ def test_the_unedited_models_suites_are_measured_once_per_model_and_settings(tin
         model.get_submodule("model.layers.3.mlp.down_proj").weight.add_(0.01)
     editpack.evaluate_pack(model, tok, second)
     assert calls == [1, 1]  # other weights: measured again
+
+
+def test_a_cards_suites_read_the_next_token_distribution_off_the_answers_first_step(tiny_dir):
+    from editpack.model.generation import generate, generate_with_first_logits, next_token_logits
+
+    model, tok = editpack.load_model(str(tiny_dir))
+    prompts = ["the famous eiffel tower", "a", "the old london bridge is in the city of"]
+    texts, first = generate_with_first_logits(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    assert texts == generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    assert torch.allclose(first, next_token_logits(model, tok, prompts), atol=1e-5)
+
+
+def test_a_card_asks_each_same_subject_prompt_once_per_model(tiny_dir, monkeypatch):
+    """The probes of a pack's facts and the card's same-subject suite ask the same prompts: each model (base,
+    edited) generates them once, and the claims are those of asking them twice."""
+    model, tok = editpack.load_model(str(tiny_dir))
+    pack = editpack.edit(model, editpack.make_fact("the famous {}", "eiffel tower", "rome"), layers=[1],
+                         mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4)
+    asked = []
+    real = side_effects.generate
+    monkeypatch.setattr(side_effects, "generate", lambda m, t, prompts, **kw: asked.extend(prompts) or real(
+        m, t, prompts, **kw))
+    claims = editpack.evaluate_pack(model, tok, pack)["side_effects"]["claims"]
+    same = relations.same_subject_prompts(pack.facts[0], SAME_SUBJECT)
+    assert same and not set(same) & set(asked)  # the suites took the probes' answers
+    monkeypatch.setattr(side_effects, "_answers", lambda m, t, prompts, s, answered: real(
+        m, t, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size))
+    assert editpack.evaluate_pack(model, tok, pack)["side_effects"]["claims"] == claims
