@@ -9,7 +9,9 @@ words (no figures), the method, and the JSON the figures come from (``bench/resu
 ``python3 -m bench.methods``, or ``bench/results/lifelong-….json#<method>`` from ``python3 -m bench.lifelong``).
 The table is written between the ``<!-- methods-table -->`` and ``<!-- /methods-table -->`` lines of each page,
 the commands between ``<!-- commands-table -->`` and ``<!-- /commands-table -->``; ``docs/results/models.md``'s
-table (every model of ``bench/results/models/``) between ``<!-- models-table -->`` and ``<!-- /models-table -->``.
+table (every model of ``bench/results/models/``) between ``<!-- models-table -->`` and ``<!-- /models-table -->``;
+``docs/concepts/architectures.md``'s table of families (every file of ``adapters/``: what edits it, what it exports
+to) between ``<!-- families-table -->`` and ``<!-- /families-table -->``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "docs" / "results" / "choosing.json"
-PAGES = {REPO / "README.md": "docs/results/methods.md", REPO / "docs" / "results" / "methods.md": "methods.md",
-         REPO / "docs" / "results" / "models.md": None}
+ADAPTERS = REPO / "adapters"
 #: ``bench/results/models/<model>/<method>.json`` (``python3 -m bench.methods --out-dir …``): the models page's table.
 MODELS = REPO / "bench" / "results" / "models"
 MODEL_ORDER = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
@@ -95,6 +96,28 @@ def models_table() -> str:
     return "\n".join(lines)
 
 
+def families_table() -> str:
+    """One row per architecture file: its model types, the methods the family table's test edits it with, whether
+    the pack loads in plain PEFT, and where it exports (engines' LoRA folders, llama.cpp GGUF, merged weights)."""
+    lines = ["| file | model types | edited by (tested on a tiny model) | plain PEFT load | exports |",
+             "|---|---|---|---|---|"]
+    for path in sorted(ADAPTERS.glob("*.json")):
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        types = ", ".join(f"`{t}`" for t in spec["model_types"])
+        if spec.get("experts"):
+            edited = ("ROME, MEMIT, GRACE, a memory pack; AlphaEdit in `test_moe.py` (each expert on its own; the "
+                      "router untouched); other methods refused")
+            peft = "yes (LoRA on the stacked `down_proj`, `target_parameters`)"
+            exports = "merged weights (no engine loads a LoRA on parameters)"
+        else:
+            edited, peft = "ROME, MEMIT, GRACE, a memory pack (other methods take the same layout)", "yes"
+            exports = ("merged weights (Conv1D layers: no engine LoRA)" if spec.get("mlp_transposed") else
+                       "engine LoRA (vLLM, SGLang, TGI, LoRAX), " + ("GGUF LoRA, " if spec.get("gguf") else "")
+                       + "merged weights")
+        lines.append(f"| `{path.stem}` | {types} | {edited} | {peft} | {exports} |")
+    return "\n".join(lines)
+
+
 def commands() -> str:
     """Every ``editpack`` command with its one-line help, from the click group."""
     from editpack.cli.main import main as group
@@ -103,6 +126,15 @@ def commands() -> str:
     for name in sorted(group.commands):
         lines.append(f"| `editpack {name}` | {group.commands[name].get_short_help_str(120)} |")
     return "\n".join(lines)
+
+
+#: Each generated page, and its blocks with what fills them.
+PAGES = {
+    REPO / "README.md": {"methods-table": lambda: table("docs/results/methods.md"), "commands-table": commands},
+    REPO / "docs" / "results" / "methods.md": {"methods-table": lambda: table("methods.md")},
+    REPO / "docs" / "results" / "models.md": {"models-table": models_table},
+    REPO / "docs" / "concepts" / "architectures.md": {"families-table": families_table},
+}
 
 
 def fill(text: str, block: str, body: str, page: Path) -> str:
@@ -114,12 +146,10 @@ def fill(text: str, block: str, body: str, page: Path) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def rendered(page: Path, link: str | None) -> str:
-    if link is None:
-        return fill(page.read_text(encoding="utf-8"), "models-table", models_table(), page)
-    text = fill(page.read_text(encoding="utf-8"), "methods-table", table(link), page)
-    if page.name == "README.md":
-        text = fill(text, "commands-table", commands(), page)
+def rendered(page: Path, blocks: dict) -> str:
+    text = page.read_text(encoding="utf-8")
+    for block, render in blocks.items():
+        text = fill(text, block, render(), page)
     return text
 
 
@@ -128,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
     args = parser.parse_args(argv)
     stale = []
-    for page, link in PAGES.items():
-        new = rendered(page, link)
+    for page, blocks in PAGES.items():
+        new = rendered(page, blocks)
         if new != page.read_text(encoding="utf-8"):
             stale.append(page.relative_to(REPO))
             if not args.check:

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ..errors import UnknownMethodError
+from ..errors import UnknownArchitectureError, UnknownMethodError
 from ..facts import Fact
 from ..model.arch import ArchSpec
 from ..packs.base_model import describe_base
@@ -234,6 +234,8 @@ class EditMethod(ABC):
     tiny_training: ClassVar[dict[str, Any]] = {}
     #: Packages the method needs besides editpack's dependencies (import names; the memory packs' encoder).
     needs_packages: ClassVar[tuple[str, ...]] = ()
+    #: It edits Mixture-of-Experts blocks (docs/concepts/moe.md); others are refused on such a family.
+    edits_experts: ClassVar[bool] = False
 
     @classmethod
     def takes(cls, setting: str) -> bool:
@@ -260,6 +262,10 @@ class EditMethod(ABC):
         """``config.layers``, filled in from :meth:`default_layers` when unset and checked against the model's
         depth; the resolved list is what the pack records."""
         cfg = self.config
+        if spec.experts and not self.edits_experts:
+            able = ", ".join(sorted(name for name, cls in REGISTRY.items() if cls.edits_experts))
+            raise UnknownArchitectureError(f"{self.name} does not edit Mixture-of-Experts models such as this "
+                                           f"{spec.family} model; {able} do")
         if cfg.layers is None:
             cfg.layers = self.default_layers(model, spec)
         depth = spec.num_layers(model)

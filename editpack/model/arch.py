@@ -62,6 +62,12 @@ class ArchSpec:
     #: ``{"multiply_by": "<config attribute>"}`` (Cohere's ``logit_scale``) or ``{"divide_by": …}`` (Granite's
     #: ``logits_scaling``), so methods that read logits from hidden states read what the model computes.
     logits: dict[str, str] = field(default_factory=dict)
+    #: Mixture-of-Experts blocks (see docs/concepts/moe.md): ``module``, the template of the block's experts
+    #: module (transformers' stacked experts: ``gate_up_proj`` and ``down_proj`` parameters of one leading
+    #: expert dimension, called as ``experts(hidden, top_k_index, top_k_weights)``), and ``router``, the module
+    #: that picks them (never edited). ``mlp`` is then the whole block, and ``mlp_out`` the stacked output
+    #: parameter (``…experts.down_proj``) that locate-then-edit methods change, one expert slice at a time.
+    experts: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ArchSpec":
@@ -75,6 +81,11 @@ class ArchSpec:
         values = dict(data)
         values["model_types"] = tuple(values["model_types"])
         values["mlp_in"] = tuple(values["mlp_in"]) if isinstance(values["mlp_in"], list) else (values["mlp_in"],)
+        experts = values.get("experts") or {}
+        if experts and (set(experts) - {"module", "router"} or "module" not in experts
+                        or not values["mlp_out"].startswith(experts["module"] + ".")):
+            raise ValueError(f"architecture spec {source}: experts must name the experts module (and its router), "
+                             "and mlp_out one of that module's parameters")
         return cls(**values)
 
     # -- module paths ---------------------------------------------------------------------------------------
@@ -89,6 +100,15 @@ class ArchSpec:
 
     def mlp_out_norm_name(self, layer: int) -> str | None:
         return self.mlp_out_norm.format(layer) if self.mlp_out_norm else None
+
+    def experts_name(self, layer: int) -> str | None:
+        """The experts module of ``layer``'s Mixture-of-Experts block (``None`` for a dense family)."""
+        return self.experts["module"].format(layer) if self.experts else None
+
+    def wrap_name(self, layer: int) -> str:
+        """The module a codebook wraps at ``layer`` (GRACE): the MLP output projection, or for a
+        Mixture-of-Experts block the whole block (router and experts), so routing is never changed."""
+        return self.mlp_name(layer) if self.experts else self.mlp_out_name(layer)
 
     def mlp_in_names(self, layer: int) -> list[str]:
         return [template.format(layer) for template in self.mlp_in]
@@ -282,6 +302,9 @@ def infer_spec(model: torch.nn.Module) -> ArchSpec:
     linears = {n: _linear_shape(m) for n, m in block.named_modules() if n and _linear_shape(m) is not None
                and "lora_" not in n and not n.endswith(".base_layer")}
     outs = [(n, shape) for n, shape in linears.items() if shape[0] == hidden and shape[1] > hidden]
+    experts = _stacked_experts(block, hidden)
+    if not outs and experts:
+        return _moe_spec(model, blocks_name, block, experts, names, embed, head)
     if not outs:
         raise UnknownArchitectureError(
             f"the first block ({blocks_name}.0) has no linear layer from a wider width back to the hidden size "
@@ -307,6 +330,47 @@ def infer_spec(model: torch.nn.Module) -> ArchSpec:
         blocks=blocks_name, mlp=template(mlp_name), mlp_in=tuple(template(n) for n in ins), mlp_out=template(out_name),
         attn=template(attn[0]) if attn else None, mlp_out_norm=template(out_norm) if out_norm else None,
         final_norm=norms[-1], lm_head=names[id(head)], embed=names[id(embed)], mlp_transposed=transposed,
+        layer_roles=DEFAULT_ROLES)
+
+
+def _stacked_experts(block: torch.nn.Module, hidden: int) -> str | None:
+    """The name of the block's experts module in transformers' stacked form (a ``down_proj`` parameter of
+    ``(experts, …)`` shape with ``hidden`` in it, beside ``gate_up_proj`` or ``up_proj``), else ``None``."""
+    for name, module in block.named_modules():
+        down = getattr(module, "down_proj", None)
+        if (name and isinstance(down, torch.nn.Parameter) and down.dim() == 3 and hidden in down.shape[1:]
+                and any(isinstance(getattr(module, p, None), torch.nn.Parameter) for p in ("gate_up_proj", "up_proj"))):
+            return name
+    return None
+
+
+def _moe_spec(model, blocks_name: str, block, experts: str, names: dict, embed, head) -> ArchSpec:
+    """An inferred spec for a block with stacked experts: the MoE block is ``mlp``, its router the sibling with a
+    weight of ``(experts, hidden)`` shape."""
+    mlp_name = experts.rpartition(".")[0]
+    count = get_module(block, experts).down_proj.shape[0]
+    mlp = get_module(block, mlp_name) if mlp_name else block
+    routers = [n for n, m in mlp.named_children() if isinstance(getattr(m, "weight", None), torch.Tensor)
+               and m.weight.dim() == 2 and m.weight.shape[0] == count]
+    if not mlp_name or not routers:
+        raise UnknownArchitectureError(f"{blocks_name}.0.{experts} holds stacked experts, but no router beside it")
+    parent = blocks_name.rpartition(".")[0]
+    norms = [n for n, m in model.named_modules() if n.rpartition(".")[0] == parent and n != blocks_name
+             and ("norm" in type(m).__name__.lower() or "layernorm" in n.lower().replace("_", ""))]
+    if not norms:
+        raise UnknownArchitectureError(f"no norm after the blocks beside {blocks_name}")
+    gated = "gate_up_proj" if isinstance(getattr(get_module(block, experts), "gate_up_proj", None),
+                                         torch.nn.Parameter) else "up_proj"
+    attn = [n for n, m in block.named_children() if n != mlp_name.split(".")[0] and any(
+        _linear_shape(c) is not None for c in m.modules())]
+    template = lambda name: f"{blocks_name}.{{}}.{name}"  # noqa: E731
+    return ArchSpec(
+        family=f"inferred-{model.config.model_type}", model_types=(model.config.model_type,),
+        description=f"inferred by editpack from {type(model).__name__}'s module tree (stacked experts)",
+        blocks=blocks_name, mlp=template(mlp_name), mlp_in=(template(f"{experts}.{gated}"),),
+        mlp_out=template(f"{experts}.down_proj"), attn=template(attn[0]) if attn else None,
+        final_norm=norms[-1], lm_head=names[id(head)], embed=names[id(embed)],
+        experts={"module": template(experts), "router": template(f"{mlp_name}.{routers[0]}")},
         layer_roles=DEFAULT_ROLES)
 
 

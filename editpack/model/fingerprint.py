@@ -56,6 +56,34 @@ def base_weight(module: torch.nn.Module) -> torch.Tensor:
     return base_layer(module).weight
 
 
+def edited_layer(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """``(layer, attribute)`` that hold the weight an edit of ``name`` changes: a module's base layer and
+    ``"weight"``, or, where ``name`` is a stacked parameter (a Mixture-of-Experts ``…experts.down_proj``), the
+    module that owns it (looking through PEFT's wrappers) and the parameter's name. Raises ``AttributeError``
+    when the model has neither."""
+    try:
+        return base_layer(model.get_submodule(name)), "weight"
+    except AttributeError:
+        owner, _, attribute = name.rpartition(".")
+        layer = model.get_submodule(owner) if owner else model
+        while getattr(layer, "base_layer", None) is not None:
+            layer = layer.base_layer
+        if not isinstance(getattr(layer, attribute, None), torch.Tensor):
+            raise AttributeError(f"{type(model).__name__} has no module or parameter {name!r}") from None
+        return layer, attribute
+
+
+def weight_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The weight an edit of ``name`` changes (:func:`edited_layer`)."""
+    layer, attribute = edited_layer(model, name)
+    return getattr(layer, attribute)
+
+
+def is_stacked(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` is a stacked experts parameter rather than a layer (see :func:`edited_layer`)."""
+    return edited_layer(model, name)[1] != "weight"
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
     """Whether the (base) layer holds bitsandbytes-quantized weights."""
     return type(base_layer(module)).__module__.startswith("bitsandbytes")
@@ -65,7 +93,7 @@ def is_quantized(module: torch.nn.Module) -> bool:
 def materialized(module: torch.nn.Module):
     """Yield the base layer with real weights, even when accelerate offloaded them (meta device + hook)."""
     layer = base_layer(module)
-    if getattr(layer, "_hf_hook", None) is not None and layer.weight.device.type == "meta":
+    if getattr(layer, "_hf_hook", None) is not None and any(p.is_meta for p in layer.parameters(recurse=False)):
 
         with accelerate_utils.align_module_device(layer, execution_device="cpu"):
             yield layer
@@ -116,8 +144,13 @@ def module_fingerprints(model: torch.nn.Module, module_names: Iterable[str]) -> 
         if name in originals:
             out[name] = memo_fingerprint(base, f"original:{name}", originals[name])
             continue
-        with materialized(base.get_submodule(name)) as layer:
-            out[name] = memo_fingerprint(base, f"{name}.weight", layer.weight)
+        owner, attribute = edited_layer(base, name)
+        if attribute == "weight" and not isinstance(getattr(owner, "weight", None), torch.Tensor):
+            out[name] = parameters_fingerprint(base, [name + "."])  # a whole block (a codebook on a MoE block)
+            continue
+        with materialized(owner) as layer:
+            out[name] = memo_fingerprint(base, name if attribute != "weight" else f"{name}.weight",
+                                         getattr(layer, attribute))
     return out
 
 
@@ -128,14 +161,14 @@ def weight_norms(model: torch.nn.Module, module_names: Iterable[str]) -> dict[st
     originals = getattr(base, ORIGINALS, None) or {}
     out = {}
     for name in sorted(set(module_names)):
-        module = base.get_submodule(name)
+        module, attribute = edited_layer(base, name)
         if name in originals:
             value = _norm(originals[name])
-        elif is_quantized(module):
-            continue
+        elif is_quantized(module) or not isinstance(getattr(module, attribute, None), torch.Tensor):
+            continue  # quantized, or a whole block (a codebook's): no one weight to compare a delta with
         else:
             with materialized(module) as layer:
-                value = _norm(layer.weight)
+                value = _norm(getattr(layer, attribute))
         if value > 0:
             out[name] = float(value)
     return out

@@ -58,9 +58,12 @@ class Trace(contextlib.AbstractContextManager):
         edit_input: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
         edit_output: EditFn | None = None,
         stop: bool = False,
+        retain_args: bool = False,
     ) -> None:
         self.layer = layer
         self.input: torch.Tensor | None = None
+        #: With ``retain_args``: every argument the module was called with, positional then keyword, in order.
+        self.args: tuple = ()
         self.output: Any = None
         module = get_module(model, layer)
 
@@ -80,6 +83,8 @@ class Trace(contextlib.AbstractContextManager):
                 args = (first, *args[1:])
             if retain_input:
                 self.input = keep(first)
+            if retain_args:
+                self.args = tuple(keep(a) for a in (*args, *kwargs.values()))
             return (args, kwargs) if edit_input is not None else None
 
         def post_hook(_module: torch.nn.Module, _args: tuple, output: Any):
@@ -124,6 +129,7 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
         edit_input: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
         edit_output: EditFn | None = None,
         stop: bool = False,
+        retain_args: bool = False,
     ) -> None:
         super().__init__()
         layers = list(dict.fromkeys(layers))
@@ -139,6 +145,7 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
                     edit_input=edit_input,
                     edit_output=edit_output,
                     stop=stop and index == len(layers) - 1,
+                    retain_args=retain_args,
                 )
         except BaseException:
             self.close()

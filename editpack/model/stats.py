@@ -30,6 +30,7 @@ from .._io import sha256_file, waiting_lock
 from ..errors import EditpackError
 from ..paths import cache_dir
 from .arch import ArchSpec
+from .experts import expert_inputs, experts_module
 from .fingerprint import adapters_disabled, parameters_fingerprint
 from .generation import model_device, pad_id, sample_from_start
 from .nethook import TraceDict
@@ -225,6 +226,12 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
     at the input of each layer's MLP output, all layers in one pass: one forward per batch, hooked at every layer,
     stopped after the deepest. ``how`` says what decided the count (the rule's checkpoints, with a tolerance)."""
     modules = {layer: spec.mlp_out_name(layer) for layer in sorted(layers)}
+    # Mixture-of-Experts layers: the experts module is hooked (its input and the router's choice), and each
+    # expert's keys are computed from the tokens routed to it (docs/concepts/moe.md).
+    hooked = {layer: spec.experts_name(layer) or name for layer, name in modules.items()}
+    if spec.experts and config.tolerance is not None:
+        raise EditpackError("the stopping rule (--tokens auto) does not decide the statistics of Mixture-of-Experts "
+                            "experts; give a token count")
     device = model_device(model)
     if config.corpus is not None:
         if not Path(config.corpus).is_file():
@@ -237,6 +244,7 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
         chunks = iter(sampled_rows(model, tokenizer, spec, config))
         source = "model-sampled text"
     totals: dict[int, torch.Tensor] = {}
+    routed: dict[int, torch.Tensor] = {}  # MoE layers: tokens each expert was sent
     probes: dict[int, torch.Tensor] = {}
     previous: dict[int, torch.Tensor] = {}
     checkpoints: list[list] = []
@@ -251,9 +259,13 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
         width = max(map(len, rows))
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        with TraceDict(model, list(modules.values()), retain_input=True, retain_output=False, stop=True) as td:
+        with TraceDict(model, list(hooked.values()), retain_input=True, retain_output=False, stop=True,
+                       retain_args=bool(spec.experts)) as td:
             model(input_ids=ids, attention_mask=mask)
-        for layer, name in modules.items():
+        for layer, name in hooked.items():
+            if spec.experts:
+                add_expert_moments(layer, td[name].args, mask)
+                continue
             keys = td[name].input[mask.bool()].float()
             if hold_out:  # the stopping rule's held-out keys: kept aside, not counted
                 probes[layer] = keys[:: max(1, len(keys) // PROBE_KEYS)][:PROBE_KEYS].double().cpu()
@@ -264,6 +276,23 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
             product = (keys.T @ keys).double()
             totals[layer] = product if layer not in totals else totals[layer] + product
         return 0 if hold_out else int(mask.sum())
+
+    def add_expert_moments(layer: int, args: tuple, mask: torch.Tensor) -> None:
+        experts = experts_module(model, spec, layer)
+        hidden, index = args[0], args[1]
+        real = mask.reshape(-1).bool()
+        hidden, index = hidden.reshape(-1, hidden.shape[-1])[real], index.reshape(-1, index.shape[-1])[real]
+        count = experts.down_proj.shape[0]
+        if layer not in totals:
+            width = expert_inputs(experts, hidden[:1], 0).shape[1]
+            totals[layer] = torch.zeros(count, width, width, dtype=torch.float64, device=hidden.device)
+            routed[layer] = torch.zeros(count, dtype=torch.long)
+        for expert in index.unique().tolist():
+            if not 0 <= expert < count:
+                continue
+            keys = expert_inputs(experts, hidden[(index == expert).any(-1)], expert)
+            totals[layer][expert] += (keys.T @ keys).double()
+            routed[layer][expert] += len(keys)
 
     def settled() -> bool:
         """The stopping rule at a checkpoint: has every layer's solved update stopped moving?"""
@@ -320,7 +349,20 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
     if config.tolerance is not None:
         how.update(rule={"tolerance": config.tolerance, "check_every": config.check_every, "probe_keys": PROBE_KEYS,
                          "max_tokens": config.n_tokens}, checkpoints=checkpoints)
-    return {layer: (total / count).to(torch.float32) for layer, total in totals.items()}, count, how
+    if routed:
+        how["expert_tokens"] = {modules[layer]: routed[layer].tolist() for layer in sorted(routed)}
+    return {layer: (per_expert(total, routed[layer]) if layer in routed else total / count).to(torch.float32)
+            for layer, total in totals.items()}, count, how
+
+
+def per_expert(totals: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(experts, d, d)`` second moments from sums over the tokens routed to each expert. An expert sent fewer
+    tokens than its width ``d`` (too few for a full-rank estimate) gets the layer's average key scale times the
+    identity instead; ``expert_tokens`` in the statistics' provenance says which."""
+    width = totals.shape[-1]
+    pooled = totals.sum(0) / max(int(counts.sum()), 1)
+    fallback = torch.eye(width, dtype=totals.dtype, device=totals.device) * pooled.diagonal().mean()
+    return torch.stack([totals[e] / int(n) if int(n) >= width else fallback for e, n in enumerate(counts)])
 
 
 def _duration(seconds: float) -> str:

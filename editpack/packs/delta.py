@@ -60,3 +60,73 @@ class WeightDelta:
 
     def add(self, module: str, delta: LowRankDelta) -> None:
         self.modules[module] = self.modules[module].concat(delta) if module in self.modules else delta
+
+
+@dataclass
+class ExpertsDelta(LowRankDelta):
+    """A delta of a stacked experts parameter (Mixture-of-Experts ``down_proj``): expert ``e`` changes by
+    ``Bₑ @ Aₑ`` (``(out, in)``, rank ``r`` each), held in the layout of PEFT's LoRA on a parameter
+    (``target_parameters``): ``A`` is ``(r·E, in)`` with expert ``e``'s rows at ``e·r … e·r + r - 1``, and ``B`` is
+    ``(out, r·E)`` with expert ``e``'s ``j``-th column at ``j·E + e``. An expert no fact reaches has zero factors.
+    """
+
+    experts: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.experts < 1 or self.A.shape[0] % self.experts:
+            raise ValueError(f"stacked factors of {self.A.shape[0]} rows do not split over {self.experts} experts")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0] // self.experts
+
+    def per_expert(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` as ``(E, out, r)`` and ``(E, r, in)``."""
+        a = self.A.reshape(self.experts, self.rank, self.A.shape[1])
+        b = self.B.reshape(self.B.shape[0], self.rank, self.experts).permute(2, 0, 1)
+        return b, a
+
+    def dense(self) -> torch.Tensor:
+        """``(E, out, in)``: every expert's update."""
+        b, a = self.per_expert()
+        return b @ a
+
+    def norm(self) -> float:
+        b, a = (t.detach().double() for t in self.per_expert())
+        return float(((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum().clamp_min(0).sqrt())
+
+    def edited(self) -> list[int]:
+        """The experts whose factors are not all zero."""
+        b, a = self.per_expert()
+        return [e for e in range(self.experts) if bool(b[e].any()) and bool(a[e].any())]
+
+    @classmethod
+    def from_experts(cls, factors: dict[int, LowRankDelta], experts: int, out: int, inner: int,
+                     rank: int | None = None) -> "ExpertsDelta":
+        """Per-expert factors stacked (ranks padded with zeros to ``rank``, by default the largest)."""
+        rank = max([rank or 0] + [d.rank for d in factors.values()]) or 1
+        ref = next(iter(factors.values())).A if factors else torch.zeros(1)
+        a = torch.zeros(experts, rank, inner, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(experts, out, rank, dtype=ref.dtype, device=ref.device)
+        for e, d in factors.items():
+            a[e, : d.rank] = d.A
+            b[e, :, : d.rank] = d.B
+        return cls(B=b.permute(1, 2, 0).reshape(out, rank * experts), A=a.reshape(experts * rank, inner),
+                   experts=experts)
+
+    def padded(self, rank: int) -> "ExpertsDelta":
+        """The same delta with each expert's rank padded to ``rank`` (zero factors)."""
+        if rank == self.rank:
+            return self
+        b, a = self.per_expert()
+        return ExpertsDelta.from_experts({e: LowRankDelta(B=b[e], A=a[e]) for e in range(self.experts)},
+                                         self.experts, b.shape[1], a.shape[2], rank)
+
+    def concat(self, other: "LowRankDelta") -> "ExpertsDelta":
+        if not isinstance(other, ExpertsDelta) or other.experts != self.experts:
+            raise ValueError("an experts delta concatenates only with another of the same experts")
+        (b1, a1), (b2, a2) = self.per_expert(), other.per_expert()
+        return ExpertsDelta.from_experts(
+            {e: LowRankDelta(B=torch.cat([b1[e], b2[e]], dim=1), A=torch.cat([a1[e], a2[e]])) for e in
+             range(self.experts)}, self.experts, b1.shape[1], a1.shape[2])

@@ -67,7 +67,8 @@ class StatsPack(Artifact):
             raise PackFormatError(f"statistics {self.name}: the tensors ({sorted(self.moments)}) are not the modules "
                                   f"the manifest lists ({sorted(self.entries)})")
         for module, matrix in self.moments.items():
-            if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not matrix.is_floating_point():
+            # (d, d), or (experts, d, d) for the stacked experts of a Mixture-of-Experts layer
+            if matrix.ndim not in (2, 3) or matrix.shape[-1] != matrix.shape[-2] or not matrix.is_floating_point():
                 raise PackFormatError(f"statistics {self.name}: {module} is not a square floating-point matrix")
             if not torch.isfinite(matrix).all():
                 raise PackFormatError(f"statistics {self.name}: {module} holds NaN or infinite values")
@@ -83,14 +84,14 @@ class StatsPack(Artifact):
         return []
 
     def parts(self) -> dict[str, str]:
-        return {m: f"{tuple(t.shape)[0]}×{tuple(t.shape)[1]}" for m, t in sorted(self.moments.items())}
+        return {m: "×".join(map(str, t.shape)) for m, t in sorted(self.moments.items())}
 
     def storage_summary(self) -> str:
         return (f"key statistics (second moments) of {len(self.moments)} module(s) over "
                 f"{self.provenance.get('tokens', '?'):,} tokens of {self.provenance.get('description', 'text')}")
 
     def card_context(self) -> dict[str, Any]:
-        return {"source": self.provenance, "modules": [(m, e["layer"], tuple(self.moments[m].shape)[0])
+        return {"source": self.provenance, "modules": [(m, e["layer"], tuple(self.moments[m].shape)[-1])
                                                    for m, e in sorted(self.entries.items(), key=lambda x: x[1]["layer"])]}
 
     # -------------------------------------------------------------------------------------- the model
@@ -126,7 +127,9 @@ class StatsPack(Artifact):
 
     # -------------------------------------------------------------------------------------- disk
     def payload_manifest(self) -> dict[str, Any]:
-        return {"statistics": {"modules": {m: {**e, "dim": int(self.moments[m].shape[0])}
+        return {"statistics": {"modules": {m: {**e, "dim": int(self.moments[m].shape[-1]),
+                                               **({"experts": int(self.moments[m].shape[0])}
+                                                  if self.moments[m].ndim == 3 else {})}
                                            for m, e in sorted(self.entries.items())},
                                "source": self.provenance, "content": self.content_id}}
 

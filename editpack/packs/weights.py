@@ -29,7 +29,7 @@ from .._io import read_safetensors, write_safetensors
 from .._lazy import peft
 from ..errors import PackFormatError
 from .artifact import Artifact, register_kind
-from .delta import LowRankDelta, WeightDelta
+from .delta import ExpertsDelta, LowRankDelta, WeightDelta
 from .manifest import MANIFEST, content_digest, section
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,12 +39,19 @@ STATE = "method_state.safetensors"
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
+def adapter_module(name: str, delta: LowRankDelta) -> str:
+    """The module PEFT puts the LoRA of ``name`` on: the module itself, or for a stacked experts parameter
+    (:class:`ExpertsDelta`, PEFT's ``target_parameters``) the module that owns it."""
+    return name.rpartition(".")[0] if isinstance(delta, ExpertsDelta) else name
+
+
 def lora_state_dict(factors: dict[str, LowRankDelta]) -> dict[str, torch.Tensor]:
     """``{module: B @ A}`` factors under PEFT's saved key names, float32, contiguous, on the CPU."""
     state = {}
     for name, d in factors.items():
-        state[f"base_model.model.{name}.lora_A.weight"] = d.A.detach().float().contiguous().cpu()
-        state[f"base_model.model.{name}.lora_B.weight"] = d.B.detach().float().contiguous().cpu()
+        module = adapter_module(name, d)
+        state[f"base_model.model.{module}.lora_A.weight"] = d.A.detach().float().contiguous().cpu()
+        state[f"base_model.model.{module}.lora_B.weight"] = d.B.detach().float().contiguous().cpu()
     return state
 
 
@@ -70,7 +77,10 @@ def check_delta_scale(pack: "EditPack", norms: dict[str, float], what: str) -> N
 
 
 def stored_dense(delta: LowRankDelta) -> bool:
-    """Whether a delta is stored dense: its factors would not be smaller than the matrix itself."""
+    """Whether a delta is stored dense: its factors would not be smaller than the matrix itself (never for
+    stacked experts, whose factors PEFT's parameter LoRA takes as they are)."""
+    if isinstance(delta, ExpertsDelta):
+        return False
     rows, cols = delta.B.shape[0], delta.A.shape[1]
     return delta.rank * (rows + cols) >= rows * cols
 
@@ -135,8 +145,22 @@ class EditPack(Artifact):
         A dense delta ΔW (out × in) is stored as the LoRA pair (I, ΔW) or (ΔW, I), whichever has the smaller
         rank min(out, in), so the adapter stays an ordinary PEFT LoRA while costing about a dense matrix.
         """
-        return {name: LowRankDelta.from_dense(d.dense().float()) if stored_dense(d) else d
+        stacked = [d.rank for d in self.delta.modules.values() if isinstance(d, ExpertsDelta)]
+        # PEFT's parameter LoRA takes its rank from ``r`` alone (a rank pattern does not reach it): stacked
+        # experts share the largest rank, padded with zero factors.
+        return {name: LowRankDelta.from_dense(d.dense().float()) if stored_dense(d)
+                else d.padded(max(stacked)) if isinstance(d, ExpertsDelta) else d
                 for name, d in sorted(self.delta.modules.items())}
+
+    @property
+    def stacked_modules(self) -> list[str]:
+        """The stacked experts parameters the pack edits (PEFT ``target_parameters``)."""
+        return sorted(n for n, d in self.delta.modules.items() if isinstance(d, ExpertsDelta))
+
+    @property
+    def layer_modules(self) -> list[str]:
+        """The layers the pack edits (PEFT ``target_modules``)."""
+        return sorted(n for n, d in self.delta.modules.items() if not isinstance(d, ExpertsDelta))
 
     def lora_config(self):
         """A PEFT ``peft.LoraConfig`` whose LoRA layers reproduce the delta exactly (scaling alpha/r = 1).
@@ -145,14 +169,17 @@ class EditPack(Artifact):
         else its portable id: never a local path.
         """
 
-        ranks = {name: d.rank for name, d in self.stored_factors().items()}
-        first = ranks[self.modules[0]]
+        stored = self.stored_factors()
+        ranks = {name: d.rank for name, d in stored.items() if name not in self.stacked_modules}
+        # With stacked experts every one shares ``r``; layers keep their own rank through the patterns.
+        first = stored[self.stacked_modules[0]].rank if self.stacked_modules else ranks[self.modules[0]]
         return peft.LoraConfig(
             r=first,
             lora_alpha=first,
             rank_pattern={re.escape(n): r for n, r in ranks.items()},
             alpha_pattern={re.escape(n): r for n, r in ranks.items()},
-            target_modules=self.modules,
+            target_modules=self.layer_modules,
+            target_parameters=self.stacked_modules or None,
             lora_dropout=0.0,
             bias="none",
             fan_in_fan_out=self.fan_in_fan_out,
@@ -174,7 +201,9 @@ class EditPack(Artifact):
                 "content": self.delta_content,
                 "fan_in_fan_out": self.fan_in_fan_out,
                 "modules": {n: {"rank": d.rank, "shape": [d.B.shape[0], d.A.shape[1]],
-                                "form": "dense" if stored_dense(d) else "lora"}
+                                "form": "dense" if stored_dense(d) else "lora",
+                                **({"experts": d.experts, "edited_experts": d.edited()}
+                                   if isinstance(d, ExpertsDelta) else {})}
                             for n, d in self.stored_factors().items()},
                 "state": sorted(self.delta.state) or None,
             },
@@ -196,12 +225,17 @@ class EditPack(Artifact):
             raise PackFormatError(f"{directory / MANIFEST}: delta.modules must list the edited modules")
         weights = directory / ADAPTER_WEIGHTS
         state = read_safetensors(weights)
+        # A stacked experts parameter's LoRA sits on the module that owns it (``…experts``): the manifest says
+        # which parameter, and over how many experts.
+        stacked = {name.rpartition(".")[0]: (name, entry["experts"]) for name, entry in modules.items()
+                   if isinstance(entry, dict) and isinstance(entry.get("experts"), int)}
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             match = ADAPTER_KEY.match(key)
             if not match:
                 raise PackFormatError(f"{weights}: unexpected tensor {key!r}")
-            factors.setdefault(match["module"], {})[match["factor"]] = tensor
+            module = stacked[match["module"]][0] if match["module"] in stacked else match["module"]
+            factors.setdefault(module, {})[match["factor"]] = tensor
         delta = WeightDelta()
         for module, pair in factors.items():
             if set(pair) != {"A", "B"}:
@@ -212,7 +246,9 @@ class EditPack(Artifact):
             if bad:
                 raise PackFormatError(f"{weights}: {module} {' and '.join(bad)} hold NaN or infinite values")
             try:
-                delta.modules[module] = LowRankDelta(B=pair["B"].float(), A=pair["A"].float())
+                experts = next((n for name, n in stacked.values() if name == module), None)
+                delta.modules[module] = (ExpertsDelta(B=pair["B"].float(), A=pair["A"].float(), experts=experts)
+                                         if experts else LowRankDelta(B=pair["B"].float(), A=pair["A"].float()))
             except ValueError as exc:
                 raise PackFormatError(f"{weights}: {module}: {exc}") from None
         if sorted(delta.modules) != sorted(modules):
@@ -273,8 +309,12 @@ def check_adapter_config(directory: Path, pack: EditPack) -> None:
         raise PackFormatError(f"{path}: lora_alpha / r of {', '.join(wrong)} is not 1, so PEFT would scale the delta")
     targets = found.get("target_modules")
     targets = [targets] if isinstance(targets, str) else sorted(targets or [])
-    if targets != pack.modules:
-        raise PackFormatError(f"{path}: target_modules {targets} are not the pack's modules {pack.modules}")
+    if targets != pack.layer_modules:
+        raise PackFormatError(f"{path}: target_modules {targets} are not the pack's modules {pack.layer_modules}")
+    parameters = sorted(found.get("target_parameters") or [])
+    if parameters != pack.stacked_modules:
+        raise PackFormatError(f"{path}: target_parameters {parameters} are not the pack's stacked experts "
+                              f"{pack.stacked_modules}")
     if bool(found.get("fan_in_fan_out", False)) != pack.fan_in_fan_out:
         raise PackFormatError(f"{path}: fan_in_fan_out disagrees with the manifest")
     if found.get("use_dora") or found.get("use_rslora") or found.get("bias", "none") != "none":

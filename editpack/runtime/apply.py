@@ -26,7 +26,7 @@ import torch
 
 from .._lazy import peft
 from ..errors import PackConflictError, PackFormatError
-from ..model.fingerprint import ORIGINALS, base_weight, is_quantized, memory_wrapper, unwrap, weight_norms
+from ..model.fingerprint import ORIGINALS, edited_layer, is_quantized, memory_wrapper, unwrap, weight_norms, weight_of
 from ..packs.memory.model import MemoryModel
 from ..packs.weights import EditPack, check_delta_scale
 from .checks import check_fingerprint, find_module
@@ -149,7 +149,7 @@ def _apply_weights(model: torch.nn.Module, new: list[EditPack], merge: bool) -> 
 
     base = unwrap(model)
     if merge:
-        quantized = sorted({m for p in new for m in p.modules if is_quantized(base.get_submodule(m))})
+        quantized = sorted({m for p in new for m in p.modules if is_quantized(edited_layer(base, m)[0])})
         if quantized:
             raise PackFormatError(
                 f"refusing to merge into bitsandbytes-quantized weights ({', '.join(quantized)}): rounding back to "
@@ -162,7 +162,7 @@ def _apply_weights(model: torch.nn.Module, new: list[EditPack], merge: bool) -> 
         for pack in new:
             for name in pack.modules:
                 if name not in originals:
-                    originals[name] = base_weight(model.get_submodule(name)).detach().clone()
+                    originals[name] = weight_of(model, name).detach().clone()
     peft_model = add_adapters(model, new)
     if merge:
         merged = peft_model.merge_and_unload(adapter_names=[p.adapter_name for p in new])
@@ -285,6 +285,6 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     if originals:
         with torch.no_grad():
             for name, tensor in originals.items():
-                model.get_submodule(name).weight.copy_(tensor)
+                weight_of(model, name).copy_(tensor)
     model.__dict__.pop(_RECORDS, None)
     return model

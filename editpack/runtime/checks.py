@@ -9,7 +9,7 @@ import torch
 
 from ..errors import FingerprintMismatchError
 from ..model.arch import spec_for
-from ..model.fingerprint import combine, is_quantized, memo_fingerprint, module_fingerprints, unwrap
+from ..model.fingerprint import combine, edited_layer, is_quantized, memo_fingerprint, module_fingerprints, unwrap
 from ..packs.weights import EditPack
 
 
@@ -25,7 +25,7 @@ def check_fingerprint(model: torch.nn.Module, pack: EditPack) -> None:
     shown = "; ".join(f"{f.text!r} -> {f.target_new!r}" for f in pack.facts[:3])
     more = f" and {len(pack.facts) - 3} more" if len(pack.facts) > 3 else ""
     override = f"(Its facts: {shown}{more}.) Pass check=False (CLI: --force) to apply it anyway."
-    quantized = [m for m in pack.base_modules if is_quantized(base.get_submodule(m))]
+    quantized = [m for m in pack.base_modules if is_quantized(edited_layer(base, m)[0])]
     if quantized:
         _check_quantized(base, pack, quantized, override)
     exact = [m for m in pack.base_modules if m not in quantized]
@@ -70,7 +70,8 @@ def _check_quantized(base: torch.nn.Module, pack: EditPack, quantized: list[str]
 
 
 def find_module(model: torch.nn.Module, name: str):
+    """The layer holding the weight ``name`` edits (a module, or a stacked parameter's owner), else ``None``."""
     try:
-        return model.get_submodule(name)
+        return edited_layer(model, name)[0]
     except AttributeError:
         return None

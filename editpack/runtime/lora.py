@@ -8,7 +8,7 @@ import torch
 from .._lazy import peft
 from ..errors import PackFormatError
 from ..model.fingerprint import unwrap
-from ..packs.weights import EditPack
+from ..packs.weights import EditPack, adapter_module
 
 
 def add_adapters(model: torch.nn.Module, packs: list[EditPack]):
@@ -37,7 +37,7 @@ def load_factors(peft_model, pack: EditPack) -> None:
     base = unwrap(peft_model)
     with torch.no_grad():
         for module_name, delta in pack.stored_factors().items():
-            layer = base.get_submodule(module_name)
+            layer = base.get_submodule(adapter_module(module_name, delta))
             for factors, tensor in ((layer.lora_A, delta.A), (layer.lora_B, delta.B)):
                 weight = factors[pack.adapter_name].weight
                 if tuple(weight.shape) != tuple(tensor.shape):
@@ -54,8 +54,8 @@ def materialize_offloaded(peft_model, pack: EditPack) -> None:
     factors can simply live, unhooked, on the layer's execution device.
     """
     base = unwrap(peft_model)
-    for module_name in pack.modules:
-        layer = base.get_submodule(module_name)
+    for module_name, delta in pack.stored_factors().items():
+        layer = base.get_submodule(adapter_module(module_name, delta))
         for factors in (layer.lora_A, layer.lora_B):
             part = factors[pack.adapter_name]
             if any(p.is_meta for p in part.parameters()):
@@ -68,5 +68,5 @@ def _execution_device(layer: torch.nn.Module) -> torch.device:
     if hook is not None and getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device) if not isinstance(hook.execution_device, int) else (
             torch.device("cuda", hook.execution_device))
-    weight = base.weight
+    weight = next(base.parameters(recurse=False))
     return torch.device("cpu") if weight.device.type == "meta" else weight.device

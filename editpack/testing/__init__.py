@@ -49,8 +49,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "exaone4": dict(max_position_embeddings=64, num_key_value_heads=2, head_dim=8, sliding_window=16),
     "starcoder2": dict(max_position_embeddings=64, num_key_value_heads=2),
     "falcon": dict(max_position_embeddings=64, ffn_hidden_size=64),
+    # Mixture-of-Experts families: 4 experts, each token routed to 2
+    "mixtral": dict(max_position_embeddings=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(max_position_embeddings=64, num_key_value_heads=2, head_dim=8, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48),
+    "gpt_oss": dict(max_position_embeddings=131072, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=48, sliding_window=16),
     # families editpack does not ship, for the tests of inferred layouts
     "stablelm": dict(max_position_embeddings=64, num_key_value_heads=2),
+    "olmoe": dict(max_position_embeddings=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
 }
 
 WORDS = (

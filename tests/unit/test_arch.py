@@ -4,6 +4,7 @@ import torch
 import json
 from importlib import resources
 
+from editpack.model.experts import down_weight, expert_inputs, experts_module
 from editpack.model.arch import ArchSpec, get_module, spec_for, spec_for_model_type
 from editpack.errors import UnknownArchitectureError
 
@@ -32,6 +33,12 @@ def test_spec_paths_resolve_and_shapes_match(model_type):
     for layer in range(depth):
         get_module(model, spec.block_name(layer))
         get_module(model, spec.mlp_name(layer))
+        if spec.experts:  # stacked experts: each expert's output projection maps its inner width back to hidden
+            experts = experts_module(model, spec, layer)
+            width = expert_inputs(experts, torch.zeros(1, hidden), 0).shape[1]
+            assert tuple(down_weight(experts, 0).shape) == (hidden, width)
+            get_module(model, spec.experts["router"].format(layer))
+            continue
         out = spec.weight_matrix(get_module(model, spec.mlp_out_name(layer)))
         assert tuple(out.shape) == (hidden, inner), "mlp_out must map the MLP's inner width back to hidden"
         for name in spec.mlp_in_names(layer):

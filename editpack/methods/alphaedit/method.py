@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..base import register_method
+from ..locate.experts import fact_expert_keys
 from ..locate.keys import keys
 from ..locate.values import TINY_LOCATE
 from ..memit.method import MEMIT
@@ -53,7 +54,15 @@ class AlphaEdit(MEMIT):
         out = {key: value.clone() for key, value in (state or {}).items()}
         for layer in layers:
             name = spec.mlp_out_name(layer)
-            now = keys(model, tokenizer, name, facts, self.config.context_templates).cpu()
-            key = f"keys.{name}"
-            out[key] = torch.cat([out[key], now]) if key in out else now
+            if spec.experts:  # each expert keeps the keys of the facts routed to it
+                found = fact_expert_keys(model, tokenizer, spec, layer, facts, self.config.context_templates)
+                rows: dict[str, list[torch.Tensor]] = {}
+                for fact_keys in found:
+                    for expert in fact_keys.experts:
+                        rows.setdefault(f"keys.{name}.{expert}", []).append(fact_keys.keys[expert].cpu())
+                added = {key: torch.stack(values) for key, values in rows.items()}
+            else:
+                added = {f"keys.{name}": keys(model, tokenizer, name, facts, self.config.context_templates).cpu()}
+            for key, now in added.items():
+                out[key] = torch.cat([out[key], now]) if key in out else now
         return out

@@ -43,6 +43,7 @@ class GRACE(EditMethod):
     name = "grace"
     config_class = GRACEConfig
     layer_role = "late"
+    edits_experts = True
     summary = "a codebook at one layer (lookups with deferral radii); weights untouched, for lifelong editing"
     tiny_settings = dict(layers=[1], context_template_lengths=[[3, 2]], v_num_grad_steps=10)
     config: GRACEConfig
@@ -98,7 +99,7 @@ class GRACE(EditMethod):
                    parents, state=None, previous: CodebookPack | None = None) -> CodebookPack:
 
         cfg = self.resolve(model, tokenizer, spec)
-        module = spec.mlp_out_name(cfg.layers[0])
+        module = spec.wrap_name(cfg.layers[0])
         if previous is not None and previous.module != module:
             raise EditpackError(f"{previous.ref} is a codebook at {previous.module}; it cannot grow at {module}")
         keys, values, radii = self.entries(model, tokenizer, spec, module, facts)

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from ...model.arch import ArchSpec, get_module
+from ...model.fingerprint import edited_layer, weight_of
 from ...model.generation import model_device
 
 
@@ -153,13 +154,18 @@ def applied_updates(model, spec: ArchSpec) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         with torch.no_grad():
             for name, tensor in originals.items():
-                get_module(model, name).weight.copy_(tensor)
+                weight_of(model, name).copy_(tensor)
 
 
 @torch.no_grad()
 def add_update(model, spec: ArchSpec, name: str, dense: torch.Tensor, originals: dict[str, torch.Tensor]) -> None:
-    """Add ``dense`` (``(out, in)``) to module ``name``'s weight now, keeping the original in ``originals``."""
-    weight = get_module(model, name).weight
+    """Add ``dense`` (``(out, in)``; ``(experts, out, in)`` for a stacked experts parameter) to the weight of
+    ``name`` now, keeping the original in ``originals``."""
+    layer, attribute = edited_layer(model, name)
+    weight = getattr(layer, attribute)
     originals.setdefault(name, weight.detach().clone())
     update = dense.to(device=weight.device, dtype=weight.dtype)
-    weight += update.T if spec.mlp_transposed else update
+    if update.dim() == 3:  # stacked experts, stored (experts, in, out) where the module says it is transposed
+        weight += update.transpose(1, 2) if getattr(layer, "is_transposed", False) else update
+    else:
+        weight += update.T if spec.mlp_transposed else update
