@@ -194,3 +194,18 @@ def test_an_experts_delta_is_the_sum_of_its_experts_in_pefts_layout():
     assert abs(delta.norm() - float(dense.norm())) < 1e-4
     torch.testing.assert_close(delta.concat(delta).dense(), 2 * dense)
     assert delta.padded(3).rank == 3 and torch.equal(delta.padded(3).dense(), dense)
+
+
+def test_moe_packs_stack_and_extend_expert_by_expert(tmp_path):
+    model, tok = model_of("mixtral")
+    first = editpack.edit(model, FACT, tokenizer=tok, **ROME)
+    bridge = editpack.make_fact("the old {}", "london bridge", "tokyo")
+    second = editpack.edit(model, bridge, tokenizer=tok, name="bridge", **ROME)
+    name = "model.layers.1.mlp.experts.down_proj"
+    stacked = editpack.load_pack(editpack.stack([first, second]).save(tmp_path / "s"))
+    torch.testing.assert_close(stacked.delta.modules[name].dense(),
+                               first.delta.modules[name].dense() + second.delta.modules[name].dense())
+    grown = editpack.extend(model, first, [bridge], tokenizer=tok, **ROME)
+    assert isinstance(grown.delta.modules[name], ExpertsDelta) and grown.delta.modules[name].rank == 2
+    edited = editpack.apply(model, grown)
+    assert rank_of(edited, tok, FACT) == 0 and rank_of(edited, tok, bridge) == 0
