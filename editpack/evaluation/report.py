@@ -21,7 +21,7 @@ from ..errors import EditpackError
 from ..facts import Fact, split_format
 from ..runtime.apply import apply, revert
 from . import side_effects
-from .protocols import PROTOCOLS, check_protocols, combine, measure, same_subject_answers
+from .protocols import PROTOCOLS, check_protocols, combine, measure, ngram_entropy, same_subject_answers
 
 #: The settings a stored evaluation records (and a rerun reuses).
 DEFAULTS = {"max_new_tokens": 8, "fluency_tokens": 60}
@@ -53,18 +53,25 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     settings = suite_settings or side_effects.SuiteSettings(form="chat" if facts_form(tokenizer, facts) == "chat"
                                                             else "plain")
     kwargs = dict(max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens)
-    base = measure(model, tokenizer, facts, **kwargs)
-    # The same-subject prompts the probes asked are asked again by the suites when the settings agree: reuse them.
-    def same(probes) -> dict[str, str]:
-        return same_subject_answers(tokenizer, facts, probes) if settings.max_new_tokens == max_new_tokens else {}
+    # With the suites, the probes' free generations of the edit prompts are generated in the fluency suite's
+    # batches (not one sequence at a time), and the same-subject prompts the probes asked are not asked again.
+    free = [f.text for f in facts] if default_probes and fluency_tokens else []
 
-    base_snap = (side_effects.snapshot(model, tokenizer, pack.facts, settings, logits=pack.scores_logits,
-                                       reuse=True, answered=same(base)) if default_probes else None)
+    def probes_and_suites(on, reuse: bool):
+        probes = measure(on, tokenizer, facts, **dict(kwargs, fluency_tokens=0 if free else fluency_tokens))
+        if not default_probes:
+            return probes, None
+        answered = same_subject_answers(tokenizer, facts, probes) if settings.max_new_tokens == max_new_tokens else {}
+        snap = side_effects.snapshot(on, tokenizer, pack.facts, settings, logits=pack.scores_logits, reuse=reuse,
+                                     answered=answered, continue_texts=free, continue_tokens=fluency_tokens)
+        if free:
+            probes.fluency = [ngram_entropy(text + more) for text, more in zip(free, snap.continuations)]
+        return probes, snap
+
+    base, base_snap = probes_and_suites(model, reuse=True)
     edited = apply(model, pack, tokenizer=tokenizer)
     try:
-        after = measure(edited, tokenizer, facts, **kwargs)
-        after_snap = (side_effects.snapshot(edited, tokenizer, pack.facts, settings, logits=pack.scores_logits,
-                                            answered=same(after)) if default_probes else None)
+        after, after_snap = probes_and_suites(edited, reuse=False)
     finally:
         revert(edited)
     result = combine(facts, base, after, protocols)

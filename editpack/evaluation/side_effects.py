@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -110,10 +110,12 @@ class Snapshot:
     same_subject: list[str]
     heldout_nll: tuple[float, int] | None  # (total NLL, tokens); None for memory packs
     fluency: list[float]
+    continuations: list[str] = field(default_factory=list)  # of ``snapshot``'s ``continue_texts``
 
 
 def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True,
-             reuse: bool = False, answered: dict[str, str] | None = None) -> Snapshot:
+             reuse: bool = False, answered: dict[str, str] | None = None, continue_texts: Sequence[str] = (),
+             continue_tokens: int = 0) -> Snapshot:
     """Run the suites on ``model`` (teacher-forced parts only when ``logits``), their prompts in ``settings.form``.
     The subjects of ``facts`` in chat form are asked about by the user's text of their prompts.
 
@@ -121,18 +123,23 @@ def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *
     (unrelated prompts, perplexity, fluency) are read from the cache when this model's weights, its tokenizer,
     the suites and the settings were measured before, and kept there otherwise (:func:`fixed_suites`).
     ``answered`` maps prompts this model has already answered greedily (with ``settings.max_new_tokens``) to
-    their answers; those are not generated again."""
+    their answers; those are not generated again. ``continue_texts`` are continued greedily for
+    ``continue_tokens`` tokens in the same batches as the fluency suite (``Snapshot.continuations``): the
+    probes' free generations of the edit prompts, which would otherwise decode one sequence at a time."""
     asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
     frame = ChatFrame.of(tokenizer)
     facts = [plain_fact(frame, f) for f in spread(facts, settings.same_subject_facts)]
     same = asked([p for f in facts for p in same_subject_prompts(f, settings.same_subject)])
-    fixed = (fixed_suites if reuse and not applied(model) else measure_fixed)(model, tokenizer, settings, logits)
+    extra = (list(continue_texts), continue_tokens)
+    fixed = (fixed_suites if reuse and not applied(model) else measure_fixed)(model, tokenizer, settings, logits,
+                                                                              extra)
     return Snapshot(
         locality=fixed["locality"],
         locality_logprobs=fixed["locality_logprobs"],
         same_subject=_answers(model, tokenizer, same, settings, answered or {}),
         heldout_nll=fixed["heldout_nll"],
         fluency=fixed["fluency"],
+        continuations=fixed["continuations"],
     )
 
 
@@ -144,14 +151,19 @@ def _answers(model, tokenizer, prompts: list[str], settings: SuiteSettings, answ
     return [answered[p] if p in answered else new[p] for p in prompts]
 
 
-def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool) -> dict[str, Any]:
+def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool,
+                  extra: tuple[list[str], int] = ([], 0)) -> dict[str, Any]:
     """The suites that do not depend on a pack's facts: unrelated prompts' answers (and, with ``logits``, their
-    next-token log-probabilities), perplexity on the held-out text, fluency."""
+    next-token log-probabilities), perplexity on the held-out text, fluency; and the ``continuations`` of
+    ``extra``'s texts (``(texts, tokens)``), generated in the fluency suite's batches."""
     asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
     loc = asked([item["prompt"] for item in suites.load("locality").items[: settings.locality]])
     generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
-    free = generate(model, tokenizer, asked(generic), max_new_tokens=settings.fluency_tokens,
+    texts, tokens = extra
+    free = generate(model, tokenizer, asked(generic) + texts,
+                    max_new_tokens=[settings.fluency_tokens] * len(generic) + [tokens] * len(texts),
                     batch_size=settings.batch_size)
+    free, continued = free[: len(generic)], free[len(generic) :]
     # The next-token distribution after each prompt is the first step of its greedy answer: read off that step.
     answers, first = generate_with_first_logits(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
                                                 batch_size=settings.batch_size)
@@ -160,6 +172,7 @@ def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool) -> di
         "locality_logprobs": torch.log_softmax(first, dim=-1) if logits else None,
         "heldout_nll": _heldout_nll(model, tokenizer, settings) if logits else None,
         "fluency": [ngram_entropy(p + text) for p, text in zip(generic, free)],
+        "continuations": continued,
     }
 
 
@@ -167,10 +180,11 @@ def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool) -> di
 MEASURED = 2
 
 
-def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool) -> dict[str, Any]:
+def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool,
+                 extra: tuple[list[str], int] = ([], 0)) -> dict[str, Any]:
     """:func:`measure_fixed` of an unedited model, cached under ``$EDITPACK_HOME/suites`` by the fingerprint of
     every weight, the tokenizer, the suites' sha256 and the settings: a model's second card is measured on the
-    edited side only."""
+    edited side only. ``extra``'s continuations depend on the facts: generated every time, never cached."""
     key = {
         "weights": parameters_fingerprint(model, [""]),
         "tokenizer": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()
@@ -186,11 +200,14 @@ def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool) -> dic
         found = json.loads(record.read_text(encoding="utf-8"))
         found["heldout_nll"] = tuple(found["heldout_nll"]) if found["heldout_nll"] else None
         found["locality_logprobs"] = read_safetensors(tensors)["locality_logprobs"] if logits else None
+        texts, tokens = extra
+        found["continuations"] = (generate(model, tokenizer, texts, max_new_tokens=tokens,
+                                           batch_size=settings.batch_size) if texts else [])
         return found
-    fixed = measure_fixed(model, tokenizer, settings, logits)
+    fixed = measure_fixed(model, tokenizer, settings, logits, extra)
     if logits:
         write_safetensors({"locality_logprobs": fixed["locality_logprobs"].contiguous()}, tensors)
-    atomic_write_json(record, {k: v for k, v in fixed.items() if k != "locality_logprobs"})
+    atomic_write_json(record, {k: v for k, v in fixed.items() if k not in ("locality_logprobs", "continuations")})
     return fixed
 
 

@@ -64,10 +64,12 @@ def generate(
     tokenizer,
     prompts: Sequence[str] | str,
     *,
-    max_new_tokens: int = 20,
+    max_new_tokens: int | Sequence[int] = 20,
     batch_size: int = 16,
 ) -> list[str] | str:
     """Greedy continuations of ``prompts`` (only the new text). A single string in gives a single string out.
+    ``max_new_tokens`` may give each prompt its own length (prompts of different lengths then share batches; each
+    continuation is cut to its own).
 
     A model that says how prompts batch best (``generation_order(prompts)``, as memory packs do: prompts answered
     in one context together, so it is computed once) gets them in that order; the outputs keep the given order."""
@@ -76,7 +78,7 @@ def generate(
     return texts[0] if single else texts
 
 
-def generate_with_first_logits(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 20,
+def generate_with_first_logits(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int] = 20,
                                batch_size: int = 16) -> tuple[list[str], torch.Tensor]:
     """:func:`generate`, and the logits of the first generated token after each prompt (``(len(prompts), vocab)``,
     float32): what :func:`next_token_logits` computes, read off the generation's first step instead of a forward
@@ -86,8 +88,11 @@ def generate_with_first_logits(model, tokenizer, prompts: Sequence[str], *, max_
 
 
 @torch.no_grad()
-def _greedy(model, tokenizer, given: list[str], max_new_tokens: int, batch_size: int,
+def _greedy(model, tokenizer, given: list[str], max_new_tokens: int | Sequence[int], batch_size: int,
             first_logits: bool) -> tuple[list[str], torch.Tensor | None]:
+    limits = [max_new_tokens] * len(given) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(given):
+        raise ValueError(f"{len(limits)} lengths for {len(given)} prompts")
     ordering = getattr(model, "generation_order", None)
     order = list(ordering(given)) if callable(ordering) and len(given) > 1 else list(range(len(given)))
     items = [given[i] for i in order]
@@ -102,9 +107,10 @@ def _greedy(model, tokenizer, given: list[str], max_new_tokens: int, batch_size:
             if empty:
                 raise ValueError(f"prompt {order[start + empty[0]] + 1} ({items[start + empty[0]]!r}) has no tokens: "
                                  "give some text to continue")
+            lengths = [limits[i] for i in order[start : start + batch_size]]
             generated = model.generate(
                 **batch,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(lengths),
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 **extra,
@@ -113,7 +119,7 @@ def _greedy(model, tokenizer, given: list[str], max_new_tokens: int, batch_size:
                 rows.append(generated.logits[0].float().cpu())
                 generated = generated.sequences
             new = generated[:, batch["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            outputs.extend(tokenizer.batch_decode([row[:n] for row, n in zip(new, lengths)], skip_special_tokens=True))
     placed = [""] * len(given)
     for i, text in zip(order, outputs):
         placed[i] = text

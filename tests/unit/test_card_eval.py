@@ -195,3 +195,30 @@ def test_a_card_asks_each_same_subject_prompt_once_per_model(tiny_dir, monkeypat
     monkeypatch.setattr(side_effects, "_answers", lambda m, t, prompts, s, answered: real(
         m, t, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size))
     assert editpack.evaluate_pack(model, tok, pack)["side_effects"]["claims"] == claims
+
+
+def test_generate_cuts_each_continuation_to_its_own_length(tiny_dir):
+    from editpack.model.generation import generate
+
+    model, tok = editpack.load_model(str(tiny_dir))
+    prompts = ["the famous eiffel tower", "a", "the old london bridge is in the city of"]
+    mixed = generate(model, tok, prompts, max_new_tokens=[2, 6, 4], batch_size=3)
+    assert mixed == [generate(model, tok, [p], max_new_tokens=n)[0] for p, n in zip(prompts, [2, 6, 4])]
+
+
+def test_a_cards_free_generations_of_its_facts_share_the_fluency_suites_batches(tiny_dir, monkeypatch):
+    """The edit prompts' 60-token continuations (the probes' fluency) are generated in the same call as the
+    fluency suite, with the same numbers as generated alone."""
+    model, tok = editpack.load_model(str(tiny_dir))
+    pack = editpack.edit(model, editpack.make_fact("the famous {}", "eiffel tower", "rome"), layers=[1],
+                         mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4)
+    alone = editpack.evaluate_pack(model, tok, pack, default_probes=False)["fluency"]
+    calls = []
+    real = side_effects.generate
+    monkeypatch.setattr(side_effects, "generate", lambda m, t, prompts, **kw: calls.append(
+        (list(prompts), kw["max_new_tokens"])) or real(m, t, prompts, **kw))
+    shared = editpack.evaluate_pack(model, tok, pack)["fluency"]
+    assert shared == alone and shared["n"] == 1
+    together = [(prompts, lengths) for prompts, lengths in calls if "the famous eiffel tower" in prompts]
+    # the edited side always; the base side too unless its fluency suite came from the cache
+    assert any(len(prompts) > 1 and 60 in lengths for prompts, lengths in together), together
