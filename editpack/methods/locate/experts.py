@@ -67,10 +67,10 @@ def fact_expert_keys(model, tokenizer, spec: ArchSpec, layer: int, facts: Sequen
     experts = experts_module(model, spec, layer)
     out = []
     for fact in facts:
-        bare_texts, bare_idxs = lookups(tokenizer, [fact.prompt], fact)
-        bare = routes(model, tokenizer, spec, layer, bare_texts, bare_idxs)[0]
-        texts, idxs = lookups(tokenizer, [template.format(fact.prompt) for template in templates], fact)
-        hidden = torch.stack([r.hidden for r in routes(model, tokenizer, spec, layer, texts, idxs)])
+        # the bare prompt first, then the prompt after each context prefix: one forward
+        texts, idxs = lookups(tokenizer, [fact.prompt] + [template.format(fact.prompt) for template in templates], fact)
+        found = routes(model, tokenizer, spec, layer, texts, idxs)
+        bare, hidden = found[0], torch.stack([r.hidden for r in found[1:]])
         keys = {e: expert_inputs(experts, hidden, e).mean(0) for e in bare.experts}
         current = {e: expert_inputs(experts, bare.hidden[None], e)[0] for e in bare.experts}
         out.append(ExpertKeys(bare.experts, bare.weights, keys, current))
