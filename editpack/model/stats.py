@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -229,9 +229,6 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
     # Mixture-of-Experts layers: the experts module is hooked (its input and the router's choice), and each
     # expert's keys are computed from the tokens routed to it (docs/concepts/moe.md).
     hooked = {layer: spec.experts_name(layer) or name for layer, name in modules.items()}
-    if spec.experts and config.tolerance is not None:
-        raise EditpackError("the stopping rule (--tokens auto) does not decide the statistics of Mixture-of-Experts "
-                            "experts; give a token count")
     device = model_device(model)
     if config.corpus is not None:
         if not Path(config.corpus).is_file():
@@ -245,7 +242,7 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
         source = "model-sampled text"
     totals: dict[int, torch.Tensor] = {}
     routed: dict[int, torch.Tensor] = {}  # MoE layers: tokens each expert was sent
-    probes: dict[int, torch.Tensor] = {}
+    probes: dict[int, Any] = {}  # held-out keys: a layer's (k, d), or a MoE layer's {expert: (k, d)}
     previous: dict[int, torch.Tensor] = {}
     checkpoints: list[list] = []
     count = 0
@@ -264,7 +261,7 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
             model(input_ids=ids, attention_mask=mask)
         for layer, name in hooked.items():
             if spec.experts:
-                add_expert_moments(layer, td[name].args, mask)
+                add_expert_moments(layer, td[name].args, mask, hold_out)
                 continue
             keys = td[name].input[mask.bool()].float()
             if hold_out:  # the stopping rule's held-out keys: kept aside, not counted
@@ -277,30 +274,39 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
             totals[layer] = product if layer not in totals else totals[layer] + product
         return 0 if hold_out else int(mask.sum())
 
-    def add_expert_moments(layer: int, args: tuple, mask: torch.Tensor) -> None:
+    def add_expert_moments(layer: int, args: tuple, mask: torch.Tensor, hold_out: bool) -> None:
         experts = experts_module(model, spec, layer)
         hidden, index = args[0], args[1]
         real = mask.reshape(-1).bool()
         hidden, index = hidden.reshape(-1, hidden.shape[-1])[real], index.reshape(-1, index.shape[-1])[real]
-        count = experts.down_proj.shape[0]
+        number = experts.down_proj.shape[0]
         if layer not in totals:
             width = expert_inputs(experts, hidden[:1], 0).shape[1]
-            totals[layer] = torch.zeros(count, width, width, dtype=torch.float64, device=hidden.device)
-            routed[layer] = torch.zeros(count, dtype=torch.long)
+            totals[layer] = torch.zeros(number, width, width, dtype=torch.float64, device=hidden.device)
+            routed[layer] = torch.zeros(number, dtype=torch.long)
+        held: dict[int, torch.Tensor] = {}
         for expert in index.unique().tolist():
-            if not 0 <= expert < count:
+            if not 0 <= expert < number:
                 continue
             keys = expert_inputs(experts, hidden[(index == expert).any(-1)], expert)
+            if hold_out:  # the stopping rule's held-out keys of this expert
+                held[expert] = keys[:: max(1, len(keys) // PROBE_KEYS)][:PROBE_KEYS].double().cpu()
+                continue
             totals[layer][expert] += (keys.T @ keys).double()
             routed[layer][expert] += len(keys)
+        if hold_out:
+            probes[layer] = held
 
     def settled() -> bool:
-        """The stopping rule at a checkpoint: has every layer's solved update stopped moving?"""
+        """The stopping rule at a checkpoint: has every layer's solved update stopped moving? (A MoE layer: every
+        expert's, on its own held-out keys, taken together.)"""
         change = 0.0
         for layer, total in totals.items():
-            second = (total / count).cpu()
-            ridge = 1e-5 * float(second.diagonal().mean())
-            solved = torch.linalg.solve(second + ridge * torch.eye(len(second), dtype=second.dtype), probes[layer].T)
+            if layer in routed:
+                seconds = per_expert(total, routed[layer]).cpu()
+                solved = torch.cat([_solve(seconds[e], keys).flatten() for e, keys in sorted(probes[layer].items())])
+            else:
+                solved = _solve((total / count).cpu(), probes[layer])
             if layer in previous:
                 change = max(change, float((solved - previous[layer]).norm() / solved.norm().clamp_min(1e-30)))
             else:
@@ -353,6 +359,12 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int],
         how["expert_tokens"] = {modules[layer]: routed[layer].tolist() for layer in sorted(routed)}
     return {layer: (per_expert(total, routed[layer]) if layer in routed else total / count).to(torch.float32)
             for layer, total in totals.items()}, count, how
+
+
+def _solve(second: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``(C + εI)⁻¹ Kᵀ`` for held-out keys ``K`` (rows), the update direction the stopping rule watches."""
+    ridge = max(1e-5 * float(second.diagonal().mean()), 1e-12)  # an expert no token reached yet: all zeros
+    return torch.linalg.solve(second + ridge * torch.eye(len(second), dtype=second.dtype), keys.T)
 
 
 def per_expert(totals: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -209,3 +209,12 @@ def test_moe_packs_stack_and_extend_expert_by_expert(tmp_path):
     assert isinstance(grown.delta.modules[name], ExpertsDelta) and grown.delta.modules[name].rank == 2
     edited = editpack.apply(model, grown)
     assert rank_of(edited, tok, FACT) == 0 and rank_of(edited, tok, bridge) == 0
+
+
+def test_the_stopping_rule_decides_per_expert_statistics(isolated_home):
+    model, tok = model_of("mixtral")
+    stats = compute_stats(model, "rome", corpus=CORPUS, tokens="auto", tokenizer=tok, layers=[1])
+    source = stats.provenance
+    assert source["rule"]["tolerance"] > 0 and len(source["checkpoints"]) >= 2
+    assert "held-out keys moved less than" in source["stopped"] or "corpus ended" in source["stopped"]
+    assert sum(source["expert_tokens"]["model.layers.1.mlp.experts.down_proj"]) == 2 * source["tokens"]
