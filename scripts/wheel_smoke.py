@@ -76,6 +76,16 @@ def main() -> int:
                 return 1
         export_gguf([Path(scratch) / "rome"], Path(scratch) / "rome.gguf")
         print(f"ok export: {', '.join(engines())} and gguf")
+        # A Mixture-of-Experts family from the wheel's architecture files: a ROME pack on its stacked experts.
+        model = tiny_model("mixtral")
+        model.editpack_tokenizer = tok
+        pack = editpack.edit(model, tiny_facts(1), "rome", **tiny_edit_settings("rome", scratch, tokenizer=tok))
+        loaded = editpack.load_pack(pack.save(Path(scratch) / "moe"))
+        if loaded.stacked_modules != ["model.layers.1.mlp.experts.down_proj"]:
+            print(f"FAIL: mixtral: the pack edits {loaded.modules}, not the stacked experts")
+            return 1
+        editpack.revert(editpack.apply(model, loaded))
+        print("ok mixtral: rome on the stacked experts")
     return 0
 
 
