@@ -108,7 +108,7 @@ def families_table() -> str:
             edited = ("ROME, MEMIT, GRACE, a memory pack; AlphaEdit in `test_moe.py` (each expert on its own; the "
                       "router untouched); other methods refused")
             peft = "yes (LoRA on the stacked `down_proj`, `target_parameters`)"
-            exports = "merged weights (no engine loads a LoRA on parameters)"
+            exports = "merged weights (the engine rules describe LoRA on layers only)"
         else:
             edited, peft = "ROME, MEMIT, GRACE, a memory pack (other methods take the same layout)", "yes"
             exports = ("merged weights (Conv1D layers: no engine LoRA)" if spec.get("mlp_transposed") else

@@ -122,9 +122,9 @@ def export_peft(packs, engine: str, output: str | os.PathLike, *, model: str | N
     loaded = weight_packs(packs, on_conflict)
     stacked = [p.ref for p in loaded if p.stacked_modules]
     if stacked:
-        raise ExportError(f"{', '.join(stacked)} edit stacked Mixture-of-Experts experts (a PEFT LoRA on parameters), "
-                          f"which {rules.title} does not load as a LoRA adapter; write the edited model instead "
-                          "(`editpack apply … -o DIR`, merged into the weights)")
+        raise ExportError(f"{', '.join(stacked)} edit stacked Mixture-of-Experts experts (a PEFT LoRA on parameters); "
+                          f"editpack's rules for {rules.title} describe LoRA on layers only, so write the edited "
+                          "model instead (`editpack apply … -o DIR`, merged into the weights)")
     spec = spec_for_model_type(loaded[0].base.model_type)
     deltas = {name: fit_rank(name, d, rules.max_rank, rules.title) for name, d in combined_delta(loaded).items()}
     notes: list[str] = []
