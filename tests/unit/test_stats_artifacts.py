@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import editpack
+from editpack.model.stats import AUTO_TOLERANCE
 import editpack.packs.statistics as store
 from editpack.api import compute_stats
 from editpack.cli.main import main
@@ -113,7 +114,7 @@ def test_the_stopping_rule_reads_until_the_solved_update_settles(model, corpus, 
     _, everything, read = compute_second_moments(model, tok, spec, [1], strict)
     assert "the corpus ended" in read["stopped"] and everything > count
     pack = compute_stats(model, "rome", layers=[1], corpus=corpus, tokens="auto")
-    assert pack.provenance["rule"]["tolerance"] == 0.01  # the small corpus ends before the first checkpoint
+    assert pack.provenance["rule"]["tolerance"] == AUTO_TOLERANCE  # the small corpus ends before the first checkpoint
     assert pack.provenance["stopped"].startswith("the corpus ended")
 
 
