@@ -125,8 +125,13 @@ def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monke
         asked.extend([prompts] if isinstance(prompts, str) else prompts)
         return real(model, tokenizer, prompts, **kwargs)
 
-    real = side_effects.generate
+    def recording_first(model, tokenizer, prompts, **kwargs):
+        asked.extend(prompts)
+        return real_first(model, tokenizer, prompts, **kwargs)
+
+    real, real_first = side_effects.generate, side_effects.generate_with_first_logits
     monkeypatch.setattr(side_effects, "generate", recording)
+    monkeypatch.setattr(side_effects, "generate_with_first_logits", recording_first)
     settings = side_effects.SuiteSettings(locality=4, same_subject=2, fluency_prompts=2, fluency_tokens=4,
                                           heldout_tokens=16)
     for chat in (True, False):
@@ -135,11 +140,13 @@ def test_a_pack_in_chat_form_is_measured_in_chat_form_and_the_card_says_so(monke
         result = evaluate_pack(model, tok, pack, suite_settings=side_effects.SuiteSettings(
             **{**settings.__dict__, "form": "chat" if chat else "plain"}))
         assert result["generalization_origin"] == {"paraphrases": 0, "relation_templates": 1, "not_measured": 0}
-        # before and after: locality, the subject's other relations, fluency (a private home: no cached base side)
-        assert len(asked) == 2 * (4 + 2 + 2)
+        # before and after (a private home: no cached base side): locality, fluency and, in its batch, the edit
+        # prompt's continuation; the subject's other relations were answered by the probes, in the same form
+        assert len(asked) == 2 * (4 + 2 + 1)
         assert [p.startswith("user ") and p.endswith(" \n") for p in asked] == [chat] * len(asked)
+        assert result["side_effects"]["claims"]["same_subject_unchanged"]["n"] == 2
         subject = [ChatFrame.of(tok).message(p) if chat else p for p in asked if "eiffel tower" in p]
-        assert len(subject) == 4 and not any("user" in p or "{}" in p for p in subject)  # asked by the user's text
+        assert len(subject) == 2 and not any("user" in p or "{}" in p for p in subject)  # asked by the user's text
         assert ("Asked in chat form" in render_card(_with(pack, result))) is chat
     with pytest.raises(ValueError, match="form must be one of plain, chat"):
         side_effects.SuiteSettings(form="markdown")
