@@ -164,9 +164,14 @@ def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool,
                     max_new_tokens=[settings.fluency_tokens] * len(generic) + [tokens] * len(texts),
                     batch_size=settings.batch_size)
     free, continued = free[: len(generic)], free[len(generic) :]
-    # The next-token distribution after each prompt is the first step of its greedy answer: read off that step.
-    answers, first = generate_with_first_logits(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
-                                                batch_size=settings.batch_size)
+    # The next-token distribution after each prompt is the first step of its greedy answer: read off that step
+    # (a memory pack's model generates text only: no logits, and none asked of it).
+    if logits:
+        answers, first = generate_with_first_logits(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
+                                                    batch_size=settings.batch_size)
+    else:
+        answers = generate(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
+                           batch_size=settings.batch_size)
     return {
         "locality": answers,
         "locality_logprobs": torch.log_softmax(first, dim=-1) if logits else None,
