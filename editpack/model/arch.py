@@ -315,22 +315,37 @@ def infer_spec(model: torch.nn.Module) -> ArchSpec:
            and shape[0] in (width, 2 * width)]
     if not mlp_name or not ins:
         raise UnknownArchitectureError(f"{blocks_name}.0.{out_name} has no input projection beside it in one MLP")
-    parent = blocks_name.rpartition(".")[0]
-    siblings = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[0] == parent and n != blocks_name]
-    norms = [n for n, m in siblings if "norm" in type(m).__name__.lower() or "layernorm" in n.lower().replace("_", "")]
-    if not norms:
-        raise UnknownArchitectureError(f"no norm after the blocks beside {blocks_name}")
-    attn = [n for n, m in block.named_children() if n != mlp_name.split(".")[0] and any(
-        _linear_shape(c) is not None for c in m.modules())]
-    template = lambda name: f"{blocks_name}.{{}}.{name}"  # noqa: E731
+    template = _template(blocks_name)
     out_norm = _norm_after(model, block, mlp_name)
     return ArchSpec(
         family=f"inferred-{model.config.model_type}", model_types=(model.config.model_type,),
         description=f"inferred by editpack from {type(model).__name__}'s module tree",
         blocks=blocks_name, mlp=template(mlp_name), mlp_in=tuple(template(n) for n in ins), mlp_out=template(out_name),
-        attn=template(attn[0]) if attn else None, mlp_out_norm=template(out_norm) if out_norm else None,
-        final_norm=norms[-1], lm_head=names[id(head)], embed=names[id(embed)], mlp_transposed=transposed,
-        layer_roles=DEFAULT_ROLES)
+        attn=_attention(block, mlp_name, template), mlp_out_norm=template(out_norm) if out_norm else None,
+        final_norm=_final_norm(model, blocks_name), lm_head=names[id(head)], embed=names[id(embed)],
+        mlp_transposed=transposed, layer_roles=DEFAULT_ROLES)
+
+
+def _template(blocks_name: str):
+    """``name`` inside block ``{}`` (a module path template)."""
+    return lambda name: f"{blocks_name}.{{}}.{name}"
+
+
+def _final_norm(model: torch.nn.Module, blocks_name: str) -> str:
+    """The last norm beside the block list (the norm after the blocks), or a clear error."""
+    parent = blocks_name.rpartition(".")[0]
+    norms = [n for n, m in model.named_modules() if n.rpartition(".")[0] == parent and n != blocks_name
+             and ("norm" in type(m).__name__.lower() or "layernorm" in n.lower().replace("_", ""))]
+    if not norms:
+        raise UnknownArchitectureError(f"no norm after the blocks beside {blocks_name}")
+    return norms[-1]
+
+
+def _attention(block: torch.nn.Module, mlp_name: str, template) -> str | None:
+    """The first of the block's children besides the MLP that holds linear layers (its attention)."""
+    attn = [n for n, m in block.named_children() if n != mlp_name.split(".")[0] and any(
+        _linear_shape(c) is not None for c in m.modules())]
+    return template(attn[0]) if attn else None
 
 
 def _stacked_experts(block: torch.nn.Module, hidden: int) -> str | None:
@@ -354,22 +369,15 @@ def _moe_spec(model, blocks_name: str, block, experts: str, names: dict, embed, 
                and m.weight.dim() == 2 and m.weight.shape[0] == count]
     if not mlp_name or not routers:
         raise UnknownArchitectureError(f"{blocks_name}.0.{experts} holds stacked experts, but no router beside it")
-    parent = blocks_name.rpartition(".")[0]
-    norms = [n for n, m in model.named_modules() if n.rpartition(".")[0] == parent and n != blocks_name
-             and ("norm" in type(m).__name__.lower() or "layernorm" in n.lower().replace("_", ""))]
-    if not norms:
-        raise UnknownArchitectureError(f"no norm after the blocks beside {blocks_name}")
     gated = "gate_up_proj" if isinstance(getattr(get_module(block, experts), "gate_up_proj", None),
                                          torch.nn.Parameter) else "up_proj"
-    attn = [n for n, m in block.named_children() if n != mlp_name.split(".")[0] and any(
-        _linear_shape(c) is not None for c in m.modules())]
-    template = lambda name: f"{blocks_name}.{{}}.{name}"  # noqa: E731
+    template = _template(blocks_name)
     return ArchSpec(
         family=f"inferred-{model.config.model_type}", model_types=(model.config.model_type,),
         description=f"inferred by editpack from {type(model).__name__}'s module tree (stacked experts)",
         blocks=blocks_name, mlp=template(mlp_name), mlp_in=(template(f"{experts}.{gated}"),),
-        mlp_out=template(f"{experts}.down_proj"), attn=template(attn[0]) if attn else None,
-        final_norm=norms[-1], lm_head=names[id(head)], embed=names[id(embed)],
+        mlp_out=template(f"{experts}.down_proj"), attn=_attention(block, mlp_name, template),
+        final_norm=_final_norm(model, blocks_name), lm_head=names[id(head)], embed=names[id(embed)],
         experts={"module": template(experts), "router": template(f"{mlp_name}.{routers[0]}")},
         layer_roles=DEFAULT_ROLES)
 

@@ -9,14 +9,17 @@ import torch
 
 from ..errors import UnknownArchitectureError
 from .arch import ArchSpec, get_module
+from .fingerprint import edited_layer
 
 
 def experts_module(model, spec: ArchSpec, layer: int) -> torch.nn.Module:
     """``layer``'s experts module (under a PEFT wrapper, the wrapped module), with a clear error where the layer
     is dense (DeepSeek-style first layers, Qwen3-MoE's ``mlp_only_layers``)."""
-    module = get_module(model, spec.experts_name(layer))
-    while getattr(module, "base_layer", None) is not None:
-        module = module.base_layer
+    get_module(model, spec.experts_name(layer))  # a clear error where the module is missing
+    try:
+        module = edited_layer(model, spec.mlp_out_name(layer))[0]  # the owner of down_proj, through PEFT's wrappers
+    except AttributeError:
+        module = None
     if not isinstance(getattr(module, "down_proj", None), torch.Tensor) or module.down_proj.dim() != 3:
         raise UnknownArchitectureError(f"{spec.experts_name(layer)} holds no stacked experts (down_proj of "
                                        "(experts, …) shape): this layer is dense; edit another layer")

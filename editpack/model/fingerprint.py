@@ -79,11 +79,6 @@ def weight_of(model: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(layer, attribute)
 
 
-def is_stacked(model: torch.nn.Module, name: str) -> bool:
-    """Whether ``name`` is a stacked experts parameter rather than a layer (see :func:`edited_layer`)."""
-    return edited_layer(model, name)[1] != "weight"
-
-
 def is_quantized(module: torch.nn.Module) -> bool:
     """Whether the (base) layer holds bitsandbytes-quantized weights."""
     return type(base_layer(module)).__module__.startswith("bitsandbytes")

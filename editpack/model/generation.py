@@ -83,8 +83,7 @@ def generate_with_first_logits(model, tokenizer, prompts: Sequence[str], *, max_
     """:func:`generate`, and the logits of the first generated token after each prompt (``(len(prompts), vocab)``,
     float32): what :func:`next_token_logits` computes, read off the generation's first step instead of a forward
     of its own."""
-    texts, logits = _greedy(model, tokenizer, list(prompts), max_new_tokens, batch_size, True)
-    return texts, logits
+    return _greedy(model, tokenizer, list(prompts), max_new_tokens, batch_size, True)
 
 
 @torch.no_grad()
