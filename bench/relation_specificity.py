@@ -1,6 +1,7 @@
 """Relation specificity: what an edit of one relation does to the edited subject's other relations.
 
     python3 -m bench.relation_specificity [--n 100] [--methods rome,memit] [--retain 0,1] [--mquake 20]
+    python3 -m bench.relation_specificity --retain 1 --set paraphrase_prompts=4   # settings for every edit
     python3 -m bench.relation_specificity --small        # its own code path on a tiny model
 
 For each method and each ``retain_factor`` in ``--retain`` (0: no retention term), the first ``--n`` CounterFact

@@ -1,6 +1,11 @@
 """What editpack knows of a fact's relation: CounterFact's phrasings of 34 Wikidata relations
 (``editpack/suites/relation_templates.json``), which of them a fact's prompt is, the other phrasings of it
-(template paraphrases) and the fact's subject under other relations.
+and the fact's subject under other relations.
+
+The other phrasings of the fact's own relation are split the same way: :func:`template_paraphrases` measure
+generalization where a fact gives no paraphrases, and :func:`training_paraphrases` (the others, or with
+paraphrases given, any not among them) are what a locate-then-edit method may rewrite under
+(``paraphrase_prompts``).
 
 The subject under other relations is asked in two disjoint sets of phrasings: :func:`same_subject_prompts` (each
 relation's first phrasing) measures relation specificity on cards and in benchmarks, and
@@ -37,14 +42,33 @@ def relation_of(fact: Fact) -> str | None:
     return None
 
 
-def template_paraphrases(fact: Fact) -> list[str]:
-    """Other CounterFact phrasings of the fact's relation, filled with its subject (empty when unknown)."""
+def _own_phrasings(fact: Fact) -> list[str]:
+    """The fact's relation's CounterFact phrasings but its prompt's own (templates with ``{}``)."""
     relation = relation_of(fact)
     if relation is None:
         return []
-    phrasings = suites.load("relation_templates").items[relation]
     own = normal_text(fact.prompt)
-    return [p.replace("{}", fact.subject) for p in phrasings if normal_text(p) != own]
+    return [p for p in suites.load("relation_templates").items[relation] if normal_text(p) != own]
+
+
+def template_paraphrases(fact: Fact) -> list[str]:
+    """The phrasings of the fact's relation that measure generalization where the fact gives no paraphrases:
+    every other one of its relation's other CounterFact phrasings (the first, third, …), filled with its subject
+    (empty when the relation is unknown). The rest are :func:`training_paraphrases`'."""
+    return [p.replace("{}", fact.subject) for p in _own_phrasings(fact)[0::2]]
+
+
+def training_paraphrases(fact: Fact, count: int) -> list[str]:
+    """Up to ``count`` phrasings of the fact's relation (templates with ``{}``) that an edit may be optimised
+    over, never one that measures it: with paraphrases given, the relation's other phrasings but those equal to
+    one of them; without, the ones :func:`template_paraphrases` leaves (the second, fourth, …)."""
+    phrasings = _own_phrasings(fact)
+    if fact.paraphrases:
+        measured = {normal_text(p) for p in fact.paraphrases}
+        chosen = [p for p in phrasings if normal_text(p.replace("{}", fact.subject)) not in measured]
+    else:
+        chosen = phrasings[1::2]
+    return chosen[:count]
 
 
 def _other_relations(fact: Fact, own: str | None, salt: str) -> list[str]:
@@ -113,8 +137,16 @@ def subject_prompts_in_form(tokenizer, facts: Sequence[Fact], count: int, *,
                             retention: bool = False) -> list[list[str]]:
     """:func:`same_subject_prompts` (or, with ``retention``, :func:`retention_prompts`, as templates) of each
     fact in its own form: for a fact in ``tokenizer``'s chat form, the user's turns in that form."""
+    return _in_form(tokenizer, facts, retention_prompts if retention else same_subject_prompts, count)
+
+
+def training_paraphrases_in_form(tokenizer, facts: Sequence[Fact], count: int) -> list[list[str]]:
+    """:func:`training_paraphrases` of each fact (templates) in its own form, as :func:`subject_prompts_in_form`."""
+    return _in_form(tokenizer, facts, training_paraphrases, count)
+
+
+def _in_form(tokenizer, facts: Sequence[Fact], prompts_of, count: int) -> list[list[str]]:
     frame = ChatFrame.of(tokenizer) if tokenizer is not None else None
-    prompts_of = retention_prompts if retention else same_subject_prompts
     out = []
     for fact in facts:
         plain = plain_fact(frame, fact)

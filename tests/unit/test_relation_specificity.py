@@ -102,3 +102,47 @@ def test_a_prompt_answered_with_the_old_answer_is_not_retained(monkeypatch):
     assert asked[0] not in texts and all(t.endswith(" the") for t in texts)  # each with its answer's first token
     for text, index in zip(texts, idxs):  # the subject's last token ("tower," is one unknown word to this tokenizer)
         assert tok(text)["input_ids"][index] == tok.convert_tokens_to_ids("tower" if "tower " in text else "<unk>")
+
+
+def test_the_edited_relations_phrasings_split_between_measuring_and_training():
+    """template_paraphrases measure generalization where a fact gives none; training_paraphrases are the rest
+    (with paraphrases given: every phrasing but those), so an edit is never optimised on what measures it."""
+    bare = editpack.make_fact("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+    own = [p.replace("{}", bare.subject) for p in suites_items()["P103"][1:]]
+    measured = relations.template_paraphrases(bare)
+    trained = [t.replace("{}", bare.subject) for t in relations.training_paraphrases(bare, 10)]
+    assert measured and trained and not set(measured) & set(trained) and sorted(measured + trained) == sorted(own)
+    assert len(relations.training_paraphrases(bare, 1)) == 1
+    given = editpack.make_fact("The mother tongue of {} is", "Danielle Darrieux", "English", "French",
+                               paraphrases=[own[0], "Where Danielle Darrieux is from, people speak"])
+    trained = [t.replace("{}", given.subject) for t in relations.training_paraphrases(given, 10)]
+    assert trained == own[1:]
+    unknown = editpack.make_fact("the old {}", "london bridge", "tokyo", "london")
+    assert relations.training_paraphrases(unknown, 5) == [] == relations.template_paraphrases(unknown)
+
+
+def test_paraphrase_prompts_add_the_training_phrasings_as_rewrite_rows(monkeypatch):
+    model, tok = tiny_model(), tiny_tokenizer()
+    spec = spec_for(model)
+    fact = editpack.make_fact("The mother tongue of {} is", "london bridge", "tokyo", "london")
+    asked = []
+    real = values.split_batch
+
+    def spy(tokenizer, texts, idxs, device):
+        asked.append(list(texts))
+        return real(tokenizer, texts, idxs, device)
+
+    monkeypatch.setattr(values, "split_batch", spy)
+    cfg = REGISTRY["rome"](ROMEConfig(**dict(TINY, layers=[0], v_num_grad_steps=2, paraphrase_prompts=2))).resolve(
+        model, tok, spec)
+    with frozen(model), torch.enable_grad():
+        values.optimize_deltas(model, tok, spec, spec.mlp_out_name(0), [fact], cfg)
+        cfg.paraphrase_prompts = 0
+        values.optimize_deltas(model, tok, spec, spec.mlp_out_name(0), [fact], cfg)
+    with_rows, without = asked
+    trained = [t.replace("{}", fact.subject) for t in relations.training_paraphrases(fact, 2)]
+    assert len(with_rows) == len(without) + 2 and len(trained) == 2
+    assert all(any(row.startswith(t) for row in with_rows) for t in trained)
+    assert not any(row.startswith(m) for m in relations.template_paraphrases(fact) for row in with_rows)
+    pack = editpack.edit(model, fact, "rome", tokenizer=tok, paraphrase_prompts=3, **dict(TINY, layers=[1]))
+    assert pack.hyperparameters["paraphrase_prompts"] == 3

@@ -1,11 +1,12 @@
 """The value optimisation of locate-then-edit methods: a vector δ added at the subject's last token to a module's
 output so that the model predicts the new target (NLL), keeps its distribution on "{subject} is a" (KL) and, with
 ``retain_factor``, its next-token distribution after the subject under other relations (retention), with a norm
-penalty and clamp and early stopping; the settings a method's config carries for it."""
+penalty and clamp and early stopping; with ``paraphrase_prompts``, the new target also after other phrasings of the
+edited relation; the settings a method's config carries for it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from ...facts import Fact
 from ...model.arch import ArchSpec, get_module
 from ...model.generation import continuation, continuation_ids, generate, model_device
 from ...model.nethook import Trace, replace_first
-from ...relations import subject_prompts_in_form
+from ...relations import subject_prompts_in_form, training_paraphrases_in_form
 from ..base import MethodConfig, at_least, each, non_empty, one_of, positive
 from .keys import _first, fill, lookups, position_lookups, subject_last_index
 from .model_state import attention_for_gradients, head_logits, resolve_optimize_dtype, weights_in
@@ -30,6 +31,7 @@ class ValueOptimization(MethodConfig):
         "v_num_grad_steps": (at_least(1),), "v_lr": (positive,), "v_weight_decay": (at_least(0),),
         "clamp_norm_factor": (positive,), "kl_factor": (at_least(0),), "early_stop_loss": (at_least(0),),
         "retain_factor": (at_least(0),), "retain_prompts": (at_least(0),), "retain_tokens": (at_least(1),),
+        "paraphrase_prompts": (at_least(0),),
         "optimize_dtype": (one_of("auto", "float32", "bfloat16"),),
         "context_template_lengths": (each(lambda pair: None if len(pair) == 2 and pair[0] >= 1 and pair[1] >= 1
                                           else "must be [tokens, count], both at least 1", "each entry"),),
@@ -52,6 +54,11 @@ class ValueOptimization(MethodConfig):
     retain_factor: float = 0.0
     retain_prompts: int = 12
     retain_tokens: int = 1
+    #: Generalization: the new target is also optimised after up to this many other phrasings of the edited
+    #: relation (:func:`editpack.relations.training_paraphrases`: never one that measures paraphrase), each
+    #: without a context prefix, beside the prompt under every context prefix. 0 turns it off. Only where δ sits
+    #: at the subject.
+    paraphrase_prompts: int = 0
     early_stop_loss: float = 0.05
     #: Precision of the decoder blocks while δ is optimised: "float32", "bfloat16", or "auto" (bfloat16 where
     #: the device has fast bf16 arithmetic: a CUDA GPU that supports it, a CPU with AVX-512 BF16 / AMX; else
@@ -116,15 +123,20 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
     """
     device = model_device(model)
     n_facts = len(facts)
-    texts, idxs, owners, targets = [], [], [], []
+    paraphrases = (training_paraphrases_in_form(tokenizer, facts, cfg.paraphrase_prompts)
+                   if cfg.paraphrase_prompts and at == "subject" else [[] for _ in facts])
+    texts, idxs, owners, targets, first_rows = [], [], [], [], []  # the facts' rewrite rows come first, in order
     for f, fact in enumerate(facts):
-        t, i, target_ids = rewrite_lookups(tokenizer, fact, cfg.context_templates, at)
-        targets.append(target_ids)
-        texts += t
-        idxs += i
-        owners += [f] * len(t)
-    n_rewrite = len(cfg.context_templates)  # rows per fact; the facts' rewrite rows come first, in order
-    first_rows = torch.arange(n_facts, device=device) * n_rewrite  # each fact's bare prompt + target prefix
+        first_rows.append(len(texts))  # the fact's bare prompt + target prefix
+        variants = [(fact, cfg.context_templates)] + [(replace(fact, prompt=p), ["{}"]) for p in paraphrases[f]]
+        for variant, templates in variants:
+            t, i, target_ids = rewrite_lookups(tokenizer, variant, templates, at)
+            targets += [target_ids] * len(t)
+            texts += t
+            idxs += i
+            owners += [f] * len(t)
+    n_rewrite = len(texts)
+    first_rows = torch.tensor(first_rows, device=device)
     for fact in facts:
         t, i = lookups(tokenizer, ["{} is a"], fact)
         texts += t
@@ -141,24 +153,27 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
     owner_of_row = torch.tensor(owners + list(range(n_facts)) + retain_owners, device=device)
 
     # Only some positions need logits: those predicting the new answers' tokens, and the KL lookups.
-    target_rows, target_cols, target_tokens, target_owner = [], [], [], []
-    for r in range(n_facts * n_rewrite):
-        ids = targets[owners[r]]
+    # Each fact's NLL is the mean over its rewrite rows of each row's mean over its target's tokens.
+    rows_of_fact = [owners.count(f) for f in range(n_facts)]
+    target_rows, target_cols, target_tokens, target_owner, target_weight = [], [], [], [], []
+    for r in range(n_rewrite):
+        ids = targets[r]
         end = batch.suffix_lengths[r]
         for j, token in enumerate(ids):
             target_rows.append(r)
             target_cols.append(end - len(ids) + j)
             target_tokens.append(token)
             target_owner.append(owners[r])
+            target_weight.append(1.0 / (len(ids) * rows_of_fact[owners[r]]))
     target_rows = torch.tensor(target_rows, device=device)
     target_cols = torch.tensor(target_cols, device=device)
     target_tokens = torch.tensor(target_tokens, device=device)
     target_owner = torch.tensor(target_owner, device=device)
-    nll_scale = torch.tensor([1.0 / (len(ids) * n_rewrite) for ids in targets], device=device)
-    kl_rows = rows[n_facts * n_rewrite : n_facts * (n_rewrite + 1)]
+    target_weight = torch.tensor(target_weight, device=device)
+    kl_rows = rows[n_rewrite : n_rewrite + n_facts]
     # Each retention row's last ``retain_tokens`` positions: the prompt's last token and the answer's tokens.
     retain_rows, retain_cols, owner_list = [], [], []
-    for r, owner in zip(rows[n_facts * (n_rewrite + 1) :].tolist(), retain_owners):
+    for r, owner in zip(rows[n_rewrite + n_facts :].tolist(), retain_owners):
         end, first = batch.suffix_lengths[r], batch.edit_columns[r]
         for col in range(max(first, end - cfg.retain_tokens), end):
             retain_rows.append(r)
@@ -209,7 +224,7 @@ def optimize_deltas(model, tokenizer, spec: ArchSpec, module: str, facts: Sequen
                 kl_init = kl_log_probs.detach().clone()
                 retain_init = retain_log_probs.detach().clone()
             picked = log_probs.gather(1, target_tokens.unsqueeze(1)).squeeze(1)
-            nll = -torch.zeros(n_facts, device=device).index_add(0, target_owner, picked) * nll_scale
+            nll = -torch.zeros(n_facts, device=device).index_add(0, target_owner, picked * target_weight)
             kl = cfg.kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="none").sum(-1)
             decay = cfg.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
             loss = nll + kl + decay  # (n_facts,)
