@@ -15,6 +15,9 @@ A control, measured in the same run, says how much of that any edit moves: the o
 that was **not** edited (each record alone: the next record's subject; one batch: the ``--n`` records after the
 batch), under the same edit.
 
+``--eiffel`` adds the card's line for the README's example pack ("The Eiffel Tower is located in the city of" →
+Rome, one edit per method and setting): its answer and how many of its 24 same-subject answers changed.
+
 ``--mquake K`` adds portability: the first K MQuAKE cases, each case's edits in one pack, and its multi-hop
 questions answered (generate_match: the generation starts with the new answer; prob_compare: its NLL under 2)
 before and after. Results: one JSON (``--out``), resumable: rows already there are kept.
@@ -116,6 +119,24 @@ def portability(model, tokenizer, cases: list[list], method: str, settings: dict
             "prob_compare": {"before": rate["before_nll"], "after": rate["after_nll"]}}
 
 
+EIFFEL = dict(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome",
+              target_true="Paris")
+
+
+def eiffel(model, tokenizer, method: str, settings: dict) -> dict:
+    """The Eiffel pack's same-subject line: its 24 other relations' 8-token answers, changed whole and first word."""
+    fact = editpack.make_fact(**EIFFEL)
+    base = measure(model, tokenizer, [fact], fluency_tokens=0)
+    edited = editpack.apply(model, editpack.edit(model, fact, method, tokenizer=tokenizer, **settings))
+    try:
+        after = measure(edited, tokenizer, [fact], fluency_tokens=0)
+    finally:
+        editpack.revert(edited)
+    whole, n = changed(base.gen_same, after.gen_same)
+    return {"method": method, "settings": settings, "answer": after.gen_edit[0].strip(), "prompts": n,
+            "changed": whole, "first_word_changed": changed(base.gen_same, after.gen_same, 1)[0]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -125,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--retain", default="0,1", help="retain_factor values, comma-separated")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every edit")
     parser.add_argument("--mquake", type=int, default=0, help="MQuAKE cases for portability (0: none)")
+    parser.add_argument("--eiffel", action="store_true", help="the Eiffel pack's same-subject line too")
     parser.add_argument("--mquake-data", default=f"mquake:{DATA / 'mquake' / 'MQuAKE-hard.json'}")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "relation_specificity.json"))
     parser.add_argument("--small", action="store_true")
@@ -143,11 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
     records = editpack.load_facts(args.data, limit=2 * args.n + 1, skip_invalid=True)
     facts = records[: args.n]
     result = {"benchmark": "relation_specificity", "model": getattr(getattr(model, "editpack_ref", None), "id", "tiny"),
-              "data": args.data.rsplit("/", 1)[-1], "n": len(facts), "rows": [], "portability": []}
+              "data": args.data.rsplit("/", 1)[-1], "n": len(facts), "rows": [], "portability": [],
+              "eiffel": []}
     try:
         earlier = json.loads(Path(args.out).read_text(encoding="utf-8"))
         if all(earlier.get(k) == result[k] for k in ("model", "data", "n")):
-            result["rows"], result["portability"] = earlier.get("rows", []), earlier.get("portability", [])
+            for key in ("rows", "portability", "eiffel"):
+                result[key] = earlier.get(key, [])
     except (OSError, ValueError):
         pass
     cases = []
@@ -171,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
                 checkpoint(result, args.out)
             if cases and not any(r["method"] == method and r["settings"] == settings for r in result["portability"]):
                 result["portability"].append(portability(model, tokenizer, cases, method, settings))
+                checkpoint(result, args.out)
+            if args.eiffel and not any(r["method"] == method and r["settings"] == settings for r in result["eiffel"]):
+                row = eiffel(model, tokenizer, method, settings)
+                result["eiffel"].append(row)
+                print(f"{method} Eiffel pack: {row['changed']} of {row['prompts']} answers changed "
+                      f"({row['first_word_changed']} first words)", flush=True)
                 checkpoint(result, args.out)
     return result
 

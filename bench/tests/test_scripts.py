@@ -235,10 +235,13 @@ def test_first_edit_benchmark_runs(tmp_path, real_model):
 def test_relation_specificity_benchmark_small_mode(tmp_path, monkeypatch):
     """bench/relation_specificity.py on a tiny model: a row per method and retain_factor, with the control."""
     monkeypatch.setenv("EDITPACK_HOME", str(tmp_path / "home"))
-    result = load_bench("relation_specificity").main(["--small", "--mquake", "1", "--out", str(tmp_path / "o.json")])
+    result = load_bench("relation_specificity").main(["--small", "--mquake", "1", "--eiffel",
+                                                            "--out", str(tmp_path / "o.json")])
     assert [(r["method"], r["settings"]["retain_factor"]) for r in result["rows"]] == [
         ("rome", 0.0), ("rome", 1.0), ("memit", 0.0), ("memit", 1.0)]
     for row in result["rows"]:
         assert 0 <= row["same_subject_changed"] <= 1 and row["control_changed"] is not None
         assert row["n_same_subject"] == 2 * 24
     assert len(result["portability"]) == 4 and result["portability"][0]["questions"] == 3
+    assert len(result["eiffel"]) == 4 and all(r["prompts"] == 24 and 0 <= r["first_word_changed"] <= r["changed"]
+                                              for r in result["eiffel"])
