@@ -57,21 +57,22 @@ def evaluate_pack(model, tokenizer, pack, facts: Sequence[Fact] | None = None, *
     # batches (not one sequence at a time), and the same-subject prompts the probes asked are not asked again.
     free = [f.text for f in facts] if default_probes and fluency_tokens else []
 
-    def probes_and_suites(on, reuse: bool):
+    def probes_and_suites(on, reuse: bool, drafts=None):
         probes = measure(on, tokenizer, facts, **dict(kwargs, fluency_tokens=0 if free else fluency_tokens))
         if not default_probes:
             return probes, None
         answered = same_subject_answers(tokenizer, facts, probes) if settings.max_new_tokens == max_new_tokens else {}
         snap = side_effects.snapshot(on, tokenizer, pack.facts, settings, logits=pack.scores_logits, reuse=reuse,
-                                     answered=answered, continue_texts=free, continue_tokens=fluency_tokens)
+                                     answered=answered, continue_texts=free, continue_tokens=fluency_tokens,
+                                     continue_drafts=probes.gen_edit if free else None, drafts=drafts)
         if free:
             probes.fluency = [ngram_entropy(text + more) for text, more in zip(free, snap.continuations)]
         return probes, snap
 
     base, base_snap = probes_and_suites(model, reuse=True)
     edited = apply(model, pack, tokenizer=tokenizer)
-    try:
-        after, after_snap = probes_and_suites(edited, reuse=False)
+    try:  # the unedited model's answers are the drafts the edited model's suites are checked against
+        after, after_snap = probes_and_suites(edited, reuse=False, drafts=base_snap)
     finally:
         revert(edited)
     result = combine(facts, base, after, protocols)

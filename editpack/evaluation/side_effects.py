@@ -111,11 +111,23 @@ class Snapshot:
     heldout_nll: tuple[float, int] | None  # (total NLL, tokens); None for memory packs
     fluency: list[float]
     continuations: list[str] = field(default_factory=list)  # of ``snapshot``'s ``continue_texts``
+    fluency_texts: list[str] = field(default_factory=list)  # the fluency suite's generations
+
+
+@dataclass(frozen=True)
+class Continuations:
+    """Texts to continue greedily for ``tokens`` tokens in the fluency suite's batches, with a guess of each
+    continuation's start (``drafts``: this model's shorter answer to the same text, or ``None``)."""
+
+    texts: Sequence[str] = ()
+    tokens: int = 0
+    drafts: Sequence[str | None] | None = None
 
 
 def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *, logits: bool = True,
              reuse: bool = False, answered: dict[str, str] | None = None, continue_texts: Sequence[str] = (),
-             continue_tokens: int = 0) -> Snapshot:
+             continue_tokens: int = 0, continue_drafts: Sequence[str] | None = None,
+             drafts: Snapshot | None = None) -> Snapshot:
     """Run the suites on ``model`` (teacher-forced parts only when ``logits``), their prompts in ``settings.form``.
     The subjects of ``facts`` in chat form are asked about by the user's text of their prompts.
 
@@ -125,68 +137,91 @@ def snapshot(model, tokenizer, facts: Sequence[Fact], settings: SuiteSettings, *
     ``answered`` maps prompts this model has already answered greedily (with ``settings.max_new_tokens``) to
     their answers; those are not generated again. ``continue_texts`` are continued greedily for
     ``continue_tokens`` tokens in the same batches as the fluency suite (``Snapshot.continuations``): the
-    probes' free generations of the edit prompts, which would otherwise decode one sequence at a time."""
+    probes' free generations of the edit prompts, which would otherwise decode one sequence at a time;
+    ``continue_drafts`` (the probes' shorter answers to the same texts, on this model) are checked, not decoded.
+
+    ``drafts``, the unedited model's snapshot of the same facts and settings, makes the edited model's answers
+    cheaper where they did not change: each is checked with one teacher-forced forward, and only where the
+    edited model departs from it is it decoded (``editpack.model.generation.generate``'s ``drafts``; the answers
+    are the edited model's own either way)."""
     asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
     frame = ChatFrame.of(tokenizer)
     facts = [plain_fact(frame, f) for f in spread(facts, settings.same_subject_facts)]
     same = asked([p for f in facts for p in same_subject_prompts(f, settings.same_subject)])
-    extra = (list(continue_texts), continue_tokens)
+    extra = Continuations(list(continue_texts), continue_tokens, continue_drafts)
     fixed = (fixed_suites if reuse and not applied(model) else measure_fixed)(model, tokenizer, settings, logits,
-                                                                              extra)
+                                                                              extra, drafts)
+    guessed = dict(zip(same, drafts.same_subject)) if drafts is not None and len(drafts.same_subject) == len(same) \
+        else {}
     return Snapshot(
         locality=fixed["locality"],
         locality_logprobs=fixed["locality_logprobs"],
-        same_subject=_answers(model, tokenizer, same, settings, answered or {}),
+        same_subject=_answers(model, tokenizer, same, settings, answered or {}, guessed),
         heldout_nll=fixed["heldout_nll"],
         fluency=fixed["fluency"],
         continuations=fixed["continuations"],
+        fluency_texts=fixed["fluency_texts"],
     )
 
 
-def _answers(model, tokenizer, prompts: list[str], settings: SuiteSettings, answered: dict[str, str]) -> list[str]:
-    """Greedy answers to ``prompts``, generating only those not in ``answered``."""
+def _answers(model, tokenizer, prompts: list[str], settings: SuiteSettings, answered: dict[str, str],
+             guessed: dict[str, str]) -> list[str]:
+    """Greedy answers to ``prompts``, generating only those not in ``answered`` (from ``guessed``'s drafts)."""
     missing = list(dict.fromkeys(p for p in prompts if p not in answered))
     new = dict(zip(missing, generate(model, tokenizer, missing, max_new_tokens=settings.max_new_tokens,
-                                     batch_size=settings.batch_size))) if missing else {}
+                                     batch_size=settings.batch_size,
+                                     drafts=[guessed.get(p) for p in missing] if guessed else None))) if missing else {}
     return [answered[p] if p in answered else new[p] for p in prompts]
 
 
 def measure_fixed(model, tokenizer, settings: SuiteSettings, logits: bool,
-                  extra: tuple[list[str], int] = ([], 0)) -> dict[str, Any]:
+                  extra: Continuations = Continuations(), drafts: Snapshot | None = None) -> dict[str, Any]:
     """The suites that do not depend on a pack's facts: unrelated prompts' answers (and, with ``logits``, their
     next-token log-probabilities), perplexity on the held-out text, fluency; and the ``continuations`` of
-    ``extra``'s texts (``(texts, tokens)``), generated in the fluency suite's batches."""
+    ``extra``'s texts, generated in the fluency suite's batches. ``drafts``: another model's snapshot with the
+    same settings, whose answers are checked before anything is decoded."""
     asked = (lambda texts: chat_prompts(tokenizer, texts)) if settings.form == "chat" else list
     loc = asked([item["prompt"] for item in suites.load("locality").items[: settings.locality]])
     generic = suites.load("generic_prompts").items[: settings.fluency_prompts]
-    texts, tokens = extra
+    texts = list(extra.texts)
+    fluent, answers = _guesses(drafts, len(generic), len(loc))
+    guesses = fluent + list(extra.drafts or [None] * len(texts))
     free = generate(model, tokenizer, asked(generic) + texts,
-                    max_new_tokens=[settings.fluency_tokens] * len(generic) + [tokens] * len(texts),
-                    batch_size=settings.batch_size)
+                    max_new_tokens=[settings.fluency_tokens] * len(generic) + [extra.tokens] * len(texts),
+                    batch_size=settings.batch_size, drafts=guesses if any(g is not None for g in guesses) else None)
     free, continued = free[: len(generic)], free[len(generic) :]
     # The next-token distribution after each prompt is the first step of its greedy answer: read off that step
     # (a memory pack's model generates text only: no logits, and none asked of it).
     if logits:
         answers, first = generate_with_first_logits(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
-                                                    batch_size=settings.batch_size)
+                                                    batch_size=settings.batch_size, drafts=answers)
     else:
         answers = generate(model, tokenizer, loc, max_new_tokens=settings.max_new_tokens,
-                           batch_size=settings.batch_size)
+                           batch_size=settings.batch_size, drafts=answers)
     return {
         "locality": answers,
         "locality_logprobs": torch.log_softmax(first, dim=-1) if logits else None,
         "heldout_nll": _heldout_nll(model, tokenizer, settings) if logits else None,
         "fluency": [ngram_entropy(p + text) for p, text in zip(generic, free)],
+        "fluency_texts": free,
         "continuations": continued,
     }
 
 
+def _guesses(drafts: Snapshot | None, generic: int, locality: int) -> tuple[list, list | None]:
+    """``drafts``' fluency texts (``None`` each where it holds none) and its unrelated prompts' answers
+    (``None`` where it holds another number of them)."""
+    if drafts is None or (len(drafts.fluency_texts), len(drafts.locality)) != (generic, locality):
+        return [None] * generic, None
+    return list(drafts.fluency_texts), list(drafts.locality)
+
+
 #: How :func:`measure_fixed` measures, part of the cache key: a change to it makes earlier entries unused.
-MEASURED = 2
+MEASURED = 3
 
 
 def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool,
-                 extra: tuple[list[str], int] = ([], 0)) -> dict[str, Any]:
+                 extra: Continuations = Continuations(), drafts: Snapshot | None = None) -> dict[str, Any]:
     """:func:`measure_fixed` of an unedited model, cached under ``$EDITPACK_HOME/suites`` by the fingerprint of
     every weight, the tokenizer, the suites' sha256 and the settings: a model's second card is measured on the
     edited side only. ``extra``'s continuations depend on the facts: generated every time, never cached."""
@@ -205,11 +240,11 @@ def fixed_suites(model, tokenizer, settings: SuiteSettings, logits: bool,
         found = json.loads(record.read_text(encoding="utf-8"))
         found["heldout_nll"] = tuple(found["heldout_nll"]) if found["heldout_nll"] else None
         found["locality_logprobs"] = read_safetensors(tensors)["locality_logprobs"] if logits else None
-        texts, tokens = extra
-        found["continuations"] = (generate(model, tokenizer, texts, max_new_tokens=tokens,
-                                           batch_size=settings.batch_size) if texts else [])
+        found["continuations"] = (generate(model, tokenizer, list(extra.texts), max_new_tokens=extra.tokens,
+                                           batch_size=settings.batch_size, drafts=extra.drafts)
+                                  if extra.texts else [])
         return found
-    fixed = measure_fixed(model, tokenizer, settings, logits, extra)
+    fixed = measure_fixed(model, tokenizer, settings, logits, extra, drafts)
     if logits:
         write_safetensors({"locality_logprobs": fixed["locality_logprobs"].contiguous()}, tensors)
     atomic_write_json(record, {k: v for k, v in fixed.items() if k not in ("locality_logprobs", "continuations")})

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from .batches import (
+    cache_argument,
+    cache_of,
+    forward_parameters,
+    left_padded,
+    length_batches,
+    model_device,
+    pad_id,
+    padding_side,
+)
+from .drafts import check, ended, eos_ids, verifiable
 from .fingerprint import unwrap
 
 #: Rows sharing fewer leading tokens than this are computed whole; longer shared prefixes are computed once.
 MIN_SHARED_PREFIX = 32
-
-
-@contextlib.contextmanager
-def padding_side(tokenizer, side: str) -> Iterator[None]:
-    """Temporarily set the tokenizer's padding side (restored afterwards, also on error)."""
-    old = tokenizer.padding_side
-    tokenizer.padding_side = side
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = old
-
-
-def pad_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else its EOS token, else 0."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def continuation(prompt: str, text: str) -> str:
@@ -51,14 +41,6 @@ def continuation_ids(tokenizer, text: str, what: str = "target", after: str = ""
     return ids
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device inputs should go to (the embedding's device for dispatched models)."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is not None and hasattr(embed, "weight") and embed.weight.device.type != "meta":
-        return embed.weight.device
-    return next(p.device for p in model.parameters() if p.device.type != "meta")
-
-
 def generate(
     model,
     tokenizer,
@@ -66,66 +48,98 @@ def generate(
     *,
     max_new_tokens: int | Sequence[int] = 20,
     batch_size: int = 16,
+    drafts: Sequence[str | None] | None = None,
 ) -> list[str] | str:
     """Greedy continuations of ``prompts`` (only the new text). A single string in gives a single string out.
     ``max_new_tokens`` may give each prompt its own length (prompts of different lengths then share batches; each
     continuation is cut to its own).
 
+    ``drafts`` (one per prompt, ``None`` for none) are guesses of the continuations, such as another model's
+    answers to the same prompts: where :func:`verifiable`, each guess is checked with one teacher-forced forward
+    and only the tokens after the first it gets wrong are decoded. The result is still this model's own greedy
+    continuation; a good guess only makes it cheaper.
+
     A model that says how prompts batch best (``generation_order(prompts)``, as memory packs do: prompts answered
     in one context together, so it is computed once) gets them in that order; the outputs keep the given order."""
     single = isinstance(prompts, str)
-    texts, _ = _greedy(model, tokenizer, [prompts] if single else list(prompts), max_new_tokens, batch_size, False)
+    given = [prompts] if single else list(prompts)
+    texts, _ = _greedy(model, tokenizer, given, max_new_tokens, batch_size, False, drafts)
     return texts[0] if single else texts
 
 
 def generate_with_first_logits(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int] = 20,
-                               batch_size: int = 16) -> tuple[list[str], torch.Tensor]:
+                               batch_size: int = 16, drafts: Sequence[str | None] | None = None,
+                               ) -> tuple[list[str], torch.Tensor]:
     """:func:`generate`, and the logits of the first generated token after each prompt (``(len(prompts), vocab)``,
     float32): what :func:`next_token_logits` computes, read off the generation's first step instead of a forward
     of its own."""
-    return _greedy(model, tokenizer, list(prompts), max_new_tokens, batch_size, True)
+    return _greedy(model, tokenizer, list(prompts), max_new_tokens, batch_size, True, drafts)
 
 
 @torch.no_grad()
 def _greedy(model, tokenizer, given: list[str], max_new_tokens: int | Sequence[int], batch_size: int,
-            first_logits: bool) -> tuple[list[str], torch.Tensor | None]:
+            first_logits: bool, drafts: Sequence[str | None] | None = None) -> tuple[list[str], torch.Tensor | None]:
     limits = [max_new_tokens] * len(given) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(given):
         raise ValueError(f"{len(limits)} lengths for {len(given)} prompts")
+    if drafts is not None and len(drafts) != len(given):
+        raise ValueError(f"{len(drafts)} drafts for {len(given)} prompts")
+    prompts = [tokenizer(text)["input_ids"] for text in given]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i + 1} ({given[i]!r}) has no tokens: give some text to continue")
+    if drafts is not None and given and verifiable(model):
+        guessed = [[] if d is None else tokenizer(d, add_special_tokens=False)["input_ids"][:n]
+                   for d, n in zip(drafts, limits)]
+        new, logits = check(model, prompts, guessed, limits, eos_ids(model, tokenizer), pad_id(tokenizer),
+                              batch_size)
+        open_rows = [i for i, row in enumerate(new) if len(row) < limits[i] and not ended(row, model, tokenizer)]
+        if open_rows:
+            more, _ = _decode(model, tokenizer, [prompts[i] + new[i] for i in open_rows],
+                              [limits[i] - len(new[i]) for i in open_rows], batch_size, False)
+            for i, extra in zip(open_rows, more):
+                new[i] = new[i] + extra
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts, (logits if first_logits else None)
+    new, logits = _decode(model, tokenizer, prompts, limits, batch_size, first_logits, given)
+    return tokenizer.batch_decode(new, skip_special_tokens=True), logits
+
+
+def _decode(model, tokenizer, prompts: list[list[int]], limits: list[int], batch_size: int,
+            first_logits: bool, texts: list[str] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Greedy decoding of token-id prompts (``texts``: the same as text, for a model's ``generation_order``)
+    with ``model.generate``; each row's new tokens cut to its limit."""
     ordering = getattr(model, "generation_order", None)
-    order = list(ordering(given)) if callable(ordering) and len(given) > 1 else list(range(len(given)))
-    items = [given[i] for i in order]
-    outputs: list[str] = []
-    rows: list[torch.Tensor] = []
     device = model_device(model)
+    if callable(ordering) and texts is not None and len(prompts) > 1:
+        order = list(ordering(texts))
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    else:  # rows of like lengths together, so a short row is not decoded for a long one's steps
+        order = sorted(range(len(prompts)), key=lambda i: -limits[i])
+        batches = length_batches(order, limits, batch_size, split=device.type == "cpu")
+        order = [i for chunk in batches for i in chunk]
+    new: list[list[int]] = [[] for _ in prompts]
+    rows: list[torch.Tensor] = []
     extra = dict(output_logits=True, return_dict_in_generate=True) if first_logits else {}
-    with padding_side(tokenizer, "left"):
-        for start in range(0, len(items), batch_size):
-            batch = tokenizer(items[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-            empty = (batch["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(f"prompt {order[start + empty[0]] + 1} ({items[start + empty[0]]!r}) has no tokens: "
-                                 "give some text to continue")
-            lengths = [limits[i] for i in order[start : start + batch_size]]
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max(lengths),
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                **extra,
-            )
-            if first_logits:
-                rows.append(generated.logits[0].float().cpu())
-                generated = generated.sequences
-            new = generated[:, batch["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode([row[:n] for row, n in zip(new, lengths)], skip_special_tokens=True))
-    placed = [""] * len(given)
-    for i, text in zip(order, outputs):
-        placed[i] = text
+    for chunk in batches:
+        ids, mask = left_padded([prompts[i] for i in chunk], pad_id(tokenizer), device)
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(limits[i] for i in chunk),
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
+        if first_logits:
+            rows.append(generated.logits[0].float().cpu())
+            generated = generated.sequences
+        for i, row in zip(chunk, generated[:, ids.shape[1] :].tolist()):
+            new[i] = row[: limits[i]]
     if not first_logits:
-        return placed, None
+        return new, None
     logits = torch.empty(0) if not rows else torch.cat(rows)
-    return placed, logits[torch.tensor(order).argsort()] if len(order) else logits
+    return new, logits[torch.tensor(order).argsort()] if len(order) else logits
 
 
 #: Tokens decoded together when looking for a stop text: enough for any text a few tokens long to be seen whole.
@@ -280,18 +294,6 @@ def sample_from_start(model, tokenizer, count: int, max_new_tokens: int, *, top_
 
 
 # ------------------------------------------------------------------------------------------- shared prefixes
-def cache_argument(module: Any) -> str:
-    """The keyword a model's ``forward`` and ``generate`` take the KV cache under: ``cache`` in newer
-    transformers, ``past_key_values`` before (in transformers 5 a deprecated alias that warns). Looks through PEFT
-    and memory wrappers, whose ``forward`` passes keywords on."""
-    return "cache" if "cache" in forward_parameters(module) else "past_key_values"
-
-
-def forward_parameters(module: Any) -> set[str]:
-    """The keywords the transformers model under any PEFT or memory wrapper takes in ``forward``."""
-    return set(inspect.signature(unwrap(module).forward).parameters)
-
-
 def sliding_window(model: Any) -> int | None:
     """The width of the model's sliding-window attention layers, ``None`` when every layer attends to all."""
     config = getattr(unwrap(model), "config", None)
@@ -300,11 +302,6 @@ def sliding_window(model: Any) -> int | None:
     if not window or not getattr(config, "use_sliding_window", True):
         return None
     return int(window) if types is None or any("sliding" in t for t in types) else None
-
-
-def cache_of(output: Any) -> Any:
-    """The KV cache a forward pass returned, under either name."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 @dataclass

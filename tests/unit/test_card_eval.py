@@ -192,9 +192,33 @@ def test_a_card_asks_each_same_subject_prompt_once_per_model(tiny_dir, monkeypat
     claims = editpack.evaluate_pack(model, tok, pack)["side_effects"]["claims"]
     same = relations.same_subject_prompts(pack.facts[0], SAME_SUBJECT)
     assert same and not set(same) & set(asked)  # the suites took the probes' answers
-    monkeypatch.setattr(side_effects, "_answers", lambda m, t, prompts, s, answered: real(
+    monkeypatch.setattr(side_effects, "_answers", lambda m, t, prompts, s, answered, guessed: real(
         m, t, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size))
     assert editpack.evaluate_pack(model, tok, pack)["side_effects"]["claims"] == claims
+
+
+def test_the_edited_side_checks_the_unedited_answers_and_claims_the_same(tiny_dir, isolated_home, monkeypatch):
+    """The edited model's answers are checked against the unedited model's (one teacher-forced forward each
+    batch) and decoded only where they depart; the card claims what decoding every answer claims."""
+    from editpack.evaluation.report import claims_of
+    from editpack.model import generation
+
+    model, tok = editpack.load_model(str(tiny_dir))
+    pack = editpack.edit(model, editpack.make_fact("the famous {}", "eiffel tower", "rome"), layers=[1],
+                         mom2_adjustment=False, context_template_lengths=[[3, 2]], clamp_norm_factor=1e4)
+    checked = []
+    real = generation.check
+    monkeypatch.setattr(generation, "check", lambda *a: checked.append(len(a[1])) or real(*a))
+    drafted = claims_of(editpack.evaluate_pack(model, tok, pack))
+    assert sum(checked) >= 60 + 8  # at least the unrelated prompts and the fluency suite
+    monkeypatch.setattr(generation, "verifiable", lambda m: False)
+    decoded = claims_of(editpack.evaluate_pack(model, tok, pack))
+    assert drafted.keys() == decoded.keys()
+    for name, (value, _, n) in decoded.items():
+        assert drafted[name][2] == n
+        assert (value is None) == (drafted[name][0] is None)
+        if value is not None:
+            assert drafted[name][0] == pytest.approx(value, abs=1e-4), name
 
 
 def test_generate_cuts_each_continuation_to_its_own_length(tiny_dir):
