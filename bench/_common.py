@@ -7,6 +7,10 @@ A floor is the least work the same job needs, written with plain PyTorch and mea
   NLL on the new target's tokens, nothing else (no KL term, keys, statistics, covariance solve or pack);
 - :func:`forward_floor`: a plain forward over the same batches as the key statistics, stopped after the block
   the statistics need.
+
+A benchmark run as a command (``python3 -m bench.NAME``) prints only its own lines and progress bars: the
+libraries' warnings are silenced as editpack's commands silence them (``EDITPACK_VERBOSE=1`` shows them).
+Imported by the tests, nothing is changed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +28,20 @@ from typing import Iterator, Sequence
 
 import torch
 
+from editpack import console
 from editpack._io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+
+
+def _run_as_command() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.startswith("bench.")
+
+
+if _run_as_command():
+    console.configure(verbose=bool(os.environ.get("EDITPACK_VERBOSE")))
 
 
 def timed(fn):

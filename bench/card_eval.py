@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeat", type=int, default=2, help="warm evaluations (each of another pack)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "card_eval.json"))
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1 (the later cards are what is timed against the first)")
     corpus = str(REPO / "tests" / "data" / "wikipedia-slice.jsonl")
     with private_home():
         model, tokenizer = editpack.load_model(args.model)
