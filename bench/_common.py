@@ -41,7 +41,7 @@ def _run_as_command() -> bool:
 
 
 if _run_as_command():
-    console.configure(verbose=bool(os.environ.get("EDITPACK_VERBOSE")))
+    console.configure(verbose=os.environ.get("EDITPACK_VERBOSE") == "1")
 
 
 def timed(fn):

@@ -38,17 +38,13 @@ def eos_ids(model, tokenizer) -> set[int]:
     return set() if found is None else {int(found)} if isinstance(found, int) else {int(x) for x in found}
 
 
-def ended(row: list[int], model, tokenizer) -> bool:
-    """Whether a row of generated tokens ends with an end token (so nothing follows it)."""
-    return bool(row) and row[-1] in eos_ids(model, tokenizer)
-
-
 @torch.no_grad()
 def check(model, prompts: list[list[int]], drafts: list[list[int]], limits: list[int], eos: set[int], pad: int,
-          batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
+          batch_size: int, first_logits: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
     """Each prompt followed by its draft in one teacher-forced forward (left-padded batches): the draft's tokens
     the model itself predicts greedily, up to the first it does not, then the model's own token there (cut at
-    an end token and at the row's limit). Also the first step's logits of every row (float32)."""
+    an end token and at the row's limit). With ``first_logits``, also the first step's logits of every row
+    (float32; ``None`` without)."""
     keeps_some = "logits_to_keep" in forward_parameters(model)
     out: list[list[int]] = [[] for _ in prompts]
     first: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
@@ -65,7 +61,8 @@ def check(model, prompts: list[list[int]], drafts: list[list[int]], limits: list
         for k, i in enumerate(chunk):
             draft = drafts[i]
             at = keep - len(draft) - 1  # the column of the prompt's last token
-            first[i] = logits[k, at].float().cpu()
+            if first_logits:
+                first[i] = logits[k, at].float().cpu()
             own = predicted[k][at : at + len(draft) + 1]
             taken = 0
             while taken < len(draft) and own[taken] == draft[taken]:
@@ -73,4 +70,6 @@ def check(model, prompts: list[list[int]], drafts: list[list[int]], limits: list
             row = draft[:taken] + [own[taken]]
             ends = next((j for j, token in enumerate(row) if token in eos), None)
             out[i] = row[: (len(row) if ends is None else ends + 1)][: limits[i]]
+    if not first_logits:
+        return out, None
     return out, torch.stack(first) if first else torch.empty(0)

@@ -18,7 +18,7 @@ from .batches import (
     pad_id,
     padding_side,
 )
-from .drafts import check, ended, eos_ids, verifiable
+from .drafts import check, eos_ids, verifiable
 from .fingerprint import unwrap
 
 #: Rows sharing fewer leading tokens than this are computed whole; longer shared prefixes are computed once.
@@ -91,16 +91,15 @@ def _greedy(model, tokenizer, given: list[str], max_new_tokens: int | Sequence[i
     if drafts is not None and given and verifiable(model):
         guessed = [[] if d is None else tokenizer(d, add_special_tokens=False)["input_ids"][:n]
                    for d, n in zip(drafts, limits)]
-        new, logits = check(model, prompts, guessed, limits, eos_ids(model, tokenizer), pad_id(tokenizer),
-                              batch_size)
-        open_rows = [i for i, row in enumerate(new) if len(row) < limits[i] and not ended(row, model, tokenizer)]
+        eos = eos_ids(model, tokenizer)
+        new, logits = check(model, prompts, guessed, limits, eos, pad_id(tokenizer), batch_size, first_logits)
+        open_rows = [i for i, row in enumerate(new) if len(row) < limits[i] and not (row and row[-1] in eos)]
         if open_rows:
             more, _ = _decode(model, tokenizer, [prompts[i] + new[i] for i in open_rows],
                               [limits[i] - len(new[i]) for i in open_rows], batch_size, False)
             for i, extra in zip(open_rows, more):
                 new[i] = new[i] + extra
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        return texts, (logits if first_logits else None)
+        return tokenizer.batch_decode(new, skip_special_tokens=True), logits
     new, logits = _decode(model, tokenizer, prompts, limits, batch_size, first_logits, given)
     return tokenizer.batch_decode(new, skip_special_tokens=True), logits
 
@@ -410,8 +409,7 @@ def prefix_batches(model, rows: Sequence[Sequence[int]], own: Sequence[int], pad
         width_p = max(cuts)
         width_s = max(len(rows[i]) - cut for i, cut in zip(indices, cuts))
         prefixes = [list(rows[members[0]][:length]) for length, members in batch]
-        prefix_ids = tensor([[pad] * (width_p - len(p)) + p for p in prefixes])  # one row per group
-        prefix_mask = tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prefixes])
+        prefix_ids, prefix_mask = left_padded(prefixes, pad, device)  # one row per group
         right = suffix_padding == "right" and width_p > 0
         tails = [list(rows[i][cut:]) for i, cut in zip(indices, cuts)]
         gaps = [[pad] * (width_s - len(t)) for t in tails]
